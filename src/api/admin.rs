@@ -1,0 +1,245 @@
+//! The ingestion side and operators: create, status, detail, list, cancel, retry,
+//! statistics and cleanup.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use super::error::ApiError;
+use super::extract::{JobIdPath, JsonBody, QueryParams};
+use super::views::*;
+use crate::app::AppContext;
+use crate::domain::{ContentType, JobId, JobStatus, RetentionPolicy};
+use crate::files;
+use crate::monitor::Monitor;
+use crate::store::{CancelParams, CreateJobParams, ListParams, ManualRetryParams};
+
+const MAX_LIST_LIMIT: usize = 500;
+const MAX_INGESTION_TASK_ID_LEN: usize = 256;
+
+pub async fn create_job(
+    State(context): State<Arc<AppContext>>,
+    JsonBody(request): JsonBody<CreateJobRequest>,
+) -> Result<Json<CreateJobResponse>, ApiError> {
+    let content_type = ContentType::parse(&request.content_type)
+        .map_err(|error| ApiError::invalid("body", error))?;
+    let ingestion_task_id = request.ingestion_task_id.trim();
+    if ingestion_task_id.is_empty() || ingestion_task_id.len() > MAX_INGESTION_TASK_ID_LEN {
+        return Err(ApiError::validation(
+            &["body", "ingestion_task_id"],
+            format!("must be 1 to {MAX_INGESTION_TASK_ID_LEN} bytes"),
+        ));
+    }
+    let source =
+        files::resolve_within_roots(&request.source_file_path, &context.config.allowed_roots)
+            .map_err(|rejection| {
+                ApiError::validation(&["body", "source_file_path"], rejection.to_string())
+            })?;
+    let now = context.clock.now();
+    let job = context
+        .store
+        .create_job(CreateJobParams {
+            id: JobId::new_random(),
+            content_type,
+            source_file_path: source.to_string_lossy().into_owned(),
+            task_options: serde_json::Value::Object(request.task_options),
+            ingestion_task_id: ingestion_task_id.to_owned(),
+            pending_deadline: context.config.policy.timeouts.pending_deadline(now),
+            now,
+        })
+        .await?;
+    context.signal_jobs_available();
+    Ok(Json(CreateJobResponse {
+        job_id: job.id.to_string(),
+        status: job.status.as_str(),
+        created_at: job.created_at,
+    }))
+}
+
+pub async fn job_status(
+    State(context): State<Arc<AppContext>>,
+    JobIdPath(job_id): JobIdPath,
+) -> Result<Json<JobStatusView>, ApiError> {
+    let job = context
+        .store
+        .get_job(job_id)
+        .await?
+        .ok_or(ApiError::JobNotFound(job_id))?;
+    Ok(Json(JobStatusView::from(&job)))
+}
+
+pub async fn job_detail(
+    State(context): State<Arc<AppContext>>,
+    JobIdPath(job_id): JobIdPath,
+) -> Result<Json<JobDetailView>, ApiError> {
+    let detail = context
+        .store
+        .get_job_detail(job_id)
+        .await?
+        .ok_or(ApiError::JobNotFound(job_id))?;
+    Ok(Json(JobDetailView::from(&detail)))
+}
+
+pub async fn list_jobs(
+    State(context): State<Arc<AppContext>>,
+    QueryParams(query): QueryParams<ListQuery>,
+) -> Result<Json<JobListView>, ApiError> {
+    let status = match query
+        .status
+        .as_deref()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
+        None => None,
+        Some(text) => Some(JobStatus::parse(text).ok_or_else(|| {
+            ApiError::validation(&["query", "status"], format!("unknown status {text:?}"))
+        })?),
+    };
+    let content_type = match query
+        .content_type
+        .as_deref()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
+        None => None,
+        Some(text) => {
+            Some(ContentType::parse(text).map_err(|error| ApiError::invalid("query", error))?)
+        }
+    };
+    let limit = match query.limit.as_deref() {
+        None => 50,
+        Some(text) => match text.trim().parse::<usize>() {
+            Ok(n) if (1..=MAX_LIST_LIMIT).contains(&n) => n,
+            _ => {
+                return Err(ApiError::validation(
+                    &["query", "limit"],
+                    format!("must be from 1 to {MAX_LIST_LIMIT}"),
+                ))
+            }
+        },
+    };
+    let cursor = match query.cursor.as_deref().filter(|s| !s.is_empty()) {
+        None => None,
+        Some(text) => Some(text.parse::<i64>().ok().filter(|n| *n > 0).ok_or_else(|| {
+            ApiError::validation(&["query", "cursor"], "not a cursor from a previous page")
+        })?),
+    };
+    let page = context
+        .store
+        .list_jobs(ListParams {
+            status,
+            content_type,
+            limit,
+            cursor,
+        })
+        .await?;
+    Ok(Json(JobListView {
+        jobs: page.jobs.iter().map(JobSummaryView::from).collect(),
+        next_cursor: page.next_cursor.map(|c| c.to_string()),
+    }))
+}
+
+pub async fn cancel_job(
+    State(context): State<Arc<AppContext>>,
+    JobIdPath(job_id): JobIdPath,
+    body: axum::body::Bytes,
+) -> Result<Json<JobStatusView>, ApiError> {
+    // The body is optional: `{"reason": "..."}`.
+    let request: CancelRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        CancelRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| ApiError::validation(&["body"], e.to_string()))?
+    };
+    let reason = request
+        .reason
+        .filter(|r| !r.trim().is_empty())
+        .unwrap_or_else(|| "cancelled by an admin".into());
+    let job = context
+        .store
+        .cancel_job(CancelParams {
+            job_id,
+            reason,
+            now: context.clock.now(),
+        })
+        .await
+        .map_err(|error| ApiError::from_store(job_id, "cancel", error))?;
+    Ok(Json(JobStatusView::from(&job)))
+}
+
+pub async fn retry_job(
+    State(context): State<Arc<AppContext>>,
+    JobIdPath(job_id): JobIdPath,
+) -> Result<Json<JobStatusView>, ApiError> {
+    let job = context
+        .store
+        .retry_job(ManualRetryParams {
+            job_id,
+            now: context.clock.now(),
+        })
+        .await
+        .map_err(|error| {
+            ApiError::from_store(
+                job_id,
+                "retry (only failed or timed-out jobs can be retried)",
+                error,
+            )
+        })?;
+    context.signal_jobs_available();
+    Ok(Json(JobStatusView::from(&job)))
+}
+
+pub async fn statistics(
+    State(context): State<Arc<AppContext>>,
+) -> Result<Json<StatisticsView>, ApiError> {
+    let now = context.clock.now();
+    let stats = context.store.statistics(now).await?;
+    Ok(Json(StatisticsView::new(stats, now)))
+}
+
+pub async fn cleanup(
+    State(context): State<Arc<AppContext>>,
+    QueryParams(query): QueryParams<CleanupQuery>,
+) -> Result<Json<CleanupResponse>, ApiError> {
+    let days_old = match query.days_old.as_deref() {
+        None => 7,
+        Some(text) => text
+            .trim()
+            .parse::<u32>()
+            .ok()
+            .filter(|d| *d <= 36_500)
+            .ok_or_else(|| {
+                ApiError::validation(
+                    &["query", "days_old"],
+                    "must be a whole number of days from 0 to 36500",
+                )
+            })?,
+    };
+    let summary = Monitor::new(context.clone())
+        .cleanup_with(RetentionPolicy::uniform(days_old))
+        .await?;
+    Ok(Json(CleanupResponse {
+        cleaned_jobs: summary.n_jobs_deleted,
+        days_old,
+    }))
+}
+
+pub async fn health(State(context): State<Arc<AppContext>>) -> Response {
+    let now = context.clock.now();
+    match context.store.ping().await {
+        Ok(()) => {
+            Json(json!({"status": "healthy", "store": "ok", "timestamp": now})).into_response()
+        }
+        Err(error) => {
+            tracing::warn!(%error, "health check: store unavailable");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"status": "unhealthy", "store": "unavailable", "timestamp": now})),
+            )
+                .into_response()
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! The one error type of the HTTP layer. Every failure becomes a JSON body in FastAPI's
+//! shape (`{"detail": ...}`), so MoRAG's clients read our errors like the prototype's.
+//! Internal causes are logged, never sent to the client.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use crate::domain::{InvalidValue, JobId, JobStatus};
+use crate::store::StoreError;
+
+#[derive(Debug)]
+pub enum ApiError {
+    /// 422 in FastAPI's validation format; `location` is like `["body", "content_type"]`.
+    Validation {
+        location: Vec<String>,
+        message: String,
+    },
+    Unauthorized,
+    Forbidden(String),
+    JobNotFound(JobId),
+    NotFound(String),
+    /// The job is not in a state that allows the request.
+    Conflict {
+        message: String,
+        current: Option<JobStatus>,
+    },
+    PayloadTooLarge,
+    Unavailable(String),
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn validation(location: &[&str], message: impl Into<String>) -> Self {
+        ApiError::Validation {
+            location: location.iter().map(|s| s.to_string()).collect(),
+            message: message.into(),
+        }
+    }
+
+    pub fn invalid(place: &str, error: InvalidValue) -> Self {
+        ApiError::validation(&[place, error.field], error.message)
+    }
+
+    /// Maps a store error for an operation on one job.
+    pub fn from_store(job_id: JobId, action: &str, error: StoreError) -> Self {
+        match error {
+            StoreError::NotFound => ApiError::JobNotFound(job_id),
+            StoreError::InvalidTransition { current } => ApiError::Conflict {
+                message: format!("Job {job_id} is {current}: cannot {action}"),
+                current: Some(current),
+            },
+            StoreError::LeaseMismatch { current } => ApiError::Conflict {
+                message: format!(
+                    "Job {job_id}: stale lease, this attempt is no longer the job's current one (job is {current})"
+                ),
+                current: Some(current),
+            },
+            other => other.into(),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::Unavailable(cause) => ApiError::Unavailable(cause),
+            StoreError::NotFound => ApiError::NotFound("not found".into()),
+            StoreError::InvalidTransition { current } | StoreError::LeaseMismatch { current } => {
+                ApiError::Conflict {
+                    message: format!("job is {current}"),
+                    current: Some(current),
+                }
+            }
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, body) = match self {
+            ApiError::Validation { location, message } => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                json!({"detail": [{"loc": location, "msg": message, "type": "value_error"}]}),
+            ),
+            ApiError::Unauthorized => {
+                let mut response = (
+                    StatusCode::UNAUTHORIZED,
+                    Json(json!({"detail": "Invalid or missing API key"})),
+                )
+                    .into_response();
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                return response;
+            }
+            ApiError::Forbidden(message) => (StatusCode::FORBIDDEN, json!({"detail": message})),
+            ApiError::JobNotFound(id) => (
+                StatusCode::NOT_FOUND,
+                json!({"detail": format!("Job {id} not found")}),
+            ),
+            ApiError::NotFound(message) => (StatusCode::NOT_FOUND, json!({"detail": message})),
+            ApiError::Conflict { message, current } => (
+                StatusCode::CONFLICT,
+                json!({"detail": message, "current_status": current.map(JobStatus::as_str)}),
+            ),
+            ApiError::PayloadTooLarge => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                json!({"detail": "request body too large"}),
+            ),
+            ApiError::Unavailable(cause) => {
+                tracing::warn!(%cause, "store unavailable");
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    json!({"detail": "storage temporarily unavailable, try again"}),
+                )
+            }
+            ApiError::Internal(cause) => {
+                tracing::error!(%cause, "internal error");
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    json!({"detail": "internal server error"}),
+                )
+            }
+        };
+        (status, Json(body)).into_response()
+    }
+}

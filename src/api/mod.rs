@@ -1,0 +1,70 @@
+//! HTTP: the routes of MoRAG's remote-job protocol and the admin API. Only this module
+//! knows JSON; handlers validate input into domain types and call the store.
+
+mod admin;
+mod auth;
+mod error;
+mod extract;
+pub mod views;
+mod worker;
+
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post, put};
+use axum::{middleware, Router};
+
+pub use error::ApiError;
+
+use crate::app::AppContext;
+
+/// Results carry whole transcripts; everything else is small.
+const MAX_RESULT_BODY: usize = 256 * 1024 * 1024;
+
+pub fn router(context: Arc<AppContext>) -> Router {
+    let jobs = "/api/v1/remote-jobs";
+    let worker = Router::new()
+        .route(&format!("{jobs}/poll"), get(worker::poll))
+        .route(&format!("{jobs}/{{id}}/heartbeat"), post(worker::heartbeat))
+        .route(
+            &format!("{jobs}/{{id}}/result"),
+            put(worker::submit_result).layer(DefaultBodyLimit::max(MAX_RESULT_BODY)),
+        )
+        .route(&format!("{jobs}/{{id}}/download"), get(worker::download))
+        .route_layer(middleware::from_fn_with_state(
+            context.clone(),
+            auth::require_worker,
+        ));
+    let admin = Router::new()
+        .route(jobs, post(admin::create_job).get(admin::list_jobs))
+        .route(
+            &format!("{jobs}/"),
+            post(admin::create_job).get(admin::list_jobs),
+        )
+        .route(&format!("{jobs}/statistics"), get(admin::statistics))
+        .route(&format!("{jobs}/cleanup"), post(admin::cleanup))
+        .route(&format!("{jobs}/{{id}}"), get(admin::job_detail))
+        .route(&format!("{jobs}/{{id}}/status"), get(admin::job_status))
+        .route(&format!("{jobs}/{{id}}/cancel"), post(admin::cancel_job))
+        .route(&format!("{jobs}/{{id}}/retry"), post(admin::retry_job))
+        .route_layer(middleware::from_fn_with_state(
+            context.clone(),
+            auth::require_admin,
+        ));
+    Router::new()
+        .route("/health", get(admin::health))
+        .merge(worker)
+        .merge(admin)
+        .fallback(|| async { ApiError::NotFound("Not Found".into()) })
+        .method_not_allowed_fallback(|| async { method_not_allowed() })
+        .with_state(context)
+}
+
+fn method_not_allowed() -> axum::response::Response {
+    use axum::response::IntoResponse;
+    (
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        axum::Json(serde_json::json!({"detail": "Method Not Allowed"})),
+    )
+        .into_response()
+}

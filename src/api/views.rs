@@ -1,0 +1,289 @@
+//! The JSON shapes of requests and responses. Field names follow MoRAG's pydantic models
+//! (`models/remote_job_api.py`) exactly; fields added by this server are extra and ignored
+//! by MoRAG's clients.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::clock::Timestamp;
+use crate::domain::{HistoryEntry, Job, JobDetail};
+use crate::store::Statistics;
+
+#[derive(Deserialize)]
+pub struct CreateJobRequest {
+    pub source_file_path: String,
+    pub content_type: String,
+    /// Absent means `{}`; an explicit `null` is rejected, as MoRAG's model does.
+    #[serde(default)]
+    pub task_options: Map<String, Value>,
+    pub ingestion_task_id: String,
+}
+
+#[derive(Serialize)]
+pub struct CreateJobResponse {
+    pub job_id: String,
+    pub status: &'static str,
+    pub created_at: Timestamp,
+}
+
+#[derive(Deserialize)]
+pub struct PollQuery {
+    pub worker_id: Option<String>,
+    pub content_types: Option<String>,
+    pub max_jobs: Option<String>,
+    pub wait: Option<String>,
+}
+
+/// MoRAG's four fields, all null when no job is due, plus the lease and deadlines.
+#[derive(Serialize, Default)]
+pub struct PollResponse {
+    pub job_id: Option<String>,
+    pub source_file_url: Option<String>,
+    pub content_type: Option<String>,
+    pub task_options: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub execution_deadline: Option<Timestamp>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heartbeat_timeout_seconds: Option<u64>,
+    /// How often the worker should heartbeat: a third of the heartbeat timeout.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heartbeat_interval_seconds: Option<u64>,
+}
+
+#[derive(Deserialize)]
+pub struct HeartbeatRequest {
+    pub lease_id: String,
+    #[serde(default)]
+    pub progress: Option<f64>,
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
+#[derive(Serialize)]
+pub struct HeartbeatResponse {
+    pub job_id: String,
+    pub status: &'static str,
+    /// True when the job was cancelled: the worker should stop working on it.
+    pub cancelled: bool,
+    pub execution_deadline: Option<Timestamp>,
+    pub heartbeat_deadline: Option<Timestamp>,
+}
+
+#[derive(Deserialize)]
+pub struct SubmitResultRequest {
+    pub success: bool,
+    #[serde(default)]
+    pub content: Option<String>,
+    #[serde(default)]
+    pub metadata: Option<Map<String, Value>>,
+    #[serde(default)]
+    pub error_message: Option<String>,
+    #[serde(default)]
+    pub processing_time: Option<f64>,
+    /// The fencing token from the poll; MoRAG's client sends none.
+    #[serde(default)]
+    pub lease_id: Option<String>,
+    /// `false` makes a failure final at once (retrying cannot help).
+    #[serde(default)]
+    pub retryable: Option<bool>,
+}
+
+#[derive(Serialize)]
+pub struct SubmitResultResponse {
+    pub status: &'static str,
+    /// True when the outcome was durably queued for the ingestion pipeline (a completion
+    /// or a final failure); false while a retry is pending.
+    pub ingestion_continued: bool,
+}
+
+#[derive(Deserialize, Default)]
+pub struct CancelRequest {
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// MoRAG's `JobStatusResponse`.
+#[derive(Serialize)]
+pub struct JobStatusView {
+    pub job_id: String,
+    pub status: &'static str,
+    pub worker_id: Option<String>,
+    pub created_at: Timestamp,
+    pub started_at: Option<Timestamp>,
+    pub completed_at: Option<Timestamp>,
+    pub error_message: Option<String>,
+    pub retry_count: u32,
+    /// While processing: the attempt's execution deadline, the latest it can end.
+    pub estimated_completion: Option<Timestamp>,
+}
+
+impl From<&Job> for JobStatusView {
+    fn from(job: &Job) -> Self {
+        JobStatusView {
+            job_id: job.id.to_string(),
+            status: job.status.as_str(),
+            worker_id: job.worker_id.as_ref().map(|w| w.to_string()),
+            created_at: job.created_at,
+            started_at: job.started_at,
+            completed_at: job.completed_at,
+            error_message: job.error_message.clone(),
+            retry_count: job.retry_count,
+            estimated_completion: (job.status == crate::domain::JobStatus::Processing)
+                .then_some(job.execution_deadline)
+                .flatten(),
+        }
+    }
+}
+
+/// A job in listings: the status view plus what an operator filters on.
+#[derive(Serialize)]
+pub struct JobSummaryView {
+    #[serde(flatten)]
+    pub status: JobStatusView,
+    pub content_type: String,
+    pub ingestion_task_id: String,
+    pub attempt: u32,
+}
+
+impl From<&Job> for JobSummaryView {
+    fn from(job: &Job) -> Self {
+        JobSummaryView {
+            status: job.into(),
+            content_type: job.content_type.to_string(),
+            ingestion_task_id: job.ingestion_task_id.clone(),
+            attempt: job.attempt,
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct JobListView {
+    pub jobs: Vec<JobSummaryView>,
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Serialize)]
+pub struct ResultView {
+    pub content: String,
+    pub metadata: Value,
+    pub processing_time: Option<f64>,
+}
+
+#[derive(Serialize)]
+pub struct HistoryView {
+    pub from: Option<&'static str>,
+    pub to: &'static str,
+    pub at: Timestamp,
+    pub actor: &'static str,
+    pub reason: String,
+}
+
+impl From<&HistoryEntry> for HistoryView {
+    fn from(entry: &HistoryEntry) -> Self {
+        HistoryView {
+            from: entry.from.map(|s| s.as_str()),
+            to: entry.to.as_str(),
+            at: entry.at,
+            actor: entry.actor.as_str(),
+            reason: entry.reason.clone(),
+        }
+    }
+}
+
+/// Everything about one job, for operators.
+#[derive(Serialize)]
+pub struct JobDetailView {
+    #[serde(flatten)]
+    pub summary: JobSummaryView,
+    pub source_file_path: String,
+    pub task_options: Value,
+    pub available_at: Timestamp,
+    pub execution_deadline: Option<Timestamp>,
+    pub heartbeat_deadline: Option<Timestamp>,
+    pub last_heartbeat_at: Option<Timestamp>,
+    pub progress: Option<f64>,
+    pub progress_message: Option<String>,
+    pub updated_at: Timestamp,
+    pub result: Option<ResultView>,
+    pub history: Vec<HistoryView>,
+}
+
+impl From<&JobDetail> for JobDetailView {
+    fn from(detail: &JobDetail) -> Self {
+        let job = &detail.job;
+        JobDetailView {
+            summary: job.into(),
+            source_file_path: job.source_file_path.clone(),
+            task_options: job.task_options.clone(),
+            available_at: job.available_at,
+            execution_deadline: job.execution_deadline,
+            heartbeat_deadline: job.heartbeat_deadline,
+            last_heartbeat_at: job.last_heartbeat_at,
+            progress: job.progress,
+            progress_message: job.progress_message.clone(),
+            updated_at: job.updated_at,
+            result: job.result.as_ref().map(|r| ResultView {
+                content: r.content.clone(),
+                metadata: r.metadata.clone(),
+                processing_time: r.processing_time,
+            }),
+            history: detail.history.iter().map(HistoryView::from).collect(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+pub struct ListQuery {
+    pub status: Option<String>,
+    pub content_type: Option<String>,
+    pub limit: Option<String>,
+    pub cursor: Option<String>,
+}
+
+#[derive(Deserialize)]
+pub struct CleanupQuery {
+    pub days_old: Option<String>,
+}
+
+#[derive(Serialize)]
+pub struct CleanupResponse {
+    pub cleaned_jobs: usize,
+    pub days_old: u32,
+}
+
+/// The prototype's statistics fields.
+#[derive(Serialize)]
+pub struct StatisticsView {
+    pub status_counts: BTreeMap<&'static str, u64>,
+    pub content_type_counts: BTreeMap<String, u64>,
+    pub total_jobs: u64,
+    pub storage_size_mb: f64,
+    pub avg_processing_times: BTreeMap<String, f64>,
+    pub recent_jobs_24h: u64,
+    pub timestamp: Timestamp,
+}
+
+impl StatisticsView {
+    pub fn new(stats: Statistics, now: Timestamp) -> Self {
+        StatisticsView {
+            status_counts: stats
+                .status_counts
+                .iter()
+                .map(|(s, n)| (s.as_str(), *n))
+                .collect(),
+            content_type_counts: stats.content_type_counts,
+            total_jobs: stats.total_jobs,
+            storage_size_mb: (stats.storage_bytes as f64 / (1024.0 * 1024.0) * 100.0).round()
+                / 100.0,
+            avg_processing_times: stats.avg_processing_secs,
+            recent_jobs_24h: stats.created_last_24h,
+            timestamp: now,
+        }
+    }
+}

@@ -1,0 +1,150 @@
+//! Wiring: `App::build(config, clock)` opens the store and binds the listener;
+//! `App::run(shutdown)` serves HTTP and runs the monitor until `shutdown` resolves, then
+//! lets in-flight requests finish and closes the store.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Notify};
+
+use crate::clock::SharedClock;
+use crate::config::Config;
+use crate::monitor::Monitor;
+use crate::store::sqlite::{SqliteOptions, SqliteStore};
+use crate::store::Store;
+
+/// What every request handler and background service shares.
+pub struct AppContext {
+    pub config: Config,
+    pub store: Arc<dyn Store>,
+    pub clock: SharedClock,
+    /// Woken whenever a job may have become claimable, so long-polling workers try again.
+    pub jobs_available: Notify,
+    /// Becomes true when the server is shutting down; long polls return early.
+    pub shutting_down: watch::Receiver<bool>,
+}
+
+impl AppContext {
+    pub fn signal_jobs_available(&self) {
+        self.jobs_available.notify_waiters();
+    }
+}
+
+pub struct App {
+    context: Arc<AppContext>,
+    listener: TcpListener,
+    shutdown_sender: watch::Sender<bool>,
+}
+
+impl App {
+    pub async fn build(config: Config, clock: SharedClock) -> anyhow::Result<App> {
+        let store = SqliteStore::open(SqliteOptions {
+            path: config.database_path.clone(),
+            durability: config.durability,
+        })
+        .with_context(|| {
+            format!(
+                "failed to open the SQLite store at {:?}",
+                config.database_path
+            )
+        })?;
+        let listener = TcpListener::bind(config.addr)
+            .await
+            .with_context(|| format!("failed to listen on {}", config.addr))?;
+        let (shutdown_sender, shutting_down) = watch::channel(false);
+        let context = Arc::new(AppContext {
+            config,
+            store: Arc::new(store),
+            clock,
+            jobs_available: Notify::new(),
+            shutting_down,
+        });
+        Ok(App {
+            context,
+            listener,
+            shutdown_sender,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    pub fn context(&self) -> Arc<AppContext> {
+        self.context.clone()
+    }
+
+    /// Serves until `shutdown` resolves. In-flight requests finish, long polls return
+    /// empty, the monitor stops between batches, and the store is closed last.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let App {
+            context,
+            listener,
+            shutdown_sender,
+        } = self;
+        let router = crate::api::router(context.clone());
+        let monitor = Monitor::new(context.clone());
+        let mut monitor_shutdown = context.shutting_down.clone();
+        let monitor_task = tokio::spawn(async move { monitor.run(&mut monitor_shutdown).await });
+
+        let shutdown_sender = Arc::new(shutdown_sender);
+        let trigger_sender = shutdown_sender.clone();
+        let trigger = tokio::spawn(async move {
+            shutdown.await;
+            let _ = trigger_sender.send(true);
+        });
+        let mut server_shutdown = context.shutting_down.clone();
+        tracing::info!(addr = %listener.local_addr()?, open = context.config.is_open(), "morag-jobs listening");
+        let served = axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                let _ = server_shutdown.wait_for(|stop| *stop).await;
+            })
+            .await;
+        // However the server stopped, everything else stops with it.
+        trigger.abort();
+        let _ = shutdown_sender.send(true);
+        let monitor_result = monitor_task.await;
+        context
+            .store
+            .close()
+            .await
+            .context("failed to close the store")?;
+        served.context("the HTTP server failed")?;
+        monitor_result.context("the monitor task panicked")?;
+        tracing::info!("morag-jobs stopped");
+        Ok(())
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let interrupt = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = interrupt => tracing::info!("SIGINT received, shutting down"),
+        _ = terminate => tracing::info!("SIGTERM received, shutting down"),
+    }
+}

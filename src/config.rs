@@ -1,0 +1,348 @@
+//! One validated `Config` for the server, built from command-line flags and the
+//! `MORAG_*` environment variables MoRAG operators already use.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::domain::{LifecyclePolicy, RetentionPolicy, RetryPolicy, TimeoutPolicy};
+use crate::store::sqlite::Durability;
+
+/// `morag-jobs serve` flags. Every flag can also be set through its environment variable.
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "MORAG_JOBS_ADDR", default_value = "127.0.0.1:8700")]
+    pub addr: SocketAddr,
+    /// Directory for the SQLite database and the server's own files (`files/`).
+    #[arg(long, env = "MORAG_JOBS_DATA_DIR", default_value = "./morag-jobs-data")]
+    pub data_dir: PathBuf,
+    /// `normal`: commits survive a crash of the server process; `full`: they also survive
+    /// power loss (every commit is fsynced; much slower).
+    #[arg(long, env = "MORAG_JOBS_SQLITE_SYNC", default_value = "normal", value_parser = parse_durability)]
+    pub sqlite_sync: Durability,
+
+    #[arg(long, env = "MORAG_REMOTE_JOB_TIMEOUT_AUDIO", default_value_t = 1800)]
+    pub timeout_audio: u64,
+    #[arg(long, env = "MORAG_REMOTE_JOB_TIMEOUT_VIDEO", default_value_t = 3600)]
+    pub timeout_video: u64,
+    #[arg(long, env = "MORAG_REMOTE_JOB_TIMEOUT_DOCUMENT", default_value_t = 600)]
+    pub timeout_document: u64,
+    #[arg(long, env = "MORAG_REMOTE_JOB_TIMEOUT_IMAGE", default_value_t = 300)]
+    pub timeout_image: u64,
+    #[arg(long, env = "MORAG_REMOTE_JOB_TIMEOUT_WEB", default_value_t = 600)]
+    pub timeout_web: u64,
+    #[arg(long, env = "MORAG_REMOTE_JOB_TIMEOUT_YOUTUBE", default_value_t = 1800)]
+    pub timeout_youtube: u64,
+    /// Execution timeout (seconds) for content types without their own.
+    #[arg(long, env = "MORAG_REMOTE_JOB_TIMEOUT_DEFAULT", default_value_t = 3600)]
+    pub timeout_default: u64,
+    /// Seconds a job may go without a heartbeat, from its first heartbeat on.
+    #[arg(long, env = "MORAG_REMOTE_HEARTBEAT_TIMEOUT", default_value_t = 300)]
+    pub heartbeat_timeout: u64,
+    /// Seconds a job may wait for a worker before it times out (0 = forever).
+    #[arg(long, env = "MORAG_REMOTE_FALLBACK_TIMEOUT", default_value_t = 0)]
+    pub fallback_timeout: u64,
+
+    #[arg(long, env = "MORAG_REMOTE_MAX_RETRIES", default_value_t = 3)]
+    pub max_retries: u32,
+    /// Seconds before the first retry; doubles with each retry.
+    #[arg(long, env = "MORAG_REMOTE_RETRY_BACKOFF_BASE", default_value_t = 60)]
+    pub retry_backoff_base: u64,
+    #[arg(long, env = "MORAG_REMOTE_RETRY_BACKOFF_MAX", default_value_t = 3600)]
+    pub retry_backoff_max: u64,
+
+    /// Seconds between the monitor's full passes (deadlines are also handled as they come due).
+    #[arg(long, env = "MORAG_JOB_MONITOR_INTERVAL", default_value_t = 60)]
+    pub monitor_interval: u64,
+    /// Seconds between retention cleanups.
+    #[arg(long, env = "MORAG_JOB_CLEANUP_INTERVAL", default_value_t = 3600)]
+    pub cleanup_interval: u64,
+    /// Days completed and cancelled jobs are kept.
+    #[arg(long, env = "MORAG_JOB_RETENTION_DAYS", default_value_t = 7)]
+    pub retention_days: u32,
+    /// Days failed and timed-out jobs are kept (default: twice the retention days).
+    #[arg(long, env = "MORAG_JOB_RETENTION_DAYS_FAILED")]
+    pub retention_days_failed: Option<u32>,
+
+    /// Colon-separated directories a job's source file must be inside (default: DATA_DIR/files).
+    #[arg(long, env = "MORAG_REMOTE_ALLOWED_ROOTS")]
+    pub allowed_roots: Option<String>,
+
+    /// Comma-separated API keys for workers (poll, heartbeat, result, download).
+    #[arg(
+        long,
+        env = "MORAG_WORKER_API_KEYS",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
+    pub worker_api_keys: Vec<String>,
+    /// Comma-separated API keys with full access.
+    #[arg(
+        long,
+        env = "MORAG_ADMIN_API_KEYS",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
+    pub admin_api_keys: Vec<String>,
+    /// Allow listening on a non-loopback address without any API key.
+    #[arg(long)]
+    pub insecure_no_auth: bool,
+}
+
+fn parse_durability(text: &str) -> Result<Durability, String> {
+    match text.to_ascii_lowercase().as_str() {
+        "normal" => Ok(Durability::Normal),
+        "full" => Ok(Durability::Full),
+        other => Err(format!("{other:?}: expected normal or full")),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{what} {path:?}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// The validated server configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    pub database_path: PathBuf,
+    pub durability: Durability,
+    /// The server's own files directory (`DATA_DIR/files`), canonical. Cleanup deletes
+    /// source files only in here.
+    pub files_dir: PathBuf,
+    /// Canonical directories source files must be inside.
+    pub allowed_roots: Vec<PathBuf>,
+    pub policy: LifecyclePolicy,
+    pub monitor_interval: Duration,
+    pub cleanup_interval: Duration,
+    pub stats_log_interval: Duration,
+    pub worker_api_keys: Vec<String>,
+    pub admin_api_keys: Vec<String>,
+    pub insecure_no_auth: bool,
+}
+
+impl Config {
+    /// Validates the flags and prepares the data directory (creating `files/`).
+    pub fn from_args(args: ServeArgs) -> Result<Config, ConfigError> {
+        let secs = Duration::from_secs;
+        let positive = |name: &str, value: u64| {
+            if value == 0 {
+                Err(ConfigError::Invalid(format!(
+                    "{name} must be at least 1 second"
+                )))
+            } else {
+                Ok(secs(value))
+            }
+        };
+        let mut execution_by_type = BTreeMap::new();
+        for (name, value) in [
+            ("audio", args.timeout_audio),
+            ("video", args.timeout_video),
+            ("document", args.timeout_document),
+            ("image", args.timeout_image),
+            ("web", args.timeout_web),
+            ("youtube", args.timeout_youtube),
+        ] {
+            execution_by_type.insert(
+                name.to_owned(),
+                positive(
+                    &format!("MORAG_REMOTE_JOB_TIMEOUT_{}", name.to_uppercase()),
+                    value,
+                )?,
+            );
+        }
+        if args.retry_backoff_max < args.retry_backoff_base {
+            return Err(ConfigError::Invalid(
+                "MORAG_REMOTE_RETRY_BACKOFF_MAX must not be smaller than MORAG_REMOTE_RETRY_BACKOFF_BASE".into(),
+            ));
+        }
+        let policy = LifecyclePolicy {
+            timeouts: TimeoutPolicy {
+                execution_by_type,
+                execution_default: positive(
+                    "MORAG_REMOTE_JOB_TIMEOUT_DEFAULT",
+                    args.timeout_default,
+                )?,
+                heartbeat: positive("MORAG_REMOTE_HEARTBEAT_TIMEOUT", args.heartbeat_timeout)?,
+                pending: (args.fallback_timeout > 0).then(|| secs(args.fallback_timeout)),
+            },
+            retry: RetryPolicy {
+                max_retries: args.max_retries,
+                backoff_base: secs(args.retry_backoff_base),
+                backoff_max: secs(args.retry_backoff_max),
+                ..RetryPolicy::default()
+            },
+            retention: RetentionPolicy::from_days(args.retention_days, args.retention_days_failed),
+        };
+
+        let worker_api_keys = clean_keys(args.worker_api_keys);
+        let admin_api_keys = clean_keys(args.admin_api_keys);
+        let open = worker_api_keys.is_empty() && admin_api_keys.is_empty();
+        if open && !args.addr.ip().is_loopback() && !args.insecure_no_auth {
+            return Err(ConfigError::Invalid(format!(
+                "refusing to listen on {} without API keys: set MORAG_WORKER_API_KEYS and MORAG_ADMIN_API_KEYS, \
+                 or pass --insecure-no-auth",
+                args.addr
+            )));
+        }
+
+        std::fs::create_dir_all(&args.data_dir).map_err(|source| ConfigError::Io {
+            what: "cannot create data directory",
+            path: args.data_dir.clone(),
+            source,
+        })?;
+        let data_dir = canonical(&args.data_dir, "data directory")?;
+        let files_dir = data_dir.join("files");
+        std::fs::create_dir_all(&files_dir).map_err(|source| ConfigError::Io {
+            what: "cannot create files directory",
+            path: files_dir.clone(),
+            source,
+        })?;
+        let files_dir = canonical(&files_dir, "files directory")?;
+        let allowed_roots = match args
+            .allowed_roots
+            .as_deref()
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+        {
+            None => vec![files_dir.clone()],
+            Some(list) => list
+                .split(':')
+                .filter(|part| !part.trim().is_empty())
+                .map(|part| canonical(Path::new(part.trim()), "allowed root"))
+                .collect::<Result<_, _>>()?,
+        };
+
+        Ok(Config {
+            addr: args.addr,
+            database_path: data_dir.join("morag-jobs.sqlite3"),
+            data_dir,
+            durability: args.sqlite_sync,
+            files_dir,
+            allowed_roots,
+            policy,
+            monitor_interval: positive("MORAG_JOB_MONITOR_INTERVAL", args.monitor_interval)?,
+            cleanup_interval: positive("MORAG_JOB_CLEANUP_INTERVAL", args.cleanup_interval)?,
+            stats_log_interval: secs(600),
+            worker_api_keys,
+            admin_api_keys,
+            insecure_no_auth: args.insecure_no_auth,
+        })
+    }
+
+    /// True when no API key is configured: every endpoint is open.
+    pub fn is_open(&self) -> bool {
+        self.worker_api_keys.is_empty() && self.admin_api_keys.is_empty()
+    }
+}
+
+fn clean_keys(keys: Vec<String>) -> Vec<String> {
+    keys.into_iter()
+        .map(|k| k.trim().to_owned())
+        .filter(|k| !k.is_empty())
+        .collect()
+}
+
+fn canonical(path: &Path, what: &'static str) -> Result<PathBuf, ConfigError> {
+    std::fs::canonicalize(path).map_err(|source| ConfigError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    fn args(extra: &[&str]) -> ServeArgs {
+        let mut argv = vec!["test"];
+        argv.extend_from_slice(extra);
+        Wrapper::try_parse_from(argv).expect("flags parse").serve
+    }
+
+    #[test]
+    fn defaults_match_the_documented_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let config =
+            Config::from_args(args(&["--data-dir", dir.path().to_str().unwrap()])).unwrap();
+        assert_eq!(config.addr.to_string(), "127.0.0.1:8700");
+        assert_eq!(config.policy.timeouts, TimeoutPolicy::default());
+        assert_eq!(config.policy.retry.max_retries, 3);
+        assert_eq!(
+            config.policy.retention,
+            RetentionPolicy::from_days(7, Some(14))
+        );
+        assert_eq!(config.allowed_roots, vec![config.files_dir.clone()]);
+        assert!(config.files_dir.is_dir());
+        assert!(config.is_open());
+    }
+
+    #[test]
+    fn open_server_refuses_public_address_unless_insecure() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().to_str().unwrap();
+        let refused = Config::from_args(args(&["--data-dir", data, "--addr", "0.0.0.0:8700"]));
+        assert!(refused
+            .unwrap_err()
+            .to_string()
+            .contains("without API keys"));
+        assert!(Config::from_args(args(&[
+            "--data-dir",
+            data,
+            "--addr",
+            "0.0.0.0:8700",
+            "--insecure-no-auth"
+        ]))
+        .is_ok());
+        assert!(Config::from_args(args(&[
+            "--data-dir",
+            data,
+            "--addr",
+            "0.0.0.0:8700",
+            "--admin-api-keys",
+            "k"
+        ]))
+        .is_ok());
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_the_variable_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().to_str().unwrap();
+        let error =
+            Config::from_args(args(&["--data-dir", data, "--timeout-audio", "0"])).unwrap_err();
+        assert!(
+            error.to_string().contains("MORAG_REMOTE_JOB_TIMEOUT_AUDIO"),
+            "{error}"
+        );
+        let error = Config::from_args(args(&[
+            "--data-dir",
+            data,
+            "--allowed-roots",
+            "/does/not/exist",
+        ]))
+        .unwrap_err();
+        assert!(error.to_string().contains("allowed root"), "{error}");
+    }
+}

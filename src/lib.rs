@@ -1,0 +1,21 @@
+//! morag-jobs: the server that runs MoRAG's remote conversion jobs.
+//!
+//! A guided tour, in reading order:
+//! - `clock`: time as an injectable value, so timeouts are testable without sleeping.
+//! - `domain`: the job state machine and the timeout, retry and retention policy; no IO.
+//! - `store`: the storage interface and its SQLite backend; the only place with SQL.
+//! - `files`: source paths from requests, confined to the allowed roots.
+//! - `api`: the HTTP routes (MoRAG's wire protocol and the admin API); the only place with JSON.
+//! - `monitor`: the background rescuer (timeouts, due retries) and cleaner (retention).
+//! - `config` and `app`: one validated configuration, and the wiring that runs it all.
+//! - `cli`: the `morag-jobs` command line, including the admin client subcommands.
+
+pub mod api;
+pub mod app;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod domain;
+pub mod files;
+pub mod monitor;
+pub mod store;

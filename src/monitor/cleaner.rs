@@ -1,0 +1,64 @@
+//! Retention cleanup: deletes finished jobs past retention in bounded batches, then the
+//! source files they leave unreferenced, but only files inside the server's own
+//! `files/` directory. Files in other allowed roots belong to the operator.
+
+use std::path::Path;
+
+use crate::app::AppContext;
+use crate::domain::RetentionPolicy;
+use crate::store::{CleanupParams, StoreError};
+
+const CLEANUP_BATCH: usize = 500;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CleanupSummary {
+    pub n_jobs_deleted: usize,
+    pub n_files_deleted: usize,
+}
+
+pub async fn cleanup(
+    context: &AppContext,
+    retention: RetentionPolicy,
+) -> Result<CleanupSummary, StoreError> {
+    let mut summary = CleanupSummary::default();
+    loop {
+        let report = context
+            .store
+            .cleanup_finished(CleanupParams {
+                retention,
+                limit: CLEANUP_BATCH,
+                now: context.clock.now(),
+            })
+            .await?;
+        summary.n_jobs_deleted += report.n_deleted;
+        for path in &report.orphaned_source_files {
+            if remove_owned_file(&context.config.files_dir, Path::new(path)).await {
+                summary.n_files_deleted += 1;
+            }
+        }
+        if report.n_deleted < CLEANUP_BATCH {
+            return Ok(summary);
+        }
+    }
+}
+
+/// Removes `path` only if it is a regular file that, with every link resolved, still lies
+/// inside `files_dir`. A path that now leads elsewhere (a swapped-in symlink) is left alone.
+async fn remove_owned_file(files_dir: &Path, path: &Path) -> bool {
+    let Ok(resolved) = tokio::fs::canonicalize(path).await else {
+        return false;
+    };
+    if resolved != path || !resolved.starts_with(files_dir) {
+        return false;
+    }
+    match tokio::fs::symlink_metadata(&resolved).await {
+        Ok(meta) if meta.is_file() => match tokio::fs::remove_file(&resolved).await {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::warn!(%error, path = %resolved.display(), "cannot delete a cleaned-up job's file");
+                false
+            }
+        },
+        _ => false,
+    }
+}

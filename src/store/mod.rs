@@ -1,0 +1,231 @@
+//! The storage interface. One method per operation, each taking a params struct that
+//! carries `now`. Every state change is a single conditional write: when the job is not in
+//! the state the operation expects (or the lease does not match) nothing is written and
+//! the method says why. Only the backend files in this folder contain SQL.
+
+pub mod sqlite;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+
+use crate::clock::Timestamp;
+use crate::domain::{
+    ContentType, HandoffKind, Job, JobDetail, JobId, JobStatus, LeaseId, LifecyclePolicy,
+    RetentionPolicy, TimeoutPolicy, WorkerId,
+};
+
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum StoreError {
+    #[error("job not found")]
+    NotFound,
+    /// The job is not in a state the operation may move it from.
+    #[error("job is {current}; that transition is not allowed")]
+    InvalidTransition { current: JobStatus },
+    /// The caller's lease is not the job's current one: its attempt was taken away.
+    #[error("lease does not match the job's current attempt (job is {current})")]
+    LeaseMismatch { current: JobStatus },
+    /// The database cannot be reached or is shutting down; the caller may try again.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The stored schema is newer than this program knows.
+    #[error("schema version {found} is newer than this program's {known}; upgrade morag-jobs")]
+    SchemaTooNew { found: i64, known: i64 },
+    #[error("store error: {0}")]
+    Internal(String),
+}
+
+/// A new job, already validated.
+#[derive(Clone, Debug)]
+pub struct CreateJobParams {
+    pub id: JobId,
+    pub content_type: ContentType,
+    pub source_file_path: String,
+    pub task_options: serde_json::Value,
+    pub ingestion_task_id: String,
+    pub pending_deadline: Option<Timestamp>,
+    pub now: Timestamp,
+}
+
+/// A worker asking for the oldest due job of some content types.
+#[derive(Clone, Debug)]
+pub struct ClaimParams {
+    pub worker_id: WorkerId,
+    /// Empty means any type.
+    pub content_types: Vec<ContentType>,
+    pub timeouts: TimeoutPolicy,
+    pub now: Timestamp,
+}
+
+#[derive(Clone, Debug)]
+pub struct HeartbeatParams {
+    pub job_id: JobId,
+    pub lease_id: LeaseId,
+    pub progress: Option<f64>,
+    pub message: Option<String>,
+    pub timeouts: TimeoutPolicy,
+    pub now: Timestamp,
+}
+
+/// What a heartbeat found.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HeartbeatOutcome {
+    pub status: JobStatus,
+    /// True when an admin cancelled the job: the worker should stop.
+    pub cancelled: bool,
+    pub execution_deadline: Option<Timestamp>,
+    pub heartbeat_deadline: Option<Timestamp>,
+}
+
+/// What a worker reports for its attempt.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AttemptOutcome {
+    Success {
+        content: String,
+        metadata: serde_json::Value,
+        processing_time: Option<f64>,
+    },
+    Failure {
+        error_message: String,
+        /// False when retrying cannot help (a corrupt file): the failure is final at once.
+        retryable: bool,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub struct SubmitResultParams {
+    pub job_id: JobId,
+    /// MoRAG's client sends none; then the result is accepted while the job is processing.
+    pub lease_id: Option<LeaseId>,
+    pub outcome: AttemptOutcome,
+    pub policy: LifecyclePolicy,
+    /// A number in [0, 1) for the retry backoff's jitter.
+    pub jitter: f64,
+    pub now: Timestamp,
+}
+
+#[derive(Clone, Debug)]
+pub struct CancelParams {
+    pub job_id: JobId,
+    pub reason: String,
+    pub now: Timestamp,
+}
+
+/// An admin retry of a failed or timed-out job: claimable at once, retry budget reset.
+#[derive(Clone, Debug)]
+pub struct ManualRetryParams {
+    pub job_id: JobId,
+    pub now: Timestamp,
+}
+
+#[derive(Clone, Debug)]
+pub struct RescueParams {
+    pub policy: LifecyclePolicy,
+    /// Jobs handled per call at most.
+    pub limit: usize,
+    /// Seeds the backoff jitter of this batch.
+    pub jitter_seed: u64,
+    pub now: Timestamp,
+}
+
+/// What one pass over expired deadlines did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RescueReport {
+    /// Pending jobs that no worker claimed in time (final).
+    pub n_pending_timed_out: usize,
+    /// Attempts past their execution or heartbeat deadline.
+    pub n_attempts_timed_out: usize,
+    /// Of those, how many were scheduled for a retry.
+    pub n_retries_scheduled: usize,
+    /// Retrying jobs whose backoff delay passed: they became claimable.
+    pub n_retries_due: usize,
+}
+
+impl RescueReport {
+    pub fn changed_anything(&self) -> bool {
+        *self != RescueReport::default()
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct CleanupParams {
+    pub retention: RetentionPolicy,
+    pub limit: usize,
+    pub now: Timestamp,
+}
+
+/// Jobs deleted by one cleanup batch.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CleanupReport {
+    pub n_deleted: usize,
+    /// Source files no remaining job refers to: the caller deletes those inside the
+    /// server's own files directory.
+    pub orphaned_source_files: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct ListParams {
+    pub status: Option<JobStatus>,
+    pub content_type: Option<ContentType>,
+    pub limit: usize,
+    /// From a previous page's `next_cursor`.
+    pub cursor: Option<i64>,
+}
+
+/// Newest first.
+#[derive(Clone, Debug)]
+pub struct JobPage {
+    pub jobs: Vec<Job>,
+    pub next_cursor: Option<i64>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Statistics {
+    pub status_counts: BTreeMap<JobStatus, u64>,
+    pub content_type_counts: BTreeMap<String, u64>,
+    pub total_jobs: u64,
+    pub storage_bytes: u64,
+    /// Mean seconds from claim to completion of completed jobs, per content type.
+    pub avg_processing_secs: BTreeMap<String, f64>,
+    pub created_last_24h: u64,
+}
+
+/// A recorded hand-off to the ingestion pipeline.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Handoff {
+    pub id: i64,
+    pub job_id: JobId,
+    pub kind: HandoffKind,
+    pub payload: serde_json::Value,
+    pub created_at: Timestamp,
+}
+
+/// The storage interface every backend implements; see the conformance suite in
+/// `tests/it/store_conformance.rs`.
+pub trait Store: Send + Sync + 'static {
+    fn create_job(&self, params: CreateJobParams) -> StoreFuture<'_, Job>;
+    /// Claims the oldest due job (by the time it became claimable) of the given types.
+    fn claim_job(&self, params: ClaimParams) -> StoreFuture<'_, Option<Job>>;
+    fn heartbeat(&self, params: HeartbeatParams) -> StoreFuture<'_, HeartbeatOutcome>;
+    fn submit_result(&self, params: SubmitResultParams) -> StoreFuture<'_, Job>;
+    fn cancel_job(&self, params: CancelParams) -> StoreFuture<'_, Job>;
+    fn retry_job(&self, params: ManualRetryParams) -> StoreFuture<'_, Job>;
+    /// Times out expired jobs and makes due retries claimable, at most `limit` jobs.
+    fn rescue_expired(&self, params: RescueParams) -> StoreFuture<'_, RescueReport>;
+    /// The earliest deadline the monitor must act on, if any.
+    fn next_deadline(&self) -> StoreFuture<'_, Option<Timestamp>>;
+    /// Deletes at most `limit` finished jobs past retention, with their history.
+    fn cleanup_finished(&self, params: CleanupParams) -> StoreFuture<'_, CleanupReport>;
+    fn get_job(&self, id: JobId) -> StoreFuture<'_, Option<Job>>;
+    fn get_job_detail(&self, id: JobId) -> StoreFuture<'_, Option<JobDetail>>;
+    fn list_jobs(&self, params: ListParams) -> StoreFuture<'_, JobPage>;
+    fn statistics(&self, now: Timestamp) -> StoreFuture<'_, Statistics>;
+    /// Recorded hand-offs not yet delivered, oldest first.
+    fn pending_handoffs(&self, limit: usize) -> StoreFuture<'_, Vec<Handoff>>;
+    /// Checks the database answers.
+    fn ping(&self) -> StoreFuture<'_, ()>;
+    /// Flushes and closes; later calls answer `Unavailable`.
+    fn close(&self) -> StoreFuture<'_, ()>;
+}
