@@ -1,1 +1,7 @@
+//! The one integration-test binary. Every test runs the real server (or the real store)
+//! against a real SQLite file in a temp directory.
 
+mod support;
+
+mod lifecycle;
+mod store_conformance;

@@ -1,0 +1,214 @@
+//! `spawn_app()`: the real server on a loopback port with a temporary data directory and a
+//! manual clock, plus helpers that speak the wire protocol.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use morag_jobs::app::{App, AppContext};
+use morag_jobs::clock::ManualClock;
+use morag_jobs::config::{Config, ServeArgs};
+use morag_jobs::monitor::Monitor;
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+
+pub struct TestApp {
+    pub base: String,
+    pub clock: ManualClock,
+    pub context: Arc<AppContext>,
+    pub files_dir: PathBuf,
+    pub client: reqwest::Client,
+    /// Sent with every request when set.
+    pub api_key: Option<String>,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    pub data_dir: tempfile::TempDir,
+}
+
+/// Flags as `morag-jobs serve` would parse them, with a temp data dir and port 0.
+pub fn serve_args(data_dir: &std::path::Path, extra: &[&str]) -> ServeArgs {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+    let mut argv = vec!["morag-jobs", "--addr", "127.0.0.1:0", "--data-dir", data_dir.to_str().unwrap()];
+    argv.extend_from_slice(extra);
+    Wrapper::try_parse_from(argv).expect("test flags parse").serve
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(&[]).await
+}
+
+/// Starts the server with extra `serve` flags, e.g. `["--max-retries", "1"]`.
+pub async fn spawn_app_with(extra: &[&str]) -> TestApp {
+    let data_dir = tempfile::tempdir().expect("temp dir");
+    let config = Config::from_args(serve_args(data_dir.path(), extra)).expect("valid config");
+    let clock = ManualClock::starting_now();
+    let app = App::build(config, Arc::new(clock.clone())).await.expect("app builds");
+    let base = format!("http://{}", app.local_addr());
+    let context = app.context();
+    let (shutdown, stop) = oneshot::channel::<()>();
+    let server = tokio::spawn(app.run(async move {
+        let _ = stop.await;
+    }));
+    TestApp {
+        base,
+        clock,
+        files_dir: context.config.files_dir.clone(),
+        context,
+        client: reqwest::Client::new(),
+        api_key: None,
+        shutdown: Some(shutdown),
+        server: Some(server),
+        data_dir,
+    }
+}
+
+impl TestApp {
+    pub fn monitor(&self) -> Monitor {
+        Monitor::new(self.context.clone())
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// Sends a request and returns the status and the JSON body (Null when not JSON).
+    pub async fn send(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut request = self.client.request(method, self.url(path));
+        if let Some(key) = &self.api_key {
+            request = request.bearer_auth(key);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("request reaches the server");
+        let status = response.status().as_u16();
+        let text = response.text().await.expect("body");
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        self.send(reqwest::Method::GET, path, None).await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        self.send(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    pub async fn put(&self, path: &str, body: Value) -> (u16, Value) {
+        self.send(reqwest::Method::PUT, path, Some(body)).await
+    }
+
+    /// Writes a source file into the server's files directory and returns its path.
+    pub fn source_file(&self, name: &str, bytes: &[u8]) -> String {
+        let path = self.files_dir.join(name);
+        std::fs::write(&path, bytes).expect("write source file");
+        path.to_string_lossy().into_owned()
+    }
+
+    /// Creates a job of `content_type` and returns its id.
+    pub async fn create(&self, content_type: &str) -> String {
+        let path = self.source_file(&format!("{}.bin", uuid_like()), b"source bytes");
+        let (status, body) = self
+            .post(
+                "/api/v1/remote-jobs/",
+                json!({"source_file_path": path, "content_type": content_type, "task_options": {"lang": "en"}, "ingestion_task_id": "ingest-1"}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["status"], "pending");
+        body["job_id"].as_str().expect("job_id").to_owned()
+    }
+
+    /// Polls once for `content_types`; returns the poll body (null fields when none).
+    pub async fn poll(&self, worker: &str, content_types: &str) -> Value {
+        let (status, body) =
+            self.get(&format!("/api/v1/remote-jobs/poll?worker_id={worker}&content_types={content_types}&max_jobs=1")).await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    /// Polls and expects a job; returns (job_id, lease_id).
+    pub async fn claim(&self, worker: &str, content_types: &str) -> (String, String) {
+        let body = self.poll(worker, content_types).await;
+        let id = body["job_id"].as_str().unwrap_or_else(|| panic!("expected a job, got {body}")).to_owned();
+        (id, body["lease_id"].as_str().expect("lease_id").to_owned())
+    }
+
+    pub async fn heartbeat(&self, id: &str, lease: &str) -> (u16, Value) {
+        self.post(&format!("/api/v1/remote-jobs/{id}/heartbeat"), json!({"lease_id": lease, "progress": 10})).await
+    }
+
+    pub async fn succeed(&self, id: &str, lease: Option<&str>) -> (u16, Value) {
+        let mut body = json!({"success": true, "content": "converted text", "metadata": {"pages": 1}, "processing_time": 0.5});
+        if let Some(lease) = lease {
+            body["lease_id"] = json!(lease);
+        }
+        self.put(&format!("/api/v1/remote-jobs/{id}/result"), body).await
+    }
+
+    pub async fn fail(&self, id: &str, lease: Option<&str>, retryable: bool) -> (u16, Value) {
+        let mut body = json!({"success": false, "error_message": "converter crashed", "retryable": retryable});
+        if let Some(lease) = lease {
+            body["lease_id"] = json!(lease);
+        }
+        self.put(&format!("/api/v1/remote-jobs/{id}/result"), body).await
+    }
+
+    pub async fn status_of(&self, id: &str) -> String {
+        let (status, body) = self.get(&format!("/api/v1/remote-jobs/{id}/status")).await;
+        assert_eq!(status, 200, "{body}");
+        body["status"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn detail(&self, id: &str) -> Value {
+        let (status, body) = self.get(&format!("/api/v1/remote-jobs/{id}")).await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    /// The (from, to, actor) triples of a job's history.
+    pub async fn history(&self, id: &str) -> Vec<(String, String, String)> {
+        self.detail(id).await["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| (e["from"].as_str().unwrap_or("-").to_owned(), e["to"].as_str().unwrap().to_owned(), e["actor"].as_str().unwrap().to_owned()))
+            .collect()
+    }
+
+    pub fn advance(&self, secs: u64) {
+        self.clock.advance(Duration::from_secs(secs));
+    }
+
+    /// Stops the server the way SIGTERM does and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.await.expect("server task").expect("server stops cleanly");
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+    }
+}
+
+pub fn uuid_like() -> String {
+    format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
+}
+
+/// The `(from, to, actor)` triple, for comparing histories.
+pub fn step(from: &str, to: &str, actor: &str) -> (String, String, String) {
+    (from.to_owned(), to.to_owned(), actor.to_owned())
+}
