@@ -3,6 +3,7 @@
 //! the state the operation expects (or the lease does not match) nothing is written and
 //! the method says why. Only the backend files in this folder contain SQL.
 
+pub mod postgres;
 pub mod sqlite;
 
 use std::collections::BTreeMap;
@@ -202,6 +203,26 @@ pub struct Handoff {
     pub created_at: Timestamp,
 }
 
+/// A job brought over from elsewhere (MoRAG's `remote_jobs` directory), stored as it is.
+#[derive(Clone, Debug)]
+pub struct ImportJobParams {
+    /// Every field is stored as given; the store decides nothing.
+    pub job: Job,
+    /// When the monitor must look at the job (its pending or attempt deadline), if ever.
+    pub deadline_at: Option<Timestamp>,
+    /// Recorded as the job's first history entry (from nothing to its status).
+    pub reason: String,
+    pub now: Timestamp,
+}
+
+/// What an import did with one job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImportOutcome {
+    Imported,
+    /// A job with that id exists already; it was left unchanged.
+    AlreadyExists,
+}
+
 /// The storage interface every backend implements; see the conformance suite in
 /// `tests/it/store_conformance.rs`.
 pub trait Store: Send + Sync + 'static {
@@ -224,8 +245,17 @@ pub trait Store: Send + Sync + 'static {
     fn statistics(&self, now: Timestamp) -> StoreFuture<'_, Statistics>;
     /// Recorded hand-offs not yet delivered, oldest first.
     fn pending_handoffs(&self, limit: usize) -> StoreFuture<'_, Vec<Handoff>>;
+    /// Inserts a job as it is, unless one with its id exists (then nothing changes).
+    fn import_job(&self, params: ImportJobParams) -> StoreFuture<'_, ImportOutcome>;
     /// Checks the database answers.
     fn ping(&self) -> StoreFuture<'_, ()>;
+    /// Wake-ups for long-polling workers from outside this process: the value changes
+    /// whenever a job may have become claimable through another replica (or at a periodic
+    /// fallback tick). `None` when every write goes through this process, as with SQLite,
+    /// where the API and the monitor wake pollers themselves.
+    fn jobs_available_events(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
     /// Flushes and closes; later calls answer `Unavailable`.
     fn close(&self) -> StoreFuture<'_, ()>;
 }

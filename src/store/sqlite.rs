@@ -742,6 +742,58 @@ fn retry_reason(retry_count: u32, max_retries: u32, at: Timestamp) -> String {
     format!("automatic retry {retry_count} of {max_retries}, claimable from {at}")
 }
 
+fn import(conn: &Connection, p: ImportJobParams) -> Result<ImportOutcome, StoreError> {
+    let job = &p.job;
+    let micros = |t: Option<Timestamp>| t.map(Timestamp::as_micros);
+    let result = job.result.as_ref();
+    let seq: Option<i64> = conn
+        .prepare_cached(
+            "INSERT INTO jobs (id, content_type, source_file_path, task_options, ingestion_task_id, status, \
+             worker_id, lease_id, attempt, retry_count, created_at, started_at, completed_at, updated_at, \
+             available_at, execution_deadline, heartbeat_deadline, last_heartbeat_at, deadline_at, progress, \
+             progress_message, error_message, result_content, result_metadata, processing_time, result_received_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, \
+             ?21, ?22, ?23, ?24, ?25, CASE WHEN ?23 IS NULL THEN NULL ELSE ?13 END) \
+             ON CONFLICT (id) DO NOTHING RETURNING seq",
+        )?
+        .query_row(
+            params![
+                job.id.to_string(),
+                job.content_type.as_str(),
+                job.source_file_path,
+                job.task_options.to_string(),
+                job.ingestion_task_id,
+                job.status.as_str(),
+                job.worker_id.as_ref().map(WorkerId::as_str),
+                job.lease_id.map(|l| l.to_string()),
+                job.attempt,
+                job.retry_count,
+                job.created_at.as_micros(),
+                micros(job.started_at),
+                micros(job.completed_at),
+                job.updated_at.as_micros(),
+                job.available_at.as_micros(),
+                micros(job.execution_deadline),
+                micros(job.heartbeat_deadline),
+                micros(job.last_heartbeat_at),
+                micros(p.deadline_at),
+                job.progress,
+                job.progress_message,
+                job.error_message,
+                result.map(|r| r.content.as_str()),
+                result.map(|r| r.metadata.to_string()),
+                result.and_then(|r| r.processing_time),
+            ],
+            |row| row.get(0),
+        )
+        .optional()?;
+    let Some(seq) = seq else {
+        return Ok(ImportOutcome::AlreadyExists);
+    };
+    record_history(conn, seq, None, job.status, p.now, Actor::Admin, &p.reason)?;
+    Ok(ImportOutcome::Imported)
+}
+
 fn cancel(conn: &Connection, p: CancelParams) -> Result<Job, StoreError> {
     let current = current_state(conn, p.job_id)?;
     if !current.status.can_move_to(JobStatus::Cancelled) {
@@ -1204,6 +1256,10 @@ impl Store for SqliteStore {
             })?;
             Ok(rows.collect::<Result<_, _>>()?)
         })
+    }
+
+    fn import_job(&self, params: ImportJobParams) -> StoreFuture<'_, ImportOutcome> {
+        self.write(move |conn| import(conn, params))
     }
 
     fn ping(&self) -> StoreFuture<'_, ()> {

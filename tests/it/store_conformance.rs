@@ -12,6 +12,7 @@ use morag_jobs::domain::{
     ContentType, HandoffKind, JobId, JobStatus, LeaseId, LifecyclePolicy, RetentionPolicy, RetryPolicy,
     TimeoutPolicy, WorkerId,
 };
+use morag_jobs::store::postgres::{PostgresOptions, PostgresStore};
 use morag_jobs::store::sqlite::{Durability, SqliteOptions, SqliteStore};
 use morag_jobs::store::*;
 use serde_json::json;
@@ -27,6 +28,12 @@ pub async fn open_sqlite() -> TestStore {
     let store = SqliteStore::open(SqliteOptions { path: dir.path().join("jobs.sqlite3"), durability: Durability::Normal })
         .expect("sqlite opens");
     TestStore { store: Arc::new(store), _guard: Box::new(dir) }
+}
+
+pub async fn open_postgres() -> TestStore {
+    let database = crate::support::PgDatabase::create().await;
+    let store = PostgresStore::open(PostgresOptions::new(database.url.clone())).await.expect("postgres store opens");
+    TestStore { store: Arc::new(store), _guard: Box::new(database) }
 }
 
 const T0: i64 = 1_800_000_000_000_000;
@@ -488,6 +495,72 @@ pub async fn closing_makes_later_calls_unavailable(s: TestStore) {
     assert!(matches!(error, StoreError::Unavailable(_)), "{error:?}");
 }
 
+pub async fn imported_jobs_are_stored_as_they_are_and_only_once(s: TestStore) {
+    use morag_jobs::domain::{Job, JobResult};
+    let store = &*s.store;
+    let done = Job {
+        id: JobId::new_random(),
+        content_type: ct("audio"),
+        source_file_path: "/data/files/talk.mp3".into(),
+        task_options: json!({"model": "large", "a": [1, 2]}),
+        ingestion_task_id: "ingest-9".into(),
+        status: Completed,
+        worker_id: Some(worker("gpu-1")),
+        lease_id: None,
+        attempt: 1,
+        retry_count: 0,
+        created_at: at(0),
+        started_at: Some(at(5)),
+        completed_at: Some(at(9)),
+        updated_at: at(9),
+        available_at: at(0),
+        execution_deadline: None,
+        heartbeat_deadline: None,
+        last_heartbeat_at: None,
+        progress: None,
+        progress_message: None,
+        error_message: None,
+        result: Some(JobResult { content: "transcript".into(), metadata: json!({"pages": 2}), processing_time: Some(4.5) }),
+    };
+    let import = |job, deadline_at| store.import_job(ImportJobParams { job, deadline_at, reason: "imported from MoRAG".into(), now: at(100) });
+    assert_eq!(import(done.clone(), None).await.unwrap(), ImportOutcome::Imported);
+    assert_eq!(store.get_job(done.id).await.unwrap().unwrap(), done, "stored as it is");
+    let mut changed = done.clone();
+    changed.status = Failed;
+    assert_eq!(import(changed, None).await.unwrap(), ImportOutcome::AlreadyExists);
+    assert_eq!(status(store, done.id).await, Completed, "a second import changes nothing");
+    let history = store.get_job_detail(done.id).await.unwrap().unwrap().history;
+    assert_eq!(history.len(), 1);
+    assert_eq!((history[0].from, history[0].to, history[0].reason.as_str()), (None, Completed, "imported from MoRAG"));
+
+    // A job MoRAG's worker is still running: the monitor watches its deadline, and the
+    // worker's lease-less result is accepted.
+    let running = Job {
+        id: JobId::new_random(),
+        status: Processing,
+        lease_id: Some(LeaseId::new_random()),
+        started_at: Some(at(50)),
+        completed_at: None,
+        updated_at: at(50),
+        execution_deadline: Some(at(50 + 1800)),
+        result: None,
+        ..done.clone()
+    };
+    assert_eq!(import(running.clone(), Some(at(50 + 1800))).await.unwrap(), ImportOutcome::Imported);
+    assert_eq!(store.next_deadline().await.unwrap(), Some(at(50 + 1800)));
+    assert_eq!(submit(store, running.id, None, success(), at(60)).await.unwrap().status, Completed);
+
+    // A pending one is claimable like any other.
+    let pending = Job { id: JobId::new_random(), status: Pending, worker_id: None, attempt: 0, started_at: None, completed_at: None, result: None, ..done.clone() };
+    import(pending.clone(), None).await.unwrap();
+    assert_eq!(claim(store, &["audio"], at(70)).await.unwrap().0, pending.id);
+
+    let stats = store.statistics(at(100)).await.unwrap();
+    assert_eq!((stats.total_jobs, stats.status_counts[&Completed], stats.status_counts[&Processing]), (3, 2, 1));
+    let handoffs = store.pending_handoffs(10).await.unwrap();
+    assert_eq!(handoffs.iter().map(|h| h.job_id).collect::<Vec<_>>(), vec![running.id], "imports hand nothing off; later transitions do");
+}
+
 macro_rules! conformance {
     ($($case:ident),* $(,)?) => {
         mod sqlite {
@@ -495,6 +568,14 @@ macro_rules! conformance {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
                     super::$case(super::open_sqlite().await).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(super::open_postgres().await).await
                 }
             )*
         }
@@ -518,4 +599,5 @@ conformance!(
     statistics_come_from_counters,
     listing_filters_and_pages_newest_first,
     closing_makes_later_calls_unavailable,
+    imported_jobs_are_stored_as_they_are_and_only_once,
 );

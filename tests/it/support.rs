@@ -212,3 +212,55 @@ pub fn uuid_like() -> String {
 pub fn step(from: &str, to: &str, actor: &str) -> (String, String, String) {
     (from.to_owned(), to.to_owned(), actor.to_owned())
 }
+
+/// The PostgreSQL server tests run against: `MORAG_TEST_POSTGRES_URL`, or the local
+/// server (trust auth, database `test`). Tests that need it fail when it is unreachable.
+pub fn pg_admin_url() -> String {
+    std::env::var("MORAG_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+async fn pg_admin() -> tokio_postgres::Client {
+    let url = pg_admin_url();
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|error| panic!("PostgreSQL at {url} is unreachable (the tests need it): {error}"));
+    tokio::spawn(connection);
+    client
+}
+
+/// A freshly created, empty database, dropped (WITH (FORCE)) when this is dropped.
+pub struct PgDatabase {
+    pub name: String,
+    pub url: String,
+}
+
+impl PgDatabase {
+    pub async fn create() -> PgDatabase {
+        let name = format!("morag_jobs_test_{:016x}", fastrand::u64(..));
+        pg_admin().await.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create test database");
+        let admin_url = pg_admin_url();
+        let base = admin_url.rsplit_once('/').expect("the URL names a database").0;
+        PgDatabase { url: format!("{base}/{name}"), name }
+    }
+
+    /// Runs SQL on the server's `test` database (for pg_terminate_backend and the like).
+    pub async fn admin_execute(&self, sql: &str) {
+        pg_admin().await.batch_execute(sql).await.expect("admin SQL runs");
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+        // Drop runs inside the test's runtime, which must not be blocked on: use a thread
+        // with its own small runtime.
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            runtime.block_on(async { pg_admin().await.batch_execute(&sql).await })
+        })
+        .join();
+        if !matches!(dropped, Ok(Ok(()))) {
+            eprintln!("warning: could not drop test database {}", self.name);
+        }
+    }
+}

@@ -1,0 +1,1597 @@
+//! The PostgreSQL store, for running several replicas against one database.
+//!
+//! Where SQLite serializes every write through one thread, PostgreSQL lets replicas write
+//! at once, so each operation is written to be correct under concurrency by itself:
+//! - Every transition is one conditional statement (`UPDATE ... WHERE seq = $1 AND
+//!   status = $2 AND lease_id IS NOT DISTINCT FROM $3 ...`) whose data-modifying CTEs also
+//!   insert the history rows and the hand-off (outbox) row, so the three are written
+//!   atomically without a multi-statement transaction. When the decision depends on the
+//!   job's current state (retry count, deadlines), that state is read first, the domain
+//!   policy decides, and the update is conditional on exactly what was read; zero rows
+//!   means someone else moved the job first, and the caller is told so.
+//! - Claims pick their row with `FOR UPDATE SKIP LOCKED`: concurrent claimers never wait
+//!   for each other and never get the same attempt.
+//! - The monitor's batches (timeouts, due retries, cleanup) lock their rows with `SKIP
+//!   LOCKED`, so replicas running their monitors at once split the work, and each job's
+//!   change is conditional, so no change is ever applied twice.
+//! - Long-poll wake-ups cross replicas through LISTEN/NOTIFY on a dedicated connection,
+//!   with a periodic fallback tick, so a lost notification only delays a poll.
+//! - Outages answer quickly: connects, statements and whole operations have timeouts;
+//!   connection errors become `StoreError::Unavailable` (HTTP 503), and the pool never
+//!   hands out a broken connection again, so the server recovers by itself.
+
+mod pool;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{AsyncMessage, NoTls, Row};
+
+use self::pool::{Conn, Pool};
+use super::*;
+use crate::domain::{Actor, AfterFailure, AttemptDeadlines, Expiry, HistoryEntry, JobResult};
+
+/// Schema migrations, applied in order; the schema's version is how many were applied.
+const MIGRATIONS: &[&str] = &[include_str!("../../migrations/postgres/0001_jobs.sql")];
+
+/// The channel long-polling replicas listen on (see the migration's `jobs_available` trigger).
+const JOBS_AVAILABLE_CHANNEL: &str = "morag_jobs_available";
+/// Serializes migrations of replicas starting at once.
+const MIGRATION_LOCK: i64 = 0x6d6f_7261_676a_0001;
+/// One replica at a time folds counter deltas into the totals.
+const COMPACTION_LOCK: i64 = 0x6d6f_7261_676a_0002;
+
+/// How the store reaches PostgreSQL.
+#[derive(Clone, Debug)]
+pub struct PostgresOptions {
+    /// `postgres://user:password@host:port/database?...` (or the key=value form).
+    pub url: String,
+    /// Connections per replica at most.
+    pub max_connections: usize,
+    /// How long opening a connection may take.
+    pub connect_timeout: Duration,
+    /// How long one statement may run on the server (`statement_timeout`); a whole store
+    /// operation gets a little more, after which the caller gets `Unavailable`.
+    pub statement_timeout: Duration,
+    /// How often long-pollers are woken even without a notification.
+    pub wakeup_fallback: Duration,
+}
+
+impl PostgresOptions {
+    pub fn new(url: impl Into<String>) -> Self {
+        PostgresOptions {
+            url: url.into(),
+            max_connections: 16,
+            connect_timeout: Duration::from_secs(2),
+            statement_timeout: Duration::from_secs(5),
+            wakeup_fallback: Duration::from_secs(5),
+        }
+    }
+
+    /// The driver's configuration: the URL plus our timeouts and session settings.
+    /// `statement_timeout` zero means none.
+    fn driver_config(
+        &self,
+        statement_timeout: Duration,
+    ) -> Result<tokio_postgres::Config, StoreError> {
+        let mut config: tokio_postgres::Config = self
+            .url
+            .parse()
+            .map_err(|error| StoreError::Internal(format!("invalid PostgreSQL URL: {error}")))?;
+        config.connect_timeout(self.connect_timeout);
+        config.keepalives(true);
+        config.keepalives_idle(Duration::from_secs(30));
+        if config.get_application_name().is_none() {
+            config.application_name("morag-jobs");
+        }
+        // Sent in the startup packet, so they cost no round trip. A transaction left
+        // open by a vanished client must not hold row locks for long either.
+        let ours = format!(
+            "-c statement_timeout={} -c lock_timeout={} -c idle_in_transaction_session_timeout={}",
+            statement_timeout.as_millis(),
+            self.statement_timeout.as_millis(),
+            (self.statement_timeout * 4).as_millis()
+        );
+        let options = match config.get_options() {
+            Some(theirs) if !theirs.trim().is_empty() => format!("{theirs} {ours}"),
+            _ => ours,
+        };
+        config.options(options);
+        Ok(config)
+    }
+}
+
+/// What `migrate` found and did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MigrationReport {
+    pub from_version: i64,
+    pub to_version: i64,
+}
+
+pub struct PostgresStore {
+    pool: Arc<Pool>,
+    /// The longest one store operation may take, connection checkout included.
+    operation_timeout: Duration,
+    events: watch::Receiver<u64>,
+    stop_listener: watch::Sender<bool>,
+}
+
+impl PostgresStore {
+    /// Connects, runs pending migrations, and starts listening for wake-ups.
+    pub async fn open(options: PostgresOptions) -> Result<PostgresStore, StoreError> {
+        Self::migrate(&options).await?;
+        let config = options.driver_config(options.statement_timeout)?;
+        let pool = Arc::new(Pool::new(
+            config.clone(),
+            options.max_connections,
+            options.statement_timeout,
+        ));
+        let (events_sender, events) = watch::channel(0u64);
+        let (stop_listener, stop) = watch::channel(false);
+        tokio::spawn(listen_for_wakeups(
+            config,
+            options.wakeup_fallback,
+            events_sender,
+            stop,
+        ));
+        Ok(PostgresStore {
+            pool,
+            operation_timeout: options.statement_timeout + Duration::from_secs(1),
+            events,
+            stop_listener,
+        })
+    }
+
+    /// Applies pending migrations (and only that). Refuses a schema newer than this program.
+    pub async fn migrate(options: &PostgresOptions) -> Result<MigrationReport, StoreError> {
+        // Migrations may take longer than a request should.
+        let config = options.driver_config(Duration::ZERO)?;
+        let mut conn = pool::connect(&config).await?;
+        let client = &mut conn.client;
+        client
+            .query_one("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+            .await
+            .map_err(pg_error)?;
+        let result = migrate_locked(client).await;
+        // The lock is released with the session anyway; unlock early when we can.
+        let _ = client
+            .query_one("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+            .await;
+        result
+    }
+
+    /// Runs `operation` on a pooled connection within the operation timeout.
+    fn run<'s, T, F>(&'s self, operation: F) -> StoreFuture<'s, T>
+    where
+        T: Send + 's,
+        F: for<'c> FnOnce(&'c mut Conn) -> StoreFuture<'c, T> + Send + 's,
+    {
+        Box::pin(async move {
+            let work = async {
+                let mut pooled = self.pool.get().await?;
+                let result = operation(pooled.conn()).await;
+                // After a connection or unexpected error the connection's state is
+                // unknown: drop it rather than hand it to the next request.
+                let reusable = !matches!(
+                    result,
+                    Err(StoreError::Unavailable(_)) | Err(StoreError::Internal(_))
+                );
+                pooled.finish(reusable);
+                result
+            };
+            match tokio::time::timeout(self.operation_timeout, work).await {
+                Ok(result) => result,
+                Err(_) => Err(StoreError::Unavailable(format!(
+                    "PostgreSQL did not answer within {:?}",
+                    self.operation_timeout
+                ))),
+            }
+        })
+    }
+}
+
+async fn migrate_locked(
+    client: &mut tokio_postgres::Client,
+) -> Result<MigrationReport, StoreError> {
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS morag_jobs_schema_migrations (\
+                 version INTEGER PRIMARY KEY, \
+                 applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+        )
+        .await
+        .map_err(pg_error)?;
+    let found: i64 = client
+        .query_one(
+            "SELECT COALESCE(MAX(version), 0)::int8 FROM morag_jobs_schema_migrations",
+            &[],
+        )
+        .await
+        .map_err(pg_error)?
+        .get(0);
+    let known = MIGRATIONS.len() as i64;
+    if found > known {
+        return Err(StoreError::SchemaTooNew { found, known });
+    }
+    for (index, migration) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        let version = index as i32 + 1;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        tx.batch_execute(migration).await.map_err(pg_error)?;
+        tx.execute(
+            "INSERT INTO morag_jobs_schema_migrations (version) VALUES ($1)",
+            &[&version],
+        )
+        .await
+        .map_err(pg_error)?;
+        tx.commit().await.map_err(pg_error)?;
+        tracing::info!(version, "applied PostgreSQL migration");
+    }
+    Ok(MigrationReport {
+        from_version: found,
+        to_version: known,
+    })
+}
+
+/// Connection problems (the server is down, restarting, out of connections, or a
+/// statement ran out of time) are `Unavailable`: the caller may try again. Everything
+/// else is a bug or a corrupt row.
+pub(crate) fn pg_error(error: tokio_postgres::Error) -> StoreError {
+    if let Some(db) = error.as_db_error() {
+        let code = db.code().code();
+        let transient = code.starts_with("08") // connection exception
+            || code.starts_with("53") // insufficient resources (too many connections)
+            || code.starts_with("57P") // admin shutdown, crash shutdown, cannot connect now
+            || code == "57014" // query canceled: statement timeout
+            || code == "55P03" // lock not available: lock timeout
+            || code == "40001" // serialization failure
+            || code == "40P01" // deadlock detected
+            || code == "25006"; // read-only transaction: a failover in progress
+        return if transient {
+            StoreError::Unavailable(format!("PostgreSQL {code}: {}", db.message()))
+        } else {
+            StoreError::Internal(format!("PostgreSQL {code}: {}", db.message()))
+        };
+    }
+    let io = std::error::Error::source(&error).is_some_and(|source| source.is::<std::io::Error>());
+    if error.is_closed() || io {
+        StoreError::Unavailable(format!("PostgreSQL connection: {error}"))
+    } else {
+        StoreError::Internal(format!("PostgreSQL: {error}"))
+    }
+}
+
+/// Keeps one connection LISTENing and turns notifications (and a periodic tick) into
+/// changes of `events`. Reconnects after a second when the connection is lost.
+async fn listen_for_wakeups(
+    config: tokio_postgres::Config,
+    fallback: Duration,
+    events: watch::Sender<u64>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        match listen_once(&config, fallback, &events, &mut stop).await {
+            Ok(()) => return,
+            Err(error) => {
+                tracing::warn!(%error, "lost the PostgreSQL wake-up listener; reconnecting")
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Returns `Ok` when told to stop, `Err` when the connection failed.
+async fn listen_once(
+    config: &tokio_postgres::Config,
+    fallback: Duration,
+    events: &watch::Sender<u64>,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<(), String> {
+    let (client, mut connection) = config.connect(NoTls).await.map_err(|e| e.to_string())?;
+    let (notified, mut notifications) = tokio::sync::mpsc::unbounded_channel::<()>();
+    // The connection must be polled by hand to see its notifications.
+    let driver = tokio::spawn(async move {
+        while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            match message {
+                Ok(AsyncMessage::Notification(_)) => {
+                    if notified.send(()).is_err() {
+                        break;
+                    }
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::debug!(%error, "wake-up listener connection failed");
+                    break;
+                }
+            }
+        }
+    });
+    let outcome = async {
+        client
+            .batch_execute(&format!("LISTEN {JOBS_AVAILABLE_CHANNEL}"))
+            .await
+            .map_err(|e| e.to_string())?;
+        // Notifications sent while we were not listening are lost: look once now.
+        events.send_modify(|n| *n += 1);
+        let mut tick = tokio::time::interval(fallback);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                received = notifications.recv() => match received {
+                    Some(()) => {
+                        while notifications.try_recv().is_ok() {}
+                        events.send_modify(|n| *n += 1);
+                    }
+                    None => return Err("the listener connection closed".to_owned()),
+                },
+                _ = tick.tick() => {
+                    if client.is_closed() {
+                        return Err("the listener connection closed".to_owned());
+                    }
+                    events.send_modify(|n| *n += 1);
+                }
+                _ = stop.changed() => return Ok(()),
+            }
+        }
+    }
+    .await;
+    driver.abort();
+    outcome
+}
+
+const JOB_COLUMNS: &str = "seq, id, content_type, source_file_path, task_options, ingestion_task_id, status, \
+     worker_id, lease_id, attempt, retry_count, created_at, started_at, completed_at, updated_at, available_at, \
+     execution_deadline, heartbeat_deadline, last_heartbeat_at, progress, progress_message, error_message, \
+     result_content, result_metadata, processing_time";
+
+fn corrupt(what: &str, value: &str) -> StoreError {
+    StoreError::Internal(format!("stored {what} {value:?} is invalid"))
+}
+
+fn get<'a, T: tokio_postgres::types::FromSql<'a>>(
+    row: &'a Row,
+    index: usize,
+) -> Result<T, StoreError> {
+    row.try_get(index).map_err(pg_error)
+}
+
+fn ts(micros: Option<i64>) -> Option<Timestamp> {
+    micros.map(Timestamp::from_micros)
+}
+
+fn parse_status(text: &str) -> Result<JobStatus, StoreError> {
+    JobStatus::parse(text).ok_or_else(|| corrupt("status", text))
+}
+
+fn parse_json(what: &str, text: &str) -> Result<serde_json::Value, StoreError> {
+    serde_json::from_str(text).map_err(|_| corrupt(what, text))
+}
+
+/// Reads a job from `JOB_COLUMNS` starting at column 0.
+fn job_from_row(row: &Row) -> Result<Job, StoreError> {
+    let id: &str = get(row, 1)?;
+    let content_type: &str = get(row, 2)?;
+    let status: &str = get(row, 6)?;
+    let worker_id: Option<&str> = get(row, 7)?;
+    let lease_id: Option<&str> = get(row, 8)?;
+    let result_content: Option<String> = get(row, 22)?;
+    let result_metadata: Option<&str> = get(row, 23)?;
+    Ok(Job {
+        id: JobId::parse(id).map_err(|_| corrupt("job id", id))?,
+        content_type: ContentType::parse(content_type)
+            .map_err(|_| corrupt("content type", content_type))?,
+        source_file_path: get(row, 3)?,
+        task_options: parse_json("task options", get(row, 4)?)?,
+        ingestion_task_id: get(row, 5)?,
+        status: parse_status(status)?,
+        worker_id: worker_id
+            .map(|w| WorkerId::parse(w).map_err(|_| corrupt("worker id", w)))
+            .transpose()?,
+        lease_id: lease_id
+            .map(|l| LeaseId::parse(l).map_err(|_| corrupt("lease id", l)))
+            .transpose()?,
+        attempt: get::<i32>(row, 9)?.max(0) as u32,
+        retry_count: get::<i32>(row, 10)?.max(0) as u32,
+        created_at: Timestamp::from_micros(get(row, 11)?),
+        started_at: ts(get(row, 12)?),
+        completed_at: ts(get(row, 13)?),
+        updated_at: Timestamp::from_micros(get(row, 14)?),
+        available_at: Timestamp::from_micros(get(row, 15)?),
+        execution_deadline: ts(get(row, 16)?),
+        heartbeat_deadline: ts(get(row, 17)?),
+        last_heartbeat_at: ts(get(row, 18)?),
+        progress: get(row, 19)?,
+        progress_message: get(row, 20)?,
+        error_message: get(row, 21)?,
+        result: match result_content {
+            Some(content) => Some(JobResult {
+                content,
+                metadata: match result_metadata {
+                    Some(text) => parse_json("result metadata", text)?,
+                    None => serde_json::Value::Null,
+                },
+                processing_time: get(row, 24)?,
+            }),
+            None => None,
+        },
+    })
+}
+
+/// One history row a transition writes.
+struct Step {
+    from: Option<JobStatus>,
+    to: JobStatus,
+    actor: Actor,
+    reason: String,
+}
+
+impl Step {
+    fn new(
+        from: Option<JobStatus>,
+        to: JobStatus,
+        actor: Actor,
+        reason: impl Into<String>,
+    ) -> Step {
+        Step {
+            from,
+            to,
+            actor,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Runs `core` (an `UPDATE jobs ... RETURNING *` or `INSERT INTO jobs ... RETURNING *`
+/// using `$1..$n`) as one statement that also records `steps` in the job's history and,
+/// when `handoff` is set, the hand-off row, all only if `core` changed a row. Returns the
+/// job as `core` left it, or `None` when its condition matched no row.
+async fn transition(
+    conn: &mut Conn,
+    core: &str,
+    params: &[&(dyn ToSql + Sync)],
+    steps: &[Step],
+    handoff: Option<HandoffKind>,
+    now: Timestamp,
+) -> Result<Option<Job>, StoreError> {
+    let n = params.len();
+    let (from, to, actor, reason, at, kind) = (n + 1, n + 2, n + 3, n + 4, n + 5, n + 6);
+    let sql = format!(
+        "WITH u AS ({core}), \
+         h AS (INSERT INTO job_history (job_seq, from_status, to_status, at, actor, reason) \
+               SELECT u.seq, s.from_status, s.to_status, ${at}::int8, s.actor, s.reason \
+               FROM u, unnest(${from}::text[], ${to}::text[], ${actor}::text[], ${reason}::text[]) \
+                    WITH ORDINALITY AS s(from_status, to_status, actor, reason, ord) \
+               ORDER BY s.ord), \
+         o AS (INSERT INTO handoffs (job_id, kind, payload, created_at) \
+               SELECT u.id, ${kind}::text, json_build_object('job_id', u.id, 'ingestion_task_id', u.ingestion_task_id, \
+                   'content_type', u.content_type, 'status', u.status, 'error_message', u.error_message, \
+                   'attempt', u.attempt)::text, ${at}::int8 \
+               FROM u WHERE ${kind}::text IS NOT NULL) \
+         SELECT {JOB_COLUMNS} FROM u"
+    );
+    let froms: Vec<Option<&str>> = steps
+        .iter()
+        .map(|s| s.from.map(JobStatus::as_str))
+        .collect();
+    let tos: Vec<&str> = steps.iter().map(|s| s.to.as_str()).collect();
+    let actors: Vec<&str> = steps.iter().map(|s| s.actor.as_str()).collect();
+    let reasons: Vec<&str> = steps.iter().map(|s| s.reason.as_str()).collect();
+    let at_micros = now.as_micros();
+    let kind_name = handoff.map(HandoffKind::as_str);
+    let mut all: Vec<&(dyn ToSql + Sync)> = params.to_vec();
+    all.extend_from_slice(&[&froms, &tos, &actors, &reasons, &at_micros, &kind_name]);
+    let statement = conn.statement(&sql).await?;
+    let row = conn
+        .client
+        .query_opt(&statement, &all)
+        .await
+        .map_err(pg_error)?;
+    row.as_ref().map(job_from_row).transpose()
+}
+
+/// The job's state as a conditional update needs it.
+struct Current {
+    seq: i64,
+    status: JobStatus,
+    lease_id: Option<String>,
+    retry_count: i32,
+    result_received: bool,
+    execution_deadline: Option<i64>,
+}
+
+async fn current_state(conn: &mut Conn, id: JobId) -> Result<Current, StoreError> {
+    let statement = conn
+        .statement(
+            "SELECT seq, status, lease_id, retry_count, result_received_at IS NOT NULL, execution_deadline \
+             FROM jobs WHERE id = $1",
+        )
+        .await?;
+    let row = conn
+        .client
+        .query_opt(&statement, &[&id.to_string()])
+        .await
+        .map_err(pg_error)?
+        .ok_or(StoreError::NotFound)?;
+    Ok(Current {
+        seq: get(&row, 0)?,
+        status: parse_status(get(&row, 1)?)?,
+        lease_id: get(&row, 2)?,
+        retry_count: get(&row, 3)?,
+        result_received: get(&row, 4)?,
+        execution_deadline: get(&row, 5)?,
+    })
+}
+
+/// A conditional update matched nothing: someone moved the job after we read it. The
+/// caller learns the state it is in now.
+async fn conflict(conn: &mut Conn, seq: i64, fallback: JobStatus) -> StoreError {
+    let current = async {
+        let statement = conn
+            .statement("SELECT status FROM jobs WHERE seq = $1")
+            .await?;
+        let row = conn
+            .client
+            .query_opt(&statement, &[&seq])
+            .await
+            .map_err(pg_error)?;
+        match row {
+            Some(row) => parse_status(get(&row, 0)?),
+            None => Err(StoreError::NotFound),
+        }
+    }
+    .await;
+    match current {
+        Ok(status) => StoreError::InvalidTransition { current: status },
+        Err(StoreError::NotFound) => StoreError::NotFound,
+        Err(_) => StoreError::InvalidTransition { current: fallback },
+    }
+}
+
+/// The same text the SQLite store records.
+fn retry_reason(retry_count: u32, max_retries: u32, at: Timestamp) -> String {
+    format!("automatic retry {retry_count} of {max_retries}, claimable from {at}")
+}
+
+async fn create(conn: &mut Conn, p: CreateJobParams) -> Result<Job, StoreError> {
+    let core = "INSERT INTO jobs (id, content_type, source_file_path, task_options, ingestion_task_id, status, \
+                created_at, updated_at, available_at, deadline_at) \
+                VALUES ($1, $2, $3, $4, $5, 'pending', $6, $6, $6, $7) RETURNING *";
+    let id = p.id.to_string();
+    let options = p.task_options.to_string();
+    let now = p.now.as_micros();
+    let deadline = p.pending_deadline.map(Timestamp::as_micros);
+    transition(
+        conn,
+        core,
+        &[
+            &id,
+            &p.content_type.as_str(),
+            &p.source_file_path,
+            &options,
+            &p.ingestion_task_id,
+            &now,
+            &deadline,
+        ],
+        &[Step::new(
+            None,
+            JobStatus::Pending,
+            Actor::Client,
+            "created",
+        )],
+        None,
+        p.now,
+    )
+    .await?
+    .ok_or_else(|| StoreError::Internal("the insert returned no row".into()))
+}
+
+async fn claim(conn: &mut Conn, p: ClaimParams) -> Result<Option<Job>, StoreError> {
+    // The execution deadline depends on the content type of the job that is picked, so
+    // the policy's deadline for every type that can be picked goes in as a lookup table.
+    let known: Vec<ContentType> = if p.content_types.is_empty() {
+        p.timeouts
+            .execution_by_type
+            .keys()
+            .filter_map(|name| ContentType::parse(name).ok())
+            .collect()
+    } else {
+        p.content_types.clone()
+    };
+    let names: Vec<&str> = known.iter().map(ContentType::as_str).collect();
+    let deadlines: Vec<i64> = known
+        .iter()
+        .map(|t| p.timeouts.claim_deadlines(t, p.now).execution.as_micros())
+        .collect();
+    // Types without their own timeout (only possible when any type may be picked).
+    let default_deadline = p.now.plus(p.timeouts.execution_default).as_micros();
+    let type_filter = if p.content_types.is_empty() {
+        ""
+    } else {
+        // The lookup table's names are exactly the requested types.
+        "AND j.content_type = ANY($4::text[])"
+    };
+    // A fresh attempt has no heartbeat deadline yet, so the monitor's next look
+    // (`AttemptDeadlines::next`) is the execution deadline.
+    let sql = format!(
+        "WITH c AS ( \
+             SELECT j.seq AS c_seq, j.status AS c_previous, \
+                    COALESCE((SELECT d.deadline FROM unnest($4::text[], $5::int8[]) AS d(name, deadline) \
+                              WHERE d.name = j.content_type), $6::int8) AS c_deadline \
+             FROM jobs j \
+             WHERE j.status IN ('pending', 'retrying') AND j.available_at <= $1::int8 {type_filter} \
+             ORDER BY j.available_at, j.seq \
+             LIMIT 1 \
+             FOR UPDATE OF j SKIP LOCKED), \
+         u AS ( \
+             UPDATE jobs SET status = 'processing', worker_id = $2::text, lease_id = $3::text, attempt = attempt + 1, \
+                 started_at = $1::int8, updated_at = $1::int8, execution_deadline = c.c_deadline, \
+                 heartbeat_deadline = NULL, last_heartbeat_at = NULL, deadline_at = c.c_deadline, \
+                 result_received_at = NULL, progress = NULL, progress_message = NULL \
+             FROM c WHERE jobs.seq = c.c_seq AND jobs.status = c.c_previous \
+             RETURNING jobs.*, c.c_previous), \
+         h AS (INSERT INTO job_history (job_seq, from_status, to_status, at, actor, reason) \
+               SELECT seq, c_previous, 'processing', $1::int8, 'worker', \
+                      'claimed by worker ' || $2::text || ' (attempt ' || attempt || ')' FROM u) \
+         SELECT {JOB_COLUMNS} FROM u"
+    );
+    let now = p.now.as_micros();
+    let lease = LeaseId::new_random().to_string();
+    let statement = conn.statement(&sql).await?;
+    let row = conn
+        .client
+        .query_opt(
+            &statement,
+            &[
+                &now,
+                &p.worker_id.as_str(),
+                &lease,
+                &names,
+                &deadlines,
+                &default_deadline,
+            ],
+        )
+        .await
+        .map_err(pg_error)?;
+    row.as_ref().map(job_from_row).transpose()
+}
+
+async fn heartbeat(conn: &mut Conn, p: HeartbeatParams) -> Result<HeartbeatOutcome, StoreError> {
+    let current = current_state(conn, p.job_id).await?;
+    let lease = p.lease_id.to_string();
+    if current.lease_id.as_deref() != Some(lease.as_str()) {
+        return Err(StoreError::LeaseMismatch {
+            current: current.status,
+        });
+    }
+    if current.status == JobStatus::Cancelled {
+        return Ok(HeartbeatOutcome {
+            status: current.status,
+            cancelled: true,
+            execution_deadline: None,
+            heartbeat_deadline: None,
+        });
+    }
+    let execution = match (current.status, current.execution_deadline) {
+        (JobStatus::Processing, Some(execution)) => Timestamp::from_micros(execution),
+        _ => {
+            return Err(StoreError::InvalidTransition {
+                current: current.status,
+            })
+        }
+    };
+    let deadlines = p.timeouts.heartbeat_deadlines(execution, p.now);
+    // A heartbeat after a deadline passed does not revive the attempt: the monitor is
+    // about to time it out, and the worker learns so now.
+    let statement = conn
+        .statement(
+            "UPDATE jobs SET heartbeat_deadline = $2, deadline_at = $3, last_heartbeat_at = $4, updated_at = $4, \
+             progress = COALESCE($5, progress), progress_message = COALESCE($6, progress_message) \
+             WHERE seq = $1 AND status = 'processing' AND lease_id = $7 AND deadline_at > $4 \
+               AND execution_deadline = $8",
+        )
+        .await?;
+    let changed = conn
+        .client
+        .execute(
+            &statement,
+            &[
+                &current.seq,
+                &deadlines.heartbeat.map(Timestamp::as_micros),
+                &deadlines.next().as_micros(),
+                &p.now.as_micros(),
+                &p.progress,
+                &p.message,
+                &lease,
+                &execution.as_micros(),
+            ],
+        )
+        .await
+        .map_err(pg_error)?;
+    if changed != 1 {
+        return Err(
+            match conflict(conn, current.seq, JobStatus::Timeout).await {
+                // Still processing: its deadline passed and the monitor is about to act.
+                StoreError::InvalidTransition {
+                    current: JobStatus::Processing,
+                } => StoreError::InvalidTransition {
+                    current: JobStatus::Timeout,
+                },
+                other => other,
+            },
+        );
+    }
+    Ok(HeartbeatOutcome {
+        status: JobStatus::Processing,
+        cancelled: false,
+        execution_deadline: Some(deadlines.execution),
+        heartbeat_deadline: deadlines.heartbeat,
+    })
+}
+
+async fn submit_result(conn: &mut Conn, p: SubmitResultParams) -> Result<Job, StoreError> {
+    let current = current_state(conn, p.job_id).await?;
+    let lease = p.lease_id.map(|lease| lease.to_string());
+    if let Some(lease) = &lease {
+        if current.lease_id.as_deref() != Some(lease.as_str()) {
+            return Err(StoreError::LeaseMismatch {
+                current: current.status,
+            });
+        }
+    }
+    let success = matches!(p.outcome, AttemptOutcome::Success { .. });
+    // A late success after a timeout is accepted while the job waits for its retry, the
+    // attempt has not reported yet, and the worker proves with its lease that it ran it.
+    let late_success = current.status == JobStatus::Retrying
+        && lease.is_some()
+        && success
+        && !current.result_received;
+    if current.status != JobStatus::Processing && !late_success {
+        return Err(StoreError::InvalidTransition {
+            current: current.status,
+        });
+    }
+    let now = p.now.as_micros();
+    let previous = current.status;
+    let job = match p.outcome {
+        AttemptOutcome::Success {
+            content,
+            metadata,
+            processing_time,
+        } => {
+            let reason = if late_success {
+                "late result of a timed-out attempt"
+            } else {
+                "worker reported success"
+            };
+            let metadata = metadata.to_string();
+            transition(
+                conn,
+                "UPDATE jobs SET status = 'completed', completed_at = $2, updated_at = $2, deadline_at = NULL, \
+                 result_received_at = $2, result_content = $3, result_metadata = $4, processing_time = $5, \
+                 error_message = NULL, progress = 100 \
+                 WHERE seq = $1 AND status = $6 AND lease_id IS NOT DISTINCT FROM $7 AND result_received_at IS NULL \
+                 RETURNING *",
+                &[&current.seq, &now, &content, &metadata, &processing_time, &previous.as_str(), &current.lease_id],
+                &[Step::new(Some(previous), JobStatus::Completed, Actor::Worker, reason)],
+                Some(HandoffKind::Completed),
+                p.now,
+            )
+            .await?
+        }
+        AttemptOutcome::Failure {
+            error_message,
+            retryable,
+        } => {
+            let retries_done = current.retry_count.max(0) as u32;
+            let after = p
+                .policy
+                .retry
+                .after_failure(retries_done, retryable, p.now, p.jitter);
+            let (status, retry_count, available_at, deadline_at, completed_at) = match after {
+                AfterFailure::Retry { at, retry_count } => (
+                    JobStatus::Retrying,
+                    retry_count,
+                    at.as_micros(),
+                    Some(at.as_micros()),
+                    None,
+                ),
+                AfterFailure::Final => (JobStatus::Failed, retries_done, now, None, Some(now)),
+            };
+            let failed_reason = if retryable {
+                error_message.clone()
+            } else {
+                format!("{error_message} (not retryable)")
+            };
+            let mut steps = vec![Step::new(
+                Some(previous),
+                JobStatus::Failed,
+                Actor::Worker,
+                failed_reason,
+            )];
+            if let AfterFailure::Retry { at, retry_count } = after {
+                steps.push(Step::new(
+                    Some(JobStatus::Failed),
+                    JobStatus::Retrying,
+                    Actor::Worker,
+                    retry_reason(retry_count, p.policy.retry.max_retries, at),
+                ));
+            }
+            transition(
+                conn,
+                "UPDATE jobs SET status = $2, retry_count = $3, available_at = $4, deadline_at = $5, \
+                 completed_at = $6, updated_at = $7, result_received_at = $7, error_message = $8 \
+                 WHERE seq = $1 AND status = 'processing' AND lease_id IS NOT DISTINCT FROM $9 \
+                   AND result_received_at IS NULL AND retry_count = $10 \
+                 RETURNING *",
+                &[
+                    &current.seq,
+                    &status.as_str(),
+                    &(retry_count as i32),
+                    &available_at,
+                    &deadline_at,
+                    &completed_at,
+                    &now,
+                    &error_message,
+                    &current.lease_id,
+                    &current.retry_count,
+                ],
+                &steps,
+                HandoffKind::for_final_status(status),
+                p.now,
+            )
+            .await?
+        }
+    };
+    match job {
+        Some(job) => Ok(job),
+        None => Err(conflict(conn, current.seq, previous).await),
+    }
+}
+
+async fn cancel(conn: &mut Conn, p: CancelParams) -> Result<Job, StoreError> {
+    let current = current_state(conn, p.job_id).await?;
+    if !current.status.can_move_to(JobStatus::Cancelled) {
+        return Err(StoreError::InvalidTransition {
+            current: current.status,
+        });
+    }
+    let job = transition(
+        conn,
+        "UPDATE jobs SET status = 'cancelled', completed_at = $2, updated_at = $2, deadline_at = NULL \
+         WHERE seq = $1 AND status = $3 RETURNING *",
+        &[&current.seq, &p.now.as_micros(), &current.status.as_str()],
+        &[Step::new(Some(current.status), JobStatus::Cancelled, Actor::Admin, p.reason.as_str())],
+        Some(HandoffKind::Cancelled),
+        p.now,
+    )
+    .await?;
+    match job {
+        Some(job) => Ok(job),
+        None => Err(conflict(conn, current.seq, current.status).await),
+    }
+}
+
+async fn manual_retry(conn: &mut Conn, p: ManualRetryParams) -> Result<Job, StoreError> {
+    let current = current_state(conn, p.job_id).await?;
+    if !current.status.can_move_to(JobStatus::Retrying) {
+        return Err(StoreError::InvalidTransition {
+            current: current.status,
+        });
+    }
+    let job = transition(
+        conn,
+        "UPDATE jobs SET status = 'retrying', retry_count = 0, available_at = $2, deadline_at = NULL, \
+         completed_at = NULL, updated_at = $2 WHERE seq = $1 AND status = $3 RETURNING *",
+        &[&current.seq, &p.now.as_micros(), &current.status.as_str()],
+        &[Step::new(
+            Some(current.status),
+            JobStatus::Retrying,
+            Actor::Admin,
+            "manual retry: retry budget reset",
+        )],
+        None,
+        p.now,
+    )
+    .await?;
+    match job {
+        Some(job) => Ok(job),
+        None => Err(conflict(conn, current.seq, current.status).await),
+    }
+}
+
+async fn import(conn: &mut Conn, p: ImportJobParams) -> Result<ImportOutcome, StoreError> {
+    let job = &p.job;
+    let micros = |t: Option<Timestamp>| t.map(Timestamp::as_micros);
+    let result = job.result.as_ref();
+    let id = job.id.to_string();
+    let options = job.task_options.to_string();
+    let lease = job.lease_id.map(|l| l.to_string());
+    let content = result.map(|r| r.content.as_str());
+    let metadata = result.map(|r| r.metadata.to_string());
+    let processing_time = result.and_then(|r| r.processing_time);
+    let (attempt, retry_count) = (job.attempt as i32, job.retry_count as i32);
+    let times = [
+        job.created_at.as_micros(),
+        job.updated_at.as_micros(),
+        job.available_at.as_micros(),
+    ];
+    let optional_times = [
+        micros(job.started_at),
+        micros(job.completed_at),
+        micros(job.execution_deadline),
+        micros(job.heartbeat_deadline),
+        micros(job.last_heartbeat_at),
+        micros(p.deadline_at),
+    ];
+    let imported = transition(
+        conn,
+        "INSERT INTO jobs (id, content_type, source_file_path, task_options, ingestion_task_id, status, \
+         worker_id, lease_id, attempt, retry_count, created_at, updated_at, available_at, started_at, \
+         completed_at, execution_deadline, heartbeat_deadline, last_heartbeat_at, deadline_at, progress, \
+         progress_message, error_message, result_content, result_metadata, processing_time, result_received_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15::int8, $16, $17, $18, $19, $20, \
+         $21, $22, $23::text, $24, $25, CASE WHEN $23::text IS NULL THEN NULL ELSE $15::int8 END) \
+         ON CONFLICT (id) DO NOTHING RETURNING *",
+        &[
+            &id,
+            &job.content_type.as_str(),
+            &job.source_file_path,
+            &options,
+            &job.ingestion_task_id,
+            &job.status.as_str(),
+            &job.worker_id.as_ref().map(WorkerId::as_str),
+            &lease,
+            &attempt,
+            &retry_count,
+            &times[0],
+            &times[1],
+            &times[2],
+            &optional_times[0],
+            &optional_times[1],
+            &optional_times[2],
+            &optional_times[3],
+            &optional_times[4],
+            &optional_times[5],
+            &job.progress,
+            &job.progress_message,
+            &job.error_message,
+            &content,
+            &metadata,
+            &processing_time,
+        ],
+        &[Step::new(None, job.status, Actor::Admin, p.reason.as_str())],
+        None,
+        p.now,
+    )
+    .await?;
+    Ok(match imported {
+        Some(_) => ImportOutcome::Imported,
+        None => ImportOutcome::AlreadyExists,
+    })
+}
+
+/// Runs `body` inside BEGIN/COMMIT on `conn`, rolling back when it fails. (When the
+/// future is dropped half-way, the pool discards the connection, which rolls back too.)
+macro_rules! in_transaction {
+    ($conn:expr, $begin:expr, $body:expr) => {{
+        $conn.client.batch_execute($begin).await.map_err(pg_error)?;
+        match $body.await {
+            Ok(value) => {
+                $conn
+                    .client
+                    .batch_execute("COMMIT")
+                    .await
+                    .map_err(pg_error)?;
+                Ok(value)
+            }
+            Err(error) => {
+                $conn
+                    .client
+                    .batch_execute("ROLLBACK")
+                    .await
+                    .map_err(pg_error)?;
+                Err(error)
+            }
+        }
+    }};
+}
+
+async fn rescue(conn: &mut Conn, p: RescueParams) -> Result<RescueReport, StoreError> {
+    let report: RescueReport = in_transaction!(conn, "BEGIN", rescue_batch(conn, &p))?;
+    // Folding counter deltas rides along the monitor's passes.
+    compact_counters(conn).await?;
+    Ok(report)
+}
+
+async fn rescue_batch(conn: &mut Conn, p: &RescueParams) -> Result<RescueReport, StoreError> {
+    let now = p.now.as_micros();
+    let mut rng = fastrand::Rng::with_seed(p.jitter_seed);
+    let mut report = RescueReport::default();
+    // Rows another replica's monitor is handling right now are skipped, not waited for.
+    let statement = conn
+        .statement(
+            "SELECT seq, status, execution_deadline, heartbeat_deadline, retry_count, lease_id \
+             FROM jobs WHERE deadline_at IS NOT NULL AND deadline_at <= $1 \
+             ORDER BY deadline_at LIMIT $2 FOR UPDATE SKIP LOCKED",
+        )
+        .await?;
+    let expired = conn
+        .client
+        .query(&statement, &[&now, &(p.limit as i64)])
+        .await
+        .map_err(pg_error)?;
+    for row in expired {
+        let seq: i64 = get(&row, 0)?;
+        let execution: Option<i64> = get(&row, 2)?;
+        let heartbeat: Option<i64> = get(&row, 3)?;
+        let retry_count: i32 = get(&row, 4)?;
+        let lease: Option<String> = get(&row, 5)?;
+        match parse_status(get(&row, 1)?)? {
+            JobStatus::Pending => {
+                let changed = transition(
+                    conn,
+                    "UPDATE jobs SET status = 'timeout', completed_at = $2, updated_at = $2, deadline_at = NULL, \
+                     error_message = $3 WHERE seq = $1 AND status = 'pending' AND deadline_at <= $2 RETURNING *",
+                    &[&seq, &now, &Expiry::Pending.reason()],
+                    &[Step::new(
+                        Some(JobStatus::Pending),
+                        JobStatus::Timeout,
+                        Actor::Monitor,
+                        Expiry::Pending.reason(),
+                    )],
+                    Some(HandoffKind::Failed),
+                    p.now,
+                )
+                .await?;
+                if changed.is_some() {
+                    report.n_pending_timed_out += 1;
+                }
+            }
+            JobStatus::Processing => {
+                let Some(execution) = execution else { continue };
+                let deadlines = AttemptDeadlines {
+                    execution: Timestamp::from_micros(execution),
+                    heartbeat: ts(heartbeat),
+                };
+                let Some(expiry) = deadlines.expired(p.now) else {
+                    continue;
+                };
+                let retries_done = retry_count.max(0) as u32;
+                let after = p.policy.retry.after_failure(
+                    retries_done,
+                    expiry.allows_retry(),
+                    p.now,
+                    rng.f64(),
+                );
+                let (status, new_retry_count, available_at, deadline_at, completed_at) = match after
+                {
+                    AfterFailure::Retry { at, retry_count } => (
+                        JobStatus::Retrying,
+                        retry_count,
+                        at.as_micros(),
+                        Some(at.as_micros()),
+                        None,
+                    ),
+                    AfterFailure::Final => (JobStatus::Timeout, retries_done, now, None, Some(now)),
+                };
+                let mut steps = vec![Step::new(
+                    Some(JobStatus::Processing),
+                    JobStatus::Timeout,
+                    Actor::Monitor,
+                    expiry.reason(),
+                )];
+                if let AfterFailure::Retry { at, retry_count } = after {
+                    steps.push(Step::new(
+                        Some(JobStatus::Timeout),
+                        JobStatus::Retrying,
+                        Actor::Monitor,
+                        retry_reason(retry_count, p.policy.retry.max_retries, at),
+                    ));
+                }
+                let changed = transition(
+                    conn,
+                    "UPDATE jobs SET status = $2, retry_count = $3, available_at = $4, deadline_at = $5, \
+                     completed_at = $6, updated_at = $7, error_message = $8 \
+                     WHERE seq = $1 AND status = 'processing' AND lease_id IS NOT DISTINCT FROM $9 \
+                       AND deadline_at <= $7 AND retry_count = $10 RETURNING *",
+                    &[
+                        &seq,
+                        &status.as_str(),
+                        &(new_retry_count as i32),
+                        &available_at,
+                        &deadline_at,
+                        &completed_at,
+                        &now,
+                        &expiry.reason(),
+                        &lease,
+                        &retry_count,
+                    ],
+                    &steps,
+                    HandoffKind::for_final_status(status),
+                    p.now,
+                )
+                .await?;
+                if changed.is_some() {
+                    report.n_attempts_timed_out += 1;
+                    if matches!(after, AfterFailure::Retry { .. }) {
+                        report.n_retries_scheduled += 1;
+                    }
+                }
+            }
+            JobStatus::Retrying => {
+                // The backoff passed: nothing to change but the deadline; pollers on every
+                // replica are woken below.
+                let statement = conn
+                    .statement(
+                        "UPDATE jobs SET deadline_at = NULL WHERE seq = $1 AND status = 'retrying'",
+                    )
+                    .await?;
+                let changed = conn
+                    .client
+                    .execute(&statement, &[&seq])
+                    .await
+                    .map_err(pg_error)?;
+                report.n_retries_due += changed as usize;
+            }
+            _ => {
+                // A finished job never keeps a deadline; clear a stray one so the scan moves on.
+                let statement = conn
+                    .statement("UPDATE jobs SET deadline_at = NULL WHERE seq = $1")
+                    .await?;
+                conn.client
+                    .execute(&statement, &[&seq])
+                    .await
+                    .map_err(pg_error)?;
+            }
+        }
+    }
+    if report.n_retries_due > 0 {
+        let statement = conn.statement("SELECT pg_notify($1, '')").await?;
+        conn.client
+            .execute(&statement, &[&JOBS_AVAILABLE_CHANNEL])
+            .await
+            .map_err(pg_error)?;
+    }
+    Ok(report)
+}
+
+/// Folds the counter deltas into the totals, unless another replica is doing it now.
+async fn compact_counters(conn: &mut Conn) -> Result<(), StoreError> {
+    in_transaction!(conn, "BEGIN", async {
+        let statement = conn
+            .statement("SELECT pg_try_advisory_xact_lock($1)")
+            .await?;
+        let locked: bool = get(
+            &conn
+                .client
+                .query_one(&statement, &[&COMPACTION_LOCK])
+                .await
+                .map_err(pg_error)?,
+            0,
+        )?;
+        if !locked {
+            return Ok(());
+        }
+        let statement = conn
+            .statement(
+                "WITH moved AS (DELETE FROM counter_deltas RETURNING *) \
+                 INSERT INTO counters (counter, status, content_type, minute, n, total_micros) \
+                 SELECT counter, status, content_type, minute, SUM(n), SUM(total_micros) FROM moved \
+                 GROUP BY counter, status, content_type, minute \
+                 ORDER BY counter, status, content_type, minute \
+                 ON CONFLICT (counter, status, content_type, minute) DO UPDATE \
+                 SET n = counters.n + excluded.n, total_micros = counters.total_micros + excluded.total_micros",
+            )
+            .await?;
+        conn.client
+            .execute(&statement, &[])
+            .await
+            .map_err(pg_error)?;
+        Ok::<(), StoreError>(())
+    })
+}
+
+async fn cleanup(conn: &mut Conn, p: CleanupParams) -> Result<CleanupReport, StoreError> {
+    let report: CleanupReport = in_transaction!(conn, "BEGIN", cleanup_batch(conn, &p))?;
+    // Creation counters older than the statistics window are no longer needed.
+    let two_days_ago = p.now.minus(Duration::from_secs(2 * 86_400)).as_micros() / 60_000_000;
+    let statement = conn
+        .statement("DELETE FROM counters WHERE counter = 'created' AND minute < $1")
+        .await?;
+    conn.client
+        .execute(&statement, &[&two_days_ago])
+        .await
+        .map_err(pg_error)?;
+    Ok(report)
+}
+
+async fn cleanup_batch(conn: &mut Conn, p: &CleanupParams) -> Result<CleanupReport, StoreError> {
+    let mut report = CleanupReport::default();
+    let mut budget = p.limit;
+    for status in [
+        JobStatus::Completed,
+        JobStatus::Cancelled,
+        JobStatus::Failed,
+        JobStatus::Timeout,
+    ] {
+        if budget == 0 {
+            break;
+        }
+        let Some(cutoff) = p.retention.cutoff(status, p.now) else {
+            continue;
+        };
+        // Locked rows belong to another replica's cleaner (or a cancel in flight): skip them.
+        // History rows go with their job (ON DELETE CASCADE).
+        let statement = conn
+            .statement(
+                "WITH victims AS ( \
+                     SELECT seq FROM jobs WHERE status = $1 AND completed_at < $2 \
+                     ORDER BY completed_at LIMIT $3 FOR UPDATE SKIP LOCKED) \
+                 DELETE FROM jobs USING victims WHERE jobs.seq = victims.seq AND jobs.status = $1 \
+                 RETURNING jobs.completed_at, jobs.seq, jobs.source_file_path",
+            )
+            .await?;
+        let mut deleted = conn
+            .client
+            .query(
+                &statement,
+                &[&status.as_str(), &cutoff.as_micros(), &(budget as i64)],
+            )
+            .await
+            .map_err(pg_error)?
+            .iter()
+            .map(|row| {
+                Ok((
+                    get::<i64>(row, 0)?,
+                    get::<i64>(row, 1)?,
+                    get::<String>(row, 2)?,
+                ))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        deleted.sort();
+        for (_, _, source_file_path) in deleted {
+            report.n_deleted += 1;
+            budget -= 1;
+            if report.orphaned_source_files.contains(&source_file_path) {
+                continue;
+            }
+            let statement = conn
+                .statement("SELECT EXISTS (SELECT 1 FROM jobs WHERE source_file_path = $1)")
+                .await?;
+            let still_used: bool = get(
+                &conn
+                    .client
+                    .query_one(&statement, &[&source_file_path])
+                    .await
+                    .map_err(pg_error)?,
+                0,
+            )?;
+            if !still_used {
+                report.orphaned_source_files.push(source_file_path);
+            }
+        }
+    }
+    Ok(report)
+}
+
+async fn get_job(conn: &mut Conn, id: JobId) -> Result<Option<Job>, StoreError> {
+    let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1");
+    let statement = conn.statement(&sql).await?;
+    let row = conn
+        .client
+        .query_opt(&statement, &[&id.to_string()])
+        .await
+        .map_err(pg_error)?;
+    row.as_ref().map(job_from_row).transpose()
+}
+
+async fn get_job_detail(conn: &mut Conn, id: JobId) -> Result<Option<JobDetail>, StoreError> {
+    // One statement, so the job and its history come from the same snapshot.
+    let columns: String = JOB_COLUMNS
+        .split(", ")
+        .map(|c| format!("j.{}", c.trim()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = format!(
+        "SELECT {columns}, h.from_status, h.to_status, h.at, h.actor, h.reason \
+         FROM jobs j LEFT JOIN job_history h ON h.job_seq = j.seq WHERE j.id = $1 ORDER BY h.id"
+    );
+    let statement = conn.statement(&sql).await?;
+    let rows = conn
+        .client
+        .query(&statement, &[&id.to_string()])
+        .await
+        .map_err(pg_error)?;
+    let Some(first) = rows.first() else {
+        return Ok(None);
+    };
+    let job = job_from_row(first)?;
+    let mut history = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let Some(to) = get::<Option<&str>>(row, 26)? else {
+            continue;
+        };
+        let from: Option<&str> = get(row, 25)?;
+        let actor: &str = get(row, 28)?;
+        history.push(HistoryEntry {
+            from: from.map(parse_status).transpose()?,
+            to: parse_status(to)?,
+            at: Timestamp::from_micros(get(row, 27)?),
+            actor: Actor::parse(actor).ok_or_else(|| corrupt("actor", actor))?,
+            reason: get(row, 29)?,
+        });
+    }
+    Ok(Some(JobDetail { job, history }))
+}
+
+async fn list(conn: &mut Conn, p: ListParams) -> Result<JobPage, StoreError> {
+    let status = p.status.map(JobStatus::as_str);
+    let content_type = p.content_type.as_ref().map(ContentType::as_str);
+    let mut conditions = Vec::new();
+    let mut values: Vec<&(dyn ToSql + Sync)> = Vec::new();
+    if let Some(status) = &status {
+        values.push(status);
+        conditions.push(format!("status = ${}", values.len()));
+    }
+    if let Some(content_type) = &content_type {
+        values.push(content_type);
+        conditions.push(format!("content_type = ${}", values.len()));
+    }
+    if let Some(cursor) = &p.cursor {
+        values.push(cursor);
+        conditions.push(format!("seq < ${}", values.len()));
+    }
+    let filter = if conditions.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", conditions.join(" AND "))
+    };
+    let limit = p.limit.max(1);
+    let fetch = limit as i64 + 1;
+    values.push(&fetch);
+    let sql = format!(
+        "SELECT {JOB_COLUMNS} FROM jobs {filter} ORDER BY seq DESC LIMIT ${}",
+        values.len()
+    );
+    let statement = conn.statement(&sql).await?;
+    let rows = conn
+        .client
+        .query(&statement, &values)
+        .await
+        .map_err(pg_error)?;
+    let mut jobs = Vec::with_capacity(rows.len());
+    for row in &rows {
+        jobs.push((get::<i64>(row, 0)?, job_from_row(row)?));
+    }
+    let next_cursor = if jobs.len() > limit {
+        jobs.truncate(limit);
+        jobs.last().map(|(seq, _)| *seq)
+    } else {
+        None
+    };
+    Ok(JobPage {
+        jobs: jobs.into_iter().map(|(_, job)| job).collect(),
+        next_cursor,
+    })
+}
+
+async fn statistics(conn: &mut Conn, now: Timestamp) -> Result<Statistics, StoreError> {
+    compact_counters(conn).await?;
+    let since_minute = now.minus(Duration::from_secs(86_400)).as_micros() / 60_000_000;
+    // Totals plus the deltas not folded in yet, read in one statement (one snapshot).
+    let statement = conn
+        .statement(
+            "SELECT counter, status, content_type, SUM(n)::int8, SUM(total_micros)::int8 FROM ( \
+                 SELECT counter, status, content_type, minute, n, total_micros FROM counters \
+                 UNION ALL \
+                 SELECT counter, status, content_type, minute, n, total_micros FROM counter_deltas) t \
+             WHERE counter <> 'created' OR minute >= $1 \
+             GROUP BY counter, status, content_type",
+        )
+        .await?;
+    let rows = conn
+        .client
+        .query(&statement, &[&since_minute])
+        .await
+        .map_err(pg_error)?;
+    let mut status_counts: BTreeMap<JobStatus, u64> =
+        JobStatus::ALL.into_iter().map(|s| (s, 0)).collect();
+    let mut content_type_counts = BTreeMap::new();
+    let mut avg_processing_secs = BTreeMap::new();
+    let mut total_jobs = 0;
+    let mut created_last_24h = 0;
+    for row in &rows {
+        let counter: &str = get(row, 0)?;
+        let status: &str = get(row, 1)?;
+        let content_type: &str = get(row, 2)?;
+        let n: i64 = get(row, 3)?;
+        let total_micros: i64 = get(row, 4)?;
+        match counter {
+            "status" if n > 0 => {
+                let n = n as u64;
+                *status_counts.entry(parse_status(status)?).or_default() += n;
+                *content_type_counts
+                    .entry(content_type.to_owned())
+                    .or_default() += n;
+                total_jobs += n;
+            }
+            "processing" if n > 0 => {
+                avg_processing_secs.insert(
+                    content_type.to_owned(),
+                    total_micros as f64 / n as f64 / 1e6,
+                );
+            }
+            "created" => created_last_24h += n.max(0) as u64,
+            _ => {}
+        }
+    }
+    let statement = conn
+        .statement(
+            "SELECT (pg_total_relation_size('jobs') + pg_total_relation_size('job_history') \
+                   + pg_total_relation_size('handoffs'))::int8",
+        )
+        .await?;
+    let storage_bytes: i64 = get(
+        &conn
+            .client
+            .query_one(&statement, &[])
+            .await
+            .map_err(pg_error)?,
+        0,
+    )?;
+    Ok(Statistics {
+        status_counts,
+        content_type_counts,
+        total_jobs,
+        storage_bytes: storage_bytes.max(0) as u64,
+        avg_processing_secs,
+        created_last_24h,
+    })
+}
+
+async fn pending_handoffs(conn: &mut Conn, limit: usize) -> Result<Vec<Handoff>, StoreError> {
+    let statement = conn
+        .statement(
+            "SELECT id, job_id, kind, payload, created_at FROM handoffs WHERE delivered_at IS NULL \
+             ORDER BY id LIMIT $1",
+        )
+        .await?;
+    let rows = conn
+        .client
+        .query(&statement, &[&(limit as i64)])
+        .await
+        .map_err(pg_error)?;
+    rows.iter()
+        .map(|row| {
+            let job_id: &str = get(row, 1)?;
+            let kind: &str = get(row, 2)?;
+            Ok(Handoff {
+                id: get(row, 0)?,
+                job_id: JobId::parse(job_id).map_err(|_| corrupt("job id", job_id))?,
+                kind: [
+                    HandoffKind::Completed,
+                    HandoffKind::Failed,
+                    HandoffKind::Cancelled,
+                ]
+                .into_iter()
+                .find(|k| k.as_str() == kind)
+                .ok_or_else(|| corrupt("hand-off kind", kind))?,
+                payload: parse_json("hand-off payload", get(row, 3)?)?,
+                created_at: Timestamp::from_micros(get(row, 4)?),
+            })
+        })
+        .collect()
+}
+
+async fn next_deadline(conn: &mut Conn) -> Result<Option<Timestamp>, StoreError> {
+    let statement = conn
+        .statement("SELECT deadline_at FROM jobs WHERE deadline_at IS NOT NULL ORDER BY deadline_at LIMIT 1")
+        .await?;
+    let row = conn
+        .client
+        .query_opt(&statement, &[])
+        .await
+        .map_err(pg_error)?;
+    Ok(match row {
+        Some(row) => Some(Timestamp::from_micros(get(&row, 0)?)),
+        None => None,
+    })
+}
+
+async fn ping(conn: &mut Conn) -> Result<(), StoreError> {
+    conn.client
+        .simple_query("SELECT 1")
+        .await
+        .map_err(pg_error)?;
+    Ok(())
+}
+
+impl Store for PostgresStore {
+    fn create_job(&self, params: CreateJobParams) -> StoreFuture<'_, Job> {
+        self.run(move |c| Box::pin(create(c, params)))
+    }
+
+    fn claim_job(&self, params: ClaimParams) -> StoreFuture<'_, Option<Job>> {
+        self.run(move |c| Box::pin(claim(c, params)))
+    }
+
+    fn heartbeat(&self, params: HeartbeatParams) -> StoreFuture<'_, HeartbeatOutcome> {
+        self.run(move |c| Box::pin(heartbeat(c, params)))
+    }
+
+    fn submit_result(&self, params: SubmitResultParams) -> StoreFuture<'_, Job> {
+        self.run(move |c| Box::pin(submit_result(c, params)))
+    }
+
+    fn cancel_job(&self, params: CancelParams) -> StoreFuture<'_, Job> {
+        self.run(move |c| Box::pin(cancel(c, params)))
+    }
+
+    fn retry_job(&self, params: ManualRetryParams) -> StoreFuture<'_, Job> {
+        self.run(move |c| Box::pin(manual_retry(c, params)))
+    }
+
+    fn rescue_expired(&self, params: RescueParams) -> StoreFuture<'_, RescueReport> {
+        self.run(move |c| Box::pin(rescue(c, params)))
+    }
+
+    fn next_deadline(&self) -> StoreFuture<'_, Option<Timestamp>> {
+        self.run(|c| Box::pin(next_deadline(c)))
+    }
+
+    fn cleanup_finished(&self, params: CleanupParams) -> StoreFuture<'_, CleanupReport> {
+        self.run(move |c| Box::pin(cleanup(c, params)))
+    }
+
+    fn get_job(&self, id: JobId) -> StoreFuture<'_, Option<Job>> {
+        self.run(move |c| Box::pin(get_job(c, id)))
+    }
+
+    fn get_job_detail(&self, id: JobId) -> StoreFuture<'_, Option<JobDetail>> {
+        self.run(move |c| Box::pin(get_job_detail(c, id)))
+    }
+
+    fn list_jobs(&self, params: ListParams) -> StoreFuture<'_, JobPage> {
+        self.run(move |c| Box::pin(list(c, params)))
+    }
+
+    fn statistics(&self, now: Timestamp) -> StoreFuture<'_, Statistics> {
+        self.run(move |c| Box::pin(statistics(c, now)))
+    }
+
+    fn pending_handoffs(&self, limit: usize) -> StoreFuture<'_, Vec<Handoff>> {
+        self.run(move |c| Box::pin(pending_handoffs(c, limit)))
+    }
+
+    fn import_job(&self, params: ImportJobParams) -> StoreFuture<'_, ImportOutcome> {
+        self.run(move |c| Box::pin(import(c, params)))
+    }
+
+    fn ping(&self) -> StoreFuture<'_, ()> {
+        self.run(|c| Box::pin(ping(c)))
+    }
+
+    fn close(&self) -> StoreFuture<'_, ()> {
+        let _ = self.stop_listener.send(true);
+        self.pool.close();
+        Box::pin(async { Ok(()) })
+    }
+
+    fn jobs_available_events(&self) -> Option<watch::Receiver<u64>> {
+        Some(self.events.clone())
+    }
+}
+
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        let _ = self.stop_listener.send(true);
+    }
+}
