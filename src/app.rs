@@ -11,8 +11,9 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 
 use crate::clock::SharedClock;
-use crate::config::Config;
+use crate::config::{Config, DatabaseTarget};
 use crate::monitor::Monitor;
+use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::{SqliteOptions, SqliteStore};
 use crate::store::Store;
 
@@ -41,23 +42,14 @@ pub struct App {
 
 impl App {
     pub async fn build(config: Config, clock: SharedClock) -> anyhow::Result<App> {
-        let store = SqliteStore::open(SqliteOptions {
-            path: config.database_path.clone(),
-            durability: config.durability,
-        })
-        .with_context(|| {
-            format!(
-                "failed to open the SQLite store at {:?}",
-                config.database_path
-            )
-        })?;
+        let store = open_store(&config).await?;
         let listener = TcpListener::bind(config.addr)
             .await
             .with_context(|| format!("failed to listen on {}", config.addr))?;
         let (shutdown_sender, shutting_down) = watch::channel(false);
         let context = Arc::new(AppContext {
             config,
-            store: Arc::new(store),
+            store,
             clock,
             jobs_available: Notify::new(),
             shutting_down,
@@ -101,6 +93,7 @@ impl App {
             shutdown.await;
             let _ = trigger_sender.send(true);
         });
+        let wakeups = tokio::spawn(forward_wakeups(context.clone()));
         let mut server_shutdown = context.shutting_down.clone();
         tracing::info!(addr = %listener.local_addr()?, open = context.config.is_open(), "morag-jobs listening");
         let served = axum::serve(listener, router)
@@ -112,6 +105,7 @@ impl App {
         trigger.abort();
         let _ = shutdown_sender.send(true);
         let monitor_result = monitor_task.await;
+        wakeups.abort();
         context
             .store
             .close()
@@ -121,6 +115,48 @@ impl App {
         monitor_result.context("the monitor task panicked")?;
         tracing::info!("morag-jobs stopped");
         Ok(())
+    }
+}
+
+/// Opens the configured store, running its migrations. A database whose schema is newer
+/// than this program is refused (`StoreError::SchemaTooNew`).
+pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    match &config.database {
+        DatabaseTarget::Sqlite(path) => {
+            let store = SqliteStore::open(SqliteOptions {
+                path: path.clone(),
+                durability: config.durability,
+            })
+            .with_context(|| format!("failed to open the SQLite store at {path:?}"))?;
+            Ok(Arc::new(store))
+        }
+        DatabaseTarget::Postgres(url) => {
+            let store = PostgresStore::open(config.database_args.postgres_options(url))
+                .await
+                .context("failed to open the PostgreSQL store")?;
+            Ok(Arc::new(store))
+        }
+    }
+}
+
+/// Wakes this replica's long-polling workers when the store reports that a job may have
+/// become claimable elsewhere (another replica, or the fallback tick). Stops when the
+/// store closes its event source or the server shuts down.
+async fn forward_wakeups(context: Arc<AppContext>) {
+    let Some(mut events) = context.store.jobs_available_events() else {
+        return;
+    };
+    let mut shutting_down = context.shutting_down.clone();
+    loop {
+        tokio::select! {
+            changed = events.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                context.signal_jobs_available();
+            }
+            _ = shutting_down.wait_for(|stop| *stop) => return,
+        }
     }
 }
 

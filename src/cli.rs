@@ -9,7 +9,10 @@ use serde_json::Value;
 
 use crate::app::{shutdown_signal, App};
 use crate::clock::SystemClock;
-use crate::config::{Config, ServeArgs};
+use crate::store::postgres::PostgresStore;
+use crate::store::sqlite::{SqliteOptions, SqliteStore};
+use crate::store::Store as _;
+use crate::config::{Config, DatabaseArgs, DatabaseTarget, ServeArgs};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -26,6 +29,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the server (HTTP API and background monitor).
     Serve(ServeArgs),
+    /// Apply the database migrations and exit (`serve` also applies them at start).
+    Migrate(StorageArgs),
     /// List, show, cancel or retry jobs on a running server.
     Jobs {
         #[command(subcommand)]
@@ -75,6 +80,16 @@ pub enum JobsAction {
     },
 }
 
+/// The store to work on directly, for subcommands that do not need a running server.
+#[derive(Args, Debug, Clone)]
+pub struct StorageArgs {
+    /// Directory of the SQLite database (when no PostgreSQL URL is given).
+    #[arg(long, env = "MORAG_JOBS_DATA_DIR", default_value = "./morag-jobs-data")]
+    pub data_dir: std::path::PathBuf,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct ClientArgs {
     /// Base URL of the server.
@@ -95,6 +110,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let app = App::build(config, std::sync::Arc::new(SystemClock)).await?;
             app.run(shutdown_signal()).await
         }
+        Command::Migrate(storage) => migrate(&storage).await,
         Command::Jobs { action } => match action {
             JobsAction::List {
                 status,
@@ -174,6 +190,31 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             })
         }
     }
+}
+
+async fn migrate(storage: &StorageArgs) -> anyhow::Result<()> {
+    match storage.database.target(&storage.data_dir)? {
+        DatabaseTarget::Postgres(url) => {
+            let report = PostgresStore::migrate(&storage.database.postgres_options(&url))
+                .await
+                .context("failed to migrate the PostgreSQL store")?;
+            if report.from_version == report.to_version {
+                println!("PostgreSQL schema is up to date (version {})", report.to_version);
+            } else {
+                println!(
+                    "PostgreSQL schema migrated from version {} to {}",
+                    report.from_version, report.to_version
+                );
+            }
+        }
+        DatabaseTarget::Sqlite(path) => {
+            let store = SqliteStore::open(SqliteOptions { path: path.clone(), durability: Default::default() })
+                .with_context(|| format!("failed to open the SQLite store at {path:?}"))?;
+            store.close().await?;
+            println!("SQLite store at {} is up to date", path.display());
+        }
+    }
+    Ok(())
 }
 
 async fn request(

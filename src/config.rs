@@ -24,6 +24,8 @@ pub struct ServeArgs {
     /// power loss (every commit is fsynced; much slower).
     #[arg(long, env = "MORAG_JOBS_SQLITE_SYNC", default_value = "normal", value_parser = parse_durability)]
     pub sqlite_sync: Durability,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
 
     #[arg(long, env = "MORAG_REMOTE_JOB_TIMEOUT_AUDIO", default_value_t = 1800)]
     pub timeout_audio: u64,
@@ -93,6 +95,80 @@ pub struct ServeArgs {
     pub insecure_no_auth: bool,
 }
 
+/// Where jobs are stored; shared by `serve`, `migrate` and `import-morag-dir`.
+#[derive(Args, Debug, Clone, Default)]
+pub struct DatabaseArgs {
+    /// `postgres://user:password@host:port/db` to store jobs in PostgreSQL (needed for
+    /// several replicas); `sqlite://PATH`, or nothing, for the embedded SQLite file
+    /// (default: DATA_DIR/morag-jobs.sqlite3).
+    #[arg(long, env = "MORAG_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// PostgreSQL connections per replica at most.
+    #[arg(long, env = "MORAG_DATABASE_MAX_CONNECTIONS", default_value_t = 16)]
+    pub database_max_connections: usize,
+}
+
+/// Which backend stores the jobs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DatabaseTarget {
+    Sqlite(PathBuf),
+    Postgres(DatabaseUrl),
+}
+
+/// A PostgreSQL URL. Its `Debug` output hides the password, so a logged config never
+/// shows a secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // postgres://user:secret@host/db -> postgres://user:***@host/db
+        let text = &self.0;
+        match (text.find("://"), text.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                let credentials = &text[scheme + 3..at];
+                let user = credentials.split(':').next().unwrap_or("");
+                write!(f, "DatabaseUrl({}{user}:***{})", &text[..scheme + 3], &text[at..])
+            }
+            _ => write!(f, "DatabaseUrl({text})"),
+        }
+    }
+}
+
+impl DatabaseArgs {
+    /// Reads the URL: PostgreSQL, an explicit SQLite file, or the default SQLite file.
+    pub fn target(&self, data_dir: &Path) -> Result<DatabaseTarget, ConfigError> {
+        let url = self.database_url.as_deref().map(str::trim).unwrap_or("");
+        if url.is_empty() {
+            return Ok(DatabaseTarget::Sqlite(data_dir.join("morag-jobs.sqlite3")));
+        }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(DatabaseTarget::Postgres(DatabaseUrl(url.to_owned())));
+        }
+        if let Some(path) = url.strip_prefix("sqlite://") {
+            if path.is_empty() {
+                return Err(ConfigError::Invalid("MORAG_DATABASE_URL: sqlite:// needs a file path".into()));
+            }
+            return Ok(DatabaseTarget::Sqlite(PathBuf::from(path)));
+        }
+        Err(ConfigError::Invalid(
+            "MORAG_DATABASE_URL must start with postgres://, postgresql:// or sqlite://".into(),
+        ))
+    }
+
+    pub fn postgres_options(&self, url: &DatabaseUrl) -> crate::store::postgres::PostgresOptions {
+        let mut options = crate::store::postgres::PostgresOptions::new(url.expose());
+        options.max_connections = self.database_max_connections.max(1);
+        options
+    }
+}
+
 fn parse_durability(text: &str) -> Result<Durability, String> {
     match text.to_ascii_lowercase().as_str() {
         "normal" => Ok(Durability::Normal),
@@ -118,8 +194,12 @@ pub enum ConfigError {
 pub struct Config {
     pub addr: SocketAddr,
     pub data_dir: PathBuf,
+    /// The SQLite file, when jobs are stored in SQLite.
     pub database_path: PathBuf,
     pub durability: Durability,
+    /// Where jobs are stored.
+    pub database: DatabaseTarget,
+    pub database_args: DatabaseArgs,
     /// The server's own files directory (`DATA_DIR/files`), canonical. Cleanup deletes
     /// source files only in here.
     pub files_dir: PathBuf,
@@ -226,9 +306,16 @@ impl Config {
                 .collect::<Result<_, _>>()?,
         };
 
+        let database = args.database.target(&data_dir)?;
+        let database_path = match &database {
+            DatabaseTarget::Sqlite(path) => path.clone(),
+            DatabaseTarget::Postgres(_) => data_dir.join("morag-jobs.sqlite3"),
+        };
         Ok(Config {
             addr: args.addr,
-            database_path: data_dir.join("morag-jobs.sqlite3"),
+            database_path,
+            database,
+            database_args: args.database,
             data_dir,
             durability: args.sqlite_sync,
             files_dir,
@@ -296,6 +383,24 @@ mod tests {
         assert_eq!(config.allowed_roots, vec![config.files_dir.clone()]);
         assert!(config.files_dir.is_dir());
         assert!(config.is_open());
+    }
+
+    #[test]
+    fn database_url_selects_the_backend_and_hides_the_password() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().to_str().unwrap();
+        let config = Config::from_args(args(&["--data-dir", data])).unwrap();
+        assert_eq!(config.database, DatabaseTarget::Sqlite(config.data_dir.join("morag-jobs.sqlite3")));
+        let config = Config::from_args(args(&["--data-dir", data, "--database-url", "sqlite:///tmp/x.db"])).unwrap();
+        assert_eq!(config.database, DatabaseTarget::Sqlite(PathBuf::from("/tmp/x.db")));
+        assert_eq!(config.database_path, PathBuf::from("/tmp/x.db"));
+        let url = "postgres://jobs:hunter2@db.internal:5432/morag";
+        let config = Config::from_args(args(&["--data-dir", data, "--database-url", url])).unwrap();
+        assert_eq!(config.database, DatabaseTarget::Postgres(DatabaseUrl(url.into())));
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("hunter2") && debug.contains("jobs:***@db.internal"), "{debug}");
+        let error = Config::from_args(args(&["--data-dir", data, "--database-url", "mysql://x"])).unwrap_err();
+        assert!(error.to_string().contains("MORAG_DATABASE_URL"), "{error}");
     }
 
     #[test]

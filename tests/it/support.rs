@@ -247,6 +247,13 @@ impl PgDatabase {
     pub async fn admin_execute(&self, sql: &str) {
         pg_admin().await.batch_execute(sql).await.expect("admin SQL runs");
     }
+
+    /// Runs SQL in this test's database.
+    pub async fn admin_execute_in_own_database(&self, sql: &str) {
+        let (client, connection) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls).await.expect("connect to the test database");
+        tokio::spawn(connection);
+        client.batch_execute(sql).await.expect("SQL runs");
+    }
 }
 
 impl Drop for PgDatabase {
