@@ -163,10 +163,14 @@ impl DatabaseArgs {
     }
 
     pub fn postgres_options(&self, url: &DatabaseUrl) -> crate::store::postgres::PostgresOptions {
-        let mut options = crate::store::postgres::PostgresOptions::new(url.expose());
-        options.max_connections = self.database_max_connections.max(1);
-        options
+        postgres_options(url, self.database_max_connections)
     }
+}
+
+pub fn postgres_options(url: &DatabaseUrl, max_connections: usize) -> crate::store::postgres::PostgresOptions {
+    let mut options = crate::store::postgres::PostgresOptions::new(url.expose());
+    options.max_connections = max_connections.max(1);
+    options
 }
 
 fn parse_durability(text: &str) -> Result<Durability, String> {
@@ -199,7 +203,8 @@ pub struct Config {
     pub durability: Durability,
     /// Where jobs are stored.
     pub database: DatabaseTarget,
-    pub database_args: DatabaseArgs,
+    /// PostgreSQL connections per replica at most.
+    pub database_max_connections: usize,
     /// The server's own files directory (`DATA_DIR/files`), canonical. Cleanup deletes
     /// source files only in here.
     pub files_dir: PathBuf,
@@ -315,7 +320,7 @@ impl Config {
             addr: args.addr,
             database_path,
             database,
-            database_args: args.database,
+            database_max_connections: args.database.database_max_connections,
             data_dir,
             durability: args.sqlite_sync,
             files_dir,
