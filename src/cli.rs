@@ -31,6 +31,16 @@ pub enum Command {
     Serve(ServeArgs),
     /// Apply the database migrations and exit (`serve` also applies them at start).
     Migrate(StorageArgs),
+    /// Import the jobs of MoRAG's file-based prototype (its `remote_jobs` directory) into
+    /// the configured store. Safe to run again: jobs already stored are skipped.
+    ImportMoragDir {
+        /// MoRAG's `remote_jobs` directory (with `pending/`, `processing/`, ... inside),
+        /// or the directory that contains it.
+        dir: std::path::PathBuf,
+        /// The server's settings: the same database and timeouts `serve` would use.
+        #[command(flatten)]
+        serve: ServeArgs,
+    },
     /// List, show, cancel or retry jobs on a running server.
     Jobs {
         #[command(subcommand)]
@@ -111,6 +121,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             app.run(shutdown_signal()).await
         }
         Command::Migrate(storage) => migrate(&storage).await,
+        Command::ImportMoragDir { dir, serve } => import(dir, serve).await,
         Command::Jobs { action } => match action {
             JobsAction::List {
                 status,
@@ -190,6 +201,31 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             })
         }
     }
+}
+
+async fn import(dir: std::path::PathBuf, serve: ServeArgs) -> anyhow::Result<()> {
+    use crate::clock::Clock as _;
+    let config = Config::from_args(serve).context("invalid configuration")?;
+    let dir = if !dir.join("pending").is_dir() && dir.join("remote_jobs").is_dir() {
+        dir.join("remote_jobs")
+    } else {
+        dir
+    };
+    let store = crate::app::open_store(&config).await?;
+    let result =
+        crate::import::import_morag_dir(&*store, &dir, &config.policy.timeouts, SystemClock.now()).await;
+    store.close().await.context("failed to close the store")?;
+    let summary = result.context("the import stopped")?;
+    for (path, reason) in &summary.malformed {
+        eprintln!("malformed: {}: {reason}", path.display());
+    }
+    println!(
+        "imported {} jobs, skipped {} already present, {} malformed files",
+        summary.n_imported,
+        summary.n_skipped,
+        summary.malformed.len()
+    );
+    Ok(())
 }
 
 async fn migrate(storage: &StorageArgs) -> anyhow::Result<()> {

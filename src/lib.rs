@@ -9,6 +9,7 @@
 //! - `monitor`: the background rescuer (timeouts, due retries) and cleaner (retention).
 //! - `config` and `app`: one validated configuration, and the wiring that runs it all.
 //! - `cli`: the `morag-jobs` command line, including the admin client subcommands.
+//! - `import`: reading MoRAG's file-based prototype's jobs into the store.
 
 pub mod api;
 pub mod app;
@@ -17,5 +18,6 @@ pub mod clock;
 pub mod config;
 pub mod domain;
 pub mod files;
+pub mod import;
 pub mod monitor;
 pub mod store;

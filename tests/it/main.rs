@@ -3,6 +3,7 @@
 
 mod support;
 
+mod import;
 mod lifecycle;
 mod postgres;
 mod store_conformance;
