@@ -6,4 +6,5 @@ mod support;
 mod import;
 mod lifecycle;
 mod postgres;
+mod replicas;
 mod store_conformance;
