@@ -3,5 +3,8 @@
 
 mod support;
 
+mod api;
+mod crash;
 mod lifecycle;
+mod race;
 mod store_conformance;
