@@ -276,7 +276,8 @@ const CLAIM_PROBE_SQL: &str = "SELECT available_at, seq, status FROM jobs \
      WHERE status IN ('pending', 'retrying') AND content_type = ?1 AND available_at <= ?2 \
      ORDER BY available_at, seq LIMIT 1";
 /// Expired deadlines, nearest first, from the `jobs_deadline` index.
-const RESCUE_SCAN_SQL: &str = "SELECT seq, status, execution_deadline, heartbeat_deadline, retry_count, \
+const RESCUE_SCAN_SQL: &str =
+    "SELECT seq, status, execution_deadline, heartbeat_deadline, retry_count, \
      content_type, lease_id FROM jobs WHERE deadline_at IS NOT NULL AND deadline_at <= ?1 \
      ORDER BY deadline_at LIMIT ?2";
 const NEXT_DEADLINE_SQL: &str =
@@ -609,7 +610,9 @@ fn heartbeat(conn: &Connection, p: HeartbeatParams) -> Result<HeartbeatOutcome, 
             p.message,
             p.lease_id.to_string(),
         ])?;
-    expect_one_row(changed, JobStatus::Timeout)?;
+    if changed != 1 {
+        return Err(StoreError::DeadlinePassed);
+    }
     Ok(HeartbeatOutcome {
         status: JobStatus::Processing,
         cancelled: false,
@@ -813,10 +816,26 @@ fn rescue(conn: &Connection, p: RescueParams) -> Result<RescueReport, StoreError
     let now = p.now.as_micros();
     let mut rng = fastrand::Rng::with_seed(p.jitter_seed);
     let mut report = RescueReport::default();
-    let expired: Vec<(i64, String, Option<i64>, Option<i64>, u32, String, Option<String>)> = conn
+    let expired: Vec<(
+        i64,
+        String,
+        Option<i64>,
+        Option<i64>,
+        u32,
+        String,
+        Option<String>,
+    )> = conn
         .prepare_cached(RESCUE_SCAN_SQL)?
         .query_map(params![now, p.limit as i64], |row| {
-            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?, row.get(5)?, row.get(6)?))
+            Ok((
+                row.get(0)?,
+                row.get(1)?,
+                row.get(2)?,
+                row.get(3)?,
+                row.get(4)?,
+                row.get(5)?,
+                row.get(6)?,
+            ))
         })?
         .collect::<Result<_, _>>()?;
     for (seq, status, execution, heartbeat, retry_count, _content_type, lease) in expired {
@@ -1245,7 +1264,9 @@ mod tests {
 
     fn plan(conn: &Connection, sql: &str, params: &[&dyn rusqlite::ToSql]) -> String {
         let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
-        let rows = stmt.query_map(params, |row| row.get::<_, String>(3)).unwrap();
+        let rows = stmt
+            .query_map(params, |row| row.get::<_, String>(3))
+            .unwrap();
         rows.map(Result::unwrap).collect::<Vec<_>>().join("; ")
     }
 
@@ -1260,12 +1281,19 @@ mod tests {
             (CLAIM_PROBE_SQL, &[&"audio", &0i64], "jobs_queue"),
             (RESCUE_SCAN_SQL, &[&0i64, &10i64], "jobs_deadline"),
             (NEXT_DEADLINE_SQL, &[], "jobs_deadline"),
-            (CLEANUP_SCAN_SQL, &[&"completed", &0i64, &10i64], "jobs_finished"),
+            (
+                CLEANUP_SCAN_SQL,
+                &[&"completed", &0i64, &10i64],
+                "jobs_finished",
+            ),
         ];
         for (sql, params, index) in cases {
             let plan = plan(&conn, sql, params);
             assert!(plan.contains(&format!("INDEX {index} ")), "{sql}\n{plan}");
-            assert!(!plan.contains("SCAN jobs") && !plan.contains("TEMP B-TREE"), "{sql}\n{plan}");
+            assert!(
+                !plan.contains("SCAN jobs") && !plan.contains("TEMP B-TREE"),
+                "{sql}\n{plan}"
+            );
         }
     }
 
@@ -1276,7 +1304,18 @@ mod tests {
         let conn = Connection::open(&path).unwrap();
         conn.pragma_update(None, "user_version", 99).unwrap();
         drop(conn);
-        let error = SqliteStore::open(SqliteOptions { path, durability: Durability::Normal }).err().unwrap();
-        assert_eq!(error, StoreError::SchemaTooNew { found: 99, known: MIGRATIONS.len() as i64 });
+        let error = SqliteStore::open(SqliteOptions {
+            path,
+            durability: Durability::Normal,
+        })
+        .err()
+        .unwrap();
+        assert_eq!(
+            error,
+            StoreError::SchemaTooNew {
+                found: 99,
+                known: MIGRATIONS.len() as i64
+            }
+        );
     }
 }

@@ -2,65 +2,28 @@
 //! acknowledged job or result is lost, and nothing stays in processing past its timeout.
 
 use std::collections::HashSet;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-struct Server {
-    child: Child,
-    base: String,
-}
+use crate::support::{free_port, ServerProcess};
 
-impl Server {
-    fn start(data_dir: &std::path::Path, port: u16) -> Server {
-        let child = Command::new(env!("CARGO_BIN_EXE_morag-jobs"))
-            .args(["serve", "--addr", &format!("127.0.0.1:{port}"), "--data-dir", data_dir.to_str().unwrap()])
-            // Short real-time timeouts so attempts orphaned by the crash come back quickly.
-            .env("MORAG_REMOTE_JOB_TIMEOUT_DOCUMENT", "2")
-            .env("MORAG_REMOTE_RETRY_BACKOFF_BASE", "0")
-            .env("MORAG_REMOTE_RETRY_BACKOFF_MAX", "0")
-            .env("MORAG_REMOTE_MAX_RETRIES", "10")
-            .env("MORAG_JOB_MONITOR_INTERVAL", "1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("server binary starts");
-        Server { child, base: format!("http://127.0.0.1:{port}") }
-    }
-
-    async fn wait_healthy(&self, client: &reqwest::Client) {
-        let started = Instant::now();
-        loop {
-            if let Ok(response) = client.get(format!("{}/health", self.base)).send().await {
-                if response.status() == 200 {
-                    return;
-                }
-            }
-            assert!(started.elapsed() < Duration::from_secs(20), "server did not become healthy");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+/// Short real-time timeouts so attempts orphaned by the crash come back quickly.
+const FAST_RETRY_ENV: &[(&str, &str)] = &[
+    ("MORAG_REMOTE_JOB_TIMEOUT_DOCUMENT", "2"),
+    ("MORAG_REMOTE_RETRY_BACKOFF_BASE", "0"),
+    ("MORAG_REMOTE_RETRY_BACKOFF_MAX", "0"),
+    ("MORAG_REMOTE_MAX_RETRIES", "10"),
+    ("MORAG_JOB_MONITOR_INTERVAL", "1"),
+];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_dash_nine_under_load_loses_nothing() {
     let data = tempfile::tempdir().unwrap();
     let port = free_port();
     let client = reqwest::Client::new();
-    let server = Server::start(data.path(), port);
+    let mut server = ServerProcess::start(data.path(), port, FAST_RETRY_ENV);
     server.wait_healthy(&client).await;
     let base = server.base.clone();
     let source = data.path().canonicalize().unwrap().join("files/source.pdf");
@@ -71,7 +34,13 @@ async fn kill_dash_nine_under_load_loses_nothing() {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut load = Vec::new();
     for producer in 0..4 {
-        let (client, base, created, stop, source) = (client.clone(), base.clone(), created.clone(), stop.clone(), source.clone());
+        let (client, base, created, stop, source) = (
+            client.clone(),
+            base.clone(),
+            created.clone(),
+            stop.clone(),
+            source.clone(),
+        );
         load.push(tokio::spawn(async move {
             let mut i = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -87,15 +56,36 @@ async fn kill_dash_nine_under_load_loses_nothing() {
         }));
     }
     for worker in 0..4 {
-        let (client, base, completed, stop) = (client.clone(), base.clone(), completed.clone(), stop.clone());
+        let (client, base, completed, stop) = (
+            client.clone(),
+            base.clone(),
+            completed.clone(),
+            stop.clone(),
+        );
         load.push(tokio::spawn(async move {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let url = format!("{base}/api/v1/remote-jobs/poll?worker_id=w{worker}&content_types=document");
-                let Ok(response) = client.get(url).send().await else { break };
-                let Ok(job) = response.json::<Value>().await else { break };
-                let Some(id) = job["job_id"].as_str() else { continue };
-                let result = json!({"success": true, "content": "text", "lease_id": job["lease_id"]});
-                let Ok(response) = client.put(format!("{base}/api/v1/remote-jobs/{id}/result")).json(&result).send().await else { break };
+                let url = format!(
+                    "{base}/api/v1/remote-jobs/poll?worker_id=w{worker}&content_types=document"
+                );
+                let Ok(response) = client.get(url).send().await else {
+                    break;
+                };
+                let Ok(job) = response.json::<Value>().await else {
+                    break;
+                };
+                let Some(id) = job["job_id"].as_str() else {
+                    continue;
+                };
+                let result =
+                    json!({"success": true, "content": "text", "lease_id": job["lease_id"]});
+                let Ok(response) = client
+                    .put(format!("{base}/api/v1/remote-jobs/{id}/result"))
+                    .json(&result)
+                    .send()
+                    .await
+                else {
+                    break;
+                };
                 if response.status() == 200 {
                     completed.lock().unwrap().insert(id.to_owned());
                 }
@@ -103,41 +93,66 @@ async fn kill_dash_nine_under_load_loses_nothing() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let mut server = server;
-    server.child.kill().expect("SIGKILL"); // std sends SIGKILL on Unix.
-    server.child.wait().unwrap();
+    server.kill_9();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for task in load {
         let _ = task.await;
     }
     let created = created.lock().unwrap().clone();
     let completed = completed.lock().unwrap().clone();
-    assert!(created.len() > 100, "the load ran: {} jobs created", created.len());
+    assert!(
+        created.len() > 100,
+        "the load ran: {} jobs created",
+        created.len()
+    );
 
     // Restart on the same data directory.
-    let server = Server::start(data.path(), port);
+    let server = ServerProcess::start(data.path(), port, FAST_RETRY_ENV);
     server.wait_healthy(&client).await;
     let status = |id: String| {
         let (client, base) = (client.clone(), server.base.clone());
         async move {
-            let response = client.get(format!("{base}/api/v1/remote-jobs/{id}/status")).send().await.unwrap();
+            let response = client
+                .get(format!("{base}/api/v1/remote-jobs/{id}/status"))
+                .send()
+                .await
+                .unwrap();
             assert_eq!(response.status(), 200, "acknowledged job {id} is lost");
-            response.json::<Value>().await.unwrap()["status"].as_str().unwrap().to_owned()
+            response.json::<Value>().await.unwrap()["status"]
+                .as_str()
+                .unwrap()
+                .to_owned()
         }
     };
     for id in &completed {
-        assert_eq!(status(id.clone()).await, "completed", "acknowledged result of {id} is lost");
+        assert_eq!(
+            status(id.clone()).await,
+            "completed",
+            "acknowledged result of {id} is lost"
+        );
     }
     // Drain: attempts orphaned by the crash time out (2 s) and are claimed again.
     let started = Instant::now();
     let mut remaining: HashSet<String> = created.difference(&completed).cloned().collect();
     while !remaining.is_empty() {
-        assert!(started.elapsed() < Duration::from_secs(30), "{} jobs never finished", remaining.len());
-        let url = format!("{}/api/v1/remote-jobs/poll?worker_id=drain&content_types=document&wait=1", server.base);
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{} jobs never finished",
+            remaining.len()
+        );
+        let url = format!(
+            "{}/api/v1/remote-jobs/poll?worker_id=drain&content_types=document&wait=1",
+            server.base
+        );
         let job: Value = client.get(url).send().await.unwrap().json().await.unwrap();
         if let Some(id) = job["job_id"].as_str() {
             let result = json!({"success": true, "content": "text", "lease_id": job["lease_id"]});
-            let response = client.put(format!("{}/api/v1/remote-jobs/{id}/result", server.base)).json(&result).send().await.unwrap();
+            let response = client
+                .put(format!("{}/api/v1/remote-jobs/{id}/result", server.base))
+                .json(&result)
+                .send()
+                .await
+                .unwrap();
             assert_eq!(response.status(), 200);
             remaining.remove(id);
         } else {
@@ -154,7 +169,17 @@ async fn kill_dash_nine_under_load_loses_nothing() {
             }
         }
     }
-    let stats: Value = client.get(format!("{}/api/v1/remote-jobs/statistics", server.base)).send().await.unwrap().json().await.unwrap();
-    assert_eq!(stats["status_counts"]["processing"], 0, "nothing stuck in processing: {stats}");
+    let stats: Value = client
+        .get(format!("{}/api/v1/remote-jobs/statistics", server.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        stats["status_counts"]["processing"], 0,
+        "nothing stuck in processing: {stats}"
+    );
     assert_eq!(stats["status_counts"]["pending"], 0, "{stats}");
 }

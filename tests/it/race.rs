@@ -17,7 +17,15 @@ const WORKERS: usize = 16;
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_attempt_is_claimed_once_and_every_job_completed_once() {
     let app = Arc::new(
-        spawn_app_with(&["--max-retries", "5", "--retry-backoff-base", "0", "--retry-backoff-max", "0"]).await,
+        spawn_app_with(&[
+            "--max-retries",
+            "5",
+            "--retry-backoff-base",
+            "0",
+            "--retry-backoff-max",
+            "0",
+        ])
+        .await,
     );
     let path = app.source_file("shared.bin", b"payload");
     let mut creators = Vec::new();
@@ -80,18 +88,31 @@ async fn every_attempt_is_claimed_once_and_every_job_completed_once() {
     let claims = claims.lock().unwrap();
     let completions = completions.lock().unwrap();
     for ((id, attempt), workers) in claims.iter() {
-        assert_eq!(workers.len(), 1, "job {id} attempt {attempt} handed to {workers:?}");
+        assert_eq!(
+            workers.len(),
+            1,
+            "job {id} attempt {attempt} handed to {workers:?}"
+        );
     }
     assert_eq!(completions.len(), JOBS, "every job completed");
-    assert!(completions.values().all(|n| *n == 1), "no job completed twice");
+    assert!(
+        completions.values().all(|n| *n == 1),
+        "no job completed twice"
+    );
     let stats = app.context.store.statistics(app.clock.now()).await.unwrap();
     assert_eq!(stats.total_jobs as usize, JOBS);
-    assert_eq!(stats.status_counts[&morag_jobs::domain::JobStatus::Completed] as usize, JOBS);
+    assert_eq!(
+        stats.status_counts[&morag_jobs::domain::JobStatus::Completed] as usize,
+        JOBS
+    );
     // The history agrees: one claim entry per handed-out attempt.
     let sample: Vec<&String> = completions.keys().take(200).collect();
     for id in sample {
         let history = app.history(id).await;
-        let n_claims = history.iter().filter(|(_, to, _)| to == "processing").count();
+        let n_claims = history
+            .iter()
+            .filter(|(_, to, _)| to == "processing")
+            .count();
         let handed = claims.keys().filter(|(job, _)| job == id).count();
         assert_eq!(n_claims, handed, "history of {id}: {history:?}");
         assert_eq!(history.last().unwrap().1, "completed");
