@@ -444,6 +444,22 @@ fn current_state(conn: &Connection, id: JobId) -> Result<Current, StoreError> {
     .ok_or(StoreError::NotFound)
 }
 
+/// The job's state, when the transition table allows moving it to `to`.
+fn current_state_allowing(
+    conn: &Connection,
+    id: JobId,
+    to: JobStatus,
+) -> Result<Current, StoreError> {
+    let current = current_state(conn, id)?;
+    if current.status.can_move_to(to) {
+        Ok(current)
+    } else {
+        Err(StoreError::InvalidTransition {
+            current: current.status,
+        })
+    }
+}
+
 /// Zero rows changed by a conditional update means someone else moved the job first.
 fn expect_one_row(changed: usize, current: JobStatus) -> Result<(), StoreError> {
     if changed == 1 {
@@ -759,12 +775,7 @@ fn retry_reason(retry_count: u32, max_retries: u32, at: Timestamp) -> String {
 }
 
 fn cancel(conn: &Connection, p: CancelParams) -> Result<Job, StoreError> {
-    let current = current_state(conn, p.job_id)?;
-    if !current.status.can_move_to(JobStatus::Cancelled) {
-        return Err(StoreError::InvalidTransition {
-            current: current.status,
-        });
-    }
+    let current = current_state_allowing(conn, p.job_id, JobStatus::Cancelled)?;
     let changed = conn
         .prepare_cached(
             "UPDATE jobs SET status = 'cancelled', completed_at = ?2, updated_at = ?2, deadline_at = NULL \
@@ -787,12 +798,7 @@ fn cancel(conn: &Connection, p: CancelParams) -> Result<Job, StoreError> {
 }
 
 fn manual_retry(conn: &Connection, p: ManualRetryParams) -> Result<Job, StoreError> {
-    let current = current_state(conn, p.job_id)?;
-    if !current.status.can_move_to(JobStatus::Retrying) {
-        return Err(StoreError::InvalidTransition {
-            current: current.status,
-        });
-    }
+    let current = current_state_allowing(conn, p.job_id, JobStatus::Retrying)?;
     let changed = conn
         .prepare_cached(
             "UPDATE jobs SET status = 'retrying', retry_count = 0, available_at = ?2, deadline_at = NULL, \

@@ -7,5 +7,6 @@ mod api;
 mod cli;
 mod crash;
 mod lifecycle;
+mod morag_client;
 mod race;
 mod store_conformance;
