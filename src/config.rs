@@ -214,9 +214,25 @@ pub struct Config {
     pub monitor_interval: Duration,
     pub cleanup_interval: Duration,
     pub stats_log_interval: Duration,
-    pub worker_api_keys: Vec<String>,
-    pub admin_api_keys: Vec<String>,
+    pub worker_api_keys: Vec<ApiKey>,
+    pub admin_api_keys: Vec<ApiKey>,
     pub insecure_no_auth: bool,
+}
+
+/// An API key. Its `Debug` output is redacted so a logged config never shows a secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey(String);
+
+impl ApiKey {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiKey(***)")
+    }
 }
 
 impl Config {
@@ -341,10 +357,11 @@ impl Config {
     }
 }
 
-fn clean_keys(keys: Vec<String>) -> Vec<String> {
+fn clean_keys(keys: Vec<String>) -> Vec<ApiKey> {
     keys.into_iter()
         .map(|k| k.trim().to_owned())
         .filter(|k| !k.is_empty())
+        .map(ApiKey)
         .collect()
 }
 
@@ -406,6 +423,28 @@ mod tests {
         assert!(!debug.contains("hunter2") && debug.contains("jobs:***@db.internal"), "{debug}");
         let error = Config::from_args(args(&["--data-dir", data, "--database-url", "mysql://x"])).unwrap_err();
         assert!(error.to_string().contains("MORAG_DATABASE_URL"), "{error}");
+    }
+
+    #[test]
+    fn keys_never_show_in_debug_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::from_args(args(&[
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+            "--admin-api-keys",
+            "very-secret-admin",
+            "--worker-api-keys",
+            "w1, very-secret-worker ,",
+        ]))
+        .unwrap();
+        assert_eq!(
+            config.worker_api_keys.len(),
+            2,
+            "blank entries dropped, spaces trimmed"
+        );
+        assert_eq!(config.worker_api_keys[1].expose(), "very-secret-worker");
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("very-secret"), "{debug}");
     }
 
     #[test]

@@ -43,7 +43,8 @@ CREATE INDEX jobs_deadline ON jobs (deadline_at) WHERE deadline_at IS NOT NULL;
 -- Retention cleanup.
 CREATE INDEX jobs_finished ON jobs (status, completed_at) WHERE status IN ('completed', 'failed', 'timeout', 'cancelled');
 -- Listing with filters, newest first.
-CREATE INDEX jobs_by_status ON jobs (status, content_type, seq);
+-- (A filter on both status and type walks jobs_by_status and checks the type.)
+CREATE INDEX jobs_by_status ON jobs (status, seq);
 CREATE INDEX jobs_by_type ON jobs (content_type, seq);
 -- Whether a source file is still referenced when a job is cleaned up.
 CREATE INDEX jobs_by_source ON jobs (source_file_path);

@@ -11,6 +11,7 @@ use axum::response::Response;
 
 use super::error::ApiError;
 use crate::app::AppContext;
+use crate::config::ApiKey;
 
 pub async fn require_worker(
     State(context): State<Arc<AppContext>>,
@@ -36,7 +37,7 @@ pub async fn require_admin(
     Ok(next.run(request).await)
 }
 
-fn check(request: &Request, accepted: &[&Vec<String>], open: bool) -> Result<(), ApiError> {
+fn check(request: &Request, accepted: &[&Vec<ApiKey>], open: bool) -> Result<(), ApiError> {
     if open {
         return Ok(());
     }
@@ -56,7 +57,7 @@ fn check(request: &Request, accepted: &[&Vec<String>], open: bool) -> Result<(),
     let mut matched = false;
     for keys in accepted {
         for key in keys.iter() {
-            matched |= constant_time_eq(presented.as_bytes(), key.as_bytes());
+            matched |= constant_time_eq(presented.as_bytes(), key.expose().as_bytes());
         }
     }
     if matched {

@@ -57,6 +57,10 @@ impl ApiError {
                 ),
                 current: Some(current),
             },
+            StoreError::DeadlinePassed => ApiError::Conflict {
+                message: format!("Job {job_id}: the attempt's deadline has passed; it is being timed out"),
+                current: Some(JobStatus::Processing),
+            },
             other => other.into(),
         }
     }

@@ -48,10 +48,14 @@ fn serde_path_to_error<T: DeserializeOwned>(
 fn json_error(error: serde_json::Error) -> ApiError {
     let message = error.to_string();
     // serde names missing and unknown fields in backticks: "missing field `content_type`".
+    // Other data errors put the offending *value* in backticks ("invalid type: integer `5`"),
+    // which must not be reported as a field name.
+    let names_a_field =
+        message.starts_with("missing field") || message.starts_with("unknown field");
     let field = message
         .split('`')
         .nth(1)
-        .filter(|_| error.is_data())
+        .filter(|_| error.is_data() && names_a_field)
         .unwrap_or("")
         .to_owned();
     if field.is_empty() {

@@ -28,6 +28,10 @@ pub enum StoreError {
     /// The caller's lease is not the job's current one: its attempt was taken away.
     #[error("lease does not match the job's current attempt (job is {current})")]
     LeaseMismatch { current: JobStatus },
+    /// The attempt's deadline passed: the monitor is about to time it out, and a heartbeat
+    /// cannot revive it.
+    #[error("the attempt's deadline has passed")]
+    DeadlinePassed,
     /// The database cannot be reached or is shutting down; the caller may try again.
     #[error("store unavailable: {0}")]
     Unavailable(String),

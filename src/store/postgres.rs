@@ -717,13 +717,11 @@ async fn heartbeat(conn: &mut Conn, p: HeartbeatParams) -> Result<HeartbeatOutco
         .map_err(pg_error)?;
     if changed != 1 {
         return Err(
-            match conflict(conn, current.seq, JobStatus::Timeout).await {
+            match conflict(conn, current.seq, JobStatus::Processing).await {
                 // Still processing: its deadline passed and the monitor is about to act.
                 StoreError::InvalidTransition {
                     current: JobStatus::Processing,
-                } => StoreError::InvalidTransition {
-                    current: JobStatus::Timeout,
-                },
+                } => StoreError::DeadlinePassed,
                 other => other,
             },
         );

@@ -271,6 +271,24 @@ impl From<rusqlite::Error> for StoreError {
     }
 }
 
+/// The oldest due job of one content type: the first entry of a `jobs_queue` range.
+const CLAIM_PROBE_SQL: &str = "SELECT available_at, seq, status FROM jobs \
+     WHERE status IN ('pending', 'retrying') AND content_type = ?1 AND available_at <= ?2 \
+     ORDER BY available_at, seq LIMIT 1";
+/// Expired deadlines, nearest first, from the `jobs_deadline` index.
+const RESCUE_SCAN_SQL: &str =
+    "SELECT seq, status, execution_deadline, heartbeat_deadline, retry_count, \
+     content_type, lease_id FROM jobs WHERE deadline_at IS NOT NULL AND deadline_at <= ?1 \
+     ORDER BY deadline_at LIMIT ?2";
+const NEXT_DEADLINE_SQL: &str =
+    "SELECT deadline_at FROM jobs WHERE deadline_at IS NOT NULL ORDER BY deadline_at LIMIT 1";
+/// Finished jobs of one status past a cutoff, from the `jobs_finished` index.
+/// The repeated status list lets SQLite prove the partial index applies; `INDEXED BY`
+/// keeps the planner from preferring `jobs_by_status` and sorting every finished job.
+const CLEANUP_SCAN_SQL: &str = "SELECT seq, source_file_path FROM jobs INDEXED BY jobs_finished \
+     WHERE status = ?1 AND status IN ('completed', 'failed', 'timeout', 'cancelled') \
+     AND completed_at < ?2 ORDER BY completed_at LIMIT ?3";
+
 const JOB_COLUMNS: &str = "seq, id, content_type, source_file_path, task_options, ingestion_task_id, status, \
      worker_id, lease_id, attempt, retry_count, created_at, started_at, completed_at, updated_at, available_at, \
      execution_deadline, heartbeat_deadline, last_heartbeat_at, progress, progress_message, error_message, \
@@ -426,6 +444,22 @@ fn current_state(conn: &Connection, id: JobId) -> Result<Current, StoreError> {
     .ok_or(StoreError::NotFound)
 }
 
+/// The job's state, when the transition table allows moving it to `to`.
+fn current_state_allowing(
+    conn: &Connection,
+    id: JobId,
+    to: JobStatus,
+) -> Result<Current, StoreError> {
+    let current = current_state(conn, id)?;
+    if current.status.can_move_to(to) {
+        Ok(current)
+    } else {
+        Err(StoreError::InvalidTransition {
+            current: current.status,
+        })
+    }
+}
+
 /// Zero rows changed by a conditional update means someone else moved the job first.
 fn expect_one_row(changed: usize, current: JobStatus) -> Result<(), StoreError> {
     if changed == 1 {
@@ -486,11 +520,7 @@ fn claim(conn: &Connection, p: ClaimParams) -> Result<Option<Job>, StoreError> {
     };
     // One index probe per type; the oldest due job across them wins.
     let mut oldest: Option<(i64, i64, String)> = None;
-    let mut probe = conn.prepare_cached(
-        "SELECT available_at, seq, status FROM jobs \
-         WHERE status IN ('pending', 'retrying') AND content_type = ?1 AND available_at <= ?2 \
-         ORDER BY available_at, seq LIMIT 1",
-    )?;
+    let mut probe = conn.prepare_cached(CLAIM_PROBE_SQL)?;
     for content_type in &content_types {
         let found = probe
             .query_row(params![content_type, now], |row| {
@@ -596,7 +626,9 @@ fn heartbeat(conn: &Connection, p: HeartbeatParams) -> Result<HeartbeatOutcome, 
             p.message,
             p.lease_id.to_string(),
         ])?;
-    expect_one_row(changed, JobStatus::Timeout)?;
+    if changed != 1 {
+        return Err(StoreError::DeadlinePassed);
+    }
     Ok(HeartbeatOutcome {
         status: JobStatus::Processing,
         cancelled: false,
@@ -795,12 +827,7 @@ fn import(conn: &Connection, p: ImportJobParams) -> Result<ImportOutcome, StoreE
 }
 
 fn cancel(conn: &Connection, p: CancelParams) -> Result<Job, StoreError> {
-    let current = current_state(conn, p.job_id)?;
-    if !current.status.can_move_to(JobStatus::Cancelled) {
-        return Err(StoreError::InvalidTransition {
-            current: current.status,
-        });
-    }
+    let current = current_state_allowing(conn, p.job_id, JobStatus::Cancelled)?;
     let changed = conn
         .prepare_cached(
             "UPDATE jobs SET status = 'cancelled', completed_at = ?2, updated_at = ?2, deadline_at = NULL \
@@ -823,12 +850,7 @@ fn cancel(conn: &Connection, p: CancelParams) -> Result<Job, StoreError> {
 }
 
 fn manual_retry(conn: &Connection, p: ManualRetryParams) -> Result<Job, StoreError> {
-    let current = current_state(conn, p.job_id)?;
-    if !current.status.can_move_to(JobStatus::Retrying) {
-        return Err(StoreError::InvalidTransition {
-            current: current.status,
-        });
-    }
+    let current = current_state_allowing(conn, p.job_id, JobStatus::Retrying)?;
     let changed = conn
         .prepare_cached(
             "UPDATE jobs SET status = 'retrying', retry_count = 0, available_at = ?2, deadline_at = NULL, \
@@ -852,13 +874,26 @@ fn rescue(conn: &Connection, p: RescueParams) -> Result<RescueReport, StoreError
     let now = p.now.as_micros();
     let mut rng = fastrand::Rng::with_seed(p.jitter_seed);
     let mut report = RescueReport::default();
-    let expired: Vec<(i64, String, Option<i64>, Option<i64>, u32, String, Option<String>)> = conn
-        .prepare_cached(
-            "SELECT seq, status, execution_deadline, heartbeat_deadline, retry_count, content_type, lease_id \
-             FROM jobs WHERE deadline_at IS NOT NULL AND deadline_at <= ?1 ORDER BY deadline_at LIMIT ?2",
-        )?
+    let expired: Vec<(
+        i64,
+        String,
+        Option<i64>,
+        Option<i64>,
+        u32,
+        String,
+        Option<String>,
+    )> = conn
+        .prepare_cached(RESCUE_SCAN_SQL)?
         .query_map(params![now, p.limit as i64], |row| {
-            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?, row.get(5)?, row.get(6)?))
+            Ok((
+                row.get(0)?,
+                row.get(1)?,
+                row.get(2)?,
+                row.get(3)?,
+                row.get(4)?,
+                row.get(5)?,
+                row.get(6)?,
+            ))
         })?
         .collect::<Result<_, _>>()?;
     for (seq, status, execution, heartbeat, retry_count, _content_type, lease) in expired {
@@ -995,10 +1030,7 @@ fn cleanup(conn: &Connection, p: CleanupParams) -> Result<CleanupReport, StoreEr
             continue;
         };
         let victims: Vec<(i64, String)> = conn
-            .prepare_cached(
-                "SELECT seq, source_file_path FROM jobs WHERE status = ?1 AND completed_at < ?2 \
-                 ORDER BY completed_at LIMIT ?3",
-            )?
+            .prepare_cached(CLEANUP_SCAN_SQL)?
             .query_map(
                 params![status.as_str(), cutoff.as_micros(), budget as i64],
                 |row| Ok((row.get(0)?, row.get(1)?)),
@@ -1192,7 +1224,7 @@ impl Store for SqliteStore {
     fn next_deadline(&self) -> StoreFuture<'_, Option<Timestamp>> {
         self.read(|conn| {
             let next: Option<i64> = conn
-                .prepare_cached("SELECT deadline_at FROM jobs WHERE deadline_at IS NOT NULL ORDER BY deadline_at LIMIT 1")?
+                .prepare_cached(NEXT_DEADLINE_SQL)?
                 .query_row([], |row| row.get(0))
                 .optional()?;
             Ok(next.map(Timestamp::from_micros))
@@ -1285,5 +1317,67 @@ impl Store for SqliteStore {
             }
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(conn: &Connection, sql: &str, params: &[&dyn rusqlite::ToSql]) -> String {
+        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let rows = stmt
+            .query_map(params, |row| row.get::<_, String>(3))
+            .unwrap();
+        rows.map(Result::unwrap).collect::<Vec<_>>().join("; ")
+    }
+
+    /// The hot queries must be index range scans, never a scan of the jobs table or a
+    /// sort: that is what keeps their cost flat as the table grows.
+    #[test]
+    fn hot_queries_use_their_indexes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = Connection::open(dir.path().join("plan.sqlite3")).unwrap();
+        migrate(&mut conn).unwrap();
+        let cases: [(&str, &[&dyn rusqlite::ToSql], &str); 4] = [
+            (CLAIM_PROBE_SQL, &[&"audio", &0i64], "jobs_queue"),
+            (RESCUE_SCAN_SQL, &[&0i64, &10i64], "jobs_deadline"),
+            (NEXT_DEADLINE_SQL, &[], "jobs_deadline"),
+            (
+                CLEANUP_SCAN_SQL,
+                &[&"completed", &0i64, &10i64],
+                "jobs_finished",
+            ),
+        ];
+        for (sql, params, index) in cases {
+            let plan = plan(&conn, sql, params);
+            assert!(plan.contains(&format!("INDEX {index} ")), "{sql}\n{plan}");
+            assert!(
+                !plan.contains("SCAN jobs") && !plan.contains("TEMP B-TREE"),
+                "{sql}\n{plan}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("future.sqlite3");
+        let conn = Connection::open(&path).unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        drop(conn);
+        let error = SqliteStore::open(SqliteOptions {
+            path,
+            durability: Durability::Normal,
+        })
+        .err()
+        .unwrap();
+        assert_eq!(
+            error,
+            StoreError::SchemaTooNew {
+                found: 99,
+                known: MIGRATIONS.len() as i64
+            }
+        );
     }
 }

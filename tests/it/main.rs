@@ -3,8 +3,13 @@
 
 mod support;
 
+mod api;
+mod cli;
+mod crash;
 mod import;
 mod lifecycle;
+mod morag_client;
 mod postgres;
+mod race;
 mod replicas;
 mod store_conformance;

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use morag_jobs::clock::Timestamp;
 use morag_jobs::domain::{
-    ContentType, HandoffKind, JobId, JobStatus, LeaseId, LifecyclePolicy, RetentionPolicy, RetryPolicy,
-    TimeoutPolicy, WorkerId,
+    ContentType, HandoffKind, JobId, JobStatus, LeaseId, LifecyclePolicy, RetentionPolicy,
+    RetryPolicy, TimeoutPolicy, WorkerId,
 };
 use morag_jobs::store::postgres::{PostgresOptions, PostgresStore};
 use morag_jobs::store::sqlite::{Durability, SqliteOptions, SqliteStore};
@@ -25,9 +25,15 @@ pub struct TestStore {
 
 pub async fn open_sqlite() -> TestStore {
     let dir = tempfile::tempdir().expect("temp dir");
-    let store = SqliteStore::open(SqliteOptions { path: dir.path().join("jobs.sqlite3"), durability: Durability::Normal })
-        .expect("sqlite opens");
-    TestStore { store: Arc::new(store), _guard: Box::new(dir) }
+    let store = SqliteStore::open(SqliteOptions {
+        path: dir.path().join("jobs.sqlite3"),
+        durability: Durability::Normal,
+    })
+    .expect("sqlite opens");
+    TestStore {
+        store: Arc::new(store),
+        _guard: Box::new(dir),
+    }
 }
 
 pub async fn open_postgres() -> TestStore {
@@ -52,8 +58,15 @@ fn worker(name: &str) -> WorkerId {
 
 fn policy() -> LifecyclePolicy {
     LifecyclePolicy {
-        timeouts: TimeoutPolicy { heartbeat: Duration::from_secs(30), ..TimeoutPolicy::default() },
-        retry: RetryPolicy { max_retries: 2, jitter_fraction: 0.0, ..RetryPolicy::default() },
+        timeouts: TimeoutPolicy {
+            heartbeat: Duration::from_secs(30),
+            ..TimeoutPolicy::default()
+        },
+        retry: RetryPolicy {
+            max_retries: 2,
+            jitter_fraction: 0.0,
+            ..RetryPolicy::default()
+        },
         retention: RetentionPolicy::from_days(7, None),
     }
 }
@@ -62,7 +75,13 @@ async fn create(store: &dyn Store, content_type: &str, now: Timestamp) -> JobId 
     create_with(store, content_type, now, None, "/data/files/source.bin").await
 }
 
-async fn create_with(store: &dyn Store, content_type: &str, now: Timestamp, pending: Option<Timestamp>, path: &str) -> JobId {
+async fn create_with(
+    store: &dyn Store,
+    content_type: &str,
+    now: Timestamp,
+    pending: Option<Timestamp>,
+    path: &str,
+) -> JobId {
     let id = JobId::new_random();
     let job = store
         .create_job(CreateJobParams {
@@ -96,20 +115,50 @@ async fn claim(store: &dyn Store, types: &[&str], now: Timestamp) -> Option<(Job
         })
 }
 
-async fn submit(store: &dyn Store, id: JobId, lease: Option<LeaseId>, outcome: AttemptOutcome, now: Timestamp) -> Result<morag_jobs::domain::Job, StoreError> {
-    store.submit_result(SubmitResultParams { job_id: id, lease_id: lease, outcome, policy: policy(), jitter: 0.0, now }).await
+async fn submit(
+    store: &dyn Store,
+    id: JobId,
+    lease: Option<LeaseId>,
+    outcome: AttemptOutcome,
+    now: Timestamp,
+) -> Result<morag_jobs::domain::Job, StoreError> {
+    store
+        .submit_result(SubmitResultParams {
+            job_id: id,
+            lease_id: lease,
+            outcome,
+            policy: policy(),
+            jitter: 0.0,
+            now,
+        })
+        .await
 }
 
 fn success() -> AttemptOutcome {
-    AttemptOutcome::Success { content: "text".into(), metadata: json!({"k": 1}), processing_time: Some(2.0) }
+    AttemptOutcome::Success {
+        content: "text".into(),
+        metadata: json!({"k": 1}),
+        processing_time: Some(2.0),
+    }
 }
 
 fn failure(retryable: bool) -> AttemptOutcome {
-    AttemptOutcome::Failure { error_message: "boom".into(), retryable }
+    AttemptOutcome::Failure {
+        error_message: "boom".into(),
+        retryable,
+    }
 }
 
 async fn rescue(store: &dyn Store, now: Timestamp) -> RescueReport {
-    store.rescue_expired(RescueParams { policy: policy(), limit: 100, jitter_seed: 1, now }).await.expect("rescue")
+    store
+        .rescue_expired(RescueParams {
+            policy: policy(),
+            limit: 100,
+            jitter_seed: 1,
+            now,
+        })
+        .await
+        .expect("rescue")
 }
 
 async fn status(store: &dyn Store, id: JobId) -> JobStatus {
@@ -117,7 +166,15 @@ async fn status(store: &dyn Store, id: JobId) -> JobStatus {
 }
 
 async fn transitions(store: &dyn Store, id: JobId) -> Vec<(Option<JobStatus>, JobStatus)> {
-    store.get_job_detail(id).await.unwrap().unwrap().history.iter().map(|h| (h.from, h.to)).collect()
+    store
+        .get_job_detail(id)
+        .await
+        .unwrap()
+        .unwrap()
+        .history
+        .iter()
+        .map(|h| (h.from, h.to))
+        .collect()
 }
 
 use JobStatus::*;
@@ -134,7 +191,11 @@ pub async fn create_then_read_back(s: TestStore) {
     assert!(job.worker_id.is_none() && job.lease_id.is_none() && job.started_at.is_none());
     assert_eq!(transitions(store, id).await, vec![(None, Pending)]);
     assert!(store.get_job(JobId::new_random()).await.unwrap().is_none());
-    assert!(store.get_job_detail(JobId::new_random()).await.unwrap().is_none());
+    assert!(store
+        .get_job_detail(JobId::new_random())
+        .await
+        .unwrap()
+        .is_none());
 }
 
 pub async fn claims_take_the_oldest_due_job_of_the_requested_types(s: TestStore) {
@@ -144,15 +205,32 @@ pub async fn claims_take_the_oldest_due_job_of_the_requested_types(s: TestStore)
     let audio2 = create(store, "audio", at(2)).await;
     assert_eq!(claim(store, &["image"], at(10)).await, None);
     assert_eq!(claim(store, &["audio"], at(10)).await.unwrap().0, audio1);
-    assert_eq!(claim(store, &["audio", "video"], at(10)).await.unwrap().0, video);
-    assert_eq!(claim(store, &[], at(10)).await.unwrap().0, audio2, "no types means any type");
+    assert_eq!(
+        claim(store, &["audio", "video"], at(10)).await.unwrap().0,
+        video
+    );
+    assert_eq!(
+        claim(store, &[], at(10)).await.unwrap().0,
+        audio2,
+        "no types means any type"
+    );
     assert_eq!(claim(store, &[], at(10)).await, None);
     let job = store.get_job(audio1).await.unwrap().unwrap();
     assert_eq!((job.attempt, job.started_at), (1, Some(at(10))));
     assert_eq!(job.worker_id, Some(worker("w1")));
-    assert_eq!(job.execution_deadline, Some(at(10 + 1800)), "audio's execution timeout");
-    assert_eq!(job.heartbeat_deadline, None, "no heartbeat deadline before the first heartbeat");
-    assert_eq!(transitions(store, audio1).await, vec![(None, Pending), (Some(Pending), Processing)]);
+    assert_eq!(
+        job.execution_deadline,
+        Some(at(10 + 1800)),
+        "audio's execution timeout"
+    );
+    assert_eq!(
+        job.heartbeat_deadline, None,
+        "no heartbeat deadline before the first heartbeat"
+    );
+    assert_eq!(
+        transitions(store, audio1).await,
+        vec![(None, Pending), (Some(Pending), Processing)]
+    );
 }
 
 pub async fn a_job_is_claimed_once_however_many_claim_at_once(s: TestStore) {
@@ -186,7 +264,11 @@ pub async fn a_job_is_claimed_once_however_many_claim_at_once(s: TestStore) {
         claimed.extend(task.await.unwrap());
     }
     assert_eq!(claimed.len(), 50, "every job claimed");
-    assert_eq!(claimed.iter().collect::<HashSet<_>>().len(), 50, "none claimed twice");
+    assert_eq!(
+        claimed.iter().collect::<HashSet<_>>().len(),
+        50,
+        "none claimed twice"
+    );
     assert_eq!(claimed.into_iter().collect::<HashSet<_>>(), ids);
 }
 
@@ -195,17 +277,58 @@ pub async fn heartbeats_extend_the_attempt_and_fence_stale_leases(s: TestStore) 
     let id = create(store, "image", at(0)).await;
     let (_, lease) = claim(store, &["image"], at(0)).await.unwrap();
     let beat = |lease, now| {
-        store.heartbeat(HeartbeatParams { job_id: id, lease_id: lease, progress: Some(40.0), message: Some("halfway".into()), timeouts: policy().timeouts, now })
+        store.heartbeat(HeartbeatParams {
+            job_id: id,
+            lease_id: lease,
+            progress: Some(40.0),
+            message: Some("halfway".into()),
+            timeouts: policy().timeouts,
+            now,
+        })
     };
     let outcome = beat(lease, at(10)).await.unwrap();
-    assert_eq!(outcome, HeartbeatOutcome { status: Processing, cancelled: false, execution_deadline: Some(at(300)), heartbeat_deadline: Some(at(40)) });
-    let job = store.get_job(id).await.unwrap().unwrap();
-    assert_eq!((job.progress, job.progress_message.as_deref(), job.last_heartbeat_at), (Some(40.0), Some("halfway"), Some(at(10))));
-    assert_eq!(beat(LeaseId::new_random(), at(11)).await, Err(StoreError::LeaseMismatch { current: Processing }));
-    // Past its heartbeat deadline the attempt cannot be revived by a late heartbeat.
-    assert!(matches!(beat(lease, at(41)).await, Err(StoreError::InvalidTransition { .. })));
     assert_eq!(
-        store.heartbeat(HeartbeatParams { job_id: JobId::new_random(), lease_id: lease, progress: None, message: None, timeouts: policy().timeouts, now: at(12) }).await,
+        outcome,
+        HeartbeatOutcome {
+            status: Processing,
+            cancelled: false,
+            execution_deadline: Some(at(300)),
+            heartbeat_deadline: Some(at(40))
+        }
+    );
+    let job = store.get_job(id).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            job.progress,
+            job.progress_message.as_deref(),
+            job.last_heartbeat_at
+        ),
+        (Some(40.0), Some("halfway"), Some(at(10)))
+    );
+    assert_eq!(
+        beat(LeaseId::new_random(), at(11)).await,
+        Err(StoreError::LeaseMismatch {
+            current: Processing
+        })
+    );
+    // Past its heartbeat deadline the attempt cannot be revived by a late heartbeat.
+    assert_eq!(beat(lease, at(41)).await, Err(StoreError::DeadlinePassed));
+    assert_eq!(
+        status(store, id).await,
+        Processing,
+        "until the monitor acts"
+    );
+    assert_eq!(
+        store
+            .heartbeat(HeartbeatParams {
+                job_id: JobId::new_random(),
+                lease_id: lease,
+                progress: None,
+                message: None,
+                timeouts: policy().timeouts,
+                now: at(12)
+            })
+            .await,
         Err(StoreError::NotFound)
     );
 }
@@ -213,19 +336,58 @@ pub async fn heartbeats_extend_the_attempt_and_fence_stale_leases(s: TestStore) 
 pub async fn results_complete_once_and_stale_leases_change_nothing(s: TestStore) {
     let store = &*s.store;
     let id = create(store, "web", at(0)).await;
-    assert_eq!(submit(store, id, None, success(), at(1)).await.unwrap_err(), StoreError::InvalidTransition { current: Pending }, "never claimed");
+    assert_eq!(
+        submit(store, id, None, success(), at(1)).await.unwrap_err(),
+        StoreError::InvalidTransition { current: Pending },
+        "never claimed"
+    );
     let (_, lease) = claim(store, &["web"], at(1)).await.unwrap();
-    assert_eq!(submit(store, id, Some(LeaseId::new_random()), success(), at(2)).await.unwrap_err(), StoreError::LeaseMismatch { current: Processing });
+    assert_eq!(
+        submit(store, id, Some(LeaseId::new_random()), success(), at(2))
+            .await
+            .unwrap_err(),
+        StoreError::LeaseMismatch {
+            current: Processing
+        }
+    );
     assert_eq!(status(store, id).await, Processing);
-    let job = submit(store, id, Some(lease), success(), at(5)).await.unwrap();
+    let job = submit(store, id, Some(lease), success(), at(5))
+        .await
+        .unwrap();
     assert_eq!((job.status, job.completed_at), (Completed, Some(at(5))));
     let result = job.result.expect("result stored");
-    assert_eq!((result.content.as_str(), result.metadata, result.processing_time), ("text", json!({"k": 1}), Some(2.0)));
-    assert_eq!(submit(store, id, Some(lease), failure(true), at(6)).await.unwrap_err(), StoreError::InvalidTransition { current: Completed });
-    assert_eq!(submit(store, id, None, success(), at(6)).await.unwrap_err(), StoreError::InvalidTransition { current: Completed });
-    assert_eq!(submit(store, JobId::new_random(), None, success(), at(6)).await.unwrap_err(), StoreError::NotFound);
+    assert_eq!(
+        (
+            result.content.as_str(),
+            result.metadata,
+            result.processing_time
+        ),
+        ("text", json!({"k": 1}), Some(2.0))
+    );
+    assert_eq!(
+        submit(store, id, Some(lease), failure(true), at(6))
+            .await
+            .unwrap_err(),
+        StoreError::InvalidTransition { current: Completed }
+    );
+    assert_eq!(
+        submit(store, id, None, success(), at(6)).await.unwrap_err(),
+        StoreError::InvalidTransition { current: Completed }
+    );
+    assert_eq!(
+        submit(store, JobId::new_random(), None, success(), at(6))
+            .await
+            .unwrap_err(),
+        StoreError::NotFound
+    );
     let handoffs = store.pending_handoffs(100).await.unwrap();
-    assert_eq!(handoffs.iter().map(|h| (h.job_id, h.kind)).collect::<Vec<_>>(), vec![(id, HandoffKind::Completed)]);
+    assert_eq!(
+        handoffs
+            .iter()
+            .map(|h| (h.job_id, h.kind))
+            .collect::<Vec<_>>(),
+        vec![(id, HandoffKind::Completed)]
+    );
     assert_eq!(handoffs[0].payload["ingestion_task_id"], "ingest-7");
 }
 
@@ -234,19 +396,44 @@ pub async fn failures_retry_with_backoff_until_exhausted(s: TestStore) {
     let id = create(store, "audio", at(0)).await;
     // max_retries = 2, base 60 s, no jitter: retries at +60 s, then +120 s, then final.
     let (_, lease) = claim(store, &["audio"], at(0)).await.unwrap();
-    let job = submit(store, id, Some(lease), failure(true), at(10)).await.unwrap();
-    assert_eq!((job.status, job.retry_count, job.available_at), (Retrying, 1, at(70)));
-    assert_eq!(claim(store, &["audio"], at(69)).await, None, "not claimable before its backoff passed");
+    let job = submit(store, id, Some(lease), failure(true), at(10))
+        .await
+        .unwrap();
+    assert_eq!(
+        (job.status, job.retry_count, job.available_at),
+        (Retrying, 1, at(70))
+    );
+    assert_eq!(
+        claim(store, &["audio"], at(69)).await,
+        None,
+        "not claimable before its backoff passed"
+    );
     assert_eq!(store.next_deadline().await.unwrap(), Some(at(70)));
     let report = rescue(store, at(70)).await;
     assert_eq!(report.n_retries_due, 1);
     let (_, lease) = claim(store, &["audio"], at(70)).await.unwrap();
-    let job = submit(store, id, None, failure(true), at(80)).await.unwrap();
-    assert_eq!((job.status, job.retry_count, job.available_at), (Retrying, 2, at(200)));
-    assert_eq!(submit(store, id, Some(lease), failure(true), at(81)).await.unwrap_err(), StoreError::InvalidTransition { current: Retrying }, "one result per attempt");
+    let job = submit(store, id, None, failure(true), at(80))
+        .await
+        .unwrap();
+    assert_eq!(
+        (job.status, job.retry_count, job.available_at),
+        (Retrying, 2, at(200))
+    );
+    assert_eq!(
+        submit(store, id, Some(lease), failure(true), at(81))
+            .await
+            .unwrap_err(),
+        StoreError::InvalidTransition { current: Retrying },
+        "one result per attempt"
+    );
     let (_, lease) = claim(store, &["audio"], at(200)).await.unwrap();
-    let job = submit(store, id, Some(lease), failure(true), at(210)).await.unwrap();
-    assert_eq!((job.status, job.retry_count, job.attempt, job.completed_at), (Failed, 2, 3, Some(at(210))));
+    let job = submit(store, id, Some(lease), failure(true), at(210))
+        .await
+        .unwrap();
+    assert_eq!(
+        (job.status, job.retry_count, job.attempt, job.completed_at),
+        (Failed, 2, 3, Some(at(210)))
+    );
     assert_eq!(job.error_message.as_deref(), Some("boom"));
     assert_eq!(
         transitions(store, id).await,
@@ -263,14 +450,23 @@ pub async fn failures_retry_with_backoff_until_exhausted(s: TestStore) {
         ]
     );
     let handoffs = store.pending_handoffs(100).await.unwrap();
-    assert_eq!(handoffs.iter().map(|h| (h.job_id, h.kind)).collect::<Vec<_>>(), vec![(id, HandoffKind::Failed)], "only the final failure is handed off");
+    assert_eq!(
+        handoffs
+            .iter()
+            .map(|h| (h.job_id, h.kind))
+            .collect::<Vec<_>>(),
+        vec![(id, HandoffKind::Failed)],
+        "only the final failure is handed off"
+    );
 }
 
 pub async fn a_failure_marked_not_retryable_is_final_at_once(s: TestStore) {
     let store = &*s.store;
     let id = create(store, "document", at(0)).await;
     let (_, lease) = claim(store, &["document"], at(0)).await.unwrap();
-    let job = submit(store, id, Some(lease), failure(false), at(1)).await.unwrap();
+    let job = submit(store, id, Some(lease), failure(false), at(1))
+        .await
+        .unwrap();
     assert_eq!((job.status, job.retry_count), (Failed, 0));
     assert_eq!(store.pending_handoffs(10).await.unwrap().len(), 1);
 }
@@ -283,21 +479,55 @@ pub async fn the_monitor_times_out_execution_heartbeat_and_pending(s: TestStore)
     // Heartbeat timeout (30 s after the last heartbeat), retried.
     let silent = create(store, "video", at(0)).await;
     let (_, lease) = claim(store, &["video"], at(0)).await.unwrap();
-    store.heartbeat(HeartbeatParams { job_id: silent, lease_id: lease, progress: None, message: None, timeouts: policy().timeouts, now: at(5) }).await.unwrap();
+    store
+        .heartbeat(HeartbeatParams {
+            job_id: silent,
+            lease_id: lease,
+            progress: None,
+            message: None,
+            timeouts: policy().timeouts,
+            now: at(5),
+        })
+        .await
+        .unwrap();
     // Pending timeout: final, no retry.
     let starved = create_with(store, "youtube", at(0), Some(at(20)), "/data/files/y").await;
 
-    assert_eq!(rescue(store, at(19)).await, RescueReport::default(), "nothing expired yet");
+    assert_eq!(
+        rescue(store, at(19)).await,
+        RescueReport::default(),
+        "nothing expired yet"
+    );
     let report = rescue(store, at(35)).await;
-    assert_eq!((report.n_pending_timed_out, report.n_attempts_timed_out, report.n_retries_scheduled), (1, 1, 1));
+    assert_eq!(
+        (
+            report.n_pending_timed_out,
+            report.n_attempts_timed_out,
+            report.n_retries_scheduled
+        ),
+        (1, 1, 1)
+    );
     assert_eq!(status(store, starved).await, Timeout);
     let starved_job = store.get_job(starved).await.unwrap().unwrap();
-    assert!(starved_job.error_message.unwrap().contains("no worker claimed"), "says why, so ingestion can fall back");
+    assert!(
+        starved_job
+            .error_message
+            .unwrap()
+            .contains("no worker claimed"),
+        "says why, so ingestion can fall back"
+    );
     assert_eq!(status(store, silent).await, Retrying);
     let silent_job = store.get_job(silent).await.unwrap().unwrap();
     assert!(silent_job.error_message.unwrap().contains("heartbeat"));
-    assert_eq!(transitions(store, silent).await[2..], [(Some(Processing), Timeout), (Some(Timeout), Retrying)]);
-    assert_eq!(status(store, exec).await, Processing, "execution deadline not reached yet");
+    assert_eq!(
+        transitions(store, silent).await[2..],
+        [(Some(Processing), Timeout), (Some(Timeout), Retrying)]
+    );
+    assert_eq!(
+        status(store, exec).await,
+        Processing,
+        "execution deadline not reached yet"
+    );
 
     let report = rescue(store, at(300)).await;
     assert_eq!(report.n_attempts_timed_out, 1);
@@ -305,7 +535,13 @@ pub async fn the_monitor_times_out_execution_heartbeat_and_pending(s: TestStore)
     assert_eq!((exec_job.status, exec_job.retry_count), (Retrying, 1));
     assert!(exec_job.error_message.unwrap().contains("execution"));
     let handoffs = store.pending_handoffs(10).await.unwrap();
-    assert_eq!(handoffs.iter().map(|h| (h.job_id, h.kind)).collect::<Vec<_>>(), vec![(starved, HandoffKind::Failed)]);
+    assert_eq!(
+        handoffs
+            .iter()
+            .map(|h| (h.job_id, h.kind))
+            .collect::<Vec<_>>(),
+        vec![(starved, HandoffKind::Failed)]
+    );
 }
 
 pub async fn timeouts_exhaust_retries_into_a_final_timeout(s: TestStore) {
@@ -324,9 +560,16 @@ pub async fn timeouts_exhaust_retries_into_a_final_timeout(s: TestStore) {
     claim(store, &["image"], at(now)).await.unwrap();
     rescue(store, at(now + 300)).await;
     let job = store.get_job(id).await.unwrap().unwrap();
-    assert_eq!((job.status, job.attempt, job.completed_at), (Timeout, 3, Some(at(now + 300))));
+    assert_eq!(
+        (job.status, job.attempt, job.completed_at),
+        (Timeout, 3, Some(at(now + 300)))
+    );
     assert_eq!(store.pending_handoffs(10).await.unwrap().len(), 1);
-    assert_eq!(store.next_deadline().await.unwrap(), None, "a final job has no deadline");
+    assert_eq!(
+        store.next_deadline().await.unwrap(),
+        None,
+        "a final job has no deadline"
+    );
 }
 
 pub async fn a_late_success_completes_a_timed_out_job_until_it_is_claimed_again(s: TestStore) {
@@ -335,11 +578,28 @@ pub async fn a_late_success_completes_a_timed_out_job_until_it_is_claimed_again(
     let (_, lease) = claim(store, &["image"], at(0)).await.unwrap();
     rescue(store, at(300)).await;
     assert_eq!(status(store, id).await, Retrying);
-    assert_eq!(submit(store, id, None, success(), at(301)).await.unwrap_err(), StoreError::InvalidTransition { current: Retrying }, "without a lease it cannot prove it ran the attempt");
-    assert_eq!(submit(store, id, Some(lease), failure(true), at(301)).await.unwrap_err(), StoreError::InvalidTransition { current: Retrying }, "a late failure changes nothing");
-    let job = submit(store, id, Some(lease), success(), at(302)).await.unwrap();
+    assert_eq!(
+        submit(store, id, None, success(), at(301))
+            .await
+            .unwrap_err(),
+        StoreError::InvalidTransition { current: Retrying },
+        "without a lease it cannot prove it ran the attempt"
+    );
+    assert_eq!(
+        submit(store, id, Some(lease), failure(true), at(301))
+            .await
+            .unwrap_err(),
+        StoreError::InvalidTransition { current: Retrying },
+        "a late failure changes nothing"
+    );
+    let job = submit(store, id, Some(lease), success(), at(302))
+        .await
+        .unwrap();
     assert_eq!(job.status, Completed);
-    assert_eq!(transitions(store, id).await.last(), Some(&(Some(Retrying), Completed)));
+    assert_eq!(
+        transitions(store, id).await.last(),
+        Some(&(Some(Retrying), Completed))
+    );
 
     // Once claimed again, the old attempt's lease is stale.
     let other = create(store, "image", at(1000)).await;
@@ -348,49 +608,129 @@ pub async fn a_late_success_completes_a_timed_out_job_until_it_is_claimed_again(
     let retry_at = store.get_job(other).await.unwrap().unwrap().available_at;
     let (_, new_lease) = claim(store, &["image"], retry_at).await.unwrap();
     assert_ne!(old_lease, new_lease);
-    assert_eq!(submit(store, other, Some(old_lease), success(), retry_at).await.unwrap_err(), StoreError::LeaseMismatch { current: Processing });
-    submit(store, other, Some(new_lease), success(), retry_at).await.unwrap();
+    assert_eq!(
+        submit(store, other, Some(old_lease), success(), retry_at)
+            .await
+            .unwrap_err(),
+        StoreError::LeaseMismatch {
+            current: Processing
+        }
+    );
+    submit(store, other, Some(new_lease), success(), retry_at)
+        .await
+        .unwrap();
 }
 
 pub async fn cancel_works_from_every_live_state_and_is_terminal(s: TestStore) {
     let store = &*s.store;
-    let cancel = |id, now| store.cancel_job(CancelParams { job_id: id, reason: "operator".into(), now });
+    let cancel = |id, now| {
+        store.cancel_job(CancelParams {
+            job_id: id,
+            reason: "operator".into(),
+            now,
+        })
+    };
     let pending = create(store, "audio", at(0)).await;
     assert_eq!(cancel(pending, at(1)).await.unwrap().status, Cancelled);
-    assert_eq!(cancel(pending, at(2)).await.unwrap_err(), StoreError::InvalidTransition { current: Cancelled });
+    assert_eq!(
+        cancel(pending, at(2)).await.unwrap_err(),
+        StoreError::InvalidTransition { current: Cancelled }
+    );
 
     let processing = create(store, "audio", at(0)).await;
     let (_, lease) = claim(store, &["audio"], at(0)).await.unwrap();
     cancel(processing, at(3)).await.unwrap();
     // The worker learns at its next heartbeat, and its result is refused.
-    let beat = store.heartbeat(HeartbeatParams { job_id: processing, lease_id: lease, progress: None, message: None, timeouts: policy().timeouts, now: at(4) }).await.unwrap();
+    let beat = store
+        .heartbeat(HeartbeatParams {
+            job_id: processing,
+            lease_id: lease,
+            progress: None,
+            message: None,
+            timeouts: policy().timeouts,
+            now: at(4),
+        })
+        .await
+        .unwrap();
     assert!(beat.cancelled);
     assert_eq!(beat.status, Cancelled);
-    assert_eq!(submit(store, processing, Some(lease), success(), at(5)).await.unwrap_err(), StoreError::InvalidTransition { current: Cancelled });
-    assert_eq!(rescue(store, at(100_000)).await, RescueReport::default(), "a cancelled job has no deadline");
+    assert_eq!(
+        submit(store, processing, Some(lease), success(), at(5))
+            .await
+            .unwrap_err(),
+        StoreError::InvalidTransition { current: Cancelled }
+    );
+    assert_eq!(
+        rescue(store, at(100_000)).await,
+        RescueReport::default(),
+        "a cancelled job has no deadline"
+    );
 
     let completed = create(store, "audio", at(0)).await;
     claim(store, &["audio"], at(0)).await.unwrap();
-    submit(store, completed, None, success(), at(1)).await.unwrap();
+    submit(store, completed, None, success(), at(1))
+        .await
+        .unwrap();
     assert_eq!(cancel(completed, at(2)).await.unwrap().status, Cancelled);
-    assert_eq!(cancel(JobId::new_random(), at(2)).await.unwrap_err(), StoreError::NotFound);
-    let history = store.get_job_detail(processing).await.unwrap().unwrap().history;
+    assert_eq!(
+        cancel(JobId::new_random(), at(2)).await.unwrap_err(),
+        StoreError::NotFound
+    );
+    let history = store
+        .get_job_detail(processing)
+        .await
+        .unwrap()
+        .unwrap()
+        .history;
     let last = history.last().unwrap();
-    assert_eq!((last.from, last.to, last.actor.as_str(), last.reason.as_str()), (Some(Processing), Cancelled, "admin", "operator"));
+    assert_eq!(
+        (
+            last.from,
+            last.to,
+            last.actor.as_str(),
+            last.reason.as_str()
+        ),
+        (Some(Processing), Cancelled, "admin", "operator")
+    );
 }
 
 pub async fn manual_retry_resets_the_budget_and_only_applies_to_failures(s: TestStore) {
     let store = &*s.store;
     let retry = |id, now| store.retry_job(ManualRetryParams { job_id: id, now });
     let id = create(store, "audio", at(0)).await;
-    assert_eq!(retry(id, at(1)).await.unwrap_err(), StoreError::InvalidTransition { current: Pending });
+    assert_eq!(
+        retry(id, at(1)).await.unwrap_err(),
+        StoreError::InvalidTransition { current: Pending }
+    );
     let (_, lease) = claim(store, &["audio"], at(1)).await.unwrap();
-    assert_eq!(retry(id, at(1)).await.unwrap_err(), StoreError::InvalidTransition { current: Processing });
-    submit(store, id, Some(lease), failure(false), at(2)).await.unwrap();
+    assert_eq!(
+        retry(id, at(1)).await.unwrap_err(),
+        StoreError::InvalidTransition {
+            current: Processing
+        }
+    );
+    submit(store, id, Some(lease), failure(false), at(2))
+        .await
+        .unwrap();
     let job = retry(id, at(3)).await.unwrap();
-    assert_eq!((job.status, job.retry_count, job.available_at, job.completed_at), (Retrying, 0, at(3), None));
-    assert_eq!(claim(store, &["audio"], at(3)).await.unwrap().0, id, "claimable at once");
-    assert_eq!(retry(JobId::new_random(), at(3)).await.unwrap_err(), StoreError::NotFound);
+    assert_eq!(
+        (
+            job.status,
+            job.retry_count,
+            job.available_at,
+            job.completed_at
+        ),
+        (Retrying, 0, at(3), None)
+    );
+    assert_eq!(
+        claim(store, &["audio"], at(3)).await.unwrap().0,
+        id,
+        "claimable at once"
+    );
+    assert_eq!(
+        retry(JobId::new_random(), at(3)).await.unwrap_err(),
+        StoreError::NotFound
+    );
 }
 
 pub async fn cleanup_deletes_only_finished_jobs_past_retention(s: TestStore) {
@@ -401,24 +741,62 @@ pub async fn cleanup_deletes_only_finished_jobs_past_retention(s: TestStore) {
     let shared1 = create_with(store, "audio", at(0), None, "/data/files/shared").await;
     let shared2 = create_with(store, "audio", at(0), None, "/data/files/shared").await;
     let live = create_with(store, "audio", at(0), None, "/data/files/c").await;
-    for (id, outcome) in [(done, success()), (failed, failure(false)), (shared1, success())] {
+    for (id, outcome) in [
+        (done, success()),
+        (failed, failure(false)),
+        (shared1, success()),
+    ] {
         let (claimed, lease) = claim(store, &["audio"], at(1)).await.unwrap();
         assert_eq!(claimed, id);
-        submit(store, id, Some(lease), outcome, at(1)).await.unwrap();
+        submit(store, id, Some(lease), outcome, at(1))
+            .await
+            .unwrap();
     }
-    let clean = |retention, now| store.cleanup_finished(CleanupParams { retention, limit: 100, now });
-    let report = clean(RetentionPolicy::from_days(7, None), at(7 * day)).await.unwrap();
+    let clean = |retention, now| {
+        store.cleanup_finished(CleanupParams {
+            retention,
+            limit: 100,
+            now,
+        })
+    };
+    let report = clean(RetentionPolicy::from_days(7, None), at(7 * day))
+        .await
+        .unwrap();
     assert_eq!(report.n_deleted, 0, "exactly at retention: kept");
-    let report = clean(RetentionPolicy::from_days(7, None), at(8 * day)).await.unwrap();
-    assert_eq!(report.n_deleted, 2, "completed past 7 days; the failure is kept 14");
-    assert_eq!(report.orphaned_source_files, vec!["/data/files/a".to_owned()], "a file another job uses is not orphaned");
+    let report = clean(RetentionPolicy::from_days(7, None), at(8 * day))
+        .await
+        .unwrap();
+    assert_eq!(
+        report.n_deleted, 2,
+        "completed past 7 days; the failure is kept 14"
+    );
+    assert_eq!(
+        report.orphaned_source_files,
+        vec!["/data/files/a".to_owned()],
+        "a file another job uses is not orphaned"
+    );
     assert!(store.get_job(done).await.unwrap().is_none());
     assert!(store.get_job_detail(shared1).await.unwrap().is_none());
     assert!(store.get_job(failed).await.unwrap().is_some());
-    let report = clean(RetentionPolicy::from_days(7, None), at(15 * day)).await.unwrap();
-    assert_eq!((report.n_deleted, report.orphaned_source_files), (1, vec!["/data/files/b".to_owned()]));
-    assert_eq!(clean(RetentionPolicy::uniform(0), at(100 * day)).await.unwrap().n_deleted, 0, "unfinished jobs are never cleaned");
-    assert!(store.get_job(live).await.unwrap().is_some() && store.get_job(shared2).await.unwrap().is_some());
+    let report = clean(RetentionPolicy::from_days(7, None), at(15 * day))
+        .await
+        .unwrap();
+    assert_eq!(
+        (report.n_deleted, report.orphaned_source_files),
+        (1, vec!["/data/files/b".to_owned()])
+    );
+    assert_eq!(
+        clean(RetentionPolicy::uniform(0), at(100 * day))
+            .await
+            .unwrap()
+            .n_deleted,
+        0,
+        "unfinished jobs are never cleaned"
+    );
+    assert!(
+        store.get_job(live).await.unwrap().is_some()
+            && store.get_job(shared2).await.unwrap().is_some()
+    );
     let stats = store.statistics(at(100 * day)).await.unwrap();
     assert_eq!(stats.total_jobs, 2, "counters follow deletions");
 }
@@ -431,11 +809,31 @@ pub async fn statistics_come_from_counters(s: TestStore) {
     create(store, "video", at(0)).await;
     let old = create(store, "video", at(-2 * 86_400)).await;
     let (_, lease) = claim(store, &["audio"], at(10)).await.unwrap();
-    let first = store.list_jobs(ListParams { status: Some(Processing), limit: 1, ..Default::default() }).await.unwrap().jobs[0].id;
-    submit(store, first, Some(lease), success(), at(14)).await.unwrap();
+    let first = store
+        .list_jobs(ListParams {
+            status: Some(Processing),
+            limit: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .jobs[0]
+        .id;
+    submit(store, first, Some(lease), success(), at(14))
+        .await
+        .unwrap();
     let (second, lease) = claim(store, &["audio"], at(20)).await.unwrap();
-    submit(store, second, Some(lease), success(), at(26)).await.unwrap();
-    store.cancel_job(CancelParams { job_id: old, reason: "x".into(), now: at(30) }).await.unwrap();
+    submit(store, second, Some(lease), success(), at(26))
+        .await
+        .unwrap();
+    store
+        .cancel_job(CancelParams {
+            job_id: old,
+            reason: "x".into(),
+            now: at(30),
+        })
+        .await
+        .unwrap();
     let stats = store.statistics(at(60)).await.unwrap();
     assert_eq!(stats.total_jobs, 5);
     assert_eq!(stats.status_counts[&Pending], 2);
@@ -444,8 +842,14 @@ pub async fn statistics_come_from_counters(s: TestStore) {
     assert_eq!(stats.status_counts[&Processing], 0);
     assert_eq!(stats.content_type_counts["audio"], 3);
     assert_eq!(stats.content_type_counts["video"], 2);
-    assert_eq!(stats.avg_processing_secs["audio"], 5.0, "(4 s + 6 s) / 2, measured claim to completion");
-    assert_eq!(stats.created_last_24h, 4, "the job from two days ago is not recent");
+    assert_eq!(
+        stats.avg_processing_secs["audio"], 5.0,
+        "(4 s + 6 s) / 2, measured claim to completion"
+    );
+    assert_eq!(
+        stats.created_last_24h, 4,
+        "the job from two days ago is not recent"
+    );
     assert!(stats.storage_bytes > 0);
 }
 
@@ -459,7 +863,15 @@ pub async fn listing_filters_and_pages_newest_first(s: TestStore) {
     let mut seen = Vec::new();
     let mut cursor = None;
     loop {
-        let page = store.list_jobs(ListParams { content_type: Some(ct("audio")), limit: 3, cursor, ..Default::default() }).await.unwrap();
+        let page = store
+            .list_jobs(ListParams {
+                content_type: Some(ct("audio")),
+                limit: 3,
+                cursor,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
         seen.extend(page.jobs.iter().map(|j| j.id));
         match page.next_cursor {
             Some(next) => cursor = Some(next),
@@ -469,10 +881,25 @@ pub async fn listing_filters_and_pages_newest_first(s: TestStore) {
     audio.reverse();
     assert_eq!(seen, audio);
     claim(store, &["video"], at(100)).await.unwrap();
-    let processing = store.list_jobs(ListParams { status: Some(Processing), limit: 50, ..Default::default() }).await.unwrap();
+    let processing = store
+        .list_jobs(ListParams {
+            status: Some(Processing),
+            limit: 50,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     assert_eq!(processing.jobs.len(), 1);
     assert_eq!(processing.jobs[0].content_type, ct("video"));
-    let none = store.list_jobs(ListParams { status: Some(Processing), content_type: Some(ct("audio")), limit: 50, cursor: None }).await.unwrap();
+    let none = store
+        .list_jobs(ListParams {
+            status: Some(Processing),
+            content_type: Some(ct("audio")),
+            limit: 50,
+            cursor: None,
+        })
+        .await
+        .unwrap();
     assert!(none.jobs.is_empty() && none.next_cursor.is_none());
 }
 

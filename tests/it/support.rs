@@ -33,9 +33,17 @@ pub fn serve_args(data_dir: &std::path::Path, extra: &[&str]) -> ServeArgs {
         #[command(flatten)]
         serve: ServeArgs,
     }
-    let mut argv = vec!["morag-jobs", "--addr", "127.0.0.1:0", "--data-dir", data_dir.to_str().unwrap()];
+    let mut argv = vec![
+        "morag-jobs",
+        "--addr",
+        "127.0.0.1:0",
+        "--data-dir",
+        data_dir.to_str().unwrap(),
+    ];
     argv.extend_from_slice(extra);
-    Wrapper::try_parse_from(argv).expect("test flags parse").serve
+    Wrapper::try_parse_from(argv)
+        .expect("test flags parse")
+        .serve
 }
 
 pub async fn spawn_app() -> TestApp {
@@ -47,7 +55,9 @@ pub async fn spawn_app_with(extra: &[&str]) -> TestApp {
     let data_dir = tempfile::tempdir().expect("temp dir");
     let config = Config::from_args(serve_args(data_dir.path(), extra)).expect("valid config");
     let clock = ManualClock::starting_now();
-    let app = App::build(config, Arc::new(clock.clone())).await.expect("app builds");
+    let app = App::build(config, Arc::new(clock.clone()))
+        .await
+        .expect("app builds");
     let base = format!("http://{}", app.local_addr());
     let context = app.context();
     let (shutdown, stop) = oneshot::channel::<()>();
@@ -77,7 +87,12 @@ impl TestApp {
     }
 
     /// Sends a request and returns the status and the JSON body (Null when not JSON).
-    pub async fn send(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
         let mut request = self.client.request(method, self.url(path));
         if let Some(key) = &self.api_key {
             request = request.bearer_auth(key);
@@ -135,12 +150,19 @@ impl TestApp {
     /// Polls and expects a job; returns (job_id, lease_id).
     pub async fn claim(&self, worker: &str, content_types: &str) -> (String, String) {
         let body = self.poll(worker, content_types).await;
-        let id = body["job_id"].as_str().unwrap_or_else(|| panic!("expected a job, got {body}")).to_owned();
+        let id = body["job_id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("expected a job, got {body}"))
+            .to_owned();
         (id, body["lease_id"].as_str().expect("lease_id").to_owned())
     }
 
     pub async fn heartbeat(&self, id: &str, lease: &str) -> (u16, Value) {
-        self.post(&format!("/api/v1/remote-jobs/{id}/heartbeat"), json!({"lease_id": lease, "progress": 10})).await
+        self.post(
+            &format!("/api/v1/remote-jobs/{id}/heartbeat"),
+            json!({"lease_id": lease, "progress": 10}),
+        )
+        .await
     }
 
     pub async fn succeed(&self, id: &str, lease: Option<&str>) -> (u16, Value) {
@@ -148,15 +170,18 @@ impl TestApp {
         if let Some(lease) = lease {
             body["lease_id"] = json!(lease);
         }
-        self.put(&format!("/api/v1/remote-jobs/{id}/result"), body).await
+        self.put(&format!("/api/v1/remote-jobs/{id}/result"), body)
+            .await
     }
 
     pub async fn fail(&self, id: &str, lease: Option<&str>, retryable: bool) -> (u16, Value) {
-        let mut body = json!({"success": false, "error_message": "converter crashed", "retryable": retryable});
+        let mut body =
+            json!({"success": false, "error_message": "converter crashed", "retryable": retryable});
         if let Some(lease) = lease {
             body["lease_id"] = json!(lease);
         }
-        self.put(&format!("/api/v1/remote-jobs/{id}/result"), body).await
+        self.put(&format!("/api/v1/remote-jobs/{id}/result"), body)
+            .await
     }
 
     pub async fn status_of(&self, id: &str) -> String {
@@ -177,7 +202,13 @@ impl TestApp {
             .as_array()
             .unwrap()
             .iter()
-            .map(|e| (e["from"].as_str().unwrap_or("-").to_owned(), e["to"].as_str().unwrap().to_owned(), e["actor"].as_str().unwrap().to_owned()))
+            .map(|e| {
+                (
+                    e["from"].as_str().unwrap_or("-").to_owned(),
+                    e["to"].as_str().unwrap().to_owned(),
+                    e["actor"].as_str().unwrap().to_owned(),
+                )
+            })
             .collect()
     }
 
@@ -191,7 +222,10 @@ impl TestApp {
             let _ = shutdown.send(());
         }
         if let Some(server) = self.server.take() {
-            server.await.expect("server task").expect("server stops cleanly");
+            server
+                .await
+                .expect("server task")
+                .expect("server stops cleanly");
         }
     }
 }
@@ -270,4 +304,80 @@ impl Drop for PgDatabase {
             eprintln!("warning: could not drop test database {}", self.name);
         }
     }
+}
+
+/// The real `morag-jobs serve` binary as a child process, for crash and CLI tests.
+pub struct ServerProcess {
+    pub child: std::process::Child,
+    pub base: String,
+}
+
+impl ServerProcess {
+    pub fn start(data_dir: &std::path::Path, port: u16, env: &[(&str, &str)]) -> ServerProcess {
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_morag-jobs"))
+            .args([
+                "serve",
+                "--addr",
+                &format!("127.0.0.1:{port}"),
+                "--data-dir",
+                data_dir.to_str().unwrap(),
+            ])
+            .envs(env.iter().copied())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("server binary starts");
+        ServerProcess {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    pub async fn wait_healthy(&self, client: &reqwest::Client) {
+        let started = std::time::Instant::now();
+        loop {
+            if let Ok(response) = client.get(format!("{}/health", self.base)).send().await {
+                if response.status() == 200 {
+                    return;
+                }
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "server did not become healthy"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL: no chance to flush or close anything.
+    pub fn kill_9(&mut self) {
+        self.child.kill().expect("SIGKILL"); // std sends SIGKILL on Unix.
+        self.child.wait().unwrap();
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill runs");
+        assert!(sent.success());
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
