@@ -133,18 +133,7 @@ $$;
 CREATE TRIGGER jobs_counted AFTER INSERT OR UPDATE OF status OR DELETE ON jobs
     FOR EACH ROW EXECUTE FUNCTION jobs_count_changes();
 
--- Long-polling workers on every replica LISTEN on this channel. A notification is sent
--- when a job becomes claimable right now (created, manually retried); retries whose
--- backoff passes are announced by the monitor. NOTIFY is delivered at commit, and
--- identical notifications of one transaction are folded into one.
-CREATE FUNCTION jobs_notify_available() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pg_notify('morag_jobs_available', '');
-    RETURN NULL;
-END
-$$;
-
-CREATE TRIGGER jobs_available AFTER INSERT OR UPDATE OF status ON jobs
-    FOR EACH ROW
-    WHEN (NEW.status IN ('pending', 'retrying') AND NEW.available_at <= NEW.updated_at)
-    EXECUTE FUNCTION jobs_notify_available();
+-- Wake-ups for long-polling workers on other replicas are not sent from here: a NOTIFY
+-- inside the job's transaction takes a database-wide lock until commit, which would
+-- serialize every create's commit (and its WAL flush). The store sends them after
+-- commit instead, coalesced (see `store/postgres.rs`).

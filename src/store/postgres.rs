@@ -117,6 +117,8 @@ pub struct PostgresStore {
     operation_timeout: Duration,
     events: watch::Receiver<u64>,
     stop_listener: watch::Sender<bool>,
+    /// Asks the announcer task to tell the other replicas that jobs may be claimable.
+    announce: Arc<tokio::sync::Notify>,
 }
 
 impl PostgresStore {
@@ -131,10 +133,20 @@ impl PostgresStore {
         ));
         let (events_sender, events) = watch::channel(0u64);
         let (stop_listener, stop) = watch::channel(false);
+        // Tells this replica's own announcements apart from the others'.
+        let replica_id = uuid::Uuid::new_v4().to_string();
+        let announce = Arc::new(tokio::sync::Notify::new());
         tokio::spawn(listen_for_wakeups(
             config,
             options.wakeup_fallback,
+            replica_id.clone(),
             events_sender,
+            stop.clone(),
+        ));
+        tokio::spawn(announce_wakeups(
+            pool.clone(),
+            replica_id,
+            announce.clone(),
             stop,
         ));
         Ok(PostgresStore {
@@ -142,6 +154,7 @@ impl PostgresStore {
             operation_timeout: options.statement_timeout + Duration::from_secs(1),
             events,
             stop_listener,
+            announce,
         })
     }
 
@@ -161,6 +174,27 @@ impl PostgresStore {
             .query_one("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
             .await;
         result
+    }
+
+    /// Like `run`, and when `operation` succeeds and `may_wake(&result)`, tells the other
+    /// replicas' long-polling workers that a job may be claimable.
+    fn run_and_announce<'s, T, F>(
+        &'s self,
+        operation: F,
+        may_wake: fn(&T) -> bool,
+    ) -> StoreFuture<'s, T>
+    where
+        T: Send + 's,
+        F: for<'c> FnOnce(&'c mut Conn) -> StoreFuture<'c, T> + Send + 's,
+    {
+        let work = self.run(operation);
+        Box::pin(async move {
+            let result = work.await?;
+            if may_wake(&result) {
+                self.announce.notify_one();
+            }
+            Ok(result)
+        })
     }
 
     /// Runs `operation` on a pooled connection within the operation timeout.
@@ -268,6 +302,7 @@ pub(crate) fn pg_error(error: tokio_postgres::Error) -> StoreError {
 async fn listen_for_wakeups(
     config: tokio_postgres::Config,
     fallback: Duration,
+    replica_id: String,
     events: watch::Sender<u64>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -275,7 +310,7 @@ async fn listen_for_wakeups(
         if *stop.borrow() {
             return;
         }
-        match listen_once(&config, fallback, &events, &mut stop).await {
+        match listen_once(&config, fallback, &replica_id, &events, &mut stop).await {
             Ok(()) => return,
             Err(error) => {
                 tracing::warn!(%error, "lost the PostgreSQL wake-up listener; reconnecting")
@@ -292,15 +327,19 @@ async fn listen_for_wakeups(
 async fn listen_once(
     config: &tokio_postgres::Config,
     fallback: Duration,
+    replica_id: &str,
     events: &watch::Sender<u64>,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<(), String> {
     let (client, mut connection) = config.connect(NoTls).await.map_err(|e| e.to_string())?;
     let (notified, mut notifications) = tokio::sync::mpsc::unbounded_channel::<()>();
     // The connection must be polled by hand to see its notifications.
+    let own_id = replica_id.to_owned();
     let driver = tokio::spawn(async move {
         while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
             match message {
+                // This replica already woke its own pollers.
+                Ok(AsyncMessage::Notification(note)) if note.payload() == own_id => {}
                 Ok(AsyncMessage::Notification(_)) => {
                     if notified.send(()).is_err() {
                         break;
@@ -345,6 +384,43 @@ async fn listen_once(
     .await;
     driver.abort();
     outcome
+}
+
+/// Sends one NOTIFY per burst of announcements, after the announcing writes committed.
+/// A NOTIFY inside the job's own transaction would hold PostgreSQL's database-wide notify
+/// lock until that transaction's commit was flushed, serializing all creates; a NOTIFY
+/// alone writes no WAL, so the lock is held only briefly. Announcements made while one
+/// is being sent are folded into the next one.
+async fn announce_wakeups(
+    pool: Arc<Pool>,
+    replica_id: String,
+    announce: Arc<tokio::sync::Notify>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = announce.notified() => {}
+            _ = stop.changed() => return,
+        }
+        let sent = async {
+            let mut pooled = pool.get().await?;
+            let conn = pooled.conn();
+            let statement = conn.statement("SELECT pg_notify($1, $2)").await?;
+            let result = conn
+                .client
+                .execute(&statement, &[&JOBS_AVAILABLE_CHANNEL, &replica_id])
+                .await
+                .map_err(pg_error);
+            pooled.finish(result.is_ok());
+            result
+        };
+        match tokio::time::timeout(Duration::from_secs(5), sent).await {
+            Ok(Ok(_)) => {}
+            // The other replicas' fallback tick covers a lost announcement.
+            Ok(Err(error)) => tracing::debug!(%error, "cannot announce claimable jobs"),
+            Err(_) => tracing::debug!("announcing claimable jobs timed out"),
+        }
+    }
 }
 
 const JOB_COLUMNS: &str = "seq, id, content_type, source_file_path, task_options, ingestion_task_id, status, \
@@ -612,28 +688,43 @@ async fn claim(conn: &mut Conn, p: ClaimParams) -> Result<Option<Job>, StoreErro
         .collect();
     // Types without their own timeout (only possible when any type may be picked).
     let default_deadline = p.now.plus(p.timeouts.execution_default).as_micros();
-    let type_filter = if p.content_types.is_empty() {
-        ""
+    let candidate = if p.content_types.is_empty() {
+        // Any type: the first entry of the `jobs_queue` index that nobody holds.
+        "SELECT j.seq AS c_seq, j.status AS c_previous FROM jobs j \
+         WHERE j.status IN ('pending', 'retrying') AND j.available_at <= $1::int8 \
+         ORDER BY j.available_at, j.seq \
+         LIMIT 1 \
+         FOR UPDATE OF j SKIP LOCKED"
     } else {
-        // The lookup table's names are exactly the requested types.
-        "AND j.content_type = ANY($4::text[])"
+        // Some types (the lookup table's names are exactly those): the first entries of
+        // each type's range of `jobs_queue_by_type`, merged, and the oldest one nobody
+        // holds locked. `content_type = ANY(...)` over the whole index would sort every
+        // due job of those types on each claim. Only when more than 64 claimers hold a
+        // type's oldest jobs at once can a claim come back empty early; the poller then
+        // waits for the next wake-up like any empty poll.
+        "SELECT j.seq AS c_seq, j.status AS c_previous \
+         FROM unnest($4::text[]) AS t(name) \
+         CROSS JOIN LATERAL ( \
+             SELECT q.seq, q.available_at FROM jobs q \
+             WHERE q.status IN ('pending', 'retrying') AND q.content_type = t.name AND q.available_at <= $1::int8 \
+             ORDER BY q.available_at, q.seq LIMIT 64) AS candidate \
+         JOIN jobs j ON j.seq = candidate.seq \
+         WHERE j.status IN ('pending', 'retrying') AND j.available_at <= $1::int8 \
+         ORDER BY candidate.available_at, candidate.seq \
+         LIMIT 1 \
+         FOR UPDATE OF j SKIP LOCKED"
     };
     // A fresh attempt has no heartbeat deadline yet, so the monitor's next look
     // (`AttemptDeadlines::next`) is the execution deadline.
+    let deadline =
+        "COALESCE((SELECT d.deadline FROM unnest($4::text[], $5::int8[]) AS d(name, deadline) \
+                    WHERE d.name = jobs.content_type), $6::int8)";
     let sql = format!(
-        "WITH c AS ( \
-             SELECT j.seq AS c_seq, j.status AS c_previous, \
-                    COALESCE((SELECT d.deadline FROM unnest($4::text[], $5::int8[]) AS d(name, deadline) \
-                              WHERE d.name = j.content_type), $6::int8) AS c_deadline \
-             FROM jobs j \
-             WHERE j.status IN ('pending', 'retrying') AND j.available_at <= $1::int8 {type_filter} \
-             ORDER BY j.available_at, j.seq \
-             LIMIT 1 \
-             FOR UPDATE OF j SKIP LOCKED), \
+        "WITH c AS ({candidate}), \
          u AS ( \
              UPDATE jobs SET status = 'processing', worker_id = $2::text, lease_id = $3::text, attempt = attempt + 1, \
-                 started_at = $1::int8, updated_at = $1::int8, execution_deadline = c.c_deadline, \
-                 heartbeat_deadline = NULL, last_heartbeat_at = NULL, deadline_at = c.c_deadline, \
+                 started_at = $1::int8, updated_at = $1::int8, execution_deadline = {deadline}, \
+                 heartbeat_deadline = NULL, last_heartbeat_at = NULL, deadline_at = {deadline}, \
                  result_received_at = NULL, progress = NULL, progress_message = NULL \
              FROM c WHERE jobs.seq = c.c_seq AND jobs.status = c.c_previous \
              RETURNING jobs.*, c.c_previous), \
@@ -1151,13 +1242,6 @@ async fn rescue_batch(conn: &mut Conn, p: &RescueParams) -> Result<RescueReport,
             }
         }
     }
-    if report.n_retries_due > 0 {
-        let statement = conn.statement("SELECT pg_notify($1, '')").await?;
-        conn.client
-            .execute(&statement, &[&JOBS_AVAILABLE_CHANNEL])
-            .await
-            .map_err(pg_error)?;
-    }
     Ok(report)
 }
 
@@ -1514,7 +1598,7 @@ async fn ping(conn: &mut Conn) -> Result<(), StoreError> {
 
 impl Store for PostgresStore {
     fn create_job(&self, params: CreateJobParams) -> StoreFuture<'_, Job> {
-        self.run(move |c| Box::pin(create(c, params)))
+        self.run_and_announce(move |c| Box::pin(create(c, params)), |_| true)
     }
 
     fn claim_job(&self, params: ClaimParams) -> StoreFuture<'_, Option<Job>> {
@@ -1534,11 +1618,14 @@ impl Store for PostgresStore {
     }
 
     fn retry_job(&self, params: ManualRetryParams) -> StoreFuture<'_, Job> {
-        self.run(move |c| Box::pin(manual_retry(c, params)))
+        self.run_and_announce(move |c| Box::pin(manual_retry(c, params)), |_| true)
     }
 
     fn rescue_expired(&self, params: RescueParams) -> StoreFuture<'_, RescueReport> {
-        self.run(move |c| Box::pin(rescue(c, params)))
+        self.run_and_announce(
+            move |c| Box::pin(rescue(c, params)),
+            |report| report.n_retries_due > 0,
+        )
     }
 
     fn next_deadline(&self) -> StoreFuture<'_, Option<Timestamp>> {
@@ -1570,7 +1657,15 @@ impl Store for PostgresStore {
     }
 
     fn import_job(&self, params: ImportJobParams) -> StoreFuture<'_, ImportOutcome> {
-        self.run(move |c| Box::pin(import(c, params)))
+        let claimable = params.job.status.is_claimable();
+        let work = self.run(move |c| Box::pin(import(c, params)));
+        Box::pin(async move {
+            let outcome = work.await?;
+            if claimable && outcome == ImportOutcome::Imported {
+                self.announce.notify_one();
+            }
+            Ok(outcome)
+        })
     }
 
     fn ping(&self) -> StoreFuture<'_, ()> {
