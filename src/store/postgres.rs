@@ -423,6 +423,23 @@ async fn announce_wakeups(
     }
 }
 
+/// Expired deadlines, nearest first, from the `jobs_deadline` index; rows another
+/// replica's monitor holds are skipped.
+const RESCUE_SCAN_SQL: &str =
+    "SELECT seq, status, execution_deadline, heartbeat_deadline, retry_count, lease_id \
+     FROM jobs WHERE deadline_at IS NOT NULL AND deadline_at <= $1 \
+     ORDER BY deadline_at LIMIT $2 FOR UPDATE SKIP LOCKED";
+/// Finished jobs of one status past a cutoff, oldest first from the `jobs_finished` index,
+/// deleted (their history goes with them: ON DELETE CASCADE).
+const CLEANUP_SQL: &str = "WITH victims AS ( \
+         SELECT seq FROM jobs WHERE status = $1 AND completed_at < $2 \
+         AND status IN ('completed', 'failed', 'timeout', 'cancelled') \
+         ORDER BY completed_at LIMIT $3 FOR UPDATE SKIP LOCKED) \
+     DELETE FROM jobs USING victims WHERE jobs.seq = victims.seq AND jobs.status = $1 \
+     RETURNING jobs.completed_at, jobs.seq, jobs.source_file_path";
+const NEXT_DEADLINE_SQL: &str =
+    "SELECT deadline_at FROM jobs WHERE deadline_at IS NOT NULL ORDER BY deadline_at LIMIT 1";
+
 const JOB_COLUMNS: &str = "seq, id, content_type, source_file_path, task_options, ingestion_task_id, status, \
      worker_id, lease_id, attempt, retry_count, created_at, started_at, completed_at, updated_at, available_at, \
      execution_deadline, heartbeat_deadline, last_heartbeat_at, progress, progress_message, error_message, \
@@ -669,26 +686,11 @@ async fn create(conn: &mut Conn, p: CreateJobParams) -> Result<Job, StoreError> 
     .ok_or_else(|| StoreError::Internal("the insert returned no row".into()))
 }
 
-async fn claim(conn: &mut Conn, p: ClaimParams) -> Result<Option<Job>, StoreError> {
-    // The execution deadline depends on the content type of the job that is picked, so
-    // the policy's deadline for every type that can be picked goes in as a lookup table.
-    let known: Vec<ContentType> = if p.content_types.is_empty() {
-        p.timeouts
-            .execution_by_type
-            .keys()
-            .filter_map(|name| ContentType::parse(name).ok())
-            .collect()
-    } else {
-        p.content_types.clone()
-    };
-    let names: Vec<&str> = known.iter().map(ContentType::as_str).collect();
-    let deadlines: Vec<i64> = known
-        .iter()
-        .map(|t| p.timeouts.claim_deadlines(t, p.now).execution.as_micros())
-        .collect();
-    // Types without their own timeout (only possible when any type may be picked).
-    let default_deadline = p.now.plus(p.timeouts.execution_default).as_micros();
-    let candidate = if p.content_types.is_empty() {
+/// The claim statement: `$1` now, `$2` worker, `$3` lease, `$4` the requested types (or
+/// the types with their own timeout when any type may be claimed), `$5` their execution
+/// deadlines, `$6` the deadline of other types.
+fn claim_sql(any_type: bool) -> String {
+    let candidate = if any_type {
         // Any type: the first entry of the `jobs_queue` index that nobody holds.
         "SELECT j.seq AS c_seq, j.status AS c_previous FROM jobs j \
          WHERE j.status IN ('pending', 'retrying') AND j.available_at <= $1::int8 \
@@ -719,7 +721,7 @@ async fn claim(conn: &mut Conn, p: ClaimParams) -> Result<Option<Job>, StoreErro
     let deadline =
         "COALESCE((SELECT d.deadline FROM unnest($4::text[], $5::int8[]) AS d(name, deadline) \
                     WHERE d.name = jobs.content_type), $6::int8)";
-    let sql = format!(
+    format!(
         "WITH c AS ({candidate}), \
          u AS ( \
              UPDATE jobs SET status = 'processing', worker_id = $2::text, lease_id = $3::text, attempt = attempt + 1, \
@@ -732,7 +734,29 @@ async fn claim(conn: &mut Conn, p: ClaimParams) -> Result<Option<Job>, StoreErro
                SELECT seq, c_previous, 'processing', $1::int8, 'worker', \
                       'claimed by worker ' || $2::text || ' (attempt ' || attempt || ')' FROM u) \
          SELECT {JOB_COLUMNS} FROM u"
-    );
+    )
+}
+
+async fn claim(conn: &mut Conn, p: ClaimParams) -> Result<Option<Job>, StoreError> {
+    // The execution deadline depends on the content type of the job that is picked, so
+    // the policy's deadline for every type that can be picked goes in as a lookup table.
+    let known: Vec<ContentType> = if p.content_types.is_empty() {
+        p.timeouts
+            .execution_by_type
+            .keys()
+            .filter_map(|name| ContentType::parse(name).ok())
+            .collect()
+    } else {
+        p.content_types.clone()
+    };
+    let names: Vec<&str> = known.iter().map(ContentType::as_str).collect();
+    let deadlines: Vec<i64> = known
+        .iter()
+        .map(|t| p.timeouts.claim_deadlines(t, p.now).execution.as_micros())
+        .collect();
+    // Types without their own timeout (only possible when any type may be picked).
+    let default_deadline = p.now.plus(p.timeouts.execution_default).as_micros();
+    let sql = claim_sql(p.content_types.is_empty());
     let now = p.now.as_micros();
     let lease = LeaseId::new_random().to_string();
     let statement = conn.statement(&sql).await?;
@@ -1106,11 +1130,7 @@ async fn rescue_batch(conn: &mut Conn, p: &RescueParams) -> Result<RescueReport,
     let mut report = RescueReport::default();
     // Rows another replica's monitor is handling right now are skipped, not waited for.
     let statement = conn
-        .statement(
-            "SELECT seq, status, execution_deadline, heartbeat_deadline, retry_count, lease_id \
-             FROM jobs WHERE deadline_at IS NOT NULL AND deadline_at <= $1 \
-             ORDER BY deadline_at LIMIT $2 FOR UPDATE SKIP LOCKED",
-        )
+        .statement(RESCUE_SCAN_SQL)
         .await?;
     let expired = conn
         .client
@@ -1313,13 +1333,7 @@ async fn cleanup_batch(conn: &mut Conn, p: &CleanupParams) -> Result<CleanupRepo
         // Locked rows belong to another replica's cleaner (or a cancel in flight): skip them.
         // History rows go with their job (ON DELETE CASCADE).
         let statement = conn
-            .statement(
-                "WITH victims AS ( \
-                     SELECT seq FROM jobs WHERE status = $1 AND completed_at < $2 \
-                     ORDER BY completed_at LIMIT $3 FOR UPDATE SKIP LOCKED) \
-                 DELETE FROM jobs USING victims WHERE jobs.seq = victims.seq AND jobs.status = $1 \
-                 RETURNING jobs.completed_at, jobs.seq, jobs.source_file_path",
-            )
+            .statement(CLEANUP_SQL)
             .await?;
         let mut deleted = conn
             .client
@@ -1575,7 +1589,7 @@ async fn pending_handoffs(conn: &mut Conn, limit: usize) -> Result<Vec<Handoff>,
 
 async fn next_deadline(conn: &mut Conn) -> Result<Option<Timestamp>, StoreError> {
     let statement = conn
-        .statement("SELECT deadline_at FROM jobs WHERE deadline_at IS NOT NULL ORDER BY deadline_at LIMIT 1")
+        .statement(NEXT_DEADLINE_SQL)
         .await?;
     let row = conn
         .client
@@ -1686,5 +1700,133 @@ impl Store for PostgresStore {
 impl Drop for PostgresStore {
     fn drop(&mut self) {
         let _ = self.stop_listener.send(true);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The PostgreSQL the tests use (as in `tests/it/support.rs`); unreachable = failure.
+    fn admin_url() -> String {
+        std::env::var("MORAG_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+    }
+
+    async fn connect(url: &str) -> tokio_postgres::Client {
+        let (client, connection) = tokio_postgres::connect(url, NoTls)
+            .await
+            .unwrap_or_else(|error| panic!("PostgreSQL at {url} is unreachable: {error}"));
+        tokio::spawn(connection);
+        client
+    }
+
+    /// The longest row count any node of the statement's plan produced (per loop times
+    /// loops), and the plan, from `EXPLAIN ANALYZE`.
+    async fn rows_read(
+        client: &tokio_postgres::Client,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> (u64, String) {
+        let plan: Vec<String> = client
+            .query(&format!("EXPLAIN (ANALYZE, FORMAT TEXT) {sql}"), params)
+            .await
+            .expect("explain runs")
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        let mut most = 0;
+        for line in &plan {
+            let Some(actual) = line.find("(actual") else { continue };
+            let numbers = &line[actual..];
+            let field = |name: &str| -> u64 {
+                numbers
+                    .find(name)
+                    .map(|at| {
+                        numbers[at + name.len()..]
+                            .chars()
+                            .take_while(char::is_ascii_digit)
+                            .collect::<String>()
+                            .parse()
+                            .unwrap_or(0)
+                    })
+                    .unwrap_or(0)
+            };
+            most = most.max(field("rows=") * field("loops=").max(1));
+        }
+        (most, plan.join("\n"))
+    }
+
+    /// Claims, the monitor's scans and cleanup read a bounded number of rows however many
+    /// jobs there are: the query plans use their indexes (and never sort all due jobs).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hot_queries_read_a_bounded_number_of_rows() {
+        let name = format!("morag_jobs_test_{:016x}", fastrand::u64(..));
+        let admin = connect(&admin_url()).await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        let url = format!("{}/{name}", admin_url().rsplit_once('/').unwrap().0);
+        let checked = async {
+            PostgresStore::migrate(&PostgresOptions::new(url.clone()))
+                .await
+                .unwrap();
+            let client = connect(&url).await;
+            // 20,000 due jobs of each of two types, 20,000 finished ones, 2,000 with deadlines.
+            client
+                .batch_execute(
+                    "INSERT INTO jobs (id, content_type, source_file_path, task_options, ingestion_task_id, \
+                         status, created_at, updated_at, available_at, completed_at, deadline_at) \
+                     SELECT gen_random_uuid()::text, CASE WHEN n % 2 = 0 THEN 'audio' ELSE 'video' END, \
+                         '/f/' || n, '{}', 'i', \
+                         CASE WHEN n <= 40000 THEN 'pending' ELSE 'completed' END, n, n, n, \
+                         CASE WHEN n > 40000 THEN n END, CASE WHEN n % 30 = 0 THEN n END \
+                     FROM generate_series(1, 60000) AS n; \
+                     ANALYZE jobs",
+                )
+                .await
+                .unwrap();
+            let now = 1_000_000i64;
+            let lease = "lease";
+            let audio: Vec<&str> = vec!["audio"];
+            let both: Vec<&str> = vec!["audio", "video"];
+            let deadlines: Vec<i64> = vec![5, 5];
+            let one_deadline: Vec<i64> = vec![5];
+            let checks: Vec<(&str, String, Vec<&(dyn ToSql + Sync)>)> = vec![
+                (
+                    "claim of one type",
+                    claim_sql(false),
+                    vec![&now, &"w", &lease, &audio, &one_deadline, &5i64],
+                ),
+                (
+                    "claim of two types",
+                    claim_sql(false),
+                    vec![&now, &"w", &lease, &both, &deadlines, &5i64],
+                ),
+                (
+                    "claim of any type",
+                    claim_sql(true),
+                    vec![&now, &"w", &lease, &both, &deadlines, &5i64],
+                ),
+                ("rescue scan", RESCUE_SCAN_SQL.into(), vec![&now, &50i64]),
+                ("next deadline", NEXT_DEADLINE_SQL.into(), vec![]),
+                (
+                    "cleanup batch",
+                    CLEANUP_SQL.into(),
+                    vec![&"completed", &now, &50i64],
+                ),
+            ];
+            for (what, sql, params) in checks {
+                let (rows, plan) = rows_read(&client, &sql, &params).await;
+                assert!(rows <= 200, "{what} read {rows} rows:\n{plan}");
+            }
+        }
+        .await;
+        admin
+            .batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)"))
+            .await
+            .unwrap();
+        checked
     }
 }

@@ -179,3 +179,144 @@ async fn a_database_outage_answers_503_quickly_and_the_server_recovers_by_itself
     answers_quickly(&app, Method::POST, "/api/v1/remote-jobs/", Some(create), 200).await;
     app.stop().await;
 }
+
+/// Every replica runs the monitor. Concurrent passes over the same expired jobs and the
+/// same finished jobs split the work (SKIP LOCKED) and apply each change once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn monitors_of_several_replicas_apply_each_timeout_and_deletion_once() {
+    use morag_jobs::clock::Timestamp;
+    use morag_jobs::domain::{ContentType, JobId, LifecyclePolicy, RetentionPolicy, RetryPolicy, WorkerId};
+    use morag_jobs::store::*;
+    use std::sync::Arc;
+
+    let database = PgDatabase::create().await;
+    let mut stores: Vec<Arc<dyn Store>> = Vec::new();
+    for _ in 0..3 {
+        stores.push(Arc::new(PostgresStore::open(PostgresOptions::new(database.url.clone())).await.unwrap()));
+    }
+    let t0 = Timestamp::from_micros(1_800_000_000_000_000);
+    let at = move |secs: u64| t0.plus(Duration::from_secs(secs));
+    // One retry, then final: every job times out twice.
+    let policy = LifecyclePolicy {
+        retry: RetryPolicy { max_retries: 1, jitter_fraction: 0.0, ..RetryPolicy::default() },
+        ..LifecyclePolicy::default()
+    };
+    let n = 300;
+    for i in 0..n {
+        stores[i % 3]
+            .create_job(CreateJobParams {
+                id: JobId::new_random(),
+                content_type: ContentType::parse("image").unwrap(),
+                source_file_path: format!("/data/files/{i}"),
+                task_options: serde_json::json!({}),
+                ingestion_task_id: "i".into(),
+                pending_deadline: None,
+                now: t0,
+            })
+            .await
+            .unwrap();
+    }
+    let claim_all = |now: Timestamp| {
+        let stores = stores.clone();
+        let timeouts = policy.timeouts.clone();
+        async move {
+            let mut claimed = 0;
+            while let Some(_) = stores[claimed % 3]
+                .claim_job(ClaimParams { worker_id: WorkerId::parse("w").unwrap(), content_types: vec![], timeouts: timeouts.clone(), now })
+                .await
+                .unwrap()
+            {
+                claimed += 1;
+            }
+            claimed
+        }
+    };
+    // All three monitors at once, in small batches, until nothing is left.
+    let rescue_all = |now: Timestamp| {
+        let stores = stores.clone();
+        let policy = policy.clone();
+        async move {
+            let passes: Vec<_> = stores
+                .iter()
+                .cloned()
+                .map(|store| {
+                    let policy = policy.clone();
+                    tokio::spawn(async move {
+                        let mut total = RescueReport::default();
+                        loop {
+                            let report = store
+                                .rescue_expired(RescueParams { policy: policy.clone(), limit: 7, jitter_seed: 1, now })
+                                .await
+                                .unwrap();
+                            total.n_attempts_timed_out += report.n_attempts_timed_out;
+                            total.n_retries_scheduled += report.n_retries_scheduled;
+                            total.n_retries_due += report.n_retries_due;
+                            if !report.changed_anything() {
+                                return total;
+                            }
+                        }
+                    })
+                })
+                .collect();
+            let mut total = RescueReport::default();
+            for pass in passes {
+                let report = pass.await.unwrap();
+                total.n_attempts_timed_out += report.n_attempts_timed_out;
+                total.n_retries_scheduled += report.n_retries_scheduled;
+                total.n_retries_due += report.n_retries_due;
+            }
+            total
+        }
+    };
+
+    assert_eq!(claim_all(at(0)).await, n);
+    let first = rescue_all(at(300)).await; // image: 300 s execution timeout
+    assert_eq!((first.n_attempts_timed_out, first.n_retries_scheduled), (n, n), "each job timed out once");
+    let due = rescue_all(at(360)).await; // 60 s backoff
+    assert_eq!(due.n_retries_due, n);
+    assert_eq!(claim_all(at(360)).await, n);
+    let last = rescue_all(at(660)).await;
+    assert_eq!((last.n_attempts_timed_out, last.n_retries_scheduled), (n, 0), "then finally");
+    assert_eq!(stores[0].pending_handoffs(1000).await.unwrap().len(), n, "one hand-off each");
+    for job in stores[1].list_jobs(ListParams { limit: 1000, ..Default::default() }).await.unwrap().jobs {
+        let history = stores[2].get_job_detail(job.id).await.unwrap().unwrap().history;
+        let timeouts = history.iter().filter(|h| h.to == morag_jobs::domain::JobStatus::Timeout).count();
+        assert_eq!(timeouts, 2, "{:?}", history);
+    }
+
+    // Three cleaners at once delete every job once and report each file once.
+    let cleanup_at = at(3 * 86_400);
+    let cleaners: Vec<_> = stores
+        .iter()
+        .cloned()
+        .map(|store| {
+            tokio::spawn(async move {
+                let mut deleted = 0;
+                let mut files = Vec::new();
+                loop {
+                    let report = store
+                        .cleanup_finished(CleanupParams { retention: RetentionPolicy::uniform(1), limit: 9, now: cleanup_at })
+                        .await
+                        .unwrap();
+                    if report.n_deleted == 0 {
+                        return (deleted, files);
+                    }
+                    deleted += report.n_deleted;
+                    files.extend(report.orphaned_source_files);
+                }
+            })
+        })
+        .collect();
+    let mut deleted = 0;
+    let mut files = Vec::new();
+    for cleaner in cleaners {
+        let (n_deleted, orphaned) = cleaner.await.unwrap();
+        deleted += n_deleted;
+        files.extend(orphaned);
+    }
+    assert_eq!(deleted, n);
+    files.sort();
+    files.dedup();
+    assert_eq!(files.len(), n, "each file reported once");
+    assert_eq!(stores[0].statistics(at(3 * 86_400)).await.unwrap().total_jobs, 0);
+}
