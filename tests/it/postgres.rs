@@ -72,7 +72,7 @@ async fn a_job_created_on_one_replica_wakes_a_long_poll_on_another_at_once() {
     let (body, waited) = poll.await.unwrap();
     assert_eq!(body["job_id"].as_str(), Some(id.as_str()), "{body}");
     // Well under the 5 s fallback tick: the notification did it.
-    assert!(waited < Duration::from_millis(1500), "woken after {waited:?}");
+    assert!(waited < Duration::from_millis(2500), "woken after {waited:?}");
     assert_eq!(creator.status_of(&id).await, "processing");
 }
 
@@ -221,10 +221,11 @@ async fn monitors_of_several_replicas_apply_each_timeout_and_deletion_once() {
         let timeouts = policy.timeouts.clone();
         async move {
             let mut claimed = 0;
-            while let Some(_) = stores[claimed % 3]
+            while stores[claimed % 3]
                 .claim_job(ClaimParams { worker_id: WorkerId::parse("w").unwrap(), content_types: vec![], timeouts: timeouts.clone(), now })
                 .await
                 .unwrap()
+                .is_some()
             {
                 claimed += 1;
             }

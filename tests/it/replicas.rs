@@ -264,7 +264,7 @@ async fn run(kill_one: bool) {
         worker.await.unwrap();
     }
     assert!(!kill_one || killed);
-    let observed = observed.lock().unwrap();
+    let observed = std::mem::take(&mut *observed.lock().unwrap());
     eprintln!(
         "{} jobs acknowledged in {:?}: {} claims seen, {} results accepted, {} refused, replica killed: {killed}",
         ids.len(),
