@@ -1119,8 +1119,11 @@ macro_rules! in_transaction {
 
 async fn rescue(conn: &mut Conn, p: RescueParams) -> Result<RescueReport, StoreError> {
     let report: RescueReport = in_transaction!(conn, "BEGIN", rescue_batch(conn, &p))?;
-    // Folding counter deltas rides along the monitor's passes.
-    compact_counters(conn).await?;
+    // Folding counter deltas rides along the monitor's passes. The batch above is
+    // committed either way, so a failure here must not hide its report.
+    if let Err(error) = compact_counters(conn).await {
+        tracing::warn!(%error, "cannot fold counter deltas; trying again on the next pass");
+    }
     Ok(report)
 }
 
@@ -1265,8 +1268,25 @@ async fn rescue_batch(conn: &mut Conn, p: &RescueParams) -> Result<RescueReport,
     Ok(report)
 }
 
-/// Folds the counter deltas into the totals, unless another replica is doing it now.
+/// Deltas folded per statement, so that one statement stays far inside the statement
+/// timeout however far compaction fell behind.
+const COMPACTION_BATCH: i64 = 20_000;
+/// How long one call keeps folding batches at most.
+const COMPACTION_BUDGET: Duration = Duration::from_secs(1);
+
+/// Folds counter deltas into the totals, unless another replica is doing it now.
 async fn compact_counters(conn: &mut Conn) -> Result<(), StoreError> {
+    let started = std::time::Instant::now();
+    loop {
+        let moved = compact_counters_batch(conn).await?;
+        if moved < COMPACTION_BATCH as u64 || started.elapsed() > COMPACTION_BUDGET {
+            return Ok(());
+        }
+    }
+}
+
+/// Folds one batch; returns how many deltas it moved (0 when another replica holds the lock).
+async fn compact_counters_batch(conn: &mut Conn) -> Result<u64, StoreError> {
     in_transaction!(conn, "BEGIN", async {
         let statement = conn
             .statement("SELECT pg_try_advisory_xact_lock($1)")
@@ -1280,24 +1300,33 @@ async fn compact_counters(conn: &mut Conn) -> Result<(), StoreError> {
             0,
         )?;
         if !locked {
-            return Ok(());
+            return Ok(0);
         }
         let statement = conn
             .statement(
-                "WITH moved AS (DELETE FROM counter_deltas RETURNING *) \
-                 INSERT INTO counters (counter, status, content_type, minute, n, total_micros) \
-                 SELECT counter, status, content_type, minute, SUM(n), SUM(total_micros) FROM moved \
-                 GROUP BY counter, status, content_type, minute \
-                 ORDER BY counter, status, content_type, minute \
-                 ON CONFLICT (counter, status, content_type, minute) DO UPDATE \
-                 SET n = counters.n + excluded.n, total_micros = counters.total_micros + excluded.total_micros",
+                "WITH moved AS ( \
+                     DELETE FROM counter_deltas \
+                     WHERE ctid = ANY (ARRAY(SELECT ctid FROM counter_deltas LIMIT $1)) \
+                     RETURNING *), \
+                 folded AS ( \
+                     INSERT INTO counters (counter, status, content_type, minute, n, total_micros) \
+                     SELECT counter, status, content_type, minute, SUM(n), SUM(total_micros) FROM moved \
+                     GROUP BY counter, status, content_type, minute \
+                     ORDER BY counter, status, content_type, minute \
+                     ON CONFLICT (counter, status, content_type, minute) DO UPDATE \
+                     SET n = counters.n + excluded.n, total_micros = counters.total_micros + excluded.total_micros) \
+                 SELECT count(*) FROM moved",
             )
             .await?;
-        conn.client
-            .execute(&statement, &[])
-            .await
-            .map_err(pg_error)?;
-        Ok::<(), StoreError>(())
+        let moved: i64 = get(
+            &conn
+                .client
+                .query_one(&statement, &[&COMPACTION_BATCH])
+                .await
+                .map_err(pg_error)?,
+            0,
+        )?;
+        Ok::<u64, StoreError>(moved.max(0) as u64)
     })
 }
 

@@ -321,3 +321,34 @@ async fn monitors_of_several_replicas_apply_each_timeout_and_deletion_once() {
     assert_eq!(files.len(), n, "each file reported once");
     assert_eq!(stores[0].statistics(at(3 * 86_400)).await.unwrap().total_jobs, 0);
 }
+
+/// Statistics stay exact while counter deltas are folded into totals in batches, and
+/// whatever is not folded yet is still counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statistics_stay_exact_across_batched_compaction() {
+    use morag_jobs::clock::Timestamp;
+    use morag_jobs::domain::JobStatus;
+    use morag_jobs::store::Store;
+
+    let database = PgDatabase::create().await;
+    let store = PostgresStore::open(PostgresOptions::new(database.url.clone())).await.unwrap();
+    let now = Timestamp::from_micros(1_800_000_000_000_000);
+    // 45,000 jobs written behind the store's back: 90,000 deltas, several batches.
+    database
+        .admin_execute_in_own_database(&format!(
+            "INSERT INTO jobs (id, content_type, source_file_path, task_options, ingestion_task_id, status, \
+                 created_at, updated_at, available_at) \
+             SELECT gen_random_uuid()::text, CASE WHEN n % 3 = 0 THEN 'video' ELSE 'audio' END, '/f', '{{}}', 'i', \
+                 'pending', {t}, {t}, {t} FROM generate_series(1, 45000) AS n; \
+             UPDATE jobs SET status = 'cancelled', completed_at = {t} WHERE seq % 5 = 0",
+            t = now.as_micros()
+        ))
+        .await;
+    for _ in 0..3 {
+        let stats = store.statistics(now).await.unwrap();
+        assert_eq!(stats.total_jobs, 45_000);
+        assert_eq!((stats.status_counts[&JobStatus::Pending], stats.status_counts[&JobStatus::Cancelled]), (36_000, 9_000));
+        assert_eq!((stats.content_type_counts["audio"], stats.content_type_counts["video"]), (30_000, 15_000));
+        assert_eq!(stats.created_last_24h, 45_000);
+    }
+}
