@@ -23,6 +23,8 @@ pub struct TestApp {
     shutdown: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     pub data_dir: tempfile::TempDir,
+    /// The PostgreSQL database of a run with `MORAG_TEST_STORE=postgres`.
+    _database: Option<PgDatabase>,
 }
 
 /// Flags as `morag-jobs serve` would parse them, with a temp data dir and port 0.
@@ -51,9 +53,21 @@ pub async fn spawn_app() -> TestApp {
 }
 
 /// Starts the server with extra `serve` flags, e.g. `["--max-retries", "1"]`.
+///
+/// With `MORAG_TEST_STORE=postgres`, every server whose flags name no database runs on a
+/// fresh PostgreSQL database instead of SQLite, so the whole HTTP suite can be run against
+/// that backend too.
 pub async fn spawn_app_with(extra: &[&str]) -> TestApp {
     let data_dir = tempfile::tempdir().expect("temp dir");
-    let config = Config::from_args(serve_args(data_dir.path(), extra)).expect("valid config");
+    let mut database = None;
+    let mut flags: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    if std::env::var("MORAG_TEST_STORE").as_deref() == Ok("postgres") && !extra.contains(&"--database-url") {
+        let created = PgDatabase::create().await;
+        flags.extend(["--database-url".to_owned(), created.url.clone()]);
+        database = Some(created);
+    }
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let config = Config::from_args(serve_args(data_dir.path(), &flags)).expect("valid config");
     let clock = ManualClock::starting_now();
     let app = App::build(config, Arc::new(clock.clone()))
         .await
@@ -74,6 +88,7 @@ pub async fn spawn_app_with(extra: &[&str]) -> TestApp {
         shutdown: Some(shutdown),
         server: Some(server),
         data_dir,
+        _database: database,
     }
 }
 
