@@ -352,3 +352,72 @@ async fn statistics_stay_exact_across_batched_compaction() {
         assert_eq!(stats.created_last_24h, 45_000);
     }
 }
+
+/// Claims for any type take another path (the `jobs_queue` index) than claims for some
+/// types; neither hands a job to two of many concurrent claimers on several replicas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_claims_of_any_or_some_types_never_share_a_job() {
+    use morag_jobs::clock::Timestamp;
+    use morag_jobs::domain::{ContentType, JobId, TimeoutPolicy, WorkerId};
+    use morag_jobs::store::*;
+    use std::collections::HashSet;
+    use std::sync::Arc;
+
+    let database = PgDatabase::create().await;
+    let mut stores: Vec<Arc<dyn Store>> = Vec::new();
+    for _ in 0..2 {
+        stores.push(Arc::new(PostgresStore::open(PostgresOptions::new(database.url.clone())).await.unwrap()));
+    }
+    let now = Timestamp::from_micros(1_800_000_000_000_000);
+    let mut created = HashSet::new();
+    for i in 0..400 {
+        let id = JobId::new_random();
+        stores[0]
+            .create_job(CreateJobParams {
+                id,
+                content_type: ContentType::parse(["audio", "video", "pdf"][i % 3]).unwrap(),
+                source_file_path: "/f".into(),
+                task_options: serde_json::json!({}),
+                ingestion_task_id: "i".into(),
+                pending_deadline: None,
+                now,
+            })
+            .await
+            .unwrap();
+        created.insert(id);
+    }
+    let tasks: Vec<_> = (0..12)
+        .map(|w| {
+            let store = stores[w % 2].clone();
+            // A third claim any type, the others two of the three.
+            let types: Vec<ContentType> = match w % 3 {
+                0 => vec![],
+                1 => vec![ContentType::parse("audio").unwrap(), ContentType::parse("pdf").unwrap()],
+                _ => vec![ContentType::parse("video").unwrap(), ContentType::parse("pdf").unwrap()],
+            };
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                while let Some(job) = store
+                    .claim_job(ClaimParams {
+                        worker_id: WorkerId::parse(&format!("w{w}")).unwrap(),
+                        content_types: types.clone(),
+                        timeouts: TimeoutPolicy::default(),
+                        now,
+                    })
+                    .await
+                    .unwrap()
+                {
+                    got.push(job.id);
+                }
+                got
+            })
+        })
+        .collect();
+    let mut claimed = Vec::new();
+    for task in tasks {
+        claimed.extend(task.await.unwrap());
+    }
+    let distinct: HashSet<JobId> = claimed.iter().copied().collect();
+    assert_eq!(claimed.len(), distinct.len(), "a job was claimed twice");
+    assert_eq!(distinct, created, "every job was claimed");
+}
