@@ -13,9 +13,21 @@ if ! command -v cargo >/dev/null; then
   exit 1
 fi
 
+# The PostgreSQL tests need the server at 127.0.0.1:5432 (override with
+# MORAG_TEST_POSTGRES_URL); they fail rather than skip when it is missing, and this says why first.
+pg_url="${MORAG_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/test}"
+if command -v pg_isready >/dev/null && ! pg_isready -q -d "$pg_url"; then
+  echo "PostgreSQL is not reachable at $pg_url: the PostgreSQL tests will fail" >&2
+fi
+
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --all-targets --no-fail-fast
+  run_tests() { cargo nextest run --no-fail-fast "$@"; }
 else
   echo "cargo-nextest not found; running cargo test instead" >&2
-  cargo test --all-targets --no-fail-fast
+  run_tests() { cargo test --no-fail-fast "$@"; }
 fi
+
+# Everything once on the embedded default (the conformance suite runs on both backends)...
+run_tests --all-targets
+# ...then the whole HTTP suite again with the server on PostgreSQL.
+MORAG_TEST_STORE=postgres run_tests --test it

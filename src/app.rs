@@ -131,9 +131,12 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
             Ok(Arc::new(store))
         }
         DatabaseTarget::Postgres(url) => {
-            let store = PostgresStore::open(crate::config::postgres_options(url, config.database_max_connections))
-                .await
-                .context("failed to open the PostgreSQL store")?;
+            let store = PostgresStore::open(crate::config::postgres_options(
+                url,
+                config.database_max_connections,
+            ))
+            .await
+            .context("failed to open the PostgreSQL store")?;
             Ok(Arc::new(store))
         }
     }

@@ -9,10 +9,10 @@ use serde_json::Value;
 
 use crate::app::{shutdown_signal, App};
 use crate::clock::SystemClock;
+use crate::config::{Config, DatabaseArgs, DatabaseTarget, ServeArgs};
 use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::{SqliteOptions, SqliteStore};
 use crate::store::Store as _;
-use crate::config::{Config, DatabaseArgs, DatabaseTarget, ServeArgs};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -213,7 +213,8 @@ async fn import(dir: std::path::PathBuf, serve: ServeArgs) -> anyhow::Result<()>
     };
     let store = crate::app::open_store(&config).await?;
     let result =
-        crate::import::import_morag_dir(&*store, &dir, &config.policy.timeouts, SystemClock.now()).await;
+        crate::import::import_morag_dir(&*store, &dir, &config.policy.timeouts, SystemClock.now())
+            .await;
     store.close().await.context("failed to close the store")?;
     let summary = result.context("the import stopped")?;
     for (path, reason) in &summary.malformed {
@@ -235,7 +236,10 @@ async fn migrate(storage: &StorageArgs) -> anyhow::Result<()> {
                 .await
                 .context("failed to migrate the PostgreSQL store")?;
             if report.from_version == report.to_version {
-                println!("PostgreSQL schema is up to date (version {})", report.to_version);
+                println!(
+                    "PostgreSQL schema is up to date (version {})",
+                    report.to_version
+                );
             } else {
                 println!(
                     "PostgreSQL schema migrated from version {} to {}",
@@ -244,8 +248,11 @@ async fn migrate(storage: &StorageArgs) -> anyhow::Result<()> {
             }
         }
         DatabaseTarget::Sqlite(path) => {
-            let store = SqliteStore::open(SqliteOptions { path: path.clone(), durability: Default::default() })
-                .with_context(|| format!("failed to open the SQLite store at {path:?}"))?;
+            let store = SqliteStore::open(SqliteOptions {
+                path: path.clone(),
+                durability: Default::default(),
+            })
+            .with_context(|| format!("failed to open the SQLite store at {path:?}"))?;
             store.close().await?;
             println!("SQLite store at {} is up to date", path.display());
         }

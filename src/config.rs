@@ -134,7 +134,12 @@ impl std::fmt::Debug for DatabaseUrl {
             (Some(scheme), Some(at)) if at > scheme => {
                 let credentials = &text[scheme + 3..at];
                 let user = credentials.split(':').next().unwrap_or("");
-                write!(f, "DatabaseUrl({}{user}:***{})", &text[..scheme + 3], &text[at..])
+                write!(
+                    f,
+                    "DatabaseUrl({}{user}:***{})",
+                    &text[..scheme + 3],
+                    &text[at..]
+                )
             }
             _ => write!(f, "DatabaseUrl({text})"),
         }
@@ -153,7 +158,9 @@ impl DatabaseArgs {
         }
         if let Some(path) = url.strip_prefix("sqlite://") {
             if path.is_empty() {
-                return Err(ConfigError::Invalid("MORAG_DATABASE_URL: sqlite:// needs a file path".into()));
+                return Err(ConfigError::Invalid(
+                    "MORAG_DATABASE_URL: sqlite:// needs a file path".into(),
+                ));
             }
             return Ok(DatabaseTarget::Sqlite(PathBuf::from(path)));
         }
@@ -167,7 +174,10 @@ impl DatabaseArgs {
     }
 }
 
-pub fn postgres_options(url: &DatabaseUrl, max_connections: usize) -> crate::store::postgres::PostgresOptions {
+pub fn postgres_options(
+    url: &DatabaseUrl,
+    max_connections: usize,
+) -> crate::store::postgres::PostgresOptions {
     let mut options = crate::store::postgres::PostgresOptions::new(url.expose());
     options.max_connections = max_connections.max(1);
     options
@@ -412,16 +422,35 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().to_str().unwrap();
         let config = Config::from_args(args(&["--data-dir", data])).unwrap();
-        assert_eq!(config.database, DatabaseTarget::Sqlite(config.data_dir.join("morag-jobs.sqlite3")));
-        let config = Config::from_args(args(&["--data-dir", data, "--database-url", "sqlite:///tmp/x.db"])).unwrap();
-        assert_eq!(config.database, DatabaseTarget::Sqlite(PathBuf::from("/tmp/x.db")));
+        assert_eq!(
+            config.database,
+            DatabaseTarget::Sqlite(config.data_dir.join("morag-jobs.sqlite3"))
+        );
+        let config = Config::from_args(args(&[
+            "--data-dir",
+            data,
+            "--database-url",
+            "sqlite:///tmp/x.db",
+        ]))
+        .unwrap();
+        assert_eq!(
+            config.database,
+            DatabaseTarget::Sqlite(PathBuf::from("/tmp/x.db"))
+        );
         assert_eq!(config.database_path, PathBuf::from("/tmp/x.db"));
         let url = "postgres://jobs:hunter2@db.internal:5432/morag";
         let config = Config::from_args(args(&["--data-dir", data, "--database-url", url])).unwrap();
-        assert_eq!(config.database, DatabaseTarget::Postgres(DatabaseUrl(url.into())));
+        assert_eq!(
+            config.database,
+            DatabaseTarget::Postgres(DatabaseUrl(url.into()))
+        );
         let debug = format!("{config:?}");
-        assert!(!debug.contains("hunter2") && debug.contains("jobs:***@db.internal"), "{debug}");
-        let error = Config::from_args(args(&["--data-dir", data, "--database-url", "mysql://x"])).unwrap_err();
+        assert!(
+            !debug.contains("hunter2") && debug.contains("jobs:***@db.internal"),
+            "{debug}"
+        );
+        let error = Config::from_args(args(&["--data-dir", data, "--database-url", "mysql://x"]))
+            .unwrap_err();
         assert!(error.to_string().contains("MORAG_DATABASE_URL"), "{error}");
     }
 

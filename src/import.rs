@@ -15,11 +15,20 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::clock::Timestamp;
-use crate::domain::{ContentType, Job, JobId, JobResult, JobStatus, LeaseId, TimeoutPolicy, WorkerId};
+use crate::domain::{
+    ContentType, Job, JobId, JobResult, JobStatus, LeaseId, TimeoutPolicy, WorkerId,
+};
 use crate::store::{ImportJobParams, ImportOutcome, Store, StoreError};
 
 /// MoRAG's status folders, in the order they are read.
-pub const STATUS_FOLDERS: [&str; 6] = ["pending", "processing", "completed", "failed", "timeout", "cancelled"];
+pub const STATUS_FOLDERS: [&str; 6] = [
+    "pending",
+    "processing",
+    "completed",
+    "failed",
+    "timeout",
+    "cancelled",
+];
 
 /// What one import run did.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -86,12 +95,13 @@ pub fn parse_morag_job(
     source: &str,
     now: Timestamp,
 ) -> Result<ImportJobParams, String> {
-    let raw: MoragJob = serde_json::from_str(text).map_err(|error| format!("not a MoRAG job: {error}"))?;
+    let raw: MoragJob =
+        serde_json::from_str(text).map_err(|error| format!("not a MoRAG job: {error}"))?;
     let id = JobId::parse(&raw.id).map_err(|error| error.to_string())?;
     let content_type = ContentType::parse(&raw.content_type).map_err(|error| error.to_string())?;
     let status_name = raw.status.as_deref().unwrap_or(folder);
-    let status =
-        JobStatus::parse(status_name).ok_or_else(|| format!("status: {status_name:?} is not a job status"))?;
+    let status = JobStatus::parse(status_name)
+        .ok_or_else(|| format!("status: {status_name:?} is not a job status"))?;
     let task_options = match raw.task_options {
         None | Some(serde_json::Value::Null) => serde_json::json!({}),
         Some(options @ serde_json::Value::Object(_)) => options,
@@ -124,7 +134,9 @@ pub fn parse_morag_job(
             metadata: result.metadata.unwrap_or_else(|| serde_json::json!({})),
             processing_time: result.processing_time,
         }),
-        (JobStatus::Completed, None) => return Err("result_data: a completed job needs its result".into()),
+        (JobStatus::Completed, None) => {
+            return Err("result_data: a completed job needs its result".into())
+        }
         _ => None,
     };
     // The monitor watches an imported job like one created here: a pending job against
@@ -135,12 +147,20 @@ pub fn parse_morag_job(
             let started = started_at.ok_or("started_at: a processing job needs its start time")?;
             let execution = timeouts.claim_deadlines(&content_type, started).execution;
             // MoRAG's worker sends no lease; a fresh one fences any later attempt.
-            (Some(execution), Some(execution), Some(LeaseId::new_random()))
+            (
+                Some(execution),
+                Some(execution),
+                Some(LeaseId::new_random()),
+            )
         }
         JobStatus::Pending => (None, timeouts.pending_deadline(created_at), None),
         _ => (None, None, None),
     };
-    let updated_at = [Some(created_at), started_at, completed_at].into_iter().flatten().max().unwrap_or(created_at);
+    let updated_at = [Some(created_at), started_at, completed_at]
+        .into_iter()
+        .flatten()
+        .max()
+        .unwrap_or(created_at);
     let job = Job {
         id,
         content_type,
@@ -198,7 +218,9 @@ pub async fn import_morag_dir(
         for path in files {
             let source = format!(
                 "remote_jobs/{folder}/{}",
-                path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
+                path.file_name()
+                    .map(|n| n.to_string_lossy())
+                    .unwrap_or_default()
             );
             let parsed = std::fs::read_to_string(&path)
                 .map_err(|error| format!("cannot read: {error}"))
@@ -232,7 +254,13 @@ mod tests {
     use super::*;
 
     fn parse(text: &str, folder: &str) -> Result<ImportJobParams, String> {
-        parse_morag_job(text, folder, &TimeoutPolicy::default(), "test", Timestamp::from_micros(0))
+        parse_morag_job(
+            text,
+            folder,
+            &TimeoutPolicy::default(),
+            "test",
+            Timestamp::from_micros(0),
+        )
     }
 
     #[test]
@@ -247,14 +275,20 @@ mod tests {
         let started = Timestamp::parse_rfc3339("2026-11-29T16:00:10.5Z").unwrap();
         assert_eq!(params.job.attempt, 1);
         assert!(params.job.lease_id.is_some());
-        assert_eq!(params.deadline_at, Some(started.plus(std::time::Duration::from_secs(1800))));
+        assert_eq!(
+            params.deadline_at,
+            Some(started.plus(std::time::Duration::from_secs(1800)))
+        );
     }
 
     #[test]
     fn bad_files_say_why() {
         for (text, why) in [
             ("{", "not a MoRAG job"),
-            (r#"{"id": "nope", "ingestion_task_id": "t", "source_file_path": "/x", "content_type": "audio"}"#, "job_id"),
+            (
+                r#"{"id": "nope", "ingestion_task_id": "t", "source_file_path": "/x", "content_type": "audio"}"#,
+                "job_id",
+            ),
             (
                 r#"{"id": "0b0e5f3c-6a3c-4d5e-9c61-1d8c6f0f8a11", "ingestion_task_id": "t", "source_file_path": "/x", "content_type": "audio", "status": "done", "created_at": "2026-11-29T16:00:00"}"#,
                 "status",

@@ -1132,9 +1132,7 @@ async fn rescue_batch(conn: &mut Conn, p: &RescueParams) -> Result<RescueReport,
     let mut rng = fastrand::Rng::with_seed(p.jitter_seed);
     let mut report = RescueReport::default();
     // Rows another replica's monitor is handling right now are skipped, not waited for.
-    let statement = conn
-        .statement(RESCUE_SCAN_SQL)
-        .await?;
+    let statement = conn.statement(RESCUE_SCAN_SQL).await?;
     let expired = conn
         .client
         .query(&statement, &[&now, &(p.limit as i64)])
@@ -1361,9 +1359,7 @@ async fn cleanup_batch(conn: &mut Conn, p: &CleanupParams) -> Result<CleanupRepo
         };
         // Locked rows belong to another replica's cleaner (or a cancel in flight): skip them.
         // History rows go with their job (ON DELETE CASCADE).
-        let statement = conn
-            .statement(CLEANUP_SQL)
-            .await?;
+        let statement = conn.statement(CLEANUP_SQL).await?;
         let mut deleted = conn
             .client
             .query(
@@ -1617,9 +1613,7 @@ async fn pending_handoffs(conn: &mut Conn, limit: usize) -> Result<Vec<Handoff>,
 }
 
 async fn next_deadline(conn: &mut Conn) -> Result<Option<Timestamp>, StoreError> {
-    let statement = conn
-        .statement(NEXT_DEADLINE_SQL)
-        .await?;
+    let statement = conn.statement(NEXT_DEADLINE_SQL).await?;
     let row = conn
         .client
         .query_opt(&statement, &[])
@@ -1766,7 +1760,9 @@ mod tests {
             .collect();
         let mut most = 0;
         for line in &plan {
-            let Some(actual) = line.find("(actual") else { continue };
+            let Some(actual) = line.find("(actual") else {
+                continue;
+            };
             let numbers = &line[actual..];
             let field = |name: &str| -> u64 {
                 numbers

@@ -21,14 +21,20 @@ fn morag_jobs(args: &[&str]) -> std::process::Output {
 async fn migrate_applies_the_schema_once_and_a_newer_schema_is_refused() {
     let database = PgDatabase::create().await;
     let first = morag_jobs(&["migrate", "--database-url", &database.url]);
-    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
     assert!(String::from_utf8_lossy(&first.stdout).contains("from version 0 to 1"));
     let again = morag_jobs(&["migrate", "--database-url", &database.url]);
     assert!(String::from_utf8_lossy(&again.stdout).contains("up to date"));
 
     // A newer replica migrated the database further: this one must not touch it.
     database
-        .admin_execute_in_own_database("INSERT INTO morag_jobs_schema_migrations (version) VALUES (2)")
+        .admin_execute_in_own_database(
+            "INSERT INTO morag_jobs_schema_migrations (version) VALUES (2)",
+        )
         .await;
     match PostgresStore::open(PostgresOptions::new(database.url.clone())).await {
         Err(StoreError::SchemaTooNew { found: 2, known: 1 }) => {}
@@ -47,7 +53,10 @@ async fn migrate_applies_the_schema_once_and_a_newer_schema_is_refused() {
     ]);
     assert!(!serve.status.success());
     let stderr = String::from_utf8_lossy(&serve.stderr);
-    assert!(stderr.contains("schema version 2 is newer") && stderr.contains("upgrade morag-jobs"), "{stderr}");
+    assert!(
+        stderr.contains("schema version 2 is newer") && stderr.contains("upgrade morag-jobs"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -64,7 +73,14 @@ async fn a_job_created_on_one_replica_wakes_a_long_poll_on_another_at_once() {
     let client = poller.client.clone();
     let started = Instant::now();
     let poll = tokio::spawn(async move {
-        let body: serde_json::Value = client.get(poll_url).send().await.unwrap().json().await.unwrap();
+        let body: serde_json::Value = client
+            .get(poll_url)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         (body, started.elapsed())
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -72,19 +88,34 @@ async fn a_job_created_on_one_replica_wakes_a_long_poll_on_another_at_once() {
     let (body, waited) = poll.await.unwrap();
     assert_eq!(body["job_id"].as_str(), Some(id.as_str()), "{body}");
     // Well under the 5 s fallback tick: the notification did it.
-    assert!(waited < Duration::from_millis(2500), "woken after {waited:?}");
+    assert!(
+        waited < Duration::from_millis(2500),
+        "woken after {waited:?}"
+    );
     assert_eq!(creator.status_of(&id).await, "processing");
 }
 
 /// Sends `request` and checks it answers with `expected` within a few seconds.
-async fn answers_quickly(app: &crate::support::TestApp, method: reqwest::Method, path: &str, body: Option<serde_json::Value>, expected: u16) {
+async fn answers_quickly(
+    app: &crate::support::TestApp,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+    expected: u16,
+) {
     let started = Instant::now();
-    let (status, body) = tokio::time::timeout(Duration::from_secs(10), app.send(method.clone(), path, body))
-        .await
-        .unwrap_or_else(|_| panic!("{method} {path} hung"));
+    let (status, body) = tokio::time::timeout(
+        Duration::from_secs(10),
+        app.send(method.clone(), path, body),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{method} {path} hung"));
     let took = started.elapsed();
     assert_eq!(status, expected, "{method} {path}: {body}");
-    assert!(took < Duration::from_secs(8), "{method} {path} took {took:?}");
+    assert!(
+        took < Duration::from_secs(8),
+        "{method} {path} took {took:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -129,7 +160,12 @@ async fn a_database_outage_answers_503_quickly_and_the_server_recovers_by_itself
 
     // The database goes away mid-run: every connection of the server is killed, and new
     // ones are refused.
-    database.admin_execute(&format!("ALTER DATABASE {} ALLOW_CONNECTIONS false", database.name)).await;
+    database
+        .admin_execute(&format!(
+            "ALTER DATABASE {} ALLOW_CONNECTIONS false",
+            database.name
+        ))
+        .await;
     database
         .admin_execute(&format!(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{}' AND pid <> pg_backend_pid()",
@@ -140,13 +176,39 @@ async fn a_database_outage_answers_503_quickly_and_the_server_recovers_by_itself
     let create = serde_json::json!({"source_file_path": path, "content_type": "audio", "ingestion_task_id": "i"});
     for _ in 0..3 {
         answers_quickly(&app, Method::GET, "/health", None, 503).await;
-        answers_quickly(&app, Method::POST, "/api/v1/remote-jobs/", Some(create.clone()), 503).await;
-        answers_quickly(&app, Method::GET, "/api/v1/remote-jobs/poll?worker_id=w1&content_types=audio", None, 503).await;
-        answers_quickly(&app, Method::GET, &format!("/api/v1/remote-jobs/{first}/status"), None, 503).await;
+        answers_quickly(
+            &app,
+            Method::POST,
+            "/api/v1/remote-jobs/",
+            Some(create.clone()),
+            503,
+        )
+        .await;
+        answers_quickly(
+            &app,
+            Method::GET,
+            "/api/v1/remote-jobs/poll?worker_id=w1&content_types=audio",
+            None,
+            503,
+        )
+        .await;
+        answers_quickly(
+            &app,
+            Method::GET,
+            &format!("/api/v1/remote-jobs/{first}/status"),
+            None,
+            503,
+        )
+        .await;
     }
 
     // It comes back: the server recovers without a restart.
-    database.admin_execute(&format!("ALTER DATABASE {} ALLOW_CONNECTIONS true", database.name)).await;
+    database
+        .admin_execute(&format!(
+            "ALTER DATABASE {} ALLOW_CONNECTIONS true",
+            database.name
+        ))
+        .await;
     answers_quickly(&app, Method::GET, "/health", None, 200).await;
     let (id, _lease) = app.claim("w1", "audio").await;
     assert_eq!(id, first, "nothing was lost");
@@ -164,19 +226,45 @@ async fn a_database_outage_answers_503_quickly_and_the_server_recovers_by_itself
             }
         }
         for id in created {
-            assert_eq!(app.status_of(&id).await, "pending", "an acknowledged job survived");
+            assert_eq!(
+                app.status_of(&id).await,
+                "pending",
+                "an acknowledged job survived"
+            );
         }
     }
-    assert!(n_ok > 0 && n_unavailable > 0, "{n_ok} ok, {n_unavailable} unavailable");
+    assert!(
+        n_ok > 0 && n_unavailable > 0,
+        "{n_ok} ok, {n_unavailable} unavailable"
+    );
 
     // A database that hangs (a table locked by someone else) also answers 503 after the
     // statement timeout, instead of holding the request open.
-    let (locker, connection) = tokio_postgres::connect(&database.url, tokio_postgres::NoTls).await.unwrap();
+    let (locker, connection) = tokio_postgres::connect(&database.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
     tokio::spawn(connection);
-    locker.batch_execute("BEGIN; LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE").await.unwrap();
-    answers_quickly(&app, Method::POST, "/api/v1/remote-jobs/", Some(create.clone()), 503).await;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    answers_quickly(
+        &app,
+        Method::POST,
+        "/api/v1/remote-jobs/",
+        Some(create.clone()),
+        503,
+    )
+    .await;
     locker.batch_execute("COMMIT").await.unwrap();
-    answers_quickly(&app, Method::POST, "/api/v1/remote-jobs/", Some(create), 200).await;
+    answers_quickly(
+        &app,
+        Method::POST,
+        "/api/v1/remote-jobs/",
+        Some(create),
+        200,
+    )
+    .await;
     app.stop().await;
 }
 
@@ -185,20 +273,30 @@ async fn a_database_outage_answers_503_quickly_and_the_server_recovers_by_itself
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn monitors_of_several_replicas_apply_each_timeout_and_deletion_once() {
     use morag_jobs::clock::Timestamp;
-    use morag_jobs::domain::{ContentType, JobId, LifecyclePolicy, RetentionPolicy, RetryPolicy, WorkerId};
+    use morag_jobs::domain::{
+        ContentType, JobId, LifecyclePolicy, RetentionPolicy, RetryPolicy, WorkerId,
+    };
     use morag_jobs::store::*;
     use std::sync::Arc;
 
     let database = PgDatabase::create().await;
     let mut stores: Vec<Arc<dyn Store>> = Vec::new();
     for _ in 0..3 {
-        stores.push(Arc::new(PostgresStore::open(PostgresOptions::new(database.url.clone())).await.unwrap()));
+        stores.push(Arc::new(
+            PostgresStore::open(PostgresOptions::new(database.url.clone()))
+                .await
+                .unwrap(),
+        ));
     }
     let t0 = Timestamp::from_micros(1_800_000_000_000_000);
     let at = move |secs: u64| t0.plus(Duration::from_secs(secs));
     // One retry, then final: every job times out twice.
     let policy = LifecyclePolicy {
-        retry: RetryPolicy { max_retries: 1, jitter_fraction: 0.0, ..RetryPolicy::default() },
+        retry: RetryPolicy {
+            max_retries: 1,
+            jitter_fraction: 0.0,
+            ..RetryPolicy::default()
+        },
         ..LifecyclePolicy::default()
     };
     let n = 300;
@@ -222,7 +320,12 @@ async fn monitors_of_several_replicas_apply_each_timeout_and_deletion_once() {
         async move {
             let mut claimed = 0;
             while stores[claimed % 3]
-                .claim_job(ClaimParams { worker_id: WorkerId::parse("w").unwrap(), content_types: vec![], timeouts: timeouts.clone(), now })
+                .claim_job(ClaimParams {
+                    worker_id: WorkerId::parse("w").unwrap(),
+                    content_types: vec![],
+                    timeouts: timeouts.clone(),
+                    now,
+                })
                 .await
                 .unwrap()
                 .is_some()
@@ -246,7 +349,12 @@ async fn monitors_of_several_replicas_apply_each_timeout_and_deletion_once() {
                         let mut total = RescueReport::default();
                         loop {
                             let report = store
-                                .rescue_expired(RescueParams { policy: policy.clone(), limit: 7, jitter_seed: 1, now })
+                                .rescue_expired(RescueParams {
+                                    policy: policy.clone(),
+                                    limit: 7,
+                                    jitter_seed: 1,
+                                    now,
+                                })
                                 .await
                                 .unwrap();
                             total.n_attempts_timed_out += report.n_attempts_timed_out;
@@ -272,16 +380,44 @@ async fn monitors_of_several_replicas_apply_each_timeout_and_deletion_once() {
 
     assert_eq!(claim_all(at(0)).await, n);
     let first = rescue_all(at(300)).await; // image: 300 s execution timeout
-    assert_eq!((first.n_attempts_timed_out, first.n_retries_scheduled), (n, n), "each job timed out once");
+    assert_eq!(
+        (first.n_attempts_timed_out, first.n_retries_scheduled),
+        (n, n),
+        "each job timed out once"
+    );
     let due = rescue_all(at(360)).await; // 60 s backoff
     assert_eq!(due.n_retries_due, n);
     assert_eq!(claim_all(at(360)).await, n);
     let last = rescue_all(at(660)).await;
-    assert_eq!((last.n_attempts_timed_out, last.n_retries_scheduled), (n, 0), "then finally");
-    assert_eq!(stores[0].pending_handoffs(1000).await.unwrap().len(), n, "one hand-off each");
-    for job in stores[1].list_jobs(ListParams { limit: 1000, ..Default::default() }).await.unwrap().jobs {
-        let history = stores[2].get_job_detail(job.id).await.unwrap().unwrap().history;
-        let timeouts = history.iter().filter(|h| h.to == morag_jobs::domain::JobStatus::Timeout).count();
+    assert_eq!(
+        (last.n_attempts_timed_out, last.n_retries_scheduled),
+        (n, 0),
+        "then finally"
+    );
+    assert_eq!(
+        stores[0].pending_handoffs(1000).await.unwrap().len(),
+        n,
+        "one hand-off each"
+    );
+    for job in stores[1]
+        .list_jobs(ListParams {
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .jobs
+    {
+        let history = stores[2]
+            .get_job_detail(job.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .history;
+        let timeouts = history
+            .iter()
+            .filter(|h| h.to == morag_jobs::domain::JobStatus::Timeout)
+            .count();
         assert_eq!(timeouts, 2, "{:?}", history);
     }
 
@@ -296,7 +432,11 @@ async fn monitors_of_several_replicas_apply_each_timeout_and_deletion_once() {
                 let mut files = Vec::new();
                 loop {
                     let report = store
-                        .cleanup_finished(CleanupParams { retention: RetentionPolicy::uniform(1), limit: 9, now: cleanup_at })
+                        .cleanup_finished(CleanupParams {
+                            retention: RetentionPolicy::uniform(1),
+                            limit: 9,
+                            now: cleanup_at,
+                        })
                         .await
                         .unwrap();
                     if report.n_deleted == 0 {
@@ -319,7 +459,14 @@ async fn monitors_of_several_replicas_apply_each_timeout_and_deletion_once() {
     files.sort();
     files.dedup();
     assert_eq!(files.len(), n, "each file reported once");
-    assert_eq!(stores[0].statistics(at(3 * 86_400)).await.unwrap().total_jobs, 0);
+    assert_eq!(
+        stores[0]
+            .statistics(at(3 * 86_400))
+            .await
+            .unwrap()
+            .total_jobs,
+        0
+    );
 }
 
 /// Statistics stay exact while counter deltas are folded into totals in batches, and
@@ -331,7 +478,9 @@ async fn statistics_stay_exact_across_batched_compaction() {
     use morag_jobs::store::Store;
 
     let database = PgDatabase::create().await;
-    let store = PostgresStore::open(PostgresOptions::new(database.url.clone())).await.unwrap();
+    let store = PostgresStore::open(PostgresOptions::new(database.url.clone()))
+        .await
+        .unwrap();
     let now = Timestamp::from_micros(1_800_000_000_000_000);
     // 45,000 jobs written behind the store's back: 90,000 deltas, several batches.
     database
@@ -347,8 +496,20 @@ async fn statistics_stay_exact_across_batched_compaction() {
     for _ in 0..3 {
         let stats = store.statistics(now).await.unwrap();
         assert_eq!(stats.total_jobs, 45_000);
-        assert_eq!((stats.status_counts[&JobStatus::Pending], stats.status_counts[&JobStatus::Cancelled]), (36_000, 9_000));
-        assert_eq!((stats.content_type_counts["audio"], stats.content_type_counts["video"]), (30_000, 15_000));
+        assert_eq!(
+            (
+                stats.status_counts[&JobStatus::Pending],
+                stats.status_counts[&JobStatus::Cancelled]
+            ),
+            (36_000, 9_000)
+        );
+        assert_eq!(
+            (
+                stats.content_type_counts["audio"],
+                stats.content_type_counts["video"]
+            ),
+            (30_000, 15_000)
+        );
         assert_eq!(stats.created_last_24h, 45_000);
     }
 }
@@ -366,7 +527,11 @@ async fn concurrent_claims_of_any_or_some_types_never_share_a_job() {
     let database = PgDatabase::create().await;
     let mut stores: Vec<Arc<dyn Store>> = Vec::new();
     for _ in 0..2 {
-        stores.push(Arc::new(PostgresStore::open(PostgresOptions::new(database.url.clone())).await.unwrap()));
+        stores.push(Arc::new(
+            PostgresStore::open(PostgresOptions::new(database.url.clone()))
+                .await
+                .unwrap(),
+        ));
     }
     let now = Timestamp::from_micros(1_800_000_000_000_000);
     let mut created = HashSet::new();
@@ -392,8 +557,14 @@ async fn concurrent_claims_of_any_or_some_types_never_share_a_job() {
             // A third claim any type, the others two of the three.
             let types: Vec<ContentType> = match w % 3 {
                 0 => vec![],
-                1 => vec![ContentType::parse("audio").unwrap(), ContentType::parse("pdf").unwrap()],
-                _ => vec![ContentType::parse("video").unwrap(), ContentType::parse("pdf").unwrap()],
+                1 => vec![
+                    ContentType::parse("audio").unwrap(),
+                    ContentType::parse("pdf").unwrap(),
+                ],
+                _ => vec![
+                    ContentType::parse("video").unwrap(),
+                    ContentType::parse("pdf").unwrap(),
+                ],
             };
             tokio::spawn(async move {
                 let mut got = Vec::new();

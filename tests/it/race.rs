@@ -85,8 +85,9 @@ async fn every_attempt_is_claimed_once_and_every_job_completed_once() {
         task.await.unwrap();
     }
 
-    let claims = claims.lock().unwrap();
-    let completions = completions.lock().unwrap();
+    // Take the data out, so no lock is held across the awaits below.
+    let claims = std::mem::take(&mut *claims.lock().unwrap());
+    let completions = std::mem::take(&mut *completions.lock().unwrap());
     for ((id, attempt), workers) in claims.iter() {
         assert_eq!(
             workers.len(),

@@ -32,10 +32,33 @@ struct Replica {
 impl Replica {
     fn start(database_url: &str, data_dir: &Path, sources: &Path) -> Replica {
         let mut child = Command::new(env!("CARGO_BIN_EXE_morag-jobs"))
-            .args(["serve", "--addr", "127.0.0.1:0", "--data-dir", data_dir.to_str().unwrap()])
-            .args(["--database-url", database_url, "--allowed-roots", sources.to_str().unwrap()])
-            .args(["--max-retries", "2", "--retry-backoff-base", "1", "--retry-backoff-max", "1"])
-            .args(["--timeout-document", EXECUTION_TIMEOUT, "--monitor-interval", "1"])
+            .args([
+                "serve",
+                "--addr",
+                "127.0.0.1:0",
+                "--data-dir",
+                data_dir.to_str().unwrap(),
+            ])
+            .args([
+                "--database-url",
+                database_url,
+                "--allowed-roots",
+                sources.to_str().unwrap(),
+            ])
+            .args([
+                "--max-retries",
+                "2",
+                "--retry-backoff-base",
+                "1",
+                "--retry-backoff-max",
+                "1",
+            ])
+            .args([
+                "--timeout-document",
+                EXECUTION_TIMEOUT,
+                "--monitor-interval",
+                "1",
+            ])
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -52,7 +75,10 @@ impl Replica {
                 let Ok(line) = line else { break };
                 let line = strip_ansi(&line);
                 if let (Some(sender), Some(at)) = (&address, line.find("addr=")) {
-                    let addr: String = line[at + 5..].chars().take_while(|c| !c.is_whitespace()).collect();
+                    let addr: String = line[at + 5..]
+                        .chars()
+                        .take_while(|c| !c.is_whitespace())
+                        .collect();
                     let _ = sender.send(addr);
                     address = None;
                 }
@@ -61,8 +87,13 @@ impl Replica {
                 }
             }
         });
-        let addr = found.recv_timeout(Duration::from_secs(30)).expect("the replica reports its address");
-        Replica { child, base: format!("http://{addr}") }
+        let addr = found
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the replica reports its address");
+        Replica {
+            child,
+            base: format!("http://{addr}"),
+        }
     }
 
     fn kill(&mut self) {
@@ -126,10 +157,18 @@ impl Cluster {
 
     /// Sends to a random live replica; a replica that cannot be reached is tried again
     /// elsewhere, like a load balancer would. Returns the status and JSON body.
-    async fn send(&self, method: reqwest::Method, path: &str, body: Option<&Value>) -> (u16, Value) {
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> (u16, Value) {
         for _ in 0..50 {
             let i = self.pick();
-            let mut request = self.client.request(method.clone(), format!("{}{path}", self.bases[i])).timeout(Duration::from_secs(20));
+            let mut request = self
+                .client
+                .request(method.clone(), format!("{}{path}", self.bases[i]))
+                .timeout(Duration::from_secs(20));
             if let Some(body) = body {
                 request = request.json(body);
             }
@@ -150,18 +189,29 @@ impl Cluster {
     }
 }
 
-async fn worker(cluster: Arc<Cluster>, name: String, observed: Arc<Mutex<Observed>>, done: Arc<AtomicBool>) {
+async fn worker(
+    cluster: Arc<Cluster>,
+    name: String,
+    observed: Arc<Mutex<Observed>>,
+    done: Arc<AtomicBool>,
+) {
     let poll = format!("/api/v1/remote-jobs/poll?worker_id={name}&content_types=document&wait=1");
     while !done.load(Ordering::SeqCst) {
         let (status, body) = cluster.send(reqwest::Method::GET, &poll, None).await;
         assert_eq!(status, 200, "poll: {body}");
-        let Some(id) = body["job_id"].as_str() else { continue };
-        let lease = body["lease_id"].as_str().expect("a lease with every claim").to_owned();
+        let Some(id) = body["job_id"].as_str() else {
+            continue;
+        };
+        let lease = body["lease_id"]
+            .as_str()
+            .expect("a lease with every claim")
+            .to_owned();
         let attempt = body["attempt"].as_u64().expect("the attempt number");
         {
             let mut seen = observed.lock().unwrap();
             if !seen.claims.insert((id.to_owned(), attempt)) || !seen.leases.insert(lease.clone()) {
-                seen.duplicate_claims.push(format!("{id} attempt {attempt}"));
+                seen.duplicate_claims
+                    .push(format!("{id} attempt {attempt}"));
             }
         }
         let result = if fastrand::f64() < 0.2 {
@@ -169,7 +219,13 @@ async fn worker(cluster: Arc<Cluster>, name: String, observed: Arc<Mutex<Observe
         } else {
             json!({"success": true, "content": format!("text of {id}"), "metadata": {"attempt": attempt}, "processing_time": 0.01, "lease_id": lease})
         };
-        let (status, _) = cluster.send(reqwest::Method::PUT, &format!("/api/v1/remote-jobs/{id}/result"), Some(&result)).await;
+        let (status, _) = cluster
+            .send(
+                reqwest::Method::PUT,
+                &format!("/api/v1/remote-jobs/{id}/result"),
+                Some(&result),
+            )
+            .await;
         let mut seen = observed.lock().unwrap();
         if status == 200 {
             seen.n_results_accepted += 1;
@@ -186,7 +242,9 @@ async fn run(kill_one: bool) {
     let sources = dirs[3].path().canonicalize().unwrap();
     let source = sources.join("source.pdf");
     std::fs::write(&source, b"%PDF").unwrap();
-    let mut replicas: Vec<Replica> = (0..3).map(|i| Replica::start(&database.url, dirs[i].path(), &sources)).collect();
+    let mut replicas: Vec<Replica> = (0..3)
+        .map(|i| Replica::start(&database.url, dirs[i].path(), &sources))
+        .collect();
     let cluster = Arc::new(Cluster {
         bases: replicas.iter().map(|r| r.base.clone()).collect(),
         alive: (0..3).map(|_| AtomicBool::new(true)).collect(),
@@ -194,8 +252,19 @@ async fn run(kill_one: bool) {
     });
     for base in &cluster.bases {
         let ready = Instant::now();
-        while cluster.client.get(format!("{base}/health")).send().await.map(|r| r.status().as_u16()).ok() != Some(200) {
-            assert!(ready.elapsed() < Duration::from_secs(30), "{base} never became healthy");
+        while cluster
+            .client
+            .get(format!("{base}/health"))
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .ok()
+            != Some(200)
+        {
+            assert!(
+                ready.elapsed() < Duration::from_secs(30),
+                "{base} never became healthy"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -204,7 +273,14 @@ async fn run(kill_one: bool) {
     let observed = Arc::new(Mutex::new(Observed::default()));
     let done = Arc::new(AtomicBool::new(false));
     let workers: Vec<_> = (0..N_WORKERS)
-        .map(|w| tokio::spawn(worker(cluster.clone(), format!("worker-{w}"), observed.clone(), done.clone())))
+        .map(|w| {
+            tokio::spawn(worker(
+                cluster.clone(),
+                format!("worker-{w}"),
+                observed.clone(),
+                done.clone(),
+            ))
+        })
         .collect();
 
     // Jobs are created while the workers run, through every replica.
@@ -229,7 +305,9 @@ async fn run(kill_one: bool) {
         .collect();
     // Wait until every job is created and finished, killing a replica on the way (while
     // jobs are still being created and worked on) if asked.
-    let (client, connection) = tokio_postgres::connect(&database.url, tokio_postgres::NoTls).await.unwrap();
+    let (client, connection) = tokio_postgres::connect(&database.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
     tokio::spawn(connection);
     let mut killed = false;
     loop {
@@ -252,7 +330,10 @@ async fn run(kill_one: bool) {
         if acknowledged.load(Ordering::SeqCst) == N_JOBS && finished == total {
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(150), "{finished} of {total} jobs finished");
+        assert!(
+            started.elapsed() < Duration::from_secs(150),
+            "{finished} of {total} jobs finished"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let mut ids = Vec::new();
@@ -277,23 +358,43 @@ async fn run(kill_one: bool) {
     // Every acknowledged job exists, once.
     assert_eq!(ids.len(), N_JOBS);
     assert_eq!(ids.iter().collect::<HashSet<_>>().len(), N_JOBS);
-    assert!(observed.duplicate_claims.is_empty(), "attempts handed out twice: {:?}", observed.duplicate_claims);
+    assert!(
+        observed.duplicate_claims.is_empty(),
+        "attempts handed out twice: {:?}",
+        observed.duplicate_claims
+    );
 
-    let rows = client.query("SELECT id, status, attempt FROM jobs", &[]).await.unwrap();
+    let rows = client
+        .query("SELECT id, status, attempt FROM jobs", &[])
+        .await
+        .unwrap();
     let n_rows = rows.len();
     eprintln!("{n_rows} jobs stored");
-    assert!(n_rows == N_JOBS || (kill_one && n_rows < N_JOBS + 20), "{n_rows} jobs stored");
-    let jobs: HashMap<String, (String, i32)> = rows.iter().map(|r| (r.get(0), (r.get(1), r.get(2)))).collect();
+    assert!(
+        n_rows == N_JOBS || (kill_one && n_rows < N_JOBS + 20),
+        "{n_rows} jobs stored"
+    );
+    let jobs: HashMap<String, (String, i32)> = rows
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect();
     for id in &ids {
         assert!(jobs.contains_key(id), "acknowledged job {id} is missing");
     }
 
     // Exactly one hand-off per job, matching its outcome.
-    let handoffs = client.query("SELECT job_id, kind FROM handoffs", &[]).await.unwrap();
+    let handoffs = client
+        .query("SELECT job_id, kind FROM handoffs", &[])
+        .await
+        .unwrap();
     let mut handoff_of: HashMap<String, String> = HashMap::new();
     for row in &handoffs {
         let previous = handoff_of.insert(row.get(0), row.get(1));
-        assert!(previous.is_none(), "two hand-offs for job {}", row.get::<_, String>(0));
+        assert!(
+            previous.is_none(),
+            "two hand-offs for job {}",
+            row.get::<_, String>(0)
+        );
     }
     for (id, (status, _)) in &jobs {
         let expected = match status.as_str() {
@@ -301,14 +402,25 @@ async fn run(kill_one: bool) {
             "failed" | "timeout" => "job.failed",
             other => panic!("job {id} ended {other}"),
         };
-        assert_eq!(handoff_of.get(id).map(String::as_str), Some(expected), "job {id}");
+        assert_eq!(
+            handoff_of.get(id).map(String::as_str),
+            Some(expected),
+            "job {id}"
+        );
     }
     if !kill_one {
         let n_completed = jobs.values().filter(|(s, _)| s == "completed").count();
         assert!(n_completed > N_JOBS * 9 / 10, "{n_completed} completed");
     }
 
-    let n_timeouts: i64 = client.query_one("SELECT count(*) FROM job_history WHERE to_status = 'timeout'", &[]).await.unwrap().get(0);
+    let n_timeouts: i64 = client
+        .query_one(
+            "SELECT count(*) FROM job_history WHERE to_status = 'timeout'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
     eprintln!("{n_timeouts} attempts timed out (lost with the killed replica)");
 
     // Histories: a chain of allowed transitions from creation to the job's status, with
@@ -322,16 +434,33 @@ async fn run(kill_one: bool) {
         .unwrap();
     let mut chains: HashMap<String, Vec<(Option<String>, String)>> = HashMap::new();
     for row in &history {
-        chains.entry(row.get(0)).or_default().push((row.get(1), row.get(2)));
+        chains
+            .entry(row.get(0))
+            .or_default()
+            .push((row.get(1), row.get(2)));
     }
     assert_eq!(chains.len(), n_rows);
     for (id, chain) in &chains {
-        assert_eq!(chain[0], (None, "pending".to_owned()), "job {id} starts with its creation");
+        assert_eq!(
+            chain[0],
+            (None, "pending".to_owned()),
+            "job {id} starts with its creation"
+        );
         for pair in chain.windows(2) {
             let (from, to) = (&pair[1].0, &pair[1].1);
-            assert_eq!(from.as_deref(), Some(pair[0].1.as_str()), "job {id}: {chain:?}");
-            let (from, to) = (JobStatus::parse(from.as_deref().unwrap()).unwrap(), JobStatus::parse(to).unwrap());
-            assert!(from.can_move_to(to), "job {id}: {from} -> {to} in {chain:?}");
+            assert_eq!(
+                from.as_deref(),
+                Some(pair[0].1.as_str()),
+                "job {id}: {chain:?}"
+            );
+            let (from, to) = (
+                JobStatus::parse(from.as_deref().unwrap()).unwrap(),
+                JobStatus::parse(to).unwrap(),
+            );
+            assert!(
+                from.can_move_to(to),
+                "job {id}: {from} -> {to} in {chain:?}"
+            );
         }
         let (status, attempt) = &jobs[id];
         assert_eq!(&chain.last().unwrap().1, status, "job {id}");
@@ -340,7 +469,18 @@ async fn run(kill_one: bool) {
     }
 
     // The counters agree with the table.
-    let stats: Value = cluster.client.get(format!("{}/api/v1/remote-jobs/statistics", cluster.bases[cluster.pick()])).send().await.unwrap().json().await.unwrap();
+    let stats: Value = cluster
+        .client
+        .get(format!(
+            "{}/api/v1/remote-jobs/statistics",
+            cluster.bases[cluster.pick()]
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(stats["total_jobs"], n_rows, "{stats}");
     drop(replicas);
 }

@@ -38,8 +38,13 @@ pub async fn open_sqlite() -> TestStore {
 
 pub async fn open_postgres() -> TestStore {
     let database = crate::support::PgDatabase::create().await;
-    let store = PostgresStore::open(PostgresOptions::new(database.url.clone())).await.expect("postgres store opens");
-    TestStore { store: Arc::new(store), _guard: Box::new(database) }
+    let store = PostgresStore::open(PostgresOptions::new(database.url.clone()))
+        .await
+        .expect("postgres store opens");
+    TestStore {
+        store: Arc::new(store),
+        _guard: Box::new(database),
+    }
 }
 
 const T0: i64 = 1_800_000_000_000_000;
@@ -947,18 +952,51 @@ pub async fn imported_jobs_are_stored_as_they_are_and_only_once(s: TestStore) {
         progress: None,
         progress_message: None,
         error_message: None,
-        result: Some(JobResult { content: "transcript".into(), metadata: json!({"pages": 2}), processing_time: Some(4.5) }),
+        result: Some(JobResult {
+            content: "transcript".into(),
+            metadata: json!({"pages": 2}),
+            processing_time: Some(4.5),
+        }),
     };
-    let import = |job, deadline_at| store.import_job(ImportJobParams { job, deadline_at, reason: "imported from MoRAG".into(), now: at(100) });
-    assert_eq!(import(done.clone(), None).await.unwrap(), ImportOutcome::Imported);
-    assert_eq!(store.get_job(done.id).await.unwrap().unwrap(), done, "stored as it is");
+    let import = |job, deadline_at| {
+        store.import_job(ImportJobParams {
+            job,
+            deadline_at,
+            reason: "imported from MoRAG".into(),
+            now: at(100),
+        })
+    };
+    assert_eq!(
+        import(done.clone(), None).await.unwrap(),
+        ImportOutcome::Imported
+    );
+    assert_eq!(
+        store.get_job(done.id).await.unwrap().unwrap(),
+        done,
+        "stored as it is"
+    );
     let mut changed = done.clone();
     changed.status = Failed;
-    assert_eq!(import(changed, None).await.unwrap(), ImportOutcome::AlreadyExists);
-    assert_eq!(status(store, done.id).await, Completed, "a second import changes nothing");
-    let history = store.get_job_detail(done.id).await.unwrap().unwrap().history;
+    assert_eq!(
+        import(changed, None).await.unwrap(),
+        ImportOutcome::AlreadyExists
+    );
+    assert_eq!(
+        status(store, done.id).await,
+        Completed,
+        "a second import changes nothing"
+    );
+    let history = store
+        .get_job_detail(done.id)
+        .await
+        .unwrap()
+        .unwrap()
+        .history;
     assert_eq!(history.len(), 1);
-    assert_eq!((history[0].from, history[0].to, history[0].reason.as_str()), (None, Completed, "imported from MoRAG"));
+    assert_eq!(
+        (history[0].from, history[0].to, history[0].reason.as_str()),
+        (None, Completed, "imported from MoRAG")
+    );
 
     // A job MoRAG's worker is still running: the monitor watches its deadline, and the
     // worker's lease-less result is accepted.
@@ -973,19 +1011,51 @@ pub async fn imported_jobs_are_stored_as_they_are_and_only_once(s: TestStore) {
         result: None,
         ..done.clone()
     };
-    assert_eq!(import(running.clone(), Some(at(50 + 1800))).await.unwrap(), ImportOutcome::Imported);
+    assert_eq!(
+        import(running.clone(), Some(at(50 + 1800))).await.unwrap(),
+        ImportOutcome::Imported
+    );
     assert_eq!(store.next_deadline().await.unwrap(), Some(at(50 + 1800)));
-    assert_eq!(submit(store, running.id, None, success(), at(60)).await.unwrap().status, Completed);
+    assert_eq!(
+        submit(store, running.id, None, success(), at(60))
+            .await
+            .unwrap()
+            .status,
+        Completed
+    );
 
     // A pending one is claimable like any other.
-    let pending = Job { id: JobId::new_random(), status: Pending, worker_id: None, attempt: 0, started_at: None, completed_at: None, result: None, ..done.clone() };
+    let pending = Job {
+        id: JobId::new_random(),
+        status: Pending,
+        worker_id: None,
+        attempt: 0,
+        started_at: None,
+        completed_at: None,
+        result: None,
+        ..done.clone()
+    };
     import(pending.clone(), None).await.unwrap();
-    assert_eq!(claim(store, &["audio"], at(70)).await.unwrap().0, pending.id);
+    assert_eq!(
+        claim(store, &["audio"], at(70)).await.unwrap().0,
+        pending.id
+    );
 
     let stats = store.statistics(at(100)).await.unwrap();
-    assert_eq!((stats.total_jobs, stats.status_counts[&Completed], stats.status_counts[&Processing]), (3, 2, 1));
+    assert_eq!(
+        (
+            stats.total_jobs,
+            stats.status_counts[&Completed],
+            stats.status_counts[&Processing]
+        ),
+        (3, 2, 1)
+    );
     let handoffs = store.pending_handoffs(10).await.unwrap();
-    assert_eq!(handoffs.iter().map(|h| h.job_id).collect::<Vec<_>>(), vec![running.id], "imports hand nothing off; later transitions do");
+    assert_eq!(
+        handoffs.iter().map(|h| h.job_id).collect::<Vec<_>>(),
+        vec![running.id],
+        "imports hand nothing off; later transitions do"
+    );
 }
 
 macro_rules! conformance {

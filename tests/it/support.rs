@@ -61,7 +61,9 @@ pub async fn spawn_app_with(extra: &[&str]) -> TestApp {
     let data_dir = tempfile::tempdir().expect("temp dir");
     let mut database = None;
     let mut flags: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-    if std::env::var("MORAG_TEST_STORE").as_deref() == Ok("postgres") && !extra.contains(&"--database-url") {
+    if std::env::var("MORAG_TEST_STORE").as_deref() == Ok("postgres")
+        && !extra.contains(&"--database-url")
+    {
         let created = PgDatabase::create().await;
         flags.extend(["--database-url".to_owned(), created.url.clone()]);
         database = Some(created);
@@ -265,14 +267,17 @@ pub fn step(from: &str, to: &str, actor: &str) -> (String, String, String) {
 /// The PostgreSQL server tests run against: `MORAG_TEST_POSTGRES_URL`, or the local
 /// server (trust auth, database `test`). Tests that need it fail when it is unreachable.
 pub fn pg_admin_url() -> String {
-    std::env::var("MORAG_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+    std::env::var("MORAG_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
 async fn pg_admin() -> tokio_postgres::Client {
     let url = pg_admin_url();
     let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
         .await
-        .unwrap_or_else(|error| panic!("PostgreSQL at {url} is unreachable (the tests need it): {error}"));
+        .unwrap_or_else(|error| {
+            panic!("PostgreSQL at {url} is unreachable (the tests need it): {error}")
+        });
     tokio::spawn(connection);
     client
 }
@@ -286,20 +291,36 @@ pub struct PgDatabase {
 impl PgDatabase {
     pub async fn create() -> PgDatabase {
         let name = format!("morag_jobs_test_{:016x}", fastrand::u64(..));
-        pg_admin().await.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create test database");
+        pg_admin()
+            .await
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create test database");
         let admin_url = pg_admin_url();
-        let base = admin_url.rsplit_once('/').expect("the URL names a database").0;
-        PgDatabase { url: format!("{base}/{name}"), name }
+        let base = admin_url
+            .rsplit_once('/')
+            .expect("the URL names a database")
+            .0;
+        PgDatabase {
+            url: format!("{base}/{name}"),
+            name,
+        }
     }
 
     /// Runs SQL on the server's `test` database (for pg_terminate_backend and the like).
     pub async fn admin_execute(&self, sql: &str) {
-        pg_admin().await.batch_execute(sql).await.expect("admin SQL runs");
+        pg_admin()
+            .await
+            .batch_execute(sql)
+            .await
+            .expect("admin SQL runs");
     }
 
     /// Runs SQL in this test's database.
     pub async fn admin_execute_in_own_database(&self, sql: &str) {
-        let (client, connection) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls).await.expect("connect to the test database");
+        let (client, connection) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+            .await
+            .expect("connect to the test database");
         tokio::spawn(connection);
         client.batch_execute(sql).await.expect("SQL runs");
     }
@@ -311,7 +332,10 @@ impl Drop for PgDatabase {
         // Drop runs inside the test's runtime, which must not be blocked on: use a thread
         // with its own small runtime.
         let dropped = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
             runtime.block_on(async { pg_admin().await.batch_execute(&sql).await })
         })
         .join();
@@ -337,6 +361,8 @@ impl ServerProcess {
                 "--data-dir",
                 data_dir.to_str().unwrap(),
             ])
+            // These tests are about the embedded store whatever the developer exported.
+            .env_remove("MORAG_DATABASE_URL")
             .envs(env.iter().copied())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
