@@ -1,1 +1,1483 @@
-fn main() {}
+//! `morag-jobs-bench`: a load generator for the morag-jobs HTTP API.
+//!
+//! It starts the real server binary (`morag-jobs serve`, found next to this executable) on
+//! a free loopback port with a fresh data directory (and none of the shell's `MORAG_*`
+//! variables, so it runs on its defaults) for every measured run, drives it over
+//! HTTP, and kills it afterwards, also when a run fails or is interrupted. With `--url` it
+//! measures an already running server instead.
+//!
+//! Scenarios:
+//! - `lifecycle`: producers create jobs while workers claim them (poll) and submit results;
+//!   the figure is jobs per second from the first create sent to the last result answered,
+//!   plus the latency of each request kind.
+//! - `claim-latency`: K pending jobs, then sequential claims (each followed by its result
+//!   and a replacement create, so the backlog stays at K); poll latency at each K.
+//! - `longpoll`: workers wait in long polls; a producer creates jobs one at a time; the
+//!   figure is the time from the create to the worker's poll returning the job.
+//!
+//! Everything runs on one tokio runtime with one shared keep-alive `reqwest::Client`, and
+//! request bodies are formatted directly, so the generator takes as little of the CPU
+//! the server shares with it as it can.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, ValueEnum};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::watch;
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "morag-jobs-bench",
+    about = "Benchmarks the morag-jobs HTTP API: full job lifecycle throughput, claim latency \
+             against a backlog, and long-poll pickup latency"
+)]
+struct Args {
+    /// Which scenario to run.
+    #[arg(long, value_enum, default_value = "all")]
+    scenario: Scenario,
+    /// How many times to run each scenario; figures are the medians of the runs.
+    #[arg(long, default_value_t = 1)]
+    runs: usize,
+    /// The server binary to start (default: `morag-jobs` next to this executable).
+    #[arg(long)]
+    server_bin: Option<PathBuf>,
+    /// Benchmark an already running server at this base URL instead of starting one.
+    #[arg(long)]
+    url: Option<String>,
+    /// With `--url`: a directory inside the server's allowed roots, for the source file.
+    #[arg(long)]
+    files_dir: Option<PathBuf>,
+    /// With `--url`: an admin API key, sent as a bearer token.
+    #[arg(long, env = "MORAG_JOBS_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// With `--url`: the server's process id, so its CPU use can be reported.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Extra flags for `morag-jobs serve` (repeatable), e.g. `--server-arg=--sqlite-sync=full`.
+    #[arg(long = "server-arg", allow_hyphen_values = true)]
+    server_args: Vec<String>,
+
+    /// lifecycle: jobs to push through the full lifecycle.
+    #[arg(long, default_value_t = 50_000)]
+    jobs: usize,
+    /// lifecycle: concurrent workers (poll, then submit the result).
+    #[arg(long, default_value_t = 32)]
+    workers: usize,
+    /// lifecycle: concurrent producers (create). 16 keep a backlog in front of 32 workers;
+    /// with fewer, workers drain it and wait in long polls, which measures the server's
+    /// wake-up path as well.
+    #[arg(long, default_value_t = 16)]
+    producers: usize,
+    /// lifecycle: the `wait` (seconds) of the workers' polls; 0 polls without waiting
+    /// and sleeps 1 ms after an empty answer.
+    #[arg(long, default_value_t = 1.0)]
+    worker_wait: f64,
+
+    /// claim-latency: the backlogs of pending jobs to measure at, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1000,100000")]
+    backlogs: Vec<usize>,
+    /// claim-latency: measured sequential claims per backlog.
+    #[arg(long, default_value_t = 2_000)]
+    claims: usize,
+    /// claim-latency: unmeasured claims before the measured ones.
+    #[arg(long, default_value_t = 200)]
+    warmup_claims: usize,
+    /// claim-latency: concurrent creates while filling the backlog.
+    #[arg(long, default_value_t = 64)]
+    fill_concurrency: usize,
+
+    /// longpoll: workers waiting in long polls.
+    #[arg(long, default_value_t = 8)]
+    longpoll_workers: usize,
+    /// longpoll: jobs created one at a time.
+    #[arg(long, default_value_t = 2_000)]
+    longpoll_jobs: usize,
+    /// longpoll: pause (milliseconds) after each create.
+    #[arg(long, default_value_t = 5.0)]
+    longpoll_pause_ms: f64,
+    /// longpoll: the `wait` (seconds) of the workers' polls.
+    #[arg(long, default_value_t = 30.0)]
+    longpoll_wait: f64,
+
+    /// Threads of the load generator's runtime (1: a current-thread runtime).
+    #[arg(long, default_value_t = 1)]
+    client_threads: usize,
+    /// Give up on a scenario run after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    timeout_secs: u64,
+    /// Print the results as JSON on stdout (progress still goes to stderr).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Scenario {
+    All,
+    Lifecycle,
+    ClaimLatency,
+    Longpoll,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let runtime = if args.client_threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.client_threads)
+            .enable_all()
+            .build()
+    };
+    let runtime = match runtime {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let outcome = runtime.block_on(async {
+        // Dropping the benchmark future on Ctrl-C drops the server guard, which kills the
+        // server and removes its data directory.
+        tokio::select! {
+            result = run(args) => result,
+            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        }
+    });
+    match outcome {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    validate(&args)?;
+    let machine = Machine::read();
+    progress(&format!(
+        "machine: {} CPUs ({}), load average {}",
+        machine.cpus, machine.cpu_model, machine.load_average
+    ));
+    let scenarios: Vec<Scenario> = match args.scenario {
+        Scenario::All => vec![
+            Scenario::Lifecycle,
+            Scenario::ClaimLatency,
+            Scenario::Longpoll,
+        ],
+        one => vec![one],
+    };
+    let mut reports = Vec::new();
+    for scenario in scenarios {
+        let mut runs = Vec::new();
+        for run_index in 0..args.runs {
+            progress(&format!(
+                "{} run {}/{}",
+                scenario_name(scenario),
+                run_index + 1,
+                args.runs
+            ));
+            let limit = Duration::from_secs(args.timeout_secs);
+            let metrics = tokio::time::timeout(limit, run_scenario(scenario, &args))
+                .await
+                .map_err(|_| {
+                    anyhow::anyhow!(
+                        "{} did not finish within {} s",
+                        scenario_name(scenario),
+                        args.timeout_secs
+                    )
+                })??;
+            runs.push(metrics);
+        }
+        reports.push(ScenarioReport::from_runs(scenario, &args, runs));
+    }
+    if args.json {
+        let scenarios: serde_json::Map<String, Value> = reports
+            .iter()
+            .map(|r| (r.name.to_owned(), r.to_json()))
+            .collect();
+        let out = json!({
+            "machine": machine.to_json(),
+            "server": match &args.url {
+                Some(url) => json!({"url": url}),
+                None => json!({"binary": server_binary(&args)?.display().to_string(), "args": args.server_args}),
+            },
+            "runs": args.runs,
+            "client_threads": args.client_threads,
+            "scenarios": scenarios,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!(
+            "morag-jobs-bench on {} CPUs ({}); load average at start {}",
+            machine.cpus, machine.cpu_model, machine.load_average
+        );
+        match &args.url {
+            Some(url) => println!("server: {url} (already running)"),
+            None => println!(
+                "server: {} started fresh (new data dir, no MORAG_* variables) for every run{}",
+                server_binary(&args)?.display(),
+                if args.server_args.is_empty() {
+                    String::new()
+                } else {
+                    format!(" with {}", args.server_args.join(" "))
+                }
+            ),
+        }
+        println!(
+            "figures: median of {} run(s); latencies are client-side round trips over loopback",
+            args.runs
+        );
+        for report in &reports {
+            println!();
+            print!("{}", report.render());
+        }
+    }
+    Ok(())
+}
+
+fn validate(args: &Args) -> anyhow::Result<()> {
+    if args.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    if args.url.is_some() && args.files_dir.is_none() {
+        bail!("--url needs --files-dir: a directory inside the server's allowed roots, where the benchmark writes its source file");
+    }
+    if args.jobs == 0 || args.workers == 0 || args.producers == 0 {
+        bail!("--jobs, --workers and --producers must be at least 1");
+    }
+    if args.backlogs.is_empty() || args.claims == 0 || args.fill_concurrency == 0 {
+        bail!("--backlogs, --claims and --fill-concurrency must be non-empty and positive");
+    }
+    if args.longpoll_workers == 0 || args.longpoll_jobs == 0 {
+        bail!("--longpoll-workers and --longpoll-jobs must be at least 1");
+    }
+    if !(0.0..=30.0).contains(&args.worker_wait) || !(0.0..=30.0).contains(&args.longpoll_wait) {
+        bail!("--worker-wait and --longpoll-wait must be from 0 to 30 seconds");
+    }
+    Ok(())
+}
+
+fn scenario_name(scenario: Scenario) -> &'static str {
+    match scenario {
+        Scenario::All => "all",
+        Scenario::Lifecycle => "lifecycle",
+        Scenario::ClaimLatency => "claim-latency",
+        Scenario::Longpoll => "longpoll",
+    }
+}
+
+fn progress(message: &str) {
+    eprintln!("[bench] {message}");
+}
+
+async fn run_scenario(scenario: Scenario, args: &Args) -> anyhow::Result<Vec<Metric>> {
+    match scenario {
+        Scenario::Lifecycle => {
+            let target = Target::open(args).await?;
+            let metrics = lifecycle(&target, args).await;
+            target.close().await;
+            metrics
+        }
+        Scenario::ClaimLatency => {
+            let mut metrics = Vec::new();
+            let mut p50s = Vec::new();
+            let mut p99s = Vec::new();
+            for &backlog in &args.backlogs {
+                let target = Target::open(args).await?;
+                let result = claim_latency(&target, args, backlog).await;
+                target.close().await;
+                let (more, p50, p99) = result?;
+                metrics.extend(more);
+                p50s.push((backlog, p50));
+                p99s.push((backlog, p99));
+            }
+            if let (Some(first), Some(last)) = (p50s.first(), p50s.last()) {
+                if p50s.len() > 1 && first.1 > 0.0 {
+                    metrics.push(Metric::new(
+                        format!("p50_ratio_{}_vs_{}", last.0, first.0),
+                        format!("poll p50 ratio, {} vs {} pending", last.0, first.0),
+                        last.1 / first.1,
+                        "x",
+                    ));
+                }
+            }
+            if let (Some(first), Some(last)) = (p99s.first(), p99s.last()) {
+                if p99s.len() > 1 && first.1 > 0.0 {
+                    metrics.push(Metric::new(
+                        format!("p99_ratio_{}_vs_{}", last.0, first.0),
+                        format!("poll p99 ratio, {} vs {} pending", last.0, first.0),
+                        last.1 / first.1,
+                        "x",
+                    ));
+                }
+            }
+            Ok(metrics)
+        }
+        Scenario::Longpoll => {
+            let target = Target::open(args).await?;
+            let metrics = longpoll(&target, args).await;
+            target.close().await;
+            metrics
+        }
+        Scenario::All => unreachable!("expanded before"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The server under test and the HTTP client.
+
+/// The server a run talks to: a freshly started child process, or a running server.
+struct Target {
+    api: Api,
+    /// Set when this benchmark started the server.
+    server: Option<SpawnedServer>,
+    /// With `--url`: the process id the caller gave.
+    url_server_pid: Option<u32>,
+    /// The source file every created job points at; removed at the end with `--url`.
+    source_file: PathBuf,
+    /// Jobs of the benchmark's content types left pending on a server we did not start.
+    leftover: Mutex<Vec<String>>,
+}
+
+impl Target {
+    async fn open(args: &Args) -> anyhow::Result<Target> {
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .tcp_nodelay(true)
+            .pool_max_idle_per_host(1024)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .timeout(Duration::from_secs(120))
+            .build()
+            .context("failed to build the HTTP client")?;
+        let (base, files_dir, server) = match &args.url {
+            Some(url) => (
+                url.trim_end_matches('/').to_owned(),
+                args.files_dir.clone().expect("validated"),
+                None,
+            ),
+            None => {
+                let server = SpawnedServer::start(&server_binary(args)?, &args.server_args)?;
+                let base = server.base.clone();
+                let files_dir = server.data_dir.join("files");
+                (base, files_dir, Some(server))
+            }
+        };
+        let source_file = files_dir.join(format!("bench-source-{}.txt", unique_suffix()));
+        std::fs::write(&source_file, b"morag-jobs benchmark source file\n")
+            .with_context(|| format!("failed to write the source file {source_file:?}"))?;
+        let source_path = std::fs::canonicalize(&source_file)
+            .with_context(|| format!("failed to resolve {source_file:?}"))?;
+        let api = Api {
+            client,
+            base: base.clone(),
+            source_path_json: serde_json::to_string(&source_path.to_string_lossy())?,
+            api_key: args.api_key.clone(),
+        };
+        let target = Target {
+            api,
+            server,
+            url_server_pid: args.server_pid,
+            source_file,
+            leftover: Mutex::new(Vec::new()),
+        };
+        target.wait_for_health().await?;
+        Ok(target)
+    }
+
+    async fn wait_for_health(&self) -> anyhow::Result<()> {
+        let url = format!("{}/health", self.api.base);
+        let give_up = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(server) = &self.server {
+                server.check_running()?;
+            }
+            match self.api.client.get(&url).send().await {
+                Ok(response) if response.status().is_success() => return Ok(()),
+                Ok(response) if Instant::now() >= give_up => {
+                    bail!("{url} answered {}", response.status())
+                }
+                Err(error) if Instant::now() >= give_up => {
+                    return Err(error).with_context(|| format!("{url} did not answer"))
+                }
+                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+
+    fn server_pid(&self) -> Option<u32> {
+        self.server
+            .as_ref()
+            .map(|s| s.child.id())
+            .or(self.url_server_pid)
+    }
+
+    /// Completes the benchmark's pending jobs on a server we did not start, and removes
+    /// the source file there. A started server is simply killed with its data directory.
+    async fn close(self) {
+        if self.server.is_none() {
+            let leftover = std::mem::take(&mut *self.leftover.lock().expect("leftover lock"));
+            for content_type in leftover {
+                if let Err(error) = drain(&self.api, &content_type).await {
+                    progress(&format!(
+                        "warning: could not complete the leftover {content_type} jobs: {error:#}"
+                    ));
+                }
+            }
+            let _ = std::fs::remove_file(&self.source_file);
+        }
+        drop(self.server);
+    }
+}
+
+/// Claims and completes every pending job of `content_type`, 16 at a time.
+async fn drain(api: &Api, content_type: &str) -> anyhow::Result<()> {
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let api = api.clone();
+        let url = api.poll_url(&format!("bench-drain-{i}"), content_type, None);
+        tasks.push(tokio::spawn(async move {
+            while let Some(job) = api.poll(&url).await? {
+                api.submit(&job).await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok(())
+}
+
+fn server_binary(args: &Args) -> anyhow::Result<PathBuf> {
+    if let Some(path) = &args.server_bin {
+        return Ok(path.clone());
+    }
+    let exe = std::env::current_exe().context("cannot find this executable's path")?;
+    let dir = exe
+        .parent()
+        .context("this executable's path has no directory")?;
+    let name = format!("morag-jobs{}", std::env::consts::EXE_SUFFIX);
+    Ok(dir.join(name))
+}
+
+fn unique_suffix() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{}-{nanos:x}", std::process::id())
+}
+
+/// A content type no other run uses, so runs against a shared server do not mix.
+fn unique_content_type(prefix: &str) -> String {
+    let suffix = fastrand::u32(..);
+    format!("bench-{prefix}-{suffix:08x}")
+}
+
+/// `morag-jobs serve` as a child process. Dropping it kills the process and removes its
+/// data directory, whatever happened before.
+struct SpawnedServer {
+    child: Child,
+    data_dir: PathBuf,
+    base: String,
+}
+
+impl SpawnedServer {
+    fn start(binary: &Path, extra_args: &[String]) -> anyhow::Result<SpawnedServer> {
+        if !binary.is_file() {
+            bail!(
+                "server binary {binary:?} not found: build it with `cargo build --release --bins`, or pass --server-bin"
+            );
+        }
+        let data_dir = std::env::temp_dir().join(format!("morag-jobs-bench-{}", unique_suffix()));
+        std::fs::create_dir_all(data_dir.join("files"))
+            .with_context(|| format!("failed to create {data_dir:?}"))?;
+        // Bind port 0 to learn a free port, then hand it over; the window in between is tiny.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .context("cannot find a free loopback port")?
+            .port();
+        let log = std::fs::File::create(data_dir.join("server.log"))
+            .context("failed to create the server log")?;
+        let mut command = Command::new(binary);
+        // The server reads MORAG_* variables (the database URL among them); a benchmark
+        // run uses the defaults plus `--server-arg` flags, whatever the shell exported.
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("MORAG_") {
+                command.env_remove(&name);
+            }
+        }
+        let spawned = command
+            .arg("serve")
+            .arg("--addr")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args(extra_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn();
+        let child = match spawned {
+            Ok(child) => child,
+            Err(error) => {
+                let _ = std::fs::remove_dir_all(&data_dir);
+                return Err(error).with_context(|| format!("failed to start {binary:?}"));
+            }
+        };
+        Ok(SpawnedServer {
+            child,
+            data_dir,
+            base: format!("http://127.0.0.1:{port}"),
+        })
+    }
+
+    fn check_running(&self) -> anyhow::Result<()> {
+        // `try_wait` needs `&mut`; reading /proc keeps this `&self`.
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()));
+        let exited = match stat {
+            Ok(text) => text
+                .rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('Z')),
+            Err(_) => true,
+        };
+        if exited {
+            let log = std::fs::read_to_string(self.data_dir.join("server.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            bail!("the server exited; its log ends:\n{}", tail.join("\n"));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for SpawnedServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Err(error) = std::fs::remove_dir_all(&self.data_dir) {
+            progress(&format!(
+                "warning: could not remove {:?}: {error}",
+                self.data_dir
+            ));
+        }
+    }
+}
+
+/// The requests of MoRAG's protocol, with bodies formatted by hand: the generator shares
+/// the CPU with the server and should spend as little of it as possible.
+#[derive(Clone)]
+struct Api {
+    client: reqwest::Client,
+    base: String,
+    /// The source path as a JSON string literal, quotes included.
+    source_path_json: String,
+    api_key: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct CreateAnswer {
+    job_id: String,
+}
+
+#[derive(Deserialize)]
+struct PollAnswer {
+    job_id: Option<String>,
+    lease_id: Option<String>,
+}
+
+struct Claimed {
+    job_id: String,
+    lease_id: String,
+}
+
+impl Api {
+    fn create_url(&self) -> String {
+        format!("{}/api/v1/remote-jobs/", self.base)
+    }
+
+    fn poll_url(&self, worker_id: &str, content_type: &str, wait: Option<f64>) -> String {
+        let mut url = format!(
+            "{}/api/v1/remote-jobs/poll?worker_id={worker_id}&content_types={content_type}&max_jobs=1",
+            self.base
+        );
+        if let Some(wait) = wait {
+            url.push_str(&format!("&wait={wait}"));
+        }
+        url
+    }
+
+    fn authorize(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.api_key {
+            Some(key) => request.bearer_auth(key),
+            None => request,
+        }
+    }
+
+    /// Sends `request` and parses a successful answer as `T`.
+    async fn send<T: serde::de::DeserializeOwned>(
+        &self,
+        request: reqwest::RequestBuilder,
+        what: &str,
+    ) -> anyhow::Result<T> {
+        let response = self
+            .authorize(request)
+            .send()
+            .await
+            .with_context(|| format!("{what}: request failed"))?;
+        let status = response.status();
+        let body = response
+            .bytes()
+            .await
+            .with_context(|| format!("{what}: reading the answer failed"))?;
+        if !status.is_success() {
+            bail!("{what}: {status}: {}", String::from_utf8_lossy(&body));
+        }
+        serde_json::from_slice(&body).with_context(|| {
+            format!(
+                "{what}: unexpected answer {}",
+                String::from_utf8_lossy(&body)
+            )
+        })
+    }
+
+    async fn create(&self, url: &str, content_type: &str, n: usize) -> anyhow::Result<String> {
+        let body = format!(
+            r#"{{"source_file_path":{},"content_type":"{content_type}","task_options":{{}},"ingestion_task_id":"bench-{n}"}}"#,
+            self.source_path_json
+        );
+        let request = self
+            .client
+            .post(url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body);
+        let answer: CreateAnswer = self.send(request, "create").await?;
+        Ok(answer.job_id)
+    }
+
+    async fn poll(&self, url: &str) -> anyhow::Result<Option<Claimed>> {
+        let answer: PollAnswer = self.send(self.client.get(url), "poll").await?;
+        match (answer.job_id, answer.lease_id) {
+            (Some(job_id), Some(lease_id)) => Ok(Some(Claimed { job_id, lease_id })),
+            (Some(job_id), None) => bail!("poll: job {job_id} came without a lease"),
+            (None, _) => Ok(None),
+        }
+    }
+
+    async fn submit(&self, job: &Claimed) -> anyhow::Result<()> {
+        let url = format!("{}/api/v1/remote-jobs/{}/result", self.base, job.job_id);
+        let body = format!(
+            r#"{{"success":true,"content":"benchmark result","metadata":{{}},"processing_time":0.001,"lease_id":"{}"}}"#,
+            job.lease_id
+        );
+        let request = self
+            .client
+            .put(url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body);
+        let _: serde::de::IgnoredAny = self.send(request, "result").await?;
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Scenarios.
+
+/// Round-trip times of one request kind.
+#[derive(Default)]
+struct Latencies(Vec<Duration>);
+
+impl Latencies {
+    fn push(&mut self, latency: Duration) {
+        self.0.push(latency);
+    }
+
+    fn extend(&mut self, other: Latencies) {
+        self.0.extend(other.0);
+    }
+
+    /// Nearest-rank percentile in milliseconds (0 when empty).
+    fn percentile_ms(&mut self, q: f64) -> f64 {
+        if self.0.is_empty() {
+            return 0.0;
+        }
+        self.0.sort_unstable();
+        let rank = ((q * self.0.len() as f64).ceil() as usize).clamp(1, self.0.len());
+        self.0[rank - 1].as_secs_f64() * 1e3
+    }
+
+    /// p50, p99 and max as metrics named `{key}_p50_ms` and so on.
+    fn metrics(&mut self, key: &str, label: &str) -> Vec<Metric> {
+        vec![
+            Metric::new(
+                format!("{key}_p50_ms"),
+                format!("{label} p50"),
+                self.percentile_ms(0.50),
+                "ms",
+            ),
+            Metric::new(
+                format!("{key}_p99_ms"),
+                format!("{label} p99"),
+                self.percentile_ms(0.99),
+                "ms",
+            ),
+            Metric::new(
+                format!("{key}_max_ms"),
+                format!("{label} max"),
+                self.percentile_ms(1.0),
+                "ms",
+            ),
+        ]
+    }
+}
+
+/// Sets `done` when the task fails, so the other tasks of the run stop too.
+async fn stop_all_on_error<T>(
+    done: Arc<watch::Sender<bool>>,
+    task: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    let result = task.await;
+    if result.is_err() {
+        done.send_replace(true);
+    }
+    result
+}
+
+async fn join_all<T>(
+    handles: Vec<tokio::task::JoinHandle<anyhow::Result<T>>>,
+) -> anyhow::Result<Vec<T>> {
+    let mut values = Vec::with_capacity(handles.len());
+    let mut first_error = None;
+    for handle in handles {
+        match handle.await {
+            Ok(Ok(value)) => values.push(value),
+            Ok(Err(error)) => {
+                first_error.get_or_insert(error);
+            }
+            Err(error) => {
+                first_error.get_or_insert(anyhow::anyhow!("a benchmark task panicked: {error}"));
+            }
+        }
+    }
+    match first_error {
+        Some(error) => Err(error),
+        None => Ok(values),
+    }
+}
+
+struct WorkerSamples {
+    polls: Latencies,
+    results: Latencies,
+    empty_polls: usize,
+}
+
+async fn lifecycle(target: &Target, args: &Args) -> anyhow::Result<Vec<Metric>> {
+    let api = &target.api;
+    let content_type = unique_content_type("lc");
+    target
+        .leftover
+        .lock()
+        .expect("leftover lock")
+        .push(content_type.clone());
+    let total = args.jobs;
+    let next = Arc::new(AtomicUsize::new(0));
+    let completed = Arc::new(AtomicUsize::new(0));
+    let (done, _) = watch::channel(false);
+    let done = Arc::new(done);
+    let finished_at: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
+    let wait = (args.worker_wait > 0.0).then_some(args.worker_wait);
+
+    let mut workers = Vec::new();
+    for w in 0..args.workers {
+        let api = api.clone();
+        let url = api.poll_url(&format!("bench-worker-{w}"), &content_type, wait);
+        let (done, completed, finished_at) = (done.clone(), completed.clone(), finished_at.clone());
+        let mut stop = done.subscribe();
+        workers.push(tokio::spawn(stop_all_on_error(done.clone(), async move {
+            let mut samples = WorkerSamples {
+                polls: Latencies::default(),
+                results: Latencies::default(),
+                empty_polls: 0,
+            };
+            loop {
+                let sent = Instant::now();
+                let polled = tokio::select! {
+                    biased;
+                    _ = stop.wait_for(|d| *d) => break,
+                    polled = api.poll(&url) => polled?,
+                };
+                let claimed = Instant::now();
+                let Some(job) = polled else {
+                    samples.empty_polls += 1;
+                    if wait.is_none() {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                    continue;
+                };
+                samples.polls.push(claimed - sent);
+                api.submit(&job).await?;
+                samples.results.push(claimed.elapsed());
+                if completed.fetch_add(1, Ordering::Relaxed) + 1 == total {
+                    *finished_at.lock().expect("finish lock") = Some(Instant::now());
+                    done.send_replace(true);
+                }
+            }
+            Ok(samples)
+        })));
+    }
+
+    let cpu_before = CpuSnapshot::take(target.server_pid());
+    let started = Instant::now();
+    let mut producers = Vec::new();
+    for _ in 0..args.producers {
+        let api = api.clone();
+        let url = api.create_url();
+        let content_type = content_type.clone();
+        let next = next.clone();
+        let mut stop = done.subscribe();
+        producers.push(tokio::spawn(stop_all_on_error(done.clone(), async move {
+            let mut creates = Latencies::default();
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= total || *stop.borrow_and_update() {
+                    break;
+                }
+                let sent = Instant::now();
+                api.create(&url, &content_type, n).await?;
+                creates.push(sent.elapsed());
+            }
+            Ok(creates)
+        })));
+    }
+
+    let producer_samples = join_all(producers).await;
+    let worker_samples = join_all(workers).await;
+    let (producer_samples, worker_samples) = (producer_samples?, worker_samples?);
+    let finished = finished_at
+        .lock()
+        .expect("finish lock")
+        .context("the run stopped before every job completed")?;
+    let elapsed = finished - started;
+    let cpu = CpuSnapshot::take(target.server_pid()).since(&cpu_before, elapsed);
+
+    let mut creates = Latencies::default();
+    producer_samples.into_iter().for_each(|c| creates.extend(c));
+    let mut polls = Latencies::default();
+    let mut results = Latencies::default();
+    let mut empty_polls = 0;
+    for samples in worker_samples {
+        polls.extend(samples.polls);
+        results.extend(samples.results);
+        empty_polls += samples.empty_polls;
+    }
+    let mut metrics = vec![
+        Metric::new(
+            "jobs_per_sec",
+            "throughput, first create to last result",
+            total as f64 / elapsed.as_secs_f64(),
+            "jobs/s",
+        ),
+        Metric::new("elapsed_s", "elapsed", elapsed.as_secs_f64(), "s"),
+        Metric::new(
+            "requests_per_sec",
+            "HTTP requests per second",
+            (3 * total + empty_polls) as f64 / elapsed.as_secs_f64(),
+            "req/s",
+        ),
+    ];
+    metrics.extend(creates.metrics("create", "create"));
+    // With `--worker-wait`, a poll that finds no job waits for one inside the server, so
+    // this includes waiting whenever the workers had drained the backlog.
+    metrics.extend(polls.metrics("poll", "poll that claimed a job (incl. long-poll wait)"));
+    metrics.extend(results.metrics("result", "result"));
+    metrics.push(Metric::new(
+        "empty_polls",
+        "polls that found no job",
+        empty_polls as f64,
+        "polls",
+    ));
+    metrics.extend(cpu.metrics(total));
+    Ok(metrics)
+}
+
+async fn claim_latency(
+    target: &Target,
+    args: &Args,
+    backlog: usize,
+) -> anyhow::Result<(Vec<Metric>, f64, f64)> {
+    let api = &target.api;
+    let content_type = unique_content_type("cl");
+    target
+        .leftover
+        .lock()
+        .expect("leftover lock")
+        .push(content_type.clone());
+
+    progress(&format!("  filling {backlog} pending jobs"));
+    let fill_started = Instant::now();
+    let next = Arc::new(AtomicUsize::new(0));
+    let (done, _) = watch::channel(false);
+    let done = Arc::new(done);
+    let mut fillers = Vec::new();
+    for _ in 0..args.fill_concurrency.min(backlog) {
+        let api = api.clone();
+        let url = api.create_url();
+        let content_type = content_type.clone();
+        let next = next.clone();
+        let stop = done.subscribe();
+        fillers.push(tokio::spawn(stop_all_on_error(done.clone(), async move {
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= backlog || *stop.borrow() {
+                    return Ok(());
+                }
+                api.create(&url, &content_type, n).await?;
+            }
+        })));
+    }
+    join_all(fillers).await?;
+    let fill_secs = fill_started.elapsed().as_secs_f64();
+
+    progress(&format!(
+        "  {} sequential claims at {backlog} pending",
+        args.claims
+    ));
+    let create_url = api.create_url();
+    let poll_url = api.poll_url("bench-claimer", &content_type, None);
+    let (mut polls, mut results, mut creates) = (
+        Latencies::default(),
+        Latencies::default(),
+        Latencies::default(),
+    );
+    let mut cpu_before = CpuSnapshot::take(target.server_pid());
+    let mut measured_from = Instant::now();
+    for i in 0..args.warmup_claims + args.claims {
+        if i == args.warmup_claims {
+            cpu_before = CpuSnapshot::take(target.server_pid());
+            measured_from = Instant::now();
+        }
+        let sent = Instant::now();
+        let job = api
+            .poll(&poll_url)
+            .await?
+            .with_context(|| format!("no job to claim although {backlog} should be pending"))?;
+        let claimed = Instant::now();
+        api.submit(&job).await?;
+        let submitted = Instant::now();
+        // A replacement keeps the backlog at `backlog`.
+        api.create(&create_url, &content_type, backlog + i).await?;
+        if i >= args.warmup_claims {
+            polls.push(claimed - sent);
+            results.push(submitted - claimed);
+            creates.push(submitted.elapsed());
+        }
+    }
+    let cpu = CpuSnapshot::take(target.server_pid()).since(&cpu_before, measured_from.elapsed());
+    let p50 = polls.percentile_ms(0.50);
+    let p99 = polls.percentile_ms(0.99);
+    let key = format!("pending_{backlog}");
+    let mut metrics = vec![Metric::new(
+        format!("{key}_fill_jobs_per_sec"),
+        format!(
+            "{backlog} pending: fill rate ({} concurrent creates)",
+            args.fill_concurrency
+        ),
+        backlog as f64 / fill_secs,
+        "jobs/s",
+    )];
+    metrics.extend(polls.metrics(
+        &format!("{key}_poll"),
+        &format!("{backlog} pending: poll (claim)"),
+    ));
+    metrics.extend(results.metrics(
+        &format!("{key}_result"),
+        &format!("{backlog} pending: result"),
+    ));
+    metrics.extend(creates.metrics(
+        &format!("{key}_create"),
+        &format!("{backlog} pending: create"),
+    ));
+    let mut other = cpu.other_metric();
+    other.key = format!("{key}_{}", other.key);
+    other.label = format!("{backlog} pending: {}", other.label);
+    metrics.push(other);
+    Ok((metrics, p50, p99))
+}
+
+async fn longpoll(target: &Target, args: &Args) -> anyhow::Result<Vec<Metric>> {
+    let api = &target.api;
+    let content_type = unique_content_type("lp");
+    target
+        .leftover
+        .lock()
+        .expect("leftover lock")
+        .push(content_type.clone());
+    let total = args.longpoll_jobs;
+    let (done, _) = watch::channel(false);
+    let done = Arc::new(done);
+    let picked = Arc::new(AtomicUsize::new(0));
+    let all_picked = Arc::new(tokio::sync::Notify::new());
+
+    let mut workers = Vec::new();
+    for w in 0..args.longpoll_workers {
+        let api = api.clone();
+        let url = api.poll_url(
+            &format!("bench-longpoll-{w}"),
+            &content_type,
+            Some(args.longpoll_wait),
+        );
+        let (picked, all_picked) = (picked.clone(), all_picked.clone());
+        let mut stop = done.subscribe();
+        workers.push(tokio::spawn(stop_all_on_error(done.clone(), async move {
+            let mut pickups: Vec<(String, Instant)> = Vec::new();
+            loop {
+                let polled = tokio::select! {
+                    biased;
+                    _ = stop.wait_for(|d| *d) => break,
+                    polled = api.poll(&url) => polled?,
+                };
+                let Some(job) = polled else { continue };
+                pickups.push((job.job_id.clone(), Instant::now()));
+                api.submit(&job).await?;
+                if picked.fetch_add(1, Ordering::Relaxed) + 1 >= total {
+                    all_picked.notify_one();
+                }
+            }
+            Ok(pickups)
+        })));
+    }
+
+    // Let every worker reach its long poll before the first job exists.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let cpu_before = CpuSnapshot::take(target.server_pid());
+    let started = Instant::now();
+    let create_url = api.create_url();
+    let pause = Duration::from_secs_f64(args.longpoll_pause_ms / 1e3);
+    let mut created: Vec<(String, Instant, Instant)> = Vec::with_capacity(total);
+    let producing = async {
+        for n in 0..total {
+            let sent = Instant::now();
+            let job_id = api.create(&create_url, &content_type, n).await?;
+            created.push((job_id, sent, Instant::now()));
+            if !pause.is_zero() {
+                tokio::time::sleep(pause).await;
+            }
+        }
+        let give_up = Instant::now() + Duration::from_secs(60);
+        while picked.load(Ordering::Relaxed) < total {
+            let left = give_up.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                bail!(
+                    "only {} of {total} jobs were picked up within 60 s",
+                    picked.load(Ordering::Relaxed)
+                );
+            }
+            let _ = tokio::time::timeout(left, all_picked.notified()).await;
+        }
+        anyhow::Ok(())
+    };
+    let produced = stop_all_on_error(done.clone(), producing).await;
+    let cpu = CpuSnapshot::take(target.server_pid()).since(&cpu_before, started.elapsed());
+    done.send_replace(true);
+    let pickups = join_all(workers).await;
+    produced?;
+    let pickups: HashMap<String, Instant> = pickups?.into_iter().flatten().collect();
+
+    let (mut from_sent, mut from_answered, mut creates) = (
+        Latencies::default(),
+        Latencies::default(),
+        Latencies::default(),
+    );
+    let mut before_answer = 0usize;
+    for (job_id, sent, answered) in &created {
+        let picked_at = pickups
+            .get(job_id)
+            .with_context(|| format!("job {job_id} was created but no worker got it"))?;
+        from_sent.push(picked_at.saturating_duration_since(*sent));
+        if picked_at < answered {
+            before_answer += 1;
+        }
+        from_answered.push(picked_at.saturating_duration_since(*answered));
+        creates.push(*answered - *sent);
+    }
+    let mut metrics = Vec::new();
+    metrics.extend(from_sent.metrics(
+        "pickup_from_create_sent",
+        "pickup after the create was sent",
+    ));
+    metrics.extend(from_answered.metrics(
+        "pickup_from_create_answered",
+        "pickup after the create was answered",
+    ));
+    metrics.push(Metric::new(
+        "picked_before_create_answered",
+        "jobs the worker had before the create answered",
+        before_answer as f64,
+        "jobs",
+    ));
+    metrics.extend(creates.metrics("create", "create"));
+    metrics.push(cpu.other_metric());
+    Ok(metrics)
+}
+
+// ---------------------------------------------------------------------------------------
+// CPU accounting from /proc: where the time went during a run.
+
+/// CPU seconds per thread name of the server, and of this process.
+struct CpuSnapshot {
+    server_threads: BTreeMap<String, f64>,
+    client: f64,
+    /// Busy CPU seconds of the whole machine, from /proc/stat.
+    machine: f64,
+}
+
+/// Linux reports /proc times in USER_HZ, which is 100 on every supported architecture.
+const TICKS_PER_SEC: f64 = 100.0;
+
+fn stat_cpu_seconds(stat: &str) -> Option<(String, f64)> {
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let name = stat[open + 1..close].to_owned();
+    let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+    // After the name: state is field 3, utime field 14, stime field 15.
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((name, (utime + stime) / TICKS_PER_SEC))
+}
+
+impl CpuSnapshot {
+    fn take(server_pid: Option<u32>) -> CpuSnapshot {
+        let mut server_threads = BTreeMap::new();
+        if let Some(pid) = server_pid {
+            if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+                for task in tasks.flatten() {
+                    let stat =
+                        std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+                    if let Some((name, secs)) = stat_cpu_seconds(&stat) {
+                        *server_threads.entry(name).or_insert(0.0) += secs;
+                    }
+                }
+            }
+        }
+        let client = std::fs::read_to_string("/proc/self/stat")
+            .ok()
+            .and_then(|stat| stat_cpu_seconds(&stat))
+            .map(|(_, secs)| secs)
+            .unwrap_or(0.0);
+        // The first line of /proc/stat: user nice system idle iowait irq softirq steal ...
+        let machine = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|stat| {
+                let line = stat.lines().next()?.strip_prefix("cpu ")?.to_owned();
+                let ticks: Vec<f64> = line
+                    .split_whitespace()
+                    .filter_map(|t| t.parse().ok())
+                    .collect();
+                let busy: f64 = [0, 1, 2, 5, 6, 7]
+                    .iter()
+                    .filter_map(|&i| ticks.get(i))
+                    .sum();
+                Some(busy / TICKS_PER_SEC)
+            })
+            .unwrap_or(0.0);
+        CpuSnapshot {
+            server_threads,
+            client,
+            machine,
+        }
+    }
+
+    fn since(&self, before: &CpuSnapshot, elapsed: Duration) -> CpuUse {
+        let server_threads = self
+            .server_threads
+            .iter()
+            .map(|(name, secs)| {
+                (
+                    name.clone(),
+                    secs - before.server_threads.get(name).copied().unwrap_or(0.0),
+                )
+            })
+            .collect();
+        CpuUse {
+            server_threads,
+            client: self.client - before.client,
+            machine: self.machine - before.machine,
+            elapsed: elapsed.as_secs_f64(),
+        }
+    }
+}
+
+struct CpuUse {
+    server_threads: BTreeMap<String, f64>,
+    client: f64,
+    machine: f64,
+    elapsed: f64,
+}
+
+impl CpuUse {
+    /// CPU that neither the server nor the load generator used: other load on the machine.
+    fn other_metric(&self) -> Metric {
+        let server: f64 = self.server_threads.values().sum();
+        Metric::new(
+            "other_cpu_cores",
+            "other processes' CPU during the run (cores busy)",
+            ((self.machine - server - self.client) / self.elapsed).max(0.0),
+            "cores",
+        )
+    }
+
+    fn metrics(&self, jobs: usize) -> Vec<Metric> {
+        if self.server_threads.is_empty() {
+            return vec![
+                Metric::new(
+                    "client_cpu_cores",
+                    "load generator CPU (cores busy)",
+                    self.client / self.elapsed,
+                    "cores",
+                ),
+                Metric::new(
+                    "machine_cpu_cores",
+                    "whole machine CPU (cores busy)",
+                    self.machine / self.elapsed,
+                    "cores",
+                ),
+            ];
+        }
+        let server: f64 = self.server_threads.values().sum();
+        let mut metrics = vec![
+            Metric::new(
+                "server_cpu_cores",
+                "server CPU (cores busy)",
+                server / self.elapsed,
+                "cores",
+            ),
+            Metric::new(
+                "client_cpu_cores",
+                "load generator CPU (cores busy)",
+                self.client / self.elapsed,
+                "cores",
+            ),
+            Metric::new(
+                "server_cpu_us_per_job",
+                "server CPU per job",
+                server / jobs as f64 * 1e6,
+                "us",
+            ),
+            Metric::new(
+                "client_cpu_us_per_job",
+                "load generator CPU per job",
+                self.client / jobs as f64 * 1e6,
+                "us",
+            ),
+        ];
+        metrics.push(self.other_metric());
+        for (name, secs) in &self.server_threads {
+            let key: String = name
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() {
+                        c.to_ascii_lowercase()
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
+            metrics.push(Metric::new(
+                format!("server_thread_{key}_cores"),
+                format!("server threads named {name:?} (cores busy)"),
+                secs / self.elapsed,
+                "cores",
+            ));
+        }
+        metrics
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Reporting.
+
+#[derive(Clone, Debug)]
+struct Metric {
+    key: String,
+    label: String,
+    value: f64,
+    unit: &'static str,
+}
+
+impl Metric {
+    fn new(
+        key: impl Into<String>,
+        label: impl Into<String>,
+        value: f64,
+        unit: &'static str,
+    ) -> Metric {
+        Metric {
+            key: key.into(),
+            label: label.into(),
+            value,
+            unit,
+        }
+    }
+}
+
+/// More CPU than this used by other processes during a run makes its figures suspect.
+const OTHER_LOAD_WARNING: f64 = 0.25;
+
+struct ScenarioReport {
+    name: &'static str,
+    parameters: Value,
+    /// In first-seen order: key, label, unit, the value of each run.
+    metrics: Vec<(String, String, &'static str, Vec<f64>)>,
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    let n = sorted.len();
+    if n == 0 {
+        0.0
+    } else if n % 2 == 1 {
+        sorted[n / 2]
+    } else {
+        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+    }
+}
+
+fn format_value(value: f64, unit: &str) -> String {
+    match unit {
+        "jobs/s" | "req/s" | "polls" | "jobs" => format!("{value:.0}"),
+        "ms" => format!("{value:.3}"),
+        "us" => format!("{value:.1}"),
+        _ => format!("{value:.2}"),
+    }
+}
+
+impl ScenarioReport {
+    fn from_runs(scenario: Scenario, args: &Args, runs: Vec<Vec<Metric>>) -> ScenarioReport {
+        let parameters = match scenario {
+            Scenario::Lifecycle => json!({
+                "jobs": args.jobs, "workers": args.workers, "producers": args.producers,
+                "worker_wait_secs": args.worker_wait,
+            }),
+            Scenario::ClaimLatency => json!({
+                "backlogs": args.backlogs, "claims": args.claims, "warmup_claims": args.warmup_claims,
+                "fill_concurrency": args.fill_concurrency,
+            }),
+            Scenario::Longpoll => json!({
+                "workers": args.longpoll_workers, "jobs": args.longpoll_jobs,
+                "pause_ms": args.longpoll_pause_ms, "wait_secs": args.longpoll_wait,
+            }),
+            Scenario::All => Value::Null,
+        };
+        let mut metrics: Vec<(String, String, &'static str, Vec<f64>)> = Vec::new();
+        for run in runs {
+            for metric in run {
+                match metrics.iter_mut().find(|m| m.0 == metric.key) {
+                    Some(existing) => existing.3.push(metric.value),
+                    None => {
+                        metrics.push((metric.key, metric.label, metric.unit, vec![metric.value]))
+                    }
+                }
+            }
+        }
+        ScenarioReport {
+            name: scenario_name(scenario),
+            parameters,
+            metrics,
+        }
+    }
+
+    fn to_json(&self) -> Value {
+        let metrics: serde_json::Map<String, Value> = self
+            .metrics
+            .iter()
+            .map(|(key, label, unit, values)| {
+                (
+                    key.clone(),
+                    json!({"label": label, "unit": unit, "median": median(values), "runs": values}),
+                )
+            })
+            .collect();
+        json!({"parameters": self.parameters, "metrics": metrics})
+    }
+
+    fn render(&self) -> String {
+        let mut out = format!("== {} ({})\n", self.name, self.parameters);
+        for (key, _, _, values) in &self.metrics {
+            if key.ends_with("other_cpu_cores") && values.iter().any(|v| *v > OTHER_LOAD_WARNING) {
+                out.push_str(&format!(
+                    "  warning: other processes kept {} cores busy during a run ({key}); these figures are low\n",
+                    values.iter().map(|v| format!("{v:.2}")).collect::<Vec<_>>().join("/")
+                ));
+            }
+        }
+        let width = self
+            .metrics
+            .iter()
+            .map(|m| m.1.chars().count())
+            .max()
+            .unwrap_or(0);
+        for (_, label, unit, values) in &self.metrics {
+            let runs = if values.len() > 1 {
+                let each: Vec<String> = values.iter().map(|v| format_value(*v, unit)).collect();
+                format!("   runs: {}", each.join(", "))
+            } else {
+                String::new()
+            };
+            out.push_str(&format!(
+                "  {label:<width$}  {:>10} {unit}{runs}\n",
+                format_value(median(values), unit)
+            ));
+        }
+        out
+    }
+}
+
+struct Machine {
+    cpus: usize,
+    cpu_model: String,
+    load_average: String,
+}
+
+impl Machine {
+    fn read() -> Machine {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu_model = cpuinfo
+            .lines()
+            .find_map(|line| {
+                line.strip_prefix("model name")
+                    .and_then(|rest| rest.split_once(':'))
+            })
+            .map(|(_, model)| model.trim().to_owned())
+            .unwrap_or_else(|| "unknown CPU".into());
+        let load_average = std::fs::read_to_string("/proc/loadavg")
+            .map(|text| {
+                text.split_whitespace()
+                    .take(3)
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .unwrap_or_else(|_| "unknown".into());
+        Machine {
+            cpus: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(0),
+            cpu_model,
+            load_average,
+        }
+    }
+
+    fn to_json(&self) -> Value {
+        json!({"cpus": self.cpus, "cpu_model": self.cpu_model, "load_average_at_start": self.load_average})
+    }
+}

@@ -23,6 +23,15 @@ const MIGRATIONS: &[&str] = &[include_str!("../../migrations/sqlite/0001_jobs.sq
 /// Writes committed together at most.
 const MAX_WRITES_PER_COMMIT: usize = 512;
 
+/// WAL pages after which the writer checkpoints inside its own commit, as SQLite's
+/// automatic checkpoint does (its default is 1,000). The checkpointer thread normally keeps
+/// the log much shorter; this bounds it (to about 40 MB) when writes never pause long enough
+/// for the log to restart, which needs a checkpoint with no write in between.
+const WRITER_AUTOCHECKPOINT_PAGES: i64 = 10_000;
+
+/// The least time between two background checkpoints: each costs two fsyncs.
+const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// How hard a commit is pushed to disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Durability {
@@ -62,11 +71,14 @@ impl SqliteStore {
         let mut conn = Connection::open(&options.path).map_err(sql_error)?;
         configure(&conn, options.durability).map_err(sql_error)?;
         migrate(&mut conn)?;
+        conn.pragma_update(None, "wal_autocheckpoint", WRITER_AUTOCHECKPOINT_PAGES)
+            .map_err(sql_error)?;
+        let checkpointer = Checkpointer::start(&options.path, options.durability)?;
 
         let (sender, receiver) = mpsc::channel::<WriteJob>();
         let writer_thread = std::thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || writer_loop(conn, receiver))
+            .spawn(move || writer_loop(conn, receiver, checkpointer))
             .map_err(|e| StoreError::Internal(format!("spawn writer thread: {e}")))?;
         Ok(SqliteStore {
             writer: Mutex::new(Some(sender)),
@@ -166,7 +178,7 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn writer_loop(conn: Connection, receiver: mpsc::Receiver<WriteJob>) {
+fn writer_loop(conn: Connection, receiver: mpsc::Receiver<WriteJob>, checkpointer: Checkpointer) {
     while let Ok(first) = receiver.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_WRITES_PER_COMMIT {
@@ -207,12 +219,77 @@ fn writer_loop(conn: Connection, receiver: mpsc::Receiver<WriteJob>) {
         for finish in finishers {
             finish(commit_error.clone());
         }
+        checkpointer.nudge();
     }
     // The sender is gone: the store is closing. Fold the WAL back into the main file.
+    checkpointer.stop();
     if let Err(error) = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)") {
         tracing::warn!(%error, "sqlite checkpoint at close failed");
     }
     drop(conn);
+}
+
+/// Checkpoints the WAL on its own thread and connection, so the fsyncs of a checkpoint
+/// do not hold up the writer and the callers waiting for its next commit. SQLite lets a
+/// passive checkpoint run beside the writer. Commits are durable before the checkpoint
+/// either way (it only moves committed pages from the log into the database file).
+struct Checkpointer {
+    /// One buffered slot: commits during a checkpoint or the pause after it coalesce.
+    commits: mpsc::SyncSender<()>,
+    thread: JoinHandle<()>,
+}
+
+impl Checkpointer {
+    fn start(path: &Path, durability: Durability) -> Result<Checkpointer, StoreError> {
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | OpenFlags::SQLITE_OPEN_URI;
+        let conn = Connection::open_with_flags(path, flags).map_err(sql_error)?;
+        // A checkpoint syncs the log and the database file as its connection's setting says.
+        configure(&conn, durability).map_err(sql_error)?;
+        let (commits, committed) = mpsc::sync_channel::<()>(1);
+        let thread = std::thread::Builder::new()
+            .name("sqlite-checkpoint".into())
+            .spawn(move || checkpointer_loop(conn, committed))
+            .map_err(|e| StoreError::Internal(format!("spawn checkpoint thread: {e}")))?;
+        Ok(Checkpointer { commits, thread })
+    }
+
+    /// Tells the checkpointer the log grew; never blocks.
+    fn nudge(&self) {
+        let _ = self.commits.try_send(());
+    }
+
+    /// Waits for a running checkpoint to end, so the final one at close finds the log free.
+    fn stop(self) {
+        drop(self.commits);
+        if self.thread.join().is_err() {
+            tracing::error!("the sqlite checkpoint thread panicked");
+        }
+    }
+}
+
+fn checkpointer_loop(conn: Connection, committed: mpsc::Receiver<()>) {
+    let mut failing = false;
+    while committed.recv().is_ok() {
+        // PASSIVE never waits for readers or the writer; it copies what it can now.
+        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            Ok(()) => failing = false,
+            // The writer's own checkpoint is running: the next nudge tries again.
+            Err(rusqlite::Error::SqliteFailure(failure, _))
+                if matches!(
+                    failure.code,
+                    rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                ) => {}
+            Err(error) => {
+                if !failing {
+                    tracing::warn!(%error, "background sqlite checkpoint failed");
+                }
+                failing = true;
+            }
+        }
+        std::thread::sleep(CHECKPOINT_INTERVAL);
+    }
 }
 
 /// When a batch cannot even begin, each job's reply must still be sent; running the job
