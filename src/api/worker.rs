@@ -23,6 +23,9 @@ const MAX_POLL_WAIT: Duration = Duration::from_secs(30);
 /// The protocol answers one job per poll; larger `max_jobs` values are accepted for
 /// compatibility but still claim one job (the prototype claimed several and lost all but one).
 const MAX_JOBS_LIMIT: u32 = 100;
+/// Each requested type costs one index probe per claim attempt; a worker converts a
+/// handful of types, so a long list is a mistake (or an attack), not a need.
+const MAX_CONTENT_TYPES_PER_POLL: usize = 32;
 
 pub async fn poll(
     State(context): State<Arc<AppContext>>,
@@ -43,6 +46,12 @@ pub async fn poll(
             ContentType::parse(part).map_err(|error| ApiError::invalid("query", error))?;
         if !content_types.contains(&content_type) {
             content_types.push(content_type);
+        }
+        if content_types.len() > MAX_CONTENT_TYPES_PER_POLL {
+            return Err(ApiError::validation(
+                &["query", "content_types"],
+                format!("at most {MAX_CONTENT_TYPES_PER_POLL} content types per poll"),
+            ));
         }
     }
     if let Some(max_jobs) = query.max_jobs.as_deref() {

@@ -14,6 +14,15 @@
 //!   and a replacement create, so the backlog stays at K); poll latency at each K.
 //! - `longpoll`: workers wait in long polls; a producer creates jobs one at a time; the
 //!   figure is the time from the create to the worker's poll returning the job.
+//! - `wakeup`: `longpoll` across replicas (PostgreSQL, `--replicas 2` or more): the workers
+//!   wait on the second replica, the jobs are created on the first, so every pickup
+//!   needs the cross-replica notification.
+//!
+//! With `--database-url postgres://...` the servers run on PostgreSQL: every measured run
+//! gets a fresh database `morag_jobs_bench_<random>`, created through the `postgres`
+//! maintenance database and dropped `WITH (FORCE)` afterwards (also when the run fails or
+//! is interrupted). `--replicas N` starts N servers on that database; clients spread over
+//! them round-robin, each worker or producer sticking to one replica.
 //!
 //! Everything runs on one tokio runtime with one shared keep-alive `reqwest::Client`, and
 //! request bodies are formatted directly, so the generator takes as little of the CPU
@@ -63,6 +72,16 @@ struct Args {
     /// Extra flags for `morag-jobs serve` (repeatable), e.g. `--server-arg=--sqlite-sync=full`.
     #[arg(long = "server-arg", allow_hyphen_values = true)]
     server_args: Vec<String>,
+    /// Run the servers on PostgreSQL: the URL of a PostgreSQL server (its database part is
+    /// ignored). Every run creates a fresh database `morag_jobs_bench_<random>` there
+    /// (through the `postgres` maintenance database, so the user needs CREATEDB) and drops
+    /// it afterwards. Not read from MORAG_DATABASE_URL, on purpose.
+    #[arg(long)]
+    database_url: Option<String>,
+    /// Server processes to start on the same database (more than 1 needs --database-url).
+    /// Producers and workers are spread over them round-robin, each sticking to one.
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
 
     /// lifecycle: jobs to push through the full lifecycle.
     #[arg(long, default_value_t = 50_000)]
@@ -92,17 +111,22 @@ struct Args {
     /// claim-latency: concurrent creates while filling the backlog.
     #[arg(long, default_value_t = 64)]
     fill_concurrency: usize,
+    /// claim-latency: how the backlog is filled: `http` (concurrent creates) or `sql`
+    /// (PostgreSQL only: the benchmark itself inserts the pending jobs with one
+    /// `INSERT ... SELECT ... generate_series`, then runs `VACUUM ANALYZE jobs`).
+    #[arg(long, value_enum, default_value = "http")]
+    fill: Fill,
 
-    /// longpoll: workers waiting in long polls.
+    /// longpoll and wakeup: workers waiting in long polls.
     #[arg(long, default_value_t = 8)]
     longpoll_workers: usize,
-    /// longpoll: jobs created one at a time.
+    /// longpoll and wakeup: jobs created one at a time.
     #[arg(long, default_value_t = 2_000)]
     longpoll_jobs: usize,
-    /// longpoll: pause (milliseconds) after each create.
+    /// longpoll and wakeup: pause (milliseconds) after each create.
     #[arg(long, default_value_t = 5.0)]
     longpoll_pause_ms: f64,
-    /// longpoll: the `wait` (seconds) of the workers' polls.
+    /// longpoll and wakeup: the `wait` (seconds) of the workers' polls.
     #[arg(long, default_value_t = 30.0)]
     longpoll_wait: f64,
 
@@ -119,10 +143,18 @@ struct Args {
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 enum Scenario {
+    /// lifecycle, claim-latency and longpoll, plus wakeup with 2 or more replicas.
     All,
     Lifecycle,
     ClaimLatency,
     Longpoll,
+    Wakeup,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Fill {
+    Http,
+    Sql,
 }
 
 fn main() -> std::process::ExitCode {
@@ -169,6 +201,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         machine.cpus, machine.cpu_model, machine.load_average
     ));
     let scenarios: Vec<Scenario> = match args.scenario {
+        Scenario::All if args.replicas >= 2 => vec![
+            Scenario::Lifecycle,
+            Scenario::ClaimLatency,
+            Scenario::Longpoll,
+            Scenario::Wakeup,
+        ],
         Scenario::All => vec![
             Scenario::Lifecycle,
             Scenario::ClaimLatency,
@@ -209,7 +247,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "machine": machine.to_json(),
             "server": match &args.url {
                 Some(url) => json!({"url": url}),
-                None => json!({"binary": server_binary(&args)?.display().to_string(), "args": args.server_args}),
+                None => json!({
+                    "binary": server_binary(&args)?.display().to_string(),
+                    "args": args.server_args,
+                    "store": if args.database_url.is_some() { "postgres" } else { "sqlite" },
+                    "replicas": args.replicas,
+                }),
             },
             "runs": args.runs,
             "client_threads": args.client_threads,
@@ -224,8 +267,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         match &args.url {
             Some(url) => println!("server: {url} (already running)"),
             None => println!(
-                "server: {} started fresh (new data dir, no MORAG_* variables) for every run{}",
+                "server: {} x {} on {}, started fresh (new data dir, no MORAG_* variables) for every run{}",
+                args.replicas,
                 server_binary(&args)?.display(),
+                if args.database_url.is_some() {
+                    "PostgreSQL (a fresh database per run)"
+                } else {
+                    "SQLite"
+                },
                 if args.server_args.is_empty() {
                     String::new()
                 } else {
@@ -264,6 +313,21 @@ fn validate(args: &Args) -> anyhow::Result<()> {
     if !(0.0..=30.0).contains(&args.worker_wait) || !(0.0..=30.0).contains(&args.longpoll_wait) {
         bail!("--worker-wait and --longpoll-wait must be from 0 to 30 seconds");
     }
+    if args.replicas == 0 {
+        bail!("--replicas must be at least 1");
+    }
+    if args.url.is_some() && (args.database_url.is_some() || args.replicas > 1) {
+        bail!("--url measures a running server: --database-url and --replicas only apply to servers the benchmark starts");
+    }
+    if args.replicas > 1 && args.database_url.is_none() {
+        bail!("--replicas above 1 needs --database-url: replicas share a PostgreSQL database");
+    }
+    if args.fill == Fill::Sql && args.database_url.is_none() {
+        bail!("--fill sql needs --database-url");
+    }
+    if args.scenario == Scenario::Wakeup && args.replicas < 2 {
+        bail!("the wakeup scenario needs --replicas 2 or more");
+    }
     Ok(())
 }
 
@@ -273,6 +337,7 @@ fn scenario_name(scenario: Scenario) -> &'static str {
         Scenario::Lifecycle => "lifecycle",
         Scenario::ClaimLatency => "claim-latency",
         Scenario::Longpoll => "longpoll",
+        Scenario::Wakeup => "wakeup",
     }
 }
 
@@ -325,7 +390,14 @@ async fn run_scenario(scenario: Scenario, args: &Args) -> anyhow::Result<Vec<Met
         }
         Scenario::Longpoll => {
             let target = Target::open(args).await?;
-            let metrics = longpoll(&target, args).await;
+            let metrics = longpoll(&target, args, 0, 0).await;
+            target.close().await;
+            metrics
+        }
+        Scenario::Wakeup => {
+            let target = Target::open(args).await?;
+            // Workers wait on the second replica; jobs are created on the first.
+            let metrics = longpoll(&target, args, 1, 0).await;
             target.close().await;
             metrics
         }
@@ -336,11 +408,20 @@ async fn run_scenario(scenario: Scenario, args: &Args) -> anyhow::Result<Vec<Met
 // ---------------------------------------------------------------------------------------
 // The server under test and the HTTP client.
 
-/// The server a run talks to: a freshly started child process, or a running server.
+/// The servers a run talks to: freshly started child processes (with their own
+/// PostgreSQL database when `--database-url` is given), or a running server.
+///
+/// Fields drop in declaration order: the servers are killed before their database is
+/// dropped.
 struct Target {
+    /// The first (or only) server's API; `apis[0]` is the same.
     api: Api,
-    /// Set when this benchmark started the server.
-    server: Option<SpawnedServer>,
+    /// One API per server, each with its own source file.
+    apis: Vec<Api>,
+    /// Set when this benchmark started the servers.
+    servers: Vec<SpawnedServer>,
+    /// The run's own PostgreSQL database; dropped after the servers are gone.
+    database: Option<BenchDatabase>,
     /// With `--url`: the process id the caller gave.
     url_server_pid: Option<u32>,
     /// The source file every created job points at; removed at the end with `--url`.
@@ -359,35 +440,54 @@ impl Target {
             .timeout(Duration::from_secs(120))
             .build()
             .context("failed to build the HTTP client")?;
-        let (base, files_dir, server) = match &args.url {
-            Some(url) => (
+        // Declared before the servers, so an early return kills them before dropping it.
+        let database = match &args.database_url {
+            Some(url) => Some(BenchDatabase::create(url).await?),
+            None => None,
+        };
+        let mut servers = Vec::new();
+        let mut endpoints: Vec<(String, PathBuf)> = Vec::new();
+        match &args.url {
+            Some(url) => endpoints.push((
                 url.trim_end_matches('/').to_owned(),
                 args.files_dir.clone().expect("validated"),
-                None,
-            ),
+            )),
             None => {
-                let server = SpawnedServer::start(&server_binary(args)?, &args.server_args)?;
-                let base = server.base.clone();
-                let files_dir = server.data_dir.join("files");
-                (base, files_dir, Some(server))
+                let mut server_args = args.server_args.clone();
+                if let Some(database) = &database {
+                    server_args.push(format!("--database-url={}", database.url));
+                }
+                for _ in 0..args.replicas {
+                    let server = SpawnedServer::start(&server_binary(args)?, &server_args)?;
+                    endpoints.push((server.base.clone(), server.data_dir.join("files")));
+                    servers.push(server);
+                }
             }
-        };
-        let source_file = files_dir.join(format!("bench-source-{}.txt", unique_suffix()));
-        std::fs::write(&source_file, b"morag-jobs benchmark source file\n")
-            .with_context(|| format!("failed to write the source file {source_file:?}"))?;
-        let source_path = std::fs::canonicalize(&source_file)
-            .with_context(|| format!("failed to resolve {source_file:?}"))?;
-        let api = Api {
-            client,
-            base: base.clone(),
-            source_path_json: serde_json::to_string(&source_path.to_string_lossy())?,
-            api_key: args.api_key.clone(),
-        };
+        }
+        let mut apis = Vec::new();
+        let mut first_source_file = None;
+        for (base, files_dir) in endpoints {
+            let source_file = files_dir.join(format!("bench-source-{}.txt", unique_suffix()));
+            std::fs::write(&source_file, b"morag-jobs benchmark source file\n")
+                .with_context(|| format!("failed to write the source file {source_file:?}"))?;
+            let source_path = std::fs::canonicalize(&source_file)
+                .with_context(|| format!("failed to resolve {source_file:?}"))?;
+            apis.push(Api {
+                client: client.clone(),
+                base,
+                source_path: source_path.to_string_lossy().into_owned(),
+                source_path_json: serde_json::to_string(&source_path.to_string_lossy())?,
+                api_key: args.api_key.clone(),
+            });
+            first_source_file.get_or_insert(source_file);
+        }
         let target = Target {
-            api,
-            server,
+            api: apis[0].clone(),
+            apis,
+            servers,
+            database,
             url_server_pid: args.server_pid,
-            source_file,
+            source_file: first_source_file.expect("at least one server"),
             leftover: Mutex::new(Vec::new()),
         };
         target.wait_for_health().await?;
@@ -395,36 +495,52 @@ impl Target {
     }
 
     async fn wait_for_health(&self) -> anyhow::Result<()> {
-        let url = format!("{}/health", self.api.base);
-        let give_up = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(server) = &self.server {
-                server.check_running()?;
-            }
-            match self.api.client.get(&url).send().await {
-                Ok(response) if response.status().is_success() => return Ok(()),
-                Ok(response) if Instant::now() >= give_up => {
-                    bail!("{url} answered {}", response.status())
+        for (i, api) in self.apis.iter().enumerate() {
+            let url = format!("{}/health", api.base);
+            let give_up = Instant::now() + Duration::from_secs(20);
+            loop {
+                if let Some(server) = self.servers.get(i) {
+                    server.check_running()?;
                 }
-                Err(error) if Instant::now() >= give_up => {
-                    return Err(error).with_context(|| format!("{url} did not answer"))
+                match api.client.get(&url).send().await {
+                    Ok(response) if response.status().is_success() => break,
+                    Ok(response) if Instant::now() >= give_up => {
+                        bail!("{url} answered {}", response.status())
+                    }
+                    Err(error) if Instant::now() >= give_up => {
+                        return Err(error).with_context(|| format!("{url} did not answer"))
+                    }
+                    _ => tokio::time::sleep(Duration::from_millis(20)).await,
                 }
-                _ => tokio::time::sleep(Duration::from_millis(20)).await,
             }
+        }
+        Ok(())
+    }
+
+    /// The API a client task with this index uses: round-robin over the replicas.
+    fn api_for(&self, index: usize) -> &Api {
+        &self.apis[index % self.apis.len()]
+    }
+
+    fn server_pids(&self) -> Vec<u32> {
+        if self.servers.is_empty() {
+            self.url_server_pid.into_iter().collect()
+        } else {
+            self.servers.iter().map(|s| s.child.id()).collect()
         }
     }
 
-    fn server_pid(&self) -> Option<u32> {
-        self.server
-            .as_ref()
-            .map(|s| s.child.id())
-            .or(self.url_server_pid)
+    /// CPU use so far of the servers, this process, PostgreSQL (when the run uses it)
+    /// and the machine.
+    fn cpu(&self) -> CpuSnapshot {
+        CpuSnapshot::take(&self.server_pids(), self.database.is_some())
     }
 
     /// Completes the benchmark's pending jobs on a server we did not start, and removes
-    /// the source file there. A started server is simply killed with its data directory.
+    /// the source file there. Started servers are simply killed with their data
+    /// directories, and then their database is dropped.
     async fn close(self) {
-        if self.server.is_none() {
+        if self.servers.is_empty() {
             let leftover = std::mem::take(&mut *self.leftover.lock().expect("leftover lock"));
             for content_type in leftover {
                 if let Err(error) = drain(&self.api, &content_type).await {
@@ -435,8 +551,176 @@ impl Target {
             }
             let _ = std::fs::remove_file(&self.source_file);
         }
-        drop(self.server);
+        drop(self.servers);
+        drop(self.database);
     }
+}
+
+/// A fresh PostgreSQL database for one run: created through the server's `postgres`
+/// maintenance database, dropped `WITH (FORCE)` when this is dropped (also on errors and
+/// interruptions, since the run's future is dropped then). The benchmark talks SQL only
+/// for this and for seeding a claim-latency backlog (`--fill sql`); the servers create
+/// their own tables.
+struct BenchDatabase {
+    name: String,
+    /// The database's URL, for the servers.
+    url: String,
+    /// Connection settings for the maintenance database.
+    admin: tokio_postgres::Config,
+}
+
+impl BenchDatabase {
+    async fn create(server_url: &str) -> anyhow::Result<BenchDatabase> {
+        let mut admin: tokio_postgres::Config = server_url
+            .parse()
+            .context("--database-url is not a valid PostgreSQL URL")?;
+        admin.dbname("postgres");
+        admin.connect_timeout(Duration::from_secs(5));
+        let name = format!("morag_jobs_bench_{:016x}", fastrand::u64(..));
+        let url = url_with_database(server_url, &name)?;
+        let client = connect(&admin).await?;
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .with_context(|| format!("failed to create the database {name}"))?;
+        progress(&format!("  created database {name}"));
+        Ok(BenchDatabase { name, url, admin })
+    }
+
+    /// A connection to this run's database.
+    async fn connect(&self) -> anyhow::Result<tokio_postgres::Client> {
+        let mut config = self.admin.clone();
+        config.dbname(&self.name);
+        connect(&config).await
+    }
+}
+
+impl Drop for BenchDatabase {
+    fn drop(&mut self) {
+        // Drop runs inside the benchmark's runtime, which cannot be blocked on; a thread
+        // with its own runtime does the asynchronous work.
+        let (admin, name) = (self.admin.clone(), self.name.clone());
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async {
+                let client = connect(&admin).await?;
+                client
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await?;
+                anyhow::Ok(())
+            })
+        })
+        .join();
+        match dropped {
+            Ok(Ok(())) => progress(&format!("  dropped database {}", self.name)),
+            Ok(Err(error)) => progress(&format!(
+                "warning: could not drop the database {}: {error:#}",
+                self.name
+            )),
+            Err(_) => progress(&format!(
+                "warning: dropping the database {} panicked",
+                self.name
+            )),
+        }
+    }
+}
+
+async fn connect(config: &tokio_postgres::Config) -> anyhow::Result<tokio_postgres::Client> {
+    let (client, connection) = config
+        .connect(tokio_postgres::NoTls)
+        .await
+        .context("failed to connect to PostgreSQL")?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            progress(&format!("warning: PostgreSQL connection: {error}"));
+        }
+    });
+    Ok(client)
+}
+
+/// `url` with its database (the path) replaced by `name`; user, host and query stay.
+fn url_with_database(url: &str, name: &str) -> anyhow::Result<String> {
+    let (scheme, rest) = url
+        .split_once("://")
+        .context("--database-url must be a postgres:// URL")?;
+    let (before_query, query) = match rest.split_once('?') {
+        Some((before, query)) => (before, Some(query)),
+        None => (rest, None),
+    };
+    let authority = before_query.split('/').next().unwrap_or("");
+    let mut out = format!("{scheme}://{authority}/{name}");
+    if let Some(query) = query {
+        out.push('?');
+        out.push_str(query);
+    }
+    Ok(out)
+}
+
+/// Inserts `count` pending jobs of `content_type` straight into the run's PostgreSQL
+/// database, as `morag-jobs` would have created them (one row per job with a UUID id,
+/// status `pending`, claimable since before now, no pending deadline; one `created`
+/// history entry each; the statistics deltas its counter trigger would have written,
+/// aggregated), then `VACUUM ANALYZE`s the table so that neither autovacuum nor stale
+/// statistics land in the measurement. Needs a superuser: it turns the per-row trigger
+/// off for this one transaction (`session_replication_role = replica`) and writes the
+/// aggregate deltas instead, which is what makes a million rows take seconds.
+async fn seed_pending(
+    database: &BenchDatabase,
+    content_type: &str,
+    source_path: &str,
+    count: usize,
+) -> anyhow::Result<()> {
+    let mut client = database.connect().await?;
+    let now_micros = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .context("the clock is before 1970")?
+        .as_micros() as i64;
+    // One microsecond apart, all in the past, in creation order.
+    let base = now_micros - count as i64 - 1_000_000;
+    let count = count as i64;
+    let tx = client.transaction().await?;
+    tx.batch_execute("SET LOCAL session_replication_role = replica")
+        .await
+        .context("seeding needs a PostgreSQL superuser (session_replication_role)")?;
+    tx.execute(
+        "WITH j AS ( \
+             INSERT INTO jobs (id, content_type, source_file_path, task_options, ingestion_task_id, \
+                               status, created_at, updated_at, available_at, deadline_at) \
+             SELECT gen_random_uuid()::text, $1, $2, '{}', 'bench-seed-' || g, \
+                    'pending', $3::int8 + g, $3::int8 + g, $3::int8 + g, NULL \
+             FROM generate_series(1, $4::int8) AS g \
+             ORDER BY g \
+             RETURNING seq, created_at) \
+         INSERT INTO job_history (job_seq, from_status, to_status, at, actor, reason) \
+         SELECT seq, NULL, 'pending', created_at, 'client', 'created' FROM j ORDER BY seq",
+        &[&content_type, &source_path, &base, &count],
+    )
+    .await
+    .context("failed to insert the pending jobs")?;
+    tx.execute(
+        "INSERT INTO counter_deltas (counter, status, content_type, minute, n) \
+         VALUES ('status', 'pending', $1, 0, $2)",
+        &[&content_type, &count],
+    )
+    .await?;
+    tx.execute(
+        "INSERT INTO counter_deltas (counter, minute, n) \
+         SELECT 'created', created_at / 60000000, count(*) FROM jobs \
+         WHERE content_type = $1 GROUP BY 2",
+        &[&content_type],
+    )
+    .await?;
+    tx.commit().await.context("failed to commit the seed")?;
+    // One statement each: several in one string would run as one transaction block.
+    for table in ["jobs", "job_history", "counter_deltas"] {
+        client
+            .batch_execute(&format!("VACUUM ANALYZE {table}"))
+            .await
+            .with_context(|| format!("failed to vacuum {table} after seeding"))?;
+    }
+    Ok(())
 }
 
 /// Claims and completes every pending job of `content_type`, 16 at a time.
@@ -580,6 +864,8 @@ impl Drop for SpawnedServer {
 struct Api {
     client: reqwest::Client,
     base: String,
+    /// The source file every job created through this API points at.
+    source_path: String,
     /// The source path as a JSON string literal, quotes included.
     source_path_json: String,
     api_key: Option<String>,
@@ -782,7 +1068,6 @@ struct WorkerSamples {
 }
 
 async fn lifecycle(target: &Target, args: &Args) -> anyhow::Result<Vec<Metric>> {
-    let api = &target.api;
     let content_type = unique_content_type("lc");
     target
         .leftover
@@ -799,7 +1084,7 @@ async fn lifecycle(target: &Target, args: &Args) -> anyhow::Result<Vec<Metric>> 
 
     let mut workers = Vec::new();
     for w in 0..args.workers {
-        let api = api.clone();
+        let api = target.api_for(w).clone();
         let url = api.poll_url(&format!("bench-worker-{w}"), &content_type, wait);
         let (done, completed, finished_at) = (done.clone(), completed.clone(), finished_at.clone());
         let mut stop = done.subscribe();
@@ -836,11 +1121,11 @@ async fn lifecycle(target: &Target, args: &Args) -> anyhow::Result<Vec<Metric>> 
         })));
     }
 
-    let cpu_before = CpuSnapshot::take(target.server_pid());
+    let cpu_before = target.cpu();
     let started = Instant::now();
     let mut producers = Vec::new();
-    for _ in 0..args.producers {
-        let api = api.clone();
+    for p in 0..args.producers {
+        let api = target.api_for(p).clone();
         let url = api.create_url();
         let content_type = content_type.clone();
         let next = next.clone();
@@ -868,7 +1153,7 @@ async fn lifecycle(target: &Target, args: &Args) -> anyhow::Result<Vec<Metric>> 
         .expect("finish lock")
         .context("the run stopped before every job completed")?;
     let elapsed = finished - started;
-    let cpu = CpuSnapshot::take(target.server_pid()).since(&cpu_before, elapsed);
+    let cpu = target.cpu().since(&cpu_before, elapsed);
 
     let mut creates = Latencies::default();
     producer_samples.into_iter().for_each(|c| creates.extend(c));
@@ -925,27 +1210,13 @@ async fn claim_latency(
 
     progress(&format!("  filling {backlog} pending jobs"));
     let fill_started = Instant::now();
-    let next = Arc::new(AtomicUsize::new(0));
-    let (done, _) = watch::channel(false);
-    let done = Arc::new(done);
-    let mut fillers = Vec::new();
-    for _ in 0..args.fill_concurrency.min(backlog) {
-        let api = api.clone();
-        let url = api.create_url();
-        let content_type = content_type.clone();
-        let next = next.clone();
-        let stop = done.subscribe();
-        fillers.push(tokio::spawn(stop_all_on_error(done.clone(), async move {
-            loop {
-                let n = next.fetch_add(1, Ordering::Relaxed);
-                if n >= backlog || *stop.borrow() {
-                    return Ok(());
-                }
-                api.create(&url, &content_type, n).await?;
-            }
-        })));
+    match (args.fill, &target.database) {
+        (Fill::Sql, Some(database)) => {
+            seed_pending(database, &content_type, &api.source_path, backlog).await?
+        }
+        (Fill::Sql, None) => bail!("--fill sql needs --database-url"),
+        (Fill::Http, _) => fill_over_http(api, args, &content_type, backlog).await?,
     }
-    join_all(fillers).await?;
     let fill_secs = fill_started.elapsed().as_secs_f64();
 
     progress(&format!(
@@ -959,11 +1230,11 @@ async fn claim_latency(
         Latencies::default(),
         Latencies::default(),
     );
-    let mut cpu_before = CpuSnapshot::take(target.server_pid());
+    let mut cpu_before = target.cpu();
     let mut measured_from = Instant::now();
     for i in 0..args.warmup_claims + args.claims {
         if i == args.warmup_claims {
-            cpu_before = CpuSnapshot::take(target.server_pid());
+            cpu_before = target.cpu();
             measured_from = Instant::now();
         }
         let sent = Instant::now();
@@ -982,16 +1253,19 @@ async fn claim_latency(
             creates.push(submitted.elapsed());
         }
     }
-    let cpu = CpuSnapshot::take(target.server_pid()).since(&cpu_before, measured_from.elapsed());
+    let cpu = target.cpu().since(&cpu_before, measured_from.elapsed());
     let p50 = polls.percentile_ms(0.50);
     let p99 = polls.percentile_ms(0.99);
     let key = format!("pending_{backlog}");
     let mut metrics = vec![Metric::new(
         format!("{key}_fill_jobs_per_sec"),
-        format!(
-            "{backlog} pending: fill rate ({} concurrent creates)",
-            args.fill_concurrency
-        ),
+        match args.fill {
+            Fill::Http => format!(
+                "{backlog} pending: fill rate ({} concurrent creates)",
+                args.fill_concurrency
+            ),
+            Fill::Sql => format!("{backlog} pending: fill rate (SQL seed, incl. VACUUM ANALYZE)"),
+        },
         backlog as f64 / fill_secs,
         "jobs/s",
     )];
@@ -1011,12 +1285,56 @@ async fn claim_latency(
     other.key = format!("{key}_{}", other.key);
     other.label = format!("{backlog} pending: {}", other.label);
     metrics.push(other);
+    for mut metric in cpu.postgres_metrics(0) {
+        metric.key = format!("{key}_{}", metric.key);
+        metric.label = format!("{backlog} pending: {}", metric.label);
+        metrics.push(metric);
+    }
     Ok((metrics, p50, p99))
 }
 
-async fn longpoll(target: &Target, args: &Args) -> anyhow::Result<Vec<Metric>> {
-    let api = &target.api;
-    let content_type = unique_content_type("lp");
+/// Fills the backlog with `fill_concurrency` concurrent creates.
+async fn fill_over_http(
+    api: &Api,
+    args: &Args,
+    content_type: &str,
+    backlog: usize,
+) -> anyhow::Result<()> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let (done, _) = watch::channel(false);
+    let done = Arc::new(done);
+    let mut fillers = Vec::new();
+    for _ in 0..args.fill_concurrency.min(backlog) {
+        let api = api.clone();
+        let url = api.create_url();
+        let content_type = content_type.to_owned();
+        let next = next.clone();
+        let stop = done.subscribe();
+        fillers.push(tokio::spawn(stop_all_on_error(done.clone(), async move {
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= backlog || *stop.borrow() {
+                    return Ok(());
+                }
+                api.create(&url, &content_type, n).await?;
+            }
+        })));
+    }
+    join_all(fillers).await?;
+    Ok(())
+}
+
+/// Workers long-poll on replica `poll_on`; jobs are created one at a time on replica
+/// `create_on` (the same for `longpoll`, different for `wakeup`).
+async fn longpoll(
+    target: &Target,
+    args: &Args,
+    poll_on: usize,
+    create_on: usize,
+) -> anyhow::Result<Vec<Metric>> {
+    let api = target.api_for(create_on);
+    let poll_api = target.api_for(poll_on);
+    let content_type = unique_content_type(if poll_on == create_on { "lp" } else { "wk" });
     target
         .leftover
         .lock()
@@ -1030,7 +1348,7 @@ async fn longpoll(target: &Target, args: &Args) -> anyhow::Result<Vec<Metric>> {
 
     let mut workers = Vec::new();
     for w in 0..args.longpoll_workers {
-        let api = api.clone();
+        let api = poll_api.clone();
         let url = api.poll_url(
             &format!("bench-longpoll-{w}"),
             &content_type,
@@ -1059,7 +1377,7 @@ async fn longpoll(target: &Target, args: &Args) -> anyhow::Result<Vec<Metric>> {
 
     // Let every worker reach its long poll before the first job exists.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let cpu_before = CpuSnapshot::take(target.server_pid());
+    let cpu_before = target.cpu();
     let started = Instant::now();
     let create_url = api.create_url();
     let pause = Duration::from_secs_f64(args.longpoll_pause_ms / 1e3);
@@ -1087,7 +1405,7 @@ async fn longpoll(target: &Target, args: &Args) -> anyhow::Result<Vec<Metric>> {
         anyhow::Ok(())
     };
     let produced = stop_all_on_error(done.clone(), producing).await;
-    let cpu = CpuSnapshot::take(target.server_pid()).since(&cpu_before, started.elapsed());
+    let cpu = target.cpu().since(&cpu_before, started.elapsed());
     done.send_replace(true);
     let pickups = join_all(workers).await;
     produced?;
@@ -1137,6 +1455,8 @@ async fn longpoll(target: &Target, args: &Args) -> anyhow::Result<Vec<Metric>> {
 struct CpuSnapshot {
     server_threads: BTreeMap<String, f64>,
     client: f64,
+    /// Every process named `postgres` (server and backends), when the run uses it.
+    postgres: Option<f64>,
     /// Busy CPU seconds of the whole machine, from /proc/stat.
     machine: f64,
 }
@@ -1156,9 +1476,9 @@ fn stat_cpu_seconds(stat: &str) -> Option<(String, f64)> {
 }
 
 impl CpuSnapshot {
-    fn take(server_pid: Option<u32>) -> CpuSnapshot {
+    fn take(server_pids: &[u32], postgres: bool) -> CpuSnapshot {
         let mut server_threads = BTreeMap::new();
-        if let Some(pid) = server_pid {
+        for &pid in server_pids {
             if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
                 for task in tasks.flatten() {
                     let stat =
@@ -1190,9 +1510,33 @@ impl CpuSnapshot {
                 Some(busy / TICKS_PER_SEC)
             })
             .unwrap_or(0.0);
+        let postgres = postgres.then(|| {
+            let mut total = 0.0;
+            if let Ok(processes) = std::fs::read_dir("/proc") {
+                for process in processes.flatten() {
+                    let is_pid = process
+                        .file_name()
+                        .to_string_lossy()
+                        .bytes()
+                        .all(|b| b.is_ascii_digit());
+                    if !is_pid {
+                        continue;
+                    }
+                    let stat =
+                        std::fs::read_to_string(process.path().join("stat")).unwrap_or_default();
+                    if let Some((name, secs)) = stat_cpu_seconds(&stat) {
+                        if name == "postgres" {
+                            total += secs;
+                        }
+                    }
+                }
+            }
+            total
+        });
         CpuSnapshot {
             server_threads,
             client,
+            postgres,
             machine,
         }
     }
@@ -1211,6 +1555,10 @@ impl CpuSnapshot {
         CpuUse {
             server_threads,
             client: self.client - before.client,
+            postgres: match (self.postgres, before.postgres) {
+                (Some(now), Some(then)) => Some(now - then),
+                _ => None,
+            },
             machine: self.machine - before.machine,
             elapsed: elapsed.as_secs_f64(),
         }
@@ -1220,25 +1568,50 @@ impl CpuSnapshot {
 struct CpuUse {
     server_threads: BTreeMap<String, f64>,
     client: f64,
+    postgres: Option<f64>,
     machine: f64,
     elapsed: f64,
 }
 
 impl CpuUse {
-    /// CPU that neither the server nor the load generator used: other load on the machine.
+    /// CPU that neither the server, nor the load generator, nor PostgreSQL used: other
+    /// load on the machine.
     fn other_metric(&self) -> Metric {
         let server: f64 = self.server_threads.values().sum();
+        let postgres = self.postgres.unwrap_or(0.0);
         Metric::new(
             "other_cpu_cores",
             "other processes' CPU during the run (cores busy)",
-            ((self.machine - server - self.client) / self.elapsed).max(0.0),
+            ((self.machine - server - self.client - postgres) / self.elapsed).max(0.0),
             "cores",
         )
     }
 
+    fn postgres_metrics(&self, jobs: usize) -> Vec<Metric> {
+        let Some(postgres) = self.postgres else {
+            return Vec::new();
+        };
+        let mut metrics = vec![Metric::new(
+            "postgres_cpu_cores",
+            "PostgreSQL CPU, all its processes (cores busy)",
+            postgres / self.elapsed,
+            "cores",
+        )];
+        if jobs > 0 {
+            metrics.push(Metric::new(
+                "postgres_cpu_us_per_job",
+                "PostgreSQL CPU per job",
+                postgres / jobs as f64 * 1e6,
+                "us",
+            ));
+        }
+        metrics
+    }
+
     fn metrics(&self, jobs: usize) -> Vec<Metric> {
         if self.server_threads.is_empty() {
-            return vec![
+            let mut metrics = self.postgres_metrics(jobs);
+            metrics.extend([
                 Metric::new(
                     "client_cpu_cores",
                     "load generator CPU (cores busy)",
@@ -1251,7 +1624,8 @@ impl CpuUse {
                     self.machine / self.elapsed,
                     "cores",
                 ),
-            ];
+            ]);
+            return metrics;
         }
         let server: f64 = self.server_threads.values().sum();
         let mut metrics = vec![
@@ -1280,6 +1654,7 @@ impl CpuUse {
                 "us",
             ),
         ];
+        metrics.extend(self.postgres_metrics(jobs));
         metrics.push(self.other_metric());
         for (name, secs) in &self.server_threads {
             let key: String = name
@@ -1373,12 +1748,30 @@ impl ScenarioReport {
                 "backlogs": args.backlogs, "claims": args.claims, "warmup_claims": args.warmup_claims,
                 "fill_concurrency": args.fill_concurrency,
             }),
-            Scenario::Longpoll => json!({
+            Scenario::Longpoll | Scenario::Wakeup => json!({
                 "workers": args.longpoll_workers, "jobs": args.longpoll_jobs,
                 "pause_ms": args.longpoll_pause_ms, "wait_secs": args.longpoll_wait,
             }),
             Scenario::All => Value::Null,
         };
+        let mut parameters = parameters;
+        if let Value::Object(map) = &mut parameters {
+            map.insert(
+                "store".into(),
+                json!(if args.database_url.is_some() {
+                    "postgres"
+                } else {
+                    "sqlite"
+                }),
+            );
+            map.insert("replicas".into(), json!(args.replicas));
+            if scenario == Scenario::ClaimLatency {
+                map.insert(
+                    "fill".into(),
+                    json!(format!("{:?}", args.fill).to_lowercase()),
+                );
+            }
+        }
         let mut metrics: Vec<(String, String, &'static str, Vec<f64>)> = Vec::new();
         for run in runs {
             for metric in run {

@@ -1502,6 +1502,21 @@ async fn bad_query_values_get_422() {
             poll("worker_id=a%0Ab").invalid(&["query", "worker_id"]),
             poll("worker_id=w&content_types=Audio").invalid(&["query", "content_type"]),
             poll("worker_id=w&content_types=audio,../x").invalid(&["query", "content_type"]),
+            poll(&format!(
+                "worker_id=w&content_types={}",
+                (0..33)
+                    .map(|i| format!("t{i}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ))
+            .invalid(&["query", "content_types"]),
+            poll(&format!(
+                "worker_id=w&content_types={}",
+                (0..32)
+                    .map(|i| format!("t{i}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            )),
             poll("worker_id=w&wait=31").invalid(&["query", "wait"]),
             poll("worker_id=w&wait=-1").invalid(&["query", "wait"]),
             poll("worker_id=w&wait=abc").invalid(&["query", "wait"]),
