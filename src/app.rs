@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 
 use crate::clock::SharedClock;
 use crate::config::{Config, DatabaseTarget};
@@ -16,22 +16,17 @@ use crate::monitor::Monitor;
 use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::{SqliteOptions, SqliteStore};
 use crate::store::Store;
+use crate::wakeups::Wakeups;
 
 /// What every request handler and background service shares.
 pub struct AppContext {
     pub config: Config,
     pub store: Arc<dyn Store>,
     pub clock: SharedClock,
-    /// Woken whenever a job may have become claimable, so long-polling workers try again.
-    pub jobs_available: Notify,
+    /// Wakes long-polling workers when a job may have become claimable.
+    pub wakeups: Wakeups,
     /// Becomes true when the server is shutting down; long polls return early.
     pub shutting_down: watch::Receiver<bool>,
-}
-
-impl AppContext {
-    pub fn signal_jobs_available(&self) {
-        self.jobs_available.notify_waiters();
-    }
 }
 
 pub struct App {
@@ -51,7 +46,7 @@ impl App {
             config,
             store,
             clock,
-            jobs_available: Notify::new(),
+            wakeups: Wakeups::default(),
             shutting_down,
         });
         Ok(App {
@@ -156,7 +151,7 @@ async fn forward_wakeups(context: Arc<AppContext>) {
                 if changed.is_err() {
                     return;
                 }
-                context.signal_jobs_available();
+                context.wakeups.wake_everyone();
             }
             _ = shutting_down.wait_for(|stop| *stop) => return,
         }

@@ -21,3 +21,4 @@ pub mod files;
 pub mod import;
 pub mod monitor;
 pub mod store;
+pub mod wakeups;

@@ -52,7 +52,7 @@ pub async fn create_job(
             now,
         })
         .await?;
-    context.signal_jobs_available();
+    context.wakeups.job_available(&job.content_type);
     Ok(Json(CreateJobResponse {
         job_id: job.id.to_string(),
         status: job.status.as_str(),
@@ -188,7 +188,7 @@ pub async fn retry_job(
                 error,
             )
         })?;
-    context.signal_jobs_available();
+    context.wakeups.job_available(&job.content_type);
     Ok(Json(JobStatusView::from(&job)))
 }
 

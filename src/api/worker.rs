@@ -17,6 +17,7 @@ use crate::app::AppContext;
 use crate::domain::{ContentType, Job, JobStatus, LeaseId, WorkerId};
 use crate::files;
 use crate::store::{AttemptOutcome, ClaimParams, HeartbeatParams, SubmitResultParams};
+use crate::wakeups::Woken;
 
 /// The longest a poll may wait for a job.
 const MAX_POLL_WAIT: Duration = Duration::from_secs(30);
@@ -82,12 +83,12 @@ pub async fn poll(
 
     let give_up_at = tokio::time::Instant::now() + wait;
     let mut shutting_down = context.shutting_down.clone();
+    let waiter = context.wakeups.waiter(&content_types);
+    let mut woken_for_a_job = false;
     loop {
         // Register for the wake-up before looking, so a job created between the look and
         // the wait is not missed.
-        let notified = context.jobs_available.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
+        let mut registration = waiter.register();
         let claimed = context
             .store
             .claim_job(ClaimParams {
@@ -98,13 +99,17 @@ pub async fn poll(
             })
             .await?;
         if let Some(job) = claimed {
+            if woken_for_a_job {
+                // The wake-up taken may have been for another job of these types.
+                waiter.pass_on();
+            }
             return Ok(Json(poll_response(&context, &job)));
         }
         if tokio::time::Instant::now() >= give_up_at || *shutting_down.borrow() {
             return Ok(Json(PollResponse::default()));
         }
         tokio::select! {
-            _ = &mut notified => {}
+            woken = registration.woken() => woken_for_a_job = woken == Woken::Targeted,
             _ = tokio::time::sleep_until(give_up_at) => {}
             _ = shutting_down.changed() => {}
         }

@@ -60,7 +60,7 @@ impl Monitor {
             }
         }
         if total.n_retries_due > 0 {
-            self.context.signal_jobs_available();
+            self.context.wakeups.wake_everyone();
         }
         if total.changed_anything() {
             tracing::info!(
