@@ -533,7 +533,10 @@ impl Target {
     /// CPU use so far of the servers, this process, PostgreSQL (when the run uses it)
     /// and the machine.
     fn cpu(&self) -> CpuSnapshot {
-        CpuSnapshot::take(&self.server_pids(), self.database.is_some())
+        CpuSnapshot::take(
+            &self.server_pids(),
+            self.database.as_ref().map(|d| d.name.as_str()),
+        )
     }
 
     /// Completes the benchmark's pending jobs on a server we did not start, and removes
@@ -1455,8 +1458,9 @@ async fn longpoll(
 struct CpuSnapshot {
     server_threads: BTreeMap<String, f64>,
     client: f64,
-    /// Every process named `postgres` (server and backends), when the run uses it.
-    postgres: Option<f64>,
+    /// CPU seconds per process of PostgreSQL's that works for this run (see
+    /// `postgres_processes`), when the run uses it.
+    postgres: Option<HashMap<u32, f64>>,
     /// Busy CPU seconds of the whole machine, from /proc/stat.
     machine: f64,
 }
@@ -1475,8 +1479,50 @@ fn stat_cpu_seconds(stat: &str) -> Option<(String, f64)> {
     Some((name, (utime + stime) / TICKS_PER_SEC))
 }
 
+/// CPU seconds of each PostgreSQL process that works for `database`: its backends and
+/// autovacuum workers (their process titles name the database), and the shared ones
+/// (postmaster, WAL writer, checkpointer, background writer, launchers). Backends of
+/// other databases on the same server (other people's tests, say) are left out, so their
+/// work shows up as other load.
+fn postgres_processes(database: &str) -> HashMap<u32, f64> {
+    const SHARED: [&str; 5] = [
+        "walwriter",
+        "checkpointer",
+        "background writer",
+        "autovacuum launcher",
+        "logical replication launcher",
+    ];
+    let mut processes = HashMap::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return processes;
+    };
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let Some((name, secs)) = stat_cpu_seconds(&stat) else {
+            continue;
+        };
+        if name != "postgres" {
+            continue;
+        }
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let title = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        let ours = if let Some(rest) = title.strip_prefix("postgres: ") {
+            rest.contains(database) || SHARED.iter().any(|s| rest.contains(s))
+        } else {
+            true // the postmaster
+        };
+        if ours {
+            processes.insert(pid, secs);
+        }
+    }
+    processes
+}
+
 impl CpuSnapshot {
-    fn take(server_pids: &[u32], postgres: bool) -> CpuSnapshot {
+    fn take(server_pids: &[u32], postgres_database: Option<&str>) -> CpuSnapshot {
         let mut server_threads = BTreeMap::new();
         for &pid in server_pids {
             if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
@@ -1510,29 +1556,7 @@ impl CpuSnapshot {
                 Some(busy / TICKS_PER_SEC)
             })
             .unwrap_or(0.0);
-        let postgres = postgres.then(|| {
-            let mut total = 0.0;
-            if let Ok(processes) = std::fs::read_dir("/proc") {
-                for process in processes.flatten() {
-                    let is_pid = process
-                        .file_name()
-                        .to_string_lossy()
-                        .bytes()
-                        .all(|b| b.is_ascii_digit());
-                    if !is_pid {
-                        continue;
-                    }
-                    let stat =
-                        std::fs::read_to_string(process.path().join("stat")).unwrap_or_default();
-                    if let Some((name, secs)) = stat_cpu_seconds(&stat) {
-                        if name == "postgres" {
-                            total += secs;
-                        }
-                    }
-                }
-            }
-            total
-        });
+        let postgres = postgres_database.map(postgres_processes);
         CpuSnapshot {
             server_threads,
             client,
@@ -1555,8 +1579,14 @@ impl CpuSnapshot {
         CpuUse {
             server_threads,
             client: self.client - before.client,
-            postgres: match (self.postgres, before.postgres) {
-                (Some(now), Some(then)) => Some(now - then),
+            // A process that exited in between is lost; one that started counts fully.
+            postgres: match (&self.postgres, &before.postgres) {
+                (Some(now), Some(then)) => Some(
+                    now.iter()
+                        .map(|(pid, secs)| secs - then.get(pid).copied().unwrap_or(0.0))
+                        .filter(|delta| *delta > 0.0)
+                        .sum(),
+                ),
                 _ => None,
             },
             machine: self.machine - before.machine,
@@ -1593,7 +1623,7 @@ impl CpuUse {
         };
         let mut metrics = vec![Metric::new(
             "postgres_cpu_cores",
-            "PostgreSQL CPU, all its processes (cores busy)",
+            "PostgreSQL CPU: this database's backends and the shared processes (cores busy)",
             postgres / self.elapsed,
             "cores",
         )];
