@@ -32,7 +32,10 @@ use tokio_postgres::{AsyncMessage, NoTls, Row};
 
 use self::pool::{Conn, Pool};
 use super::*;
-use crate::domain::{Actor, AfterFailure, AttemptDeadlines, Expiry, HistoryEntry, JobResult};
+use crate::domain::{
+    judge_result, Actor, AfterFailure, AttemptDeadlines, AttemptFacts, Expiry, HistoryEntry,
+    JobResult, ResultRefusal, ResultTiming,
+};
 
 /// Schema migrations, applied in order; the schema's version is how many were applied.
 const MIGRATIONS: &[&str] = &[include_str!("../../migrations/postgres/0001_jobs.sql")];
@@ -851,26 +854,28 @@ async fn heartbeat(conn: &mut Conn, p: HeartbeatParams) -> Result<HeartbeatOutco
 
 async fn submit_result(conn: &mut Conn, p: SubmitResultParams) -> Result<Job, StoreError> {
     let current = current_state(conn, p.job_id).await?;
-    let lease = p.lease_id.map(|lease| lease.to_string());
-    if let Some(lease) = &lease {
-        if current.lease_id.as_deref() != Some(lease.as_str()) {
+    let facts = AttemptFacts {
+        status: current.status,
+        lease: current
+            .lease_id
+            .as_deref()
+            .and_then(|l| LeaseId::parse(l).ok()),
+        reported: current.result_received,
+    };
+    let success = matches!(p.outcome, AttemptOutcome::Success { .. });
+    let late_success = match judge_result(facts, p.lease_id, success) {
+        Ok(timing) => timing == ResultTiming::LateSuccess,
+        Err(ResultRefusal::StaleLease) => {
             return Err(StoreError::LeaseMismatch {
                 current: current.status,
-            });
+            })
         }
-    }
-    let success = matches!(p.outcome, AttemptOutcome::Success { .. });
-    // A late success after a timeout is accepted while the job waits for its retry, the
-    // attempt has not reported yet, and the worker proves with its lease that it ran it.
-    let late_success = current.status == JobStatus::Retrying
-        && lease.is_some()
-        && success
-        && !current.result_received;
-    if current.status != JobStatus::Processing && !late_success {
-        return Err(StoreError::InvalidTransition {
-            current: current.status,
-        });
-    }
+        Err(ResultRefusal::NotAccepting) => {
+            return Err(StoreError::InvalidTransition {
+                current: current.status,
+            })
+        }
+    };
     let now = p.now.as_micros();
     let previous = current.status;
     let job = match p.outcome {

@@ -16,7 +16,10 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row};
 use tokio::sync::oneshot;
 
 use super::*;
-use crate::domain::{Actor, AfterFailure, AttemptDeadlines, Expiry, HistoryEntry, JobResult};
+use crate::domain::{
+    judge_result, Actor, AfterFailure, AttemptDeadlines, AttemptFacts, Expiry, HistoryEntry,
+    JobResult, ResultRefusal, ResultTiming,
+};
 
 const MIGRATIONS: &[&str] = &[include_str!("../../migrations/sqlite/0001_jobs.sql")];
 
@@ -716,26 +719,28 @@ fn heartbeat(conn: &Connection, p: HeartbeatParams) -> Result<HeartbeatOutcome, 
 
 fn submit_result(conn: &Connection, p: SubmitResultParams) -> Result<Job, StoreError> {
     let current = current_state(conn, p.job_id)?;
-    let lease = p.lease_id.map(|lease| lease.to_string());
-    if let Some(lease) = &lease {
-        if current.lease_id.as_deref() != Some(lease.as_str()) {
+    let facts = AttemptFacts {
+        status: current.status,
+        lease: current
+            .lease_id
+            .as_deref()
+            .and_then(|l| LeaseId::parse(l).ok()),
+        reported: current.result_received,
+    };
+    let success = matches!(p.outcome, AttemptOutcome::Success { .. });
+    let late_success = match judge_result(facts, p.lease_id, success) {
+        Ok(timing) => timing == ResultTiming::LateSuccess,
+        Err(ResultRefusal::StaleLease) => {
             return Err(StoreError::LeaseMismatch {
                 current: current.status,
-            });
+            })
         }
-    }
-    let success = matches!(p.outcome, AttemptOutcome::Success { .. });
-    // A late success after a timeout is accepted while the job waits for its retry, the
-    // attempt has not reported yet, and the worker proves with its lease that it ran it.
-    let late_success = current.status == JobStatus::Retrying
-        && lease.is_some()
-        && success
-        && !current.result_received;
-    if current.status != JobStatus::Processing && !late_success {
-        return Err(StoreError::InvalidTransition {
-            current: current.status,
-        });
-    }
+        Err(ResultRefusal::NotAccepting) => {
+            return Err(StoreError::InvalidTransition {
+                current: current.status,
+            })
+        }
+    };
     let now = p.now.as_micros();
     let previous = current.status;
     match p.outcome {
