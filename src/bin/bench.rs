@@ -112,8 +112,8 @@ struct Args {
     #[arg(long, default_value_t = 64)]
     fill_concurrency: usize,
     /// claim-latency: how the backlog is filled: `http` (concurrent creates) or `sql`
-    /// (PostgreSQL only: the benchmark itself inserts the pending jobs with one
-    /// `INSERT ... SELECT ... generate_series`, then runs `VACUUM ANALYZE jobs`).
+    /// (PostgreSQL only, as a superuser: the benchmark itself inserts the pending jobs
+    /// with one `INSERT ... SELECT ... generate_series`, then runs `VACUUM ANALYZE`).
     #[arg(long, value_enum, default_value = "http")]
     fill: Fill,
 
