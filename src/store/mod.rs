@@ -12,8 +12,9 @@ use std::pin::Pin;
 
 use crate::clock::Timestamp;
 use crate::domain::{
-    ContentType, HandoffKind, Job, JobDetail, JobId, JobStatus, LeaseId, LifecyclePolicy,
-    RetentionPolicy, TimeoutPolicy, WorkerId,
+    judge_result, AttemptFacts, ContentType, HandoffKind, Job, JobDetail, JobId, JobStatus,
+    LeaseId, LifecyclePolicy, ResultRefusal, ResultTiming, RetentionPolicy, TimeoutPolicy,
+    WorkerId,
 };
 
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
@@ -262,4 +263,24 @@ pub trait Store: Send + Sync + 'static {
     }
     /// Flushes and closes; later calls answer `Unavailable`.
     fn close(&self) -> StoreFuture<'_, ()>;
+}
+
+/// Applies `domain::judge_result` to a job's state as a backend stored it (the lease as
+/// text), mapping a refusal to the store's error with the job's current status.
+pub(crate) fn judge_stored_result(
+    status: JobStatus,
+    stored_lease: Option<&str>,
+    reported: bool,
+    presented: Option<LeaseId>,
+    success: bool,
+) -> Result<ResultTiming, StoreError> {
+    let facts = AttemptFacts {
+        status,
+        lease: stored_lease.and_then(|l| LeaseId::parse(l).ok()),
+        reported,
+    };
+    judge_result(facts, presented, success).map_err(|refusal| match refusal {
+        ResultRefusal::StaleLease => StoreError::LeaseMismatch { current: status },
+        ResultRefusal::NotAccepting => StoreError::InvalidTransition { current: status },
+    })
 }

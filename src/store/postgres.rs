@@ -33,8 +33,7 @@ use tokio_postgres::{AsyncMessage, NoTls, Row};
 use self::pool::{Conn, Pool};
 use super::*;
 use crate::domain::{
-    judge_result, Actor, AfterFailure, AttemptDeadlines, AttemptFacts, Expiry, HistoryEntry,
-    JobResult, ResultRefusal, ResultTiming,
+    Actor, AfterFailure, AttemptDeadlines, Expiry, HistoryEntry, JobResult, ResultTiming,
 };
 
 /// Schema migrations, applied in order; the schema's version is how many were applied.
@@ -854,28 +853,14 @@ async fn heartbeat(conn: &mut Conn, p: HeartbeatParams) -> Result<HeartbeatOutco
 
 async fn submit_result(conn: &mut Conn, p: SubmitResultParams) -> Result<Job, StoreError> {
     let current = current_state(conn, p.job_id).await?;
-    let facts = AttemptFacts {
-        status: current.status,
-        lease: current
-            .lease_id
-            .as_deref()
-            .and_then(|l| LeaseId::parse(l).ok()),
-        reported: current.result_received,
-    };
     let success = matches!(p.outcome, AttemptOutcome::Success { .. });
-    let late_success = match judge_result(facts, p.lease_id, success) {
-        Ok(timing) => timing == ResultTiming::LateSuccess,
-        Err(ResultRefusal::StaleLease) => {
-            return Err(StoreError::LeaseMismatch {
-                current: current.status,
-            })
-        }
-        Err(ResultRefusal::NotAccepting) => {
-            return Err(StoreError::InvalidTransition {
-                current: current.status,
-            })
-        }
-    };
+    let late_success = judge_stored_result(
+        current.status,
+        current.lease_id.as_deref(),
+        current.result_received,
+        p.lease_id,
+        success,
+    )? == ResultTiming::LateSuccess;
     let now = p.now.as_micros();
     let previous = current.status;
     let job = match p.outcome {

@@ -17,8 +17,7 @@ use tokio::sync::oneshot;
 
 use super::*;
 use crate::domain::{
-    judge_result, Actor, AfterFailure, AttemptDeadlines, AttemptFacts, Expiry, HistoryEntry,
-    JobResult, ResultRefusal, ResultTiming,
+    Actor, AfterFailure, AttemptDeadlines, Expiry, HistoryEntry, JobResult, ResultTiming,
 };
 
 const MIGRATIONS: &[&str] = &[include_str!("../../migrations/sqlite/0001_jobs.sql")];
@@ -719,28 +718,14 @@ fn heartbeat(conn: &Connection, p: HeartbeatParams) -> Result<HeartbeatOutcome, 
 
 fn submit_result(conn: &Connection, p: SubmitResultParams) -> Result<Job, StoreError> {
     let current = current_state(conn, p.job_id)?;
-    let facts = AttemptFacts {
-        status: current.status,
-        lease: current
-            .lease_id
-            .as_deref()
-            .and_then(|l| LeaseId::parse(l).ok()),
-        reported: current.result_received,
-    };
     let success = matches!(p.outcome, AttemptOutcome::Success { .. });
-    let late_success = match judge_result(facts, p.lease_id, success) {
-        Ok(timing) => timing == ResultTiming::LateSuccess,
-        Err(ResultRefusal::StaleLease) => {
-            return Err(StoreError::LeaseMismatch {
-                current: current.status,
-            })
-        }
-        Err(ResultRefusal::NotAccepting) => {
-            return Err(StoreError::InvalidTransition {
-                current: current.status,
-            })
-        }
-    };
+    let late_success = judge_stored_result(
+        current.status,
+        current.lease_id.as_deref(),
+        current.result_received,
+        p.lease_id,
+        success,
+    )? == ResultTiming::LateSuccess;
     let now = p.now.as_micros();
     let previous = current.status;
     match p.outcome {

@@ -140,21 +140,8 @@ async fn kill_dash_nine_under_load_loses_nothing() {
             "{} jobs never finished",
             remaining.len()
         );
-        let url = format!(
-            "{}/api/v1/remote-jobs/poll?worker_id=drain&content_types=document&wait=1",
-            server.base
-        );
-        let job: Value = client.get(url).send().await.unwrap().json().await.unwrap();
-        if let Some(id) = job["job_id"].as_str() {
-            let result = json!({"success": true, "content": "text", "lease_id": job["lease_id"]});
-            let response = client
-                .put(format!("{}/api/v1/remote-jobs/{id}/result", server.base))
-                .json(&result)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(response.status(), 200);
-            remaining.remove(id);
+        if let Some(id) = complete_next(&client, &server.base, "&wait=1").await {
+            remaining.remove(&id);
         } else {
             // A result the crash cut off after its commit completed the job without the
             // worker hearing so; such jobs are done.
@@ -171,24 +158,7 @@ async fn kill_dash_nine_under_load_loses_nothing() {
     }
     // A create the crash cut off after its commit left a job nobody heard of: it is
     // there (nothing is lost) and must be worked off like the rest.
-    loop {
-        let url = format!(
-            "{}/api/v1/remote-jobs/poll?worker_id=drain&content_types=document",
-            server.base
-        );
-        let job: Value = client.get(url).send().await.unwrap().json().await.unwrap();
-        let Some(id) = job["job_id"].as_str() else {
-            break;
-        };
-        let result = json!({"success": true, "content": "text", "lease_id": job["lease_id"]});
-        let response = client
-            .put(format!("{}/api/v1/remote-jobs/{id}/result", server.base))
-            .json(&result)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
-    }
+    while complete_next(&client, &server.base, "").await.is_some() {}
     let stats: Value = client
         .get(format!("{}/api/v1/remote-jobs/statistics", server.base))
         .send()
@@ -202,4 +172,22 @@ async fn kill_dash_nine_under_load_loses_nothing() {
         "nothing stuck in processing: {stats}"
     );
     assert_eq!(stats["status_counts"]["pending"], 0, "{stats}");
+}
+
+/// Claims the next document job (`extra` is appended to the poll's query) and completes
+/// it; returns its id, or `None` when no job was handed out.
+async fn complete_next(client: &reqwest::Client, base: &str, extra: &str) -> Option<String> {
+    let url =
+        format!("{base}/api/v1/remote-jobs/poll?worker_id=drain&content_types=document{extra}");
+    let job: Value = client.get(url).send().await.unwrap().json().await.unwrap();
+    let id = job["job_id"].as_str()?.to_owned();
+    let result = json!({"success": true, "content": "text", "lease_id": job["lease_id"]});
+    let response = client
+        .put(format!("{base}/api/v1/remote-jobs/{id}/result"))
+        .json(&result)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    Some(id)
 }
