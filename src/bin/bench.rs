@@ -177,11 +177,11 @@ fn main() -> std::process::ExitCode {
         }
     };
     let outcome = runtime.block_on(async {
-        // Dropping the benchmark future on Ctrl-C drops the server guard, which kills the
-        // server and removes its data directory.
+        // Dropping the benchmark future on SIGINT or SIGTERM (e.g. from `timeout`) drops the
+        // server guard, which kills the server and removes its data directory and database.
         tokio::select! {
             result = run(args) => result,
-            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+            _ = morag_jobs::app::shutdown_signal() => Err(anyhow::anyhow!("interrupted")),
         }
     });
     match outcome {
