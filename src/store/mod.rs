@@ -12,9 +12,9 @@ use std::pin::Pin;
 
 use crate::clock::Timestamp;
 use crate::domain::{
-    judge_result, AttemptFacts, ContentType, HandoffKind, Job, JobDetail, JobId, JobStatus,
-    LeaseId, LifecyclePolicy, ResultRefusal, ResultTiming, RetentionPolicy, TimeoutPolicy,
-    WorkerId,
+    judge_result, AfterFailure, AttemptFacts, ContentType, HandoffKind, Job, JobDetail, JobId,
+    JobStatus, LeaseId, LifecyclePolicy, ResultRefusal, ResultTiming, RetentionPolicy,
+    TimeoutPolicy, WorkerId,
 };
 
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
@@ -283,4 +283,32 @@ pub(crate) fn judge_stored_result(
         ResultRefusal::StaleLease => StoreError::LeaseMismatch { current: status },
         ResultRefusal::NotAccepting => StoreError::InvalidTransition { current: status },
     })
+}
+
+/// The columns a failed or timed-out attempt leaves behind, in the stores' encoding:
+/// `(status, retry_count, available_at, deadline_at, completed_at)`, times in microseconds.
+/// A retry makes the job claimable (and due for the monitor) at its backoff time; a final
+/// outcome rests in `final_status` with the retry count unchanged.
+pub(crate) fn after_failure_columns(
+    after: AfterFailure,
+    final_status: JobStatus,
+    retries_done: u32,
+    now: Timestamp,
+) -> (JobStatus, u32, i64, Option<i64>, Option<i64>) {
+    match after {
+        AfterFailure::Retry { at, retry_count } => (
+            JobStatus::Retrying,
+            retry_count,
+            at.as_micros(),
+            Some(at.as_micros()),
+            None,
+        ),
+        AfterFailure::Final => (
+            final_status,
+            retries_done,
+            now.as_micros(),
+            None,
+            Some(now.as_micros()),
+        ),
+    }
 }

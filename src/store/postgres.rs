@@ -898,16 +898,8 @@ async fn submit_result(conn: &mut Conn, p: SubmitResultParams) -> Result<Job, St
                 .policy
                 .retry
                 .after_failure(retries_done, retryable, p.now, p.jitter);
-            let (status, retry_count, available_at, deadline_at, completed_at) = match after {
-                AfterFailure::Retry { at, retry_count } => (
-                    JobStatus::Retrying,
-                    retry_count,
-                    at.as_micros(),
-                    Some(at.as_micros()),
-                    None,
-                ),
-                AfterFailure::Final => (JobStatus::Failed, retries_done, now, None, Some(now)),
-            };
+            let (status, retry_count, available_at, deadline_at, completed_at) =
+                after_failure_columns(after, JobStatus::Failed, retries_done, p.now);
             let failed_reason = if retryable {
                 error_message.clone()
             } else {
@@ -1171,17 +1163,8 @@ async fn rescue_batch(conn: &mut Conn, p: &RescueParams) -> Result<RescueReport,
                     p.now,
                     rng.f64(),
                 );
-                let (status, new_retry_count, available_at, deadline_at, completed_at) = match after
-                {
-                    AfterFailure::Retry { at, retry_count } => (
-                        JobStatus::Retrying,
-                        retry_count,
-                        at.as_micros(),
-                        Some(at.as_micros()),
-                        None,
-                    ),
-                    AfterFailure::Final => (JobStatus::Timeout, retries_done, now, None, Some(now)),
-                };
+                let (status, new_retry_count, available_at, deadline_at, completed_at) =
+                    after_failure_columns(after, JobStatus::Timeout, retries_done, p.now);
                 let mut steps = vec![Step::new(
                     Some(JobStatus::Processing),
                     JobStatus::Timeout,

@@ -774,18 +774,8 @@ fn submit_result(conn: &Connection, p: SubmitResultParams) -> Result<Job, StoreE
                 p.policy
                     .retry
                     .after_failure(current.retry_count, retryable, p.now, p.jitter);
-            let (status, retry_count, available_at, deadline_at, completed_at) = match after {
-                AfterFailure::Retry { at, retry_count } => (
-                    JobStatus::Retrying,
-                    retry_count,
-                    at.as_micros(),
-                    Some(at.as_micros()),
-                    None,
-                ),
-                AfterFailure::Final => {
-                    (JobStatus::Failed, current.retry_count, now, None, Some(now))
-                }
-            };
+            let (status, retry_count, available_at, deadline_at, completed_at) =
+                after_failure_columns(after, JobStatus::Failed, current.retry_count, p.now);
             let changed = conn
                 .prepare_cached(
                     "UPDATE jobs SET status = ?2, retry_count = ?3, available_at = ?4, deadline_at = ?5, \
@@ -1001,17 +991,8 @@ fn rescue(conn: &Connection, p: RescueParams) -> Result<RescueReport, StoreError
                     p.now,
                     rng.f64(),
                 );
-                let (status, new_retry_count, available_at, deadline_at, completed_at) = match after
-                {
-                    AfterFailure::Retry { at, retry_count } => (
-                        JobStatus::Retrying,
-                        retry_count,
-                        at.as_micros(),
-                        Some(at.as_micros()),
-                        None,
-                    ),
-                    AfterFailure::Final => (JobStatus::Timeout, retry_count, now, None, Some(now)),
-                };
+                let (status, new_retry_count, available_at, deadline_at, completed_at) =
+                    after_failure_columns(after, JobStatus::Timeout, retry_count, p.now);
                 let changed = conn
                     .prepare_cached(
                         "UPDATE jobs SET status = ?2, retry_count = ?3, available_at = ?4, deadline_at = ?5, \

@@ -22,7 +22,8 @@ pub struct TestApp {
     pub api_key: Option<String>,
     shutdown: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
-    pub data_dir: tempfile::TempDir,
+    /// Keeps the temporary data directory until the app is dropped.
+    _data_dir: tempfile::TempDir,
     /// The PostgreSQL database of a run with `MORAG_TEST_STORE=postgres`.
     _database: Option<PgDatabase>,
 }
@@ -89,7 +90,7 @@ pub async fn spawn_app_with(extra: &[&str]) -> TestApp {
         api_key: None,
         shutdown: Some(shutdown),
         server: Some(server),
-        data_dir,
+        _data_dir: data_dir,
         _database: database,
     }
 }
