@@ -1259,23 +1259,13 @@ async fn compact_counters(conn: &mut Conn) -> Result<(), StoreError> {
 /// Folds one batch; returns how many deltas it moved (0 when another replica holds the lock).
 async fn compact_counters_batch(conn: &mut Conn) -> Result<u64, StoreError> {
     in_transaction!(conn, "BEGIN", async {
-        let statement = conn
-            .statement("SELECT pg_try_advisory_xact_lock($1)")
+        let locked: bool = conn
+            .query_value("SELECT pg_try_advisory_xact_lock($1)", &[&COMPACTION_LOCK])
             .await?;
-        let locked: bool = get(
-            &conn
-                .client
-                .query_one(&statement, &[&COMPACTION_LOCK])
-                .await
-                .map_err(pg_error)?,
-            0,
-        )?;
         if !locked {
             return Ok(0);
         }
-        let statement = conn
-            .statement(
-                "WITH moved AS ( \
+        let moved: i64 = conn.query_value("WITH moved AS ( \
                      DELETE FROM counter_deltas \
                      WHERE ctid = ANY (ARRAY(SELECT ctid FROM counter_deltas LIMIT $1)) \
                      RETURNING *), \
@@ -1286,17 +1276,7 @@ async fn compact_counters_batch(conn: &mut Conn) -> Result<u64, StoreError> {
                      ORDER BY counter, status, content_type, minute \
                      ON CONFLICT (counter, status, content_type, minute) DO UPDATE \
                      SET n = counters.n + excluded.n, total_micros = counters.total_micros + excluded.total_micros) \
-                 SELECT count(*) FROM moved",
-            )
-            .await?;
-        let moved: i64 = get(
-            &conn
-                .client
-                .query_one(&statement, &[&COMPACTION_BATCH])
-                .await
-                .map_err(pg_error)?,
-            0,
-        )?;
+                 SELECT count(*) FROM moved", &[&COMPACTION_BATCH]).await?;
         Ok::<u64, StoreError>(moved.max(0) as u64)
     })
 }
@@ -1357,17 +1337,12 @@ async fn cleanup_batch(conn: &mut Conn, p: &CleanupParams) -> Result<CleanupRepo
             if report.orphaned_source_files.contains(&source_file_path) {
                 continue;
             }
-            let statement = conn
-                .statement("SELECT EXISTS (SELECT 1 FROM jobs WHERE source_file_path = $1)")
+            let still_used: bool = conn
+                .query_value(
+                    "SELECT EXISTS (SELECT 1 FROM jobs WHERE source_file_path = $1)",
+                    &[&source_file_path],
+                )
                 .await?;
-            let still_used: bool = get(
-                &conn
-                    .client
-                    .query_one(&statement, &[&source_file_path])
-                    .await
-                    .map_err(pg_error)?,
-                0,
-            )?;
             if !still_used {
                 report.orphaned_source_files.push(source_file_path);
             }
@@ -1527,20 +1502,13 @@ async fn statistics(conn: &mut Conn, now: Timestamp) -> Result<Statistics, Store
             _ => {}
         }
     }
-    let statement = conn
-        .statement(
+    let storage_bytes: i64 = conn
+        .query_value(
             "SELECT (pg_total_relation_size('jobs') + pg_total_relation_size('job_history') \
                    + pg_total_relation_size('handoffs'))::int8",
+            &[],
         )
         .await?;
-    let storage_bytes: i64 = get(
-        &conn
-            .client
-            .query_one(&statement, &[])
-            .await
-            .map_err(pg_error)?,
-        0,
-    )?;
     Ok(Statistics {
         status_counts,
         content_type_counts,

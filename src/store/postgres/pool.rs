@@ -14,6 +14,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio_postgres::types::{FromSql, ToSql};
 use tokio_postgres::{Client, NoTls, Statement};
 
 use super::pg_error;
@@ -34,6 +35,25 @@ impl Conn {
         let statement = self.client.prepare(sql).await.map_err(pg_error)?;
         self.statements.insert(sql.to_owned(), statement.clone());
         Ok(statement)
+    }
+
+    /// Runs `sql` (prepared once per connection), which must return one row, and returns
+    /// that row's first column.
+    pub async fn query_value<T>(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<T, StoreError>
+    where
+        T: for<'a> FromSql<'a>,
+    {
+        let statement = self.statement(sql).await?;
+        let row = self
+            .client
+            .query_one(&statement, params)
+            .await
+            .map_err(pg_error)?;
+        row.try_get(0).map_err(pg_error)
     }
 }
 
