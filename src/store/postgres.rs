@@ -20,6 +20,8 @@
 //!   connection errors become `StoreError::Unavailable` (HTTP 503), and the pool never
 //!   hands out a broken connection again, so the server recovers by itself.
 
+mod batcher;
+mod hot_ops;
 mod pool;
 
 use std::collections::BTreeMap;
@@ -30,14 +32,20 @@ use tokio::sync::watch;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, NoTls, Row};
 
+use self::batcher::Batcher;
+use self::hot_ops::{Claims, Creates, Results};
 use self::pool::{Conn, Pool};
 use super::*;
-use crate::domain::{
-    Actor, AfterFailure, AttemptDeadlines, Expiry, HistoryEntry, JobResult, ResultTiming,
-};
+use crate::domain::{Actor, AfterFailure, AttemptDeadlines, Expiry, HistoryEntry, JobResult};
 
 /// Schema migrations, applied in order; the schema's version is how many were applied.
-const MIGRATIONS: &[&str] = &[include_str!("../../migrations/postgres/0001_jobs.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../../migrations/postgres/0001_jobs.sql"),
+    include_str!("../../migrations/postgres/0002_batch_friendly.sql"),
+];
+
+/// The schema version this program creates and understands.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// The channel long-polling replicas listen on (see the migration's `jobs_available` trigger).
 const JOBS_AVAILABLE_CHANNEL: &str = "morag_jobs_available";
@@ -91,8 +99,17 @@ impl PostgresOptions {
         }
         // Sent in the startup packet, so they cost no round trip. A transaction left
         // open by a vanished client must not hold row locks for long either.
+        //
+        // Custom plans always. PostgreSQL otherwise switches a prepared statement to a
+        // generic plan once that looks no worse, and keeps it until the table's
+        // statistics change: one made while `jobs` was nearly empty (every fresh database)
+        // scans the whole table, and stayed cached while a benchmark run grew the table
+        // (measured: result batches took 40-60 ms instead of 4). The claim's generic
+        // plan is bad at any size. Planning each execution is affordable because the hot
+        // statements run once per batch, not once per job.
         let ours = format!(
-            "-c statement_timeout={} -c lock_timeout={} -c idle_in_transaction_session_timeout={}",
+            "-c plan_cache_mode=force_custom_plan \
+             -c statement_timeout={} -c lock_timeout={} -c idle_in_transaction_session_timeout={}",
             statement_timeout.as_millis(),
             self.statement_timeout.as_millis(),
             (self.statement_timeout * 4).as_millis()
@@ -121,6 +138,11 @@ pub struct PostgresStore {
     stop_listener: watch::Sender<bool>,
     /// Asks the announcer task to tell the other replicas that jobs may be claimable.
     announce: Arc<tokio::sync::Notify>,
+    /// The hot operations run in batches (group commit, see `batcher.rs`), each kind on
+    /// a connection of its own.
+    creates: Batcher<Creates>,
+    claims: Batcher<Claims>,
+    results: Batcher<Results>,
 }
 
 impl PostgresStore {
@@ -139,7 +161,7 @@ impl PostgresStore {
         let replica_id = uuid::Uuid::new_v4().to_string();
         let announce = Arc::new(tokio::sync::Notify::new());
         tokio::spawn(listen_for_wakeups(
-            config,
+            config.clone(),
             options.wakeup_fallback,
             replica_id.clone(),
             events_sender,
@@ -151,9 +173,13 @@ impl PostgresStore {
             announce.clone(),
             stop,
         ));
+        let operation_timeout = options.statement_timeout + Duration::from_secs(1);
         Ok(PostgresStore {
+            creates: Batcher::start(config.clone(), operation_timeout),
+            claims: Batcher::start(config.clone(), operation_timeout),
+            results: Batcher::start(config, operation_timeout),
             pool,
-            operation_timeout: options.statement_timeout + Duration::from_secs(1),
+            operation_timeout,
             events,
             stop_listener,
             announce,
@@ -205,27 +231,33 @@ impl PostgresStore {
         T: Send + 's,
         F: for<'c> FnOnce(&'c mut Conn) -> StoreFuture<'c, T> + Send + 's,
     {
-        Box::pin(async move {
-            let work = async {
-                let mut pooled = self.pool.get().await?;
-                let result = operation(pooled.conn()).await;
-                // After a connection or unexpected error the connection's state is
-                // unknown: drop it rather than hand it to the next request.
-                let reusable = !matches!(
-                    result,
-                    Err(StoreError::Unavailable(_)) | Err(StoreError::Internal(_))
-                );
-                pooled.finish(reusable);
-                result
-            };
-            match tokio::time::timeout(self.operation_timeout, work).await {
-                Ok(result) => result,
-                Err(_) => Err(StoreError::Unavailable(format!(
-                    "PostgreSQL did not answer within {:?}",
-                    self.operation_timeout
-                ))),
-            }
-        })
+        Box::pin(run_pooled(&self.pool, self.operation_timeout, operation))
+    }
+}
+
+/// Runs `operation` on a connection from `pool`, giving up after `timeout` (connection
+/// checkout included) with `Unavailable`.
+async fn run_pooled<T, F>(pool: &Pool, timeout: Duration, operation: F) -> Result<T, StoreError>
+where
+    F: for<'c> FnOnce(&'c mut Conn) -> StoreFuture<'c, T>,
+{
+    let work = async {
+        let mut pooled = pool.get().await?;
+        let result = operation(pooled.conn()).await;
+        // After a connection or unexpected error the connection's state is unknown:
+        // drop it rather than hand it to the next request.
+        let reusable = !matches!(
+            result,
+            Err(StoreError::Unavailable(_)) | Err(StoreError::Internal(_))
+        );
+        pooled.finish(reusable);
+        result
+    };
+    match tokio::time::timeout(timeout, work).await {
+        Ok(result) => result,
+        Err(_) => Err(StoreError::Unavailable(format!(
+            "PostgreSQL did not answer within {timeout:?}"
+        ))),
     }
 }
 
@@ -248,7 +280,7 @@ async fn migrate_locked(
         .await
         .map_err(pg_error)?
         .get(0);
-    let known = MIGRATIONS.len() as i64;
+    let known = SCHEMA_VERSION;
     if found > known {
         return Err(StoreError::SchemaTooNew { found, known });
     }
@@ -432,15 +464,23 @@ const RESCUE_SCAN_SQL: &str =
      FROM jobs WHERE deadline_at IS NOT NULL AND deadline_at <= $1 \
      ORDER BY deadline_at LIMIT $2 FOR UPDATE SKIP LOCKED";
 /// Finished jobs of one status past a cutoff, oldest first from the `jobs_finished` index,
-/// deleted (their history goes with them: ON DELETE CASCADE).
+/// deleted with their history (by its primary key, which starts with the job).
 const CLEANUP_SQL: &str = "WITH victims AS ( \
          SELECT seq FROM jobs WHERE status = $1 AND completed_at < $2 \
          AND status IN ('completed', 'failed', 'timeout', 'cancelled') \
-         ORDER BY completed_at LIMIT $3 FOR UPDATE SKIP LOCKED) \
-     DELETE FROM jobs USING victims WHERE jobs.seq = victims.seq AND jobs.status = $1 \
-     RETURNING jobs.completed_at, jobs.seq, jobs.source_file_path";
+         ORDER BY completed_at LIMIT $3 FOR UPDATE SKIP LOCKED), \
+     gone AS (DELETE FROM jobs USING victims WHERE jobs.seq = victims.seq AND jobs.status = $1 \
+         RETURNING jobs.completed_at, jobs.seq, jobs.source_file_path), \
+     history AS (DELETE FROM job_history USING gone WHERE job_history.job_seq = gone.seq) \
+     SELECT completed_at, seq, source_file_path FROM gone";
 const NEXT_DEADLINE_SQL: &str =
     "SELECT deadline_at FROM jobs WHERE deadline_at IS NOT NULL ORDER BY deadline_at LIMIT 1";
+
+/// The hand-off row's payload, built from the changed job `u`.
+const HANDOFF_PAYLOAD: &str =
+    "json_build_object('job_id', u.id, 'ingestion_task_id', u.ingestion_task_id, \
+     'content_type', u.content_type, 'status', u.status, 'error_message', u.error_message, \
+     'attempt', u.attempt)::text";
 
 const JOB_COLUMNS: &str = "seq, id, content_type, source_file_path, task_options, ingestion_task_id, status, \
      worker_id, lease_id, attempt, retry_count, created_at, started_at, completed_at, updated_at, available_at, \
@@ -566,9 +606,7 @@ async fn transition(
                     WITH ORDINALITY AS s(from_status, to_status, actor, reason, ord) \
                ORDER BY s.ord), \
          o AS (INSERT INTO handoffs (job_id, kind, payload, created_at) \
-               SELECT u.id, ${kind}::text, json_build_object('job_id', u.id, 'ingestion_task_id', u.ingestion_task_id, \
-                   'content_type', u.content_type, 'status', u.status, 'error_message', u.error_message, \
-                   'attempt', u.attempt)::text, ${at}::int8 \
+               SELECT u.id, ${kind}::text, {HANDOFF_PAYLOAD}, ${at}::int8 \
                FROM u WHERE ${kind}::text IS NOT NULL) \
          SELECT {JOB_COLUMNS} FROM u"
     );
@@ -655,131 +693,6 @@ fn retry_reason(retry_count: u32, max_retries: u32, at: Timestamp) -> String {
     format!("automatic retry {retry_count} of {max_retries}, claimable from {at}")
 }
 
-async fn create(conn: &mut Conn, p: CreateJobParams) -> Result<Job, StoreError> {
-    let core = "INSERT INTO jobs (id, content_type, source_file_path, task_options, ingestion_task_id, status, \
-                created_at, updated_at, available_at, deadline_at) \
-                VALUES ($1, $2, $3, $4, $5, 'pending', $6, $6, $6, $7) RETURNING *";
-    let id = p.id.to_string();
-    let options = p.task_options.to_string();
-    let now = p.now.as_micros();
-    let deadline = p.pending_deadline.map(Timestamp::as_micros);
-    transition(
-        conn,
-        core,
-        &[
-            &id,
-            &p.content_type.as_str(),
-            &p.source_file_path,
-            &options,
-            &p.ingestion_task_id,
-            &now,
-            &deadline,
-        ],
-        &[Step::new(
-            None,
-            JobStatus::Pending,
-            Actor::Client,
-            "created",
-        )],
-        None,
-        p.now,
-    )
-    .await?
-    .ok_or_else(|| StoreError::Internal("the insert returned no row".into()))
-}
-
-/// The claim statement: `$1` now, `$2` worker, `$3` lease, `$4` the requested types (or
-/// the types with their own timeout when any type may be claimed), `$5` their execution
-/// deadlines, `$6` the deadline of other types.
-fn claim_sql(any_type: bool) -> String {
-    let candidate = if any_type {
-        // Any type: the first entry of the `jobs_queue` index that nobody holds.
-        "SELECT j.seq AS c_seq, j.status AS c_previous FROM jobs j \
-         WHERE j.status IN ('pending', 'retrying') AND j.available_at <= $1::int8 \
-         ORDER BY j.available_at, j.seq \
-         LIMIT 1 \
-         FOR UPDATE OF j SKIP LOCKED"
-    } else {
-        // Some types (the lookup table's names are exactly those): the first entries of
-        // each type's range of `jobs_queue_by_type`, merged, and the oldest one nobody
-        // holds locked. `content_type = ANY(...)` over the whole index would sort every
-        // due job of those types on each claim. Only when more than 64 claimers hold a
-        // type's oldest jobs at once can a claim come back empty early; the poller then
-        // waits for the next wake-up like any empty poll.
-        "SELECT j.seq AS c_seq, j.status AS c_previous \
-         FROM unnest($4::text[]) AS t(name) \
-         CROSS JOIN LATERAL ( \
-             SELECT q.seq, q.available_at FROM jobs q \
-             WHERE q.status IN ('pending', 'retrying') AND q.content_type = t.name AND q.available_at <= $1::int8 \
-             ORDER BY q.available_at, q.seq LIMIT 64) AS candidate \
-         JOIN jobs j ON j.seq = candidate.seq \
-         WHERE j.status IN ('pending', 'retrying') AND j.available_at <= $1::int8 \
-         ORDER BY candidate.available_at, candidate.seq \
-         LIMIT 1 \
-         FOR UPDATE OF j SKIP LOCKED"
-    };
-    // A fresh attempt has no heartbeat deadline yet, so the monitor's next look
-    // (`AttemptDeadlines::next`) is the execution deadline.
-    let deadline =
-        "COALESCE((SELECT d.deadline FROM unnest($4::text[], $5::int8[]) AS d(name, deadline) \
-                    WHERE d.name = jobs.content_type), $6::int8)";
-    format!(
-        "WITH c AS ({candidate}), \
-         u AS ( \
-             UPDATE jobs SET status = 'processing', worker_id = $2::text, lease_id = $3::text, attempt = attempt + 1, \
-                 started_at = $1::int8, updated_at = $1::int8, execution_deadline = {deadline}, \
-                 heartbeat_deadline = NULL, last_heartbeat_at = NULL, deadline_at = {deadline}, \
-                 result_received_at = NULL, progress = NULL, progress_message = NULL \
-             FROM c WHERE jobs.seq = c.c_seq AND jobs.status = c.c_previous \
-             RETURNING jobs.*, c.c_previous), \
-         h AS (INSERT INTO job_history (job_seq, from_status, to_status, at, actor, reason) \
-               SELECT seq, c_previous, 'processing', $1::int8, 'worker', \
-                      'claimed by worker ' || $2::text || ' (attempt ' || attempt || ')' FROM u) \
-         SELECT {JOB_COLUMNS} FROM u"
-    )
-}
-
-async fn claim(conn: &mut Conn, p: ClaimParams) -> Result<Option<Job>, StoreError> {
-    // The execution deadline depends on the content type of the job that is picked, so
-    // the policy's deadline for every type that can be picked goes in as a lookup table.
-    let known: Vec<ContentType> = if p.content_types.is_empty() {
-        p.timeouts
-            .execution_by_type
-            .keys()
-            .filter_map(|name| ContentType::parse(name).ok())
-            .collect()
-    } else {
-        p.content_types.clone()
-    };
-    let names: Vec<&str> = known.iter().map(ContentType::as_str).collect();
-    let deadlines: Vec<i64> = known
-        .iter()
-        .map(|t| p.timeouts.claim_deadlines(t, p.now).execution.as_micros())
-        .collect();
-    // Types without their own timeout (only possible when any type may be picked).
-    let default_deadline = p.now.plus(p.timeouts.execution_default).as_micros();
-    let sql = claim_sql(p.content_types.is_empty());
-    let now = p.now.as_micros();
-    let lease = LeaseId::new_random().to_string();
-    let statement = conn.statement(&sql).await?;
-    let row = conn
-        .client
-        .query_opt(
-            &statement,
-            &[
-                &now,
-                &p.worker_id.as_str(),
-                &lease,
-                &names,
-                &deadlines,
-                &default_deadline,
-            ],
-        )
-        .await
-        .map_err(pg_error)?;
-    row.as_ref().map(job_from_row).transpose()
-}
-
 async fn heartbeat(conn: &mut Conn, p: HeartbeatParams) -> Result<HeartbeatOutcome, StoreError> {
     let current = current_state(conn, p.job_id).await?;
     let lease = p.lease_id.to_string();
@@ -849,106 +762,6 @@ async fn heartbeat(conn: &mut Conn, p: HeartbeatParams) -> Result<HeartbeatOutco
         execution_deadline: Some(deadlines.execution),
         heartbeat_deadline: deadlines.heartbeat,
     })
-}
-
-async fn submit_result(conn: &mut Conn, p: SubmitResultParams) -> Result<Job, StoreError> {
-    let current = current_state(conn, p.job_id).await?;
-    let success = matches!(p.outcome, AttemptOutcome::Success { .. });
-    let late_success = judge_stored_result(
-        current.status,
-        current.lease_id.as_deref(),
-        current.result_received,
-        p.lease_id,
-        success,
-    )? == ResultTiming::LateSuccess;
-    let now = p.now.as_micros();
-    let previous = current.status;
-    let job = match p.outcome {
-        AttemptOutcome::Success {
-            content,
-            metadata,
-            processing_time,
-        } => {
-            let reason = if late_success {
-                "late result of a timed-out attempt"
-            } else {
-                "worker reported success"
-            };
-            let metadata = metadata.to_string();
-            transition(
-                conn,
-                "UPDATE jobs SET status = 'completed', completed_at = $2, updated_at = $2, deadline_at = NULL, \
-                 result_received_at = $2, result_content = $3, result_metadata = $4, processing_time = $5, \
-                 error_message = NULL, progress = 100 \
-                 WHERE seq = $1 AND status = $6 AND lease_id IS NOT DISTINCT FROM $7 AND result_received_at IS NULL \
-                 RETURNING *",
-                &[&current.seq, &now, &content, &metadata, &processing_time, &previous.as_str(), &current.lease_id],
-                &[Step::new(Some(previous), JobStatus::Completed, Actor::Worker, reason)],
-                Some(HandoffKind::Completed),
-                p.now,
-            )
-            .await?
-        }
-        AttemptOutcome::Failure {
-            error_message,
-            retryable,
-        } => {
-            let retries_done = current.retry_count.max(0) as u32;
-            let after = p
-                .policy
-                .retry
-                .after_failure(retries_done, retryable, p.now, p.jitter);
-            let (status, retry_count, available_at, deadline_at, completed_at) =
-                after_failure_columns(after, JobStatus::Failed, retries_done, p.now);
-            let failed_reason = if retryable {
-                error_message.clone()
-            } else {
-                format!("{error_message} (not retryable)")
-            };
-            let mut steps = vec![Step::new(
-                Some(previous),
-                JobStatus::Failed,
-                Actor::Worker,
-                failed_reason,
-            )];
-            if let AfterFailure::Retry { at, retry_count } = after {
-                steps.push(Step::new(
-                    Some(JobStatus::Failed),
-                    JobStatus::Retrying,
-                    Actor::Worker,
-                    retry_reason(retry_count, p.policy.retry.max_retries, at),
-                ));
-            }
-            transition(
-                conn,
-                "UPDATE jobs SET status = $2, retry_count = $3, available_at = $4, deadline_at = $5, \
-                 completed_at = $6, updated_at = $7, result_received_at = $7, error_message = $8 \
-                 WHERE seq = $1 AND status = 'processing' AND lease_id IS NOT DISTINCT FROM $9 \
-                   AND result_received_at IS NULL AND retry_count = $10 \
-                 RETURNING *",
-                &[
-                    &current.seq,
-                    &status.as_str(),
-                    &(retry_count as i32),
-                    &available_at,
-                    &deadline_at,
-                    &completed_at,
-                    &now,
-                    &error_message,
-                    &current.lease_id,
-                    &current.retry_count,
-                ],
-                &steps,
-                HandoffKind::for_final_status(status),
-                p.now,
-            )
-            .await?
-        }
-    };
-    match job {
-        Some(job) => Ok(job),
-        None => Err(conflict(conn, current.seq, previous).await),
-    }
 }
 
 async fn cancel(conn: &mut Conn, p: CancelParams) -> Result<Job, StoreError> {
@@ -1311,7 +1124,7 @@ async fn cleanup_batch(conn: &mut Conn, p: &CleanupParams) -> Result<CleanupRepo
             continue;
         };
         // Locked rows belong to another replica's cleaner (or a cancel in flight): skip them.
-        // History rows go with their job (ON DELETE CASCADE).
+        // History rows are deleted by the same statement.
         let statement = conn.statement(CLEANUP_SQL).await?;
         let mut deleted = conn
             .client
@@ -1576,11 +1389,15 @@ async fn ping(conn: &mut Conn) -> Result<(), StoreError> {
 
 impl Store for PostgresStore {
     fn create_job(&self, params: CreateJobParams) -> StoreFuture<'_, Job> {
-        self.run_and_announce(move |c| Box::pin(create(c, params)), |_| true)
+        Box::pin(async move {
+            let job = self.creates.submit(params).await?;
+            self.announce.notify_one();
+            Ok(job)
+        })
     }
 
     fn claim_job(&self, params: ClaimParams) -> StoreFuture<'_, Option<Job>> {
-        self.run(move |c| Box::pin(claim(c, params)))
+        Box::pin(self.claims.submit(params))
     }
 
     fn heartbeat(&self, params: HeartbeatParams) -> StoreFuture<'_, HeartbeatOutcome> {
@@ -1588,7 +1405,7 @@ impl Store for PostgresStore {
     }
 
     fn submit_result(&self, params: SubmitResultParams) -> StoreFuture<'_, Job> {
-        self.run(move |c| Box::pin(submit_result(c, params)))
+        Box::pin(self.results.submit(params))
     }
 
     fn cancel_job(&self, params: CancelParams) -> StoreFuture<'_, Job> {
@@ -1653,6 +1470,9 @@ impl Store for PostgresStore {
     fn close(&self) -> StoreFuture<'_, ()> {
         let _ = self.stop_listener.send(true);
         self.pool.close();
+        self.creates.close();
+        self.claims.close();
+        self.results.close();
         Box::pin(async { Ok(()) })
     }
 
@@ -1754,7 +1574,10 @@ mod tests {
                 .await
                 .unwrap();
             let now = 1_000_000i64;
-            let lease = "lease";
+            // A batch of 16 claimers.
+            let workers: Vec<&str> = vec!["w"; 16];
+            let leases: Vec<String> = (0..16).map(|i| format!("lease-{i}")).collect();
+            let claimers = 16i64;
             let audio: Vec<&str> = vec!["audio"];
             let both: Vec<&str> = vec!["audio", "video"];
             let deadlines: Vec<i64> = vec![5, 5];
@@ -1762,18 +1585,18 @@ mod tests {
             let checks: Vec<(&str, String, Vec<&(dyn ToSql + Sync)>)> = vec![
                 (
                     "claim of one type",
-                    claim_sql(false),
-                    vec![&now, &"w", &lease, &audio, &one_deadline, &5i64],
+                    hot_ops::claim_sql(false),
+                    vec![&now, &workers, &leases, &audio, &one_deadline, &5i64, &claimers],
                 ),
                 (
                     "claim of two types",
-                    claim_sql(false),
-                    vec![&now, &"w", &lease, &both, &deadlines, &5i64],
+                    hot_ops::claim_sql(false),
+                    vec![&now, &workers, &leases, &both, &deadlines, &5i64, &claimers],
                 ),
                 (
                     "claim of any type",
-                    claim_sql(true),
-                    vec![&now, &"w", &lease, &both, &deadlines, &5i64],
+                    hot_ops::claim_sql(true),
+                    vec![&now, &workers, &leases, &both, &deadlines, &5i64, &claimers],
                 ),
                 ("rescue scan", RESCUE_SCAN_SQL.into(), vec![&now, &50i64]),
                 ("next deadline", NEXT_DEADLINE_SQL.into(), vec![]),

@@ -4,8 +4,15 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use morag_jobs::store::postgres::{PostgresOptions, PostgresStore};
-use morag_jobs::store::StoreError;
+use morag_jobs::clock::Timestamp;
+use morag_jobs::domain::{
+    ContentType, JobId, JobStatus, LifecyclePolicy, RetentionPolicy, TimeoutPolicy, WorkerId,
+};
+use morag_jobs::store::postgres::{PostgresOptions, PostgresStore, SCHEMA_VERSION};
+use morag_jobs::store::{
+    AttemptOutcome, ClaimParams, CleanupParams, CreateJobParams, Store, StoreError,
+    SubmitResultParams,
+};
 
 use crate::support::{spawn_app_with, PgDatabase};
 
@@ -26,18 +33,21 @@ async fn migrate_applies_the_schema_once_and_a_newer_schema_is_refused() {
         "{}",
         String::from_utf8_lossy(&first.stderr)
     );
-    assert!(String::from_utf8_lossy(&first.stdout).contains("from version 0 to 1"));
+    let migrated = format!("from version 0 to {SCHEMA_VERSION}");
+    assert!(String::from_utf8_lossy(&first.stdout).contains(&migrated));
     let again = morag_jobs(&["migrate", "--database-url", &database.url]);
     assert!(String::from_utf8_lossy(&again.stdout).contains("up to date"));
 
     // A newer replica migrated the database further: this one must not touch it.
     database
-        .admin_execute_in_own_database(
-            "INSERT INTO morag_jobs_schema_migrations (version) VALUES (2)",
-        )
+        .admin_execute_in_own_database(&format!(
+            "INSERT INTO morag_jobs_schema_migrations (version) VALUES ({})",
+            SCHEMA_VERSION + 1
+        ))
         .await;
     match PostgresStore::open(PostgresOptions::new(database.url.clone())).await {
-        Err(StoreError::SchemaTooNew { found: 2, known: 1 }) => {}
+        Err(StoreError::SchemaTooNew { found, known })
+            if found == SCHEMA_VERSION + 1 && known == SCHEMA_VERSION => {}
         Err(other) => panic!("expected SchemaTooNew, got {other:?}"),
         Ok(_) => panic!("expected SchemaTooNew, the store opened"),
     }
@@ -54,7 +64,8 @@ async fn migrate_applies_the_schema_once_and_a_newer_schema_is_refused() {
     assert!(!serve.status.success());
     let stderr = String::from_utf8_lossy(&serve.stderr);
     assert!(
-        stderr.contains("schema version 2 is newer") && stderr.contains("upgrade morag-jobs"),
+        stderr.contains(&format!("schema version {} is newer", SCHEMA_VERSION + 1))
+            && stderr.contains("upgrade morag-jobs"),
         "{stderr}"
     );
 }
@@ -591,4 +602,131 @@ async fn concurrent_claims_of_any_or_some_types_never_share_a_job() {
     let distinct: HashSet<JobId> = claimed.iter().copied().collect();
     assert_eq!(claimed.len(), distinct.len(), "a job was claimed twice");
     assert_eq!(distinct, created, "every job was claimed");
+}
+
+/// A database made by schema version 1 (statistics counted by a per-row trigger) keeps
+/// exact statistics across the upgrade to per-statement counting, for the jobs counted
+/// before it and the changes made after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrading_from_schema_1_keeps_the_statistics_exact() {
+    let database = PgDatabase::create().await;
+    database
+        .admin_execute_in_own_database(include_str!("../../migrations/postgres/0001_jobs.sql"))
+        .await;
+    // What version 1 left: its bookkeeping, 3 pending audio jobs and 2 completed videos,
+    // counted by its row trigger.
+    database
+        .admin_execute_in_own_database(
+            "CREATE TABLE morag_jobs_schema_migrations (version INTEGER PRIMARY KEY, \
+                 applied_at TIMESTAMPTZ NOT NULL DEFAULT now()); \
+             INSERT INTO morag_jobs_schema_migrations (version) VALUES (1); \
+             INSERT INTO jobs (id, content_type, source_file_path, task_options, ingestion_task_id, \
+                 status, created_at, updated_at, available_at) \
+             SELECT gen_random_uuid()::text, CASE WHEN n <= 3 THEN 'audio' ELSE 'video' END, '/f', '{}', 'i', \
+                 'pending', 1000000 * n, 1000000 * n, 1000000 * n \
+             FROM generate_series(1, 5) AS n; \
+             UPDATE jobs SET status = 'completed', started_at = created_at, \
+                 completed_at = created_at + 4000000 WHERE content_type = 'video'",
+        )
+        .await;
+    let store = PostgresStore::open(PostgresOptions::new(database.url.clone()))
+        .await
+        .expect("the store opens and migrates");
+    let now = Timestamp::from_micros(60_000_000);
+    let created = store
+        .create_job(CreateJobParams {
+            id: JobId::new_random(),
+            content_type: ContentType::parse("video").unwrap(),
+            source_file_path: "/f".into(),
+            task_options: serde_json::json!({}),
+            ingestion_task_id: "i".into(),
+            pending_deadline: None,
+            now,
+        })
+        .await
+        .unwrap();
+    let claimed = store
+        .claim_job(ClaimParams {
+            worker_id: WorkerId::parse("w").unwrap(),
+            content_types: vec![ContentType::parse("audio").unwrap()],
+            timeouts: TimeoutPolicy::default(),
+            now,
+        })
+        .await
+        .unwrap()
+        .expect("an audio job is due");
+    store
+        .submit_result(SubmitResultParams {
+            job_id: claimed.id,
+            lease_id: claimed.lease_id,
+            outcome: AttemptOutcome::Success {
+                content: "text".into(),
+                metadata: serde_json::json!({}),
+                processing_time: None,
+            },
+            policy: LifecyclePolicy::default(),
+            jitter: 0.0,
+            now: now.plus(Duration::from_secs(2)),
+        })
+        .await
+        .unwrap();
+    let stats = store
+        .statistics(now.plus(Duration::from_secs(5)))
+        .await
+        .unwrap();
+    assert_eq!(stats.total_jobs, 6);
+    assert_eq!(
+        stats.status_counts[&JobStatus::Pending],
+        3,
+        "2 old audio and the new video"
+    );
+    assert_eq!(stats.status_counts[&JobStatus::Completed], 3);
+    assert_eq!(stats.status_counts[&JobStatus::Processing], 0);
+    assert_eq!(stats.content_type_counts["audio"], 3);
+    assert_eq!(stats.content_type_counts["video"], 3);
+    assert_eq!(
+        stats.avg_processing_secs["video"], 4.0,
+        "counted by version 1"
+    );
+    assert_eq!(
+        stats.avg_processing_secs["audio"], 2.0,
+        "counted after the upgrade"
+    );
+    assert_eq!(stats.created_last_24h, 6);
+    assert_eq!(created.status, JobStatus::Pending);
+
+    // History has no foreign key since version 2: cleanup deletes it with its jobs.
+    let report = store
+        .cleanup_finished(CleanupParams {
+            retention: RetentionPolicy::from_days(1, None),
+            limit: 100,
+            now: now.plus(Duration::from_secs(3 * 86_400)),
+        })
+        .await
+        .unwrap();
+    assert_eq!(report.n_deleted, 3, "the three completed jobs");
+    let (client, connection) = tokio_postgres::connect(&database.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let orphans: i64 = client
+        .query_one(
+            "SELECT count(*) FROM job_history h WHERE NOT EXISTS \
+             (SELECT 1 FROM jobs j WHERE j.seq = h.job_seq)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(orphans, 0, "no history outlives its job");
+    let kept: i64 = client
+        .query_one("SELECT count(*) FROM job_history", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        kept, 1,
+        "the created row of the pending job made through the store"
+    );
+    store.close().await.unwrap();
 }

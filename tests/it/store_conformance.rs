@@ -277,6 +277,121 @@ pub async fn a_job_is_claimed_once_however_many_claim_at_once(s: TestStore) {
     assert_eq!(claimed.into_iter().collect::<HashSet<_>>(), ids);
 }
 
+/// Many requests of every hot kind at once (on PostgreSQL they run in shared batches):
+/// each gets its own answer, mixed claim filters never mix up jobs, a duplicate result
+/// is refused, and the statistics still match the jobs.
+pub async fn concurrent_creates_claims_and_results_each_get_their_own_answer(s: TestStore) {
+    let store = s.store.clone();
+    let creates = (0..40).map(|i| {
+        let store = store.clone();
+        let kind = if i % 4 == 0 { "video" } else { "audio" };
+        tokio::spawn(async move { (create(&*store, kind, at(i)).await, kind) })
+    });
+    let mut kinds = std::collections::HashMap::new();
+    for created in creates.collect::<Vec<_>>() {
+        let (id, kind) = created.await.unwrap();
+        kinds.insert(id, kind);
+    }
+    assert_eq!(kinds.len(), 40, "40 distinct jobs");
+
+    // 50 claimers at once: 30 want audio (30 exist), 10 video (10 exist), 10 anything
+    // (nothing is left for them once the others are served, or they take some first).
+    let claims = (0..50).map(|w| {
+        let store = store.clone();
+        let types: Vec<ContentType> = match w % 5 {
+            0 => vec![ct("video")],
+            1 => vec![],
+            _ => vec![ct("audio")],
+        };
+        tokio::spawn(async move {
+            let job = store
+                .claim_job(ClaimParams {
+                    worker_id: worker(&format!("w{w}")),
+                    content_types: types.clone(),
+                    timeouts: policy().timeouts,
+                    now: at(100),
+                })
+                .await
+                .unwrap();
+            (w, types, job)
+        })
+    });
+    let mut claimed = Vec::new();
+    for claim in claims.collect::<Vec<_>>() {
+        let (w, types, job) = claim.await.unwrap();
+        let Some(job) = job else { continue };
+        assert_eq!(job.status, Processing);
+        assert_eq!(
+            job.worker_id,
+            Some(worker(&format!("w{w}"))),
+            "the claimer's own job"
+        );
+        if let Some(wanted) = types.first() {
+            assert_eq!(&job.content_type, wanted, "a job of the type asked for");
+        }
+        claimed.push((job.id, job.lease_id.unwrap()));
+    }
+    let distinct: HashSet<JobId> = claimed.iter().map(|(id, _)| *id).collect();
+    assert_eq!(distinct.len(), claimed.len(), "no job claimed twice");
+    assert_eq!(distinct.len(), 40, "every job claimed once");
+
+    // Results for all at once: even jobs succeed, odd ones fail (retryable), and the
+    // first job's result is sent twice.
+    let results = claimed.iter().enumerate().flat_map(|(i, (id, lease))| {
+        let copies = if i == 0 { 2 } else { 1 };
+        (0..copies).map(move |_| (i, *id, *lease))
+    });
+    let results = results.map(|(i, id, lease)| {
+        let store = store.clone();
+        let outcome = if i % 2 == 0 { success() } else { failure(true) };
+        tokio::spawn(async move {
+            (
+                i,
+                id,
+                submit(&*store, id, Some(lease), outcome, at(110)).await,
+            )
+        })
+    });
+    let mut accepted = HashSet::new();
+    let mut refused = 0;
+    for result in results.collect::<Vec<_>>() {
+        let (i, id, answer) = result.await.unwrap();
+        match answer {
+            Ok(job) => {
+                assert_eq!(job.id, id, "the answer is about the job submitted");
+                let expected = if i % 2 == 0 { Completed } else { Retrying };
+                assert_eq!(job.status, expected);
+                assert!(accepted.insert(id), "a result accepted twice");
+            }
+            Err(StoreError::InvalidTransition { current: Completed }) => refused += 1,
+            Err(other) => panic!("unexpected answer {other:?}"),
+        }
+    }
+    assert_eq!(accepted.len(), 40);
+    assert_eq!(refused, 1, "the duplicate result is refused");
+    for (id, _) in &claimed {
+        let history = transitions(&*store, *id).await;
+        assert_eq!(history[..2], [(None, Pending), (Some(Pending), Processing)]);
+        assert_eq!(
+            history.len(),
+            if status(&*store, *id).await == Completed {
+                3
+            } else {
+                4
+            }
+        );
+    }
+
+    let stats = store.statistics(at(120)).await.unwrap();
+    assert_eq!(stats.total_jobs, 40);
+    assert_eq!(stats.status_counts[&Completed], 20);
+    assert_eq!(stats.status_counts[&Retrying], 20);
+    assert_eq!(stats.status_counts[&Processing], 0);
+    assert_eq!(stats.status_counts[&Pending], 0);
+    assert_eq!(stats.content_type_counts["audio"], 30);
+    assert_eq!(stats.content_type_counts["video"], 10);
+}
+
 pub async fn heartbeats_extend_the_attempt_and_fence_stale_leases(s: TestStore) {
     let store = &*s.store;
     let id = create(store, "image", at(0)).await;
@@ -1083,6 +1198,7 @@ conformance!(
     create_then_read_back,
     claims_take_the_oldest_due_job_of_the_requested_types,
     a_job_is_claimed_once_however_many_claim_at_once,
+    concurrent_creates_claims_and_results_each_get_their_own_answer,
     heartbeats_extend_the_attempt_and_fence_stale_leases,
     results_complete_once_and_stale_leases_change_nothing,
     failures_retry_with_backoff_until_exhausted,

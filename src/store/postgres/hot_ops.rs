@@ -1,0 +1,585 @@
+//! The three operations every job goes through (create, claim, result), each written for
+//! a whole batch of requests in one statement; `batcher.rs` decides what runs together.
+//! A batch of one is the single-request case: there is no other code path for these.
+
+use std::collections::HashMap;
+
+use tokio_postgres::types::ToSql;
+
+use super::batcher::BatchOp;
+use super::pool::Conn;
+use super::{
+    conflict, get, job_from_row, parse_status, pg_error, retry_reason, Current, Step,
+    HANDOFF_PAYLOAD, JOB_COLUMNS,
+};
+use crate::domain::{
+    Actor, AfterFailure, ContentType, HandoffKind, Job, JobStatus, LeaseId, ResultTiming,
+};
+use crate::store::{
+    after_failure_columns, judge_stored_result, AttemptOutcome, ClaimParams, CreateJobParams,
+    StoreError, StoreFuture, SubmitResultParams,
+};
+
+type Answers<T> = Result<Vec<Result<T, StoreError>>, StoreError>;
+
+pub(super) struct Creates;
+
+impl BatchOp for Creates {
+    type Request = CreateJobParams;
+    type Response = Job;
+
+    fn run<'c>(
+        conn: &'c mut Conn,
+        requests: Vec<CreateJobParams>,
+    ) -> StoreFuture<'c, Vec<Result<Job, StoreError>>> {
+        Box::pin(create_all(conn, requests))
+    }
+}
+
+pub(super) struct Claims;
+
+impl BatchOp for Claims {
+    type Request = ClaimParams;
+    type Response = Option<Job>;
+
+    fn run<'c>(
+        conn: &'c mut Conn,
+        requests: Vec<ClaimParams>,
+    ) -> StoreFuture<'c, Vec<Result<Option<Job>, StoreError>>> {
+        Box::pin(claim_all(conn, requests))
+    }
+}
+
+pub(super) struct Results;
+
+impl BatchOp for Results {
+    type Request = SubmitResultParams;
+    type Response = Job;
+
+    fn run<'c>(
+        conn: &'c mut Conn,
+        requests: Vec<SubmitResultParams>,
+    ) -> StoreFuture<'c, Vec<Result<Job, StoreError>>> {
+        Box::pin(submit_all(conn, requests))
+    }
+}
+
+/// Inserts every job with its `created` history row.
+async fn create_all(conn: &mut Conn, requests: Vec<CreateJobParams>) -> Answers<Job> {
+    let sql = format!(
+        "WITH input AS ( \
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int8[], $7::int8[]) \
+             WITH ORDINALITY AS r(id, content_type, source_file_path, task_options, ingestion_task_id, at, deadline, ord)), \
+         u AS (INSERT INTO jobs (id, content_type, source_file_path, task_options, ingestion_task_id, status, \
+                   created_at, updated_at, available_at, deadline_at) \
+               SELECT id, content_type, source_file_path, task_options, ingestion_task_id, 'pending', at, at, at, deadline \
+               FROM input ORDER BY ord \
+               RETURNING *), \
+         h AS (INSERT INTO job_history (job_seq, from_status, to_status, at, actor, reason) \
+               SELECT seq, NULL, 'pending', created_at, $8::text, 'created' FROM u ORDER BY seq) \
+         SELECT {JOB_COLUMNS} FROM u"
+    );
+    let ids: Vec<String> = requests.iter().map(|p| p.id.to_string()).collect();
+    let types: Vec<&str> = requests.iter().map(|p| p.content_type.as_str()).collect();
+    let sources: Vec<&str> = requests
+        .iter()
+        .map(|p| p.source_file_path.as_str())
+        .collect();
+    let options: Vec<String> = requests
+        .iter()
+        .map(|p| p.task_options.to_string())
+        .collect();
+    let ingestion: Vec<&str> = requests
+        .iter()
+        .map(|p| p.ingestion_task_id.as_str())
+        .collect();
+    let nows: Vec<i64> = requests.iter().map(|p| p.now.as_micros()).collect();
+    let deadlines: Vec<Option<i64>> = requests
+        .iter()
+        .map(|p| p.pending_deadline.map(|d| d.as_micros()))
+        .collect();
+    let statement = conn.statement(&sql).await?;
+    let rows = conn
+        .client
+        .query(
+            &statement,
+            &[
+                &ids,
+                &types,
+                &sources,
+                &options,
+                &ingestion,
+                &nows,
+                &deadlines,
+                &Actor::Client.as_str(),
+            ],
+        )
+        .await
+        .map_err(pg_error)?;
+    let mut created: HashMap<String, Job> = HashMap::with_capacity(rows.len());
+    for row in &rows {
+        let job = job_from_row(row)?;
+        created.insert(job.id.to_string(), job);
+    }
+    Ok(ids
+        .iter()
+        .map(|id| {
+            created
+                .remove(id)
+                .ok_or_else(|| StoreError::Internal("the insert returned no row".into()))
+        })
+        .collect())
+}
+
+/// The claim statement for a batch of claimers who want the same content types:
+/// `$1` now, `$2`/`$3` the claimers' worker ids and new leases (the first claimer gets
+/// the oldest job), `$4` the requested types (or the types with their own timeout when
+/// any type may be claimed), `$5` their execution deadlines, `$6` the deadline of other
+/// types, `$7` how many claimers.
+pub(super) fn claim_sql(any_type: bool) -> String {
+    let candidate = if any_type {
+        // Any type: the first entries of the `jobs_queue` index that nobody holds.
+        "SELECT j.seq AS c_seq, j.status AS c_previous, j.available_at AS c_available FROM jobs j \
+         WHERE j.status IN ('pending', 'retrying') AND j.available_at <= $1::int8 \
+         ORDER BY j.available_at, j.seq \
+         LIMIT $7::int8 \
+         FOR UPDATE OF j SKIP LOCKED"
+    } else {
+        // Some types (the lookup table's names are exactly those): the first entries of
+        // each type's range of `jobs_queue_by_type`, merged, and the oldest ones nobody
+        // holds locked. `content_type = ANY(...)` over the whole index would sort every
+        // due job of those types on each claim. Only when more than 64 other claimers
+        // hold a type's oldest jobs at once can a claim come back empty early; the poller
+        // then waits for the next wake-up like any empty poll.
+        "SELECT j.seq AS c_seq, j.status AS c_previous, j.available_at AS c_available \
+         FROM unnest($4::text[]) AS t(name) \
+         CROSS JOIN LATERAL ( \
+             SELECT q.seq, q.available_at FROM jobs q \
+             WHERE q.status IN ('pending', 'retrying') AND q.content_type = t.name AND q.available_at <= $1::int8 \
+             ORDER BY q.available_at, q.seq LIMIT $7::int8 + 64) AS candidate \
+         JOIN jobs j ON j.seq = candidate.seq \
+         WHERE j.status IN ('pending', 'retrying') AND j.available_at <= $1::int8 \
+         ORDER BY candidate.available_at, candidate.seq \
+         LIMIT $7::int8 \
+         FOR UPDATE OF j SKIP LOCKED"
+    };
+    // A fresh attempt has no heartbeat deadline yet, so the monitor's next look
+    // (`AttemptDeadlines::next`) is the execution deadline.
+    let deadline =
+        "COALESCE((SELECT d.deadline FROM unnest($4::text[], $5::int8[]) AS d(name, deadline) \
+                    WHERE d.name = jobs.content_type), $6::int8)";
+    format!(
+        "WITH c AS ( \
+             SELECT c_seq, c_previous, row_number() OVER (ORDER BY c_available, c_seq) AS c_rank \
+             FROM ({candidate}) AS picked), \
+         u AS ( \
+             UPDATE jobs SET status = 'processing', worker_id = ($2::text[])[c.c_rank], lease_id = ($3::text[])[c.c_rank], attempt = attempt + 1, \
+                 started_at = $1::int8, updated_at = $1::int8, execution_deadline = {deadline}, \
+                 heartbeat_deadline = NULL, last_heartbeat_at = NULL, deadline_at = {deadline}, \
+                 result_received_at = NULL, progress = NULL, progress_message = NULL \
+             FROM c \
+             WHERE jobs.seq = c.c_seq AND jobs.status = c.c_previous \
+             RETURNING jobs.*, c.c_previous, c.c_rank), \
+         h AS (INSERT INTO job_history (job_seq, from_status, to_status, at, actor, reason) \
+               SELECT seq, c_previous, 'processing', $1::int8, 'worker', \
+                      'claimed by worker ' || worker_id || ' (attempt ' || attempt || ')' \
+               FROM u ORDER BY c_rank) \
+         SELECT {JOB_COLUMNS}, c_rank FROM u"
+    )
+}
+
+/// Claims for every request, one statement per set of wanted content types.
+async fn claim_all(conn: &mut Conn, requests: Vec<ClaimParams>) -> Answers<Option<Job>> {
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    for (i, request) in requests.iter().enumerate() {
+        let same = groups.iter_mut().find(|group| {
+            let first = &requests[group[0]];
+            first.content_types == request.content_types && first.timeouts == request.timeouts
+        });
+        match same {
+            Some(group) => group.push(i),
+            None => groups.push(vec![i]),
+        }
+    }
+    let mut answers: Vec<Result<Option<Job>, StoreError>> =
+        requests.iter().map(|_| Ok(None)).collect();
+    for group in groups {
+        let members: Vec<&ClaimParams> = group.iter().map(|&i| &requests[i]).collect();
+        // Each group commits by itself, so a later group's failure must not undo the
+        // answers of an earlier one: it fails only its own members.
+        match claim_group(conn, &members).await {
+            Ok(jobs) => {
+                for (i, job) in group.into_iter().zip(jobs) {
+                    answers[i] = Ok(job);
+                }
+            }
+            Err(error) => {
+                for i in group {
+                    answers[i] = Err(error.clone());
+                }
+            }
+        }
+    }
+    Ok(answers)
+}
+
+/// Claims for claimers who want the same types under the same policy; answers in order.
+async fn claim_group(
+    conn: &mut Conn,
+    members: &[&ClaimParams],
+) -> Result<Vec<Option<Job>>, StoreError> {
+    // One `now` for the batch: the latest, so no job counts as due before its time.
+    let first = members[0];
+    let now = members.iter().map(|p| p.now).max().unwrap_or(first.now);
+    // The execution deadline depends on the content type of the job that is picked, so
+    // the policy's deadline for every type that can be picked goes in as a lookup table.
+    let known: Vec<ContentType> = if first.content_types.is_empty() {
+        first
+            .timeouts
+            .execution_by_type
+            .keys()
+            .filter_map(|name| ContentType::parse(name).ok())
+            .collect()
+    } else {
+        first.content_types.clone()
+    };
+    let names: Vec<&str> = known.iter().map(ContentType::as_str).collect();
+    let deadlines: Vec<i64> = known
+        .iter()
+        .map(|t| first.timeouts.claim_deadlines(t, now).execution.as_micros())
+        .collect();
+    // Types without their own timeout (only possible when any type may be picked).
+    let default_deadline = now.plus(first.timeouts.execution_default).as_micros();
+    let workers: Vec<&str> = members.iter().map(|p| p.worker_id.as_str()).collect();
+    let leases: Vec<String> = members
+        .iter()
+        .map(|_| LeaseId::new_random().to_string())
+        .collect();
+    let how_many = members.len() as i64;
+    let sql = claim_sql(first.content_types.is_empty());
+    let statement = conn.statement(&sql).await?;
+    let rows = conn
+        .client
+        .query(
+            &statement,
+            &[
+                &now.as_micros(),
+                &workers,
+                &leases,
+                &names,
+                &deadlines,
+                &default_deadline,
+                &how_many,
+            ],
+        )
+        .await
+        .map_err(pg_error)?;
+    let mut jobs: Vec<Option<Job>> = members.iter().map(|_| None).collect();
+    for row in &rows {
+        let rank: i64 = get(row, JOB_COLUMN_COUNT)?;
+        if let Some(slot) = jobs.get_mut((rank - 1) as usize) {
+            *slot = Some(job_from_row(row)?);
+        }
+    }
+    Ok(jobs)
+}
+
+/// How many columns `JOB_COLUMNS` names; the batch statements return their request's
+/// position after them.
+const JOB_COLUMN_COUNT: usize = 25;
+
+/// One result's planned write: the state it expects, the state it leaves, its history.
+struct ResultWrite {
+    request: i64,
+    seq: i64,
+    expected_status: JobStatus,
+    expected_lease: Option<String>,
+    expected_retry_count: i32,
+    status: JobStatus,
+    retry_count: i32,
+    /// `None` leaves the column as it is.
+    available_at: Option<i64>,
+    deadline_at: Option<i64>,
+    completed_at: Option<i64>,
+    at: i64,
+    success: bool,
+    content: Option<String>,
+    metadata: Option<String>,
+    processing_time: Option<f64>,
+    error_message: Option<String>,
+    handoff: Option<HandoffKind>,
+    steps: Vec<Step>,
+}
+
+/// Decides what `p` does to a job in state `current`, or why it is refused.
+fn plan_result(
+    request: i64,
+    current: &Current,
+    p: &SubmitResultParams,
+) -> Result<ResultWrite, StoreError> {
+    let success = matches!(p.outcome, AttemptOutcome::Success { .. });
+    let timing = judge_stored_result(
+        current.status,
+        current.lease_id.as_deref(),
+        current.result_received,
+        p.lease_id,
+        success,
+    )?;
+    let now = p.now.as_micros();
+    let previous = current.status;
+    let write = match &p.outcome {
+        AttemptOutcome::Success {
+            content,
+            metadata,
+            processing_time,
+        } => {
+            let reason = if timing == ResultTiming::LateSuccess {
+                "late result of a timed-out attempt"
+            } else {
+                "worker reported success"
+            };
+            ResultWrite {
+                request,
+                seq: current.seq,
+                expected_status: previous,
+                expected_lease: current.lease_id.clone(),
+                expected_retry_count: current.retry_count,
+                status: JobStatus::Completed,
+                retry_count: current.retry_count,
+                available_at: None,
+                deadline_at: None,
+                completed_at: Some(now),
+                at: now,
+                success: true,
+                content: Some(content.clone()),
+                metadata: Some(metadata.to_string()),
+                processing_time: *processing_time,
+                error_message: None,
+                handoff: Some(HandoffKind::Completed),
+                steps: vec![Step::new(
+                    Some(previous),
+                    JobStatus::Completed,
+                    Actor::Worker,
+                    reason,
+                )],
+            }
+        }
+        AttemptOutcome::Failure {
+            error_message,
+            retryable,
+        } => {
+            let retries_done = current.retry_count.max(0) as u32;
+            let after = p
+                .policy
+                .retry
+                .after_failure(retries_done, *retryable, p.now, p.jitter);
+            let (status, retry_count, available_at, deadline_at, completed_at) =
+                after_failure_columns(after, JobStatus::Failed, retries_done, p.now);
+            let failed_reason = if *retryable {
+                error_message.clone()
+            } else {
+                format!("{error_message} (not retryable)")
+            };
+            let mut steps = vec![Step::new(
+                Some(previous),
+                JobStatus::Failed,
+                Actor::Worker,
+                failed_reason,
+            )];
+            if let AfterFailure::Retry { at, retry_count } = after {
+                steps.push(Step::new(
+                    Some(JobStatus::Failed),
+                    JobStatus::Retrying,
+                    Actor::Worker,
+                    retry_reason(retry_count, p.policy.retry.max_retries, at),
+                ));
+            }
+            ResultWrite {
+                request,
+                seq: current.seq,
+                // `judge_result` accepts failures only from the attempt in progress.
+                expected_status: JobStatus::Processing,
+                expected_lease: current.lease_id.clone(),
+                expected_retry_count: current.retry_count,
+                status,
+                retry_count: retry_count as i32,
+                available_at: Some(available_at),
+                deadline_at,
+                completed_at,
+                at: now,
+                success: false,
+                content: None,
+                metadata: None,
+                processing_time: None,
+                error_message: Some(error_message.clone()),
+                handoff: HandoffKind::for_final_status(status),
+                steps,
+            }
+        }
+    };
+    Ok(write)
+}
+
+/// Records every result: reads the jobs' states, lets the domain judge each result, and
+/// writes all accepted ones in one conditional statement with their history and hand-off
+/// rows. A result whose job moved in between is answered with the state it is in now.
+async fn submit_all(conn: &mut Conn, requests: Vec<SubmitResultParams>) -> Answers<Job> {
+    let ids: Vec<String> = requests.iter().map(|p| p.job_id.to_string()).collect();
+    let statement = conn
+        .statement(
+            "SELECT id, seq, status, lease_id, retry_count, result_received_at IS NOT NULL, execution_deadline \
+             FROM jobs WHERE id = ANY($1::text[])",
+        )
+        .await?;
+    let rows = conn
+        .client
+        .query(&statement, &[&ids])
+        .await
+        .map_err(pg_error)?;
+    let mut states: HashMap<String, Current> = HashMap::with_capacity(rows.len());
+    for row in &rows {
+        states.insert(
+            get(row, 0)?,
+            Current {
+                seq: get(row, 1)?,
+                status: parse_status(get(row, 2)?)?,
+                lease_id: get(row, 3)?,
+                retry_count: get(row, 4)?,
+                result_received: get(row, 5)?,
+                execution_deadline: get(row, 6)?,
+            },
+        );
+    }
+
+    let mut answers: Vec<Option<Result<Job, StoreError>>> = requests.iter().map(|_| None).collect();
+    let mut writes = Vec::with_capacity(requests.len());
+    for (i, (id, p)) in ids.iter().zip(&requests).enumerate() {
+        match states.get(id) {
+            None => answers[i] = Some(Err(StoreError::NotFound)),
+            Some(current) => match plan_result(i as i64, current, p) {
+                Ok(write) => writes.push(write),
+                Err(refusal) => answers[i] = Some(Err(refusal)),
+            },
+        }
+    }
+    if !writes.is_empty() {
+        for row in write_results(conn, &writes).await? {
+            let request: i64 = get(&row, JOB_COLUMN_COUNT)?;
+            answers[request as usize] = Some(job_from_row(&row));
+        }
+    }
+    let mut done = Vec::with_capacity(answers.len());
+    for (i, answer) in answers.into_iter().enumerate() {
+        done.push(match answer {
+            Some(answer) => answer,
+            // Planned but not written: another request or replica moved the job first.
+            None => {
+                let write = writes.iter().find(|w| w.request == i as i64);
+                match write {
+                    Some(write) => Err(conflict(conn, write.seq, write.expected_status).await),
+                    None => Err(StoreError::Internal(
+                        "a result was neither planned nor refused".into(),
+                    )),
+                }
+            }
+        });
+    }
+    Ok(done)
+}
+
+async fn write_results(
+    conn: &mut Conn,
+    writes: &[ResultWrite],
+) -> Result<Vec<tokio_postgres::Row>, StoreError> {
+    let sql = format!(
+        "WITH r AS (SELECT * FROM unnest($1::int8[], $2::int8[], $3::text[], $4::text[], $5::int4[], $6::text[], \
+                 $7::int4[], $8::int8[], $9::int8[], $10::int8[], $11::int8[], $12::bool[], $13::text[], $14::text[], \
+                 $15::float8[], $16::text[], $17::text[]) \
+             AS r(request, seq, expected_status, expected_lease, expected_retry_count, new_status, new_retry_count, \
+                  new_available_at, new_deadline_at, new_completed_at, at, success, content, metadata, took, error, handoff)), \
+         u AS ( \
+             UPDATE jobs SET status = r.new_status, retry_count = r.new_retry_count, \
+                 available_at = COALESCE(r.new_available_at, jobs.available_at), deadline_at = r.new_deadline_at, \
+                 completed_at = r.new_completed_at, updated_at = r.at, result_received_at = r.at, error_message = r.error, \
+                 result_content = CASE WHEN r.success THEN r.content ELSE jobs.result_content END, \
+                 result_metadata = CASE WHEN r.success THEN r.metadata ELSE jobs.result_metadata END, \
+                 processing_time = CASE WHEN r.success THEN r.took ELSE jobs.processing_time END, \
+                 progress = CASE WHEN r.success THEN 100 ELSE jobs.progress END \
+             FROM r \
+             WHERE jobs.seq = r.seq AND jobs.status = r.expected_status \
+               AND jobs.lease_id IS NOT DISTINCT FROM r.expected_lease \
+               AND jobs.result_received_at IS NULL AND jobs.retry_count = r.expected_retry_count \
+             RETURNING jobs.*, r.request AS r_request, r.handoff AS r_handoff, r.at AS r_at), \
+         h AS (INSERT INTO job_history (job_seq, from_status, to_status, at, actor, reason) \
+               SELECT u.seq, s.from_status, s.to_status, u.r_at, s.actor, s.reason \
+               FROM u JOIN unnest($18::int8[], $19::text[], $20::text[], $21::text[], $22::text[]) \
+                   WITH ORDINALITY AS s(request, from_status, to_status, actor, reason, ord) \
+                   ON s.request = u.r_request \
+               ORDER BY s.ord), \
+         o AS (INSERT INTO handoffs (job_id, kind, payload, created_at) \
+               SELECT u.id, u.r_handoff, {HANDOFF_PAYLOAD}, u.r_at FROM u \
+               WHERE u.r_handoff IS NOT NULL ORDER BY u.r_request) \
+         SELECT {JOB_COLUMNS}, r_request FROM u"
+    );
+    let column = |f: fn(&ResultWrite) -> Option<&str>| -> Vec<Option<&str>> {
+        writes.iter().map(f).collect()
+    };
+    let requests: Vec<i64> = writes.iter().map(|w| w.request).collect();
+    let seqs: Vec<i64> = writes.iter().map(|w| w.seq).collect();
+    let expected_statuses = column(|w| Some(w.expected_status.as_str()));
+    let expected_leases = column(|w| w.expected_lease.as_deref());
+    let expected_retry_counts: Vec<i32> = writes.iter().map(|w| w.expected_retry_count).collect();
+    let statuses = column(|w| Some(w.status.as_str()));
+    let retry_counts: Vec<i32> = writes.iter().map(|w| w.retry_count).collect();
+    let available_ats: Vec<Option<i64>> = writes.iter().map(|w| w.available_at).collect();
+    let deadline_ats: Vec<Option<i64>> = writes.iter().map(|w| w.deadline_at).collect();
+    let completed_ats: Vec<Option<i64>> = writes.iter().map(|w| w.completed_at).collect();
+    let ats: Vec<i64> = writes.iter().map(|w| w.at).collect();
+    let successes: Vec<bool> = writes.iter().map(|w| w.success).collect();
+    let contents = column(|w| w.content.as_deref());
+    let metadatas = column(|w| w.metadata.as_deref());
+    let processing_times: Vec<Option<f64>> = writes.iter().map(|w| w.processing_time).collect();
+    let errors = column(|w| w.error_message.as_deref());
+    let handoffs = column(|w| w.handoff.map(HandoffKind::as_str));
+    let steps: Vec<(i64, &Step)> = writes
+        .iter()
+        .flat_map(|w| w.steps.iter().map(move |s| (w.request, s)))
+        .collect();
+    let step_requests: Vec<i64> = steps.iter().map(|(r, _)| *r).collect();
+    let step_froms: Vec<Option<&str>> = steps
+        .iter()
+        .map(|(_, s)| s.from.map(JobStatus::as_str))
+        .collect();
+    let step_tos: Vec<&str> = steps.iter().map(|(_, s)| s.to.as_str()).collect();
+    let step_actors: Vec<&str> = steps.iter().map(|(_, s)| s.actor.as_str()).collect();
+    let step_reasons: Vec<&str> = steps.iter().map(|(_, s)| s.reason.as_str()).collect();
+    let params: [&(dyn ToSql + Sync); 22] = [
+        &requests,
+        &seqs,
+        &expected_statuses,
+        &expected_leases,
+        &expected_retry_counts,
+        &statuses,
+        &retry_counts,
+        &available_ats,
+        &deadline_ats,
+        &completed_ats,
+        &ats,
+        &successes,
+        &contents,
+        &metadatas,
+        &processing_times,
+        &errors,
+        &handoffs,
+        &step_requests,
+        &step_froms,
+        &step_tos,
+        &step_actors,
+        &step_reasons,
+    ];
+    let statement = conn.statement(&sql).await?;
+    conn.client
+        .query(&statement, &params)
+        .await
+        .map_err(pg_error)
+}
