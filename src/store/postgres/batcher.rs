@@ -75,19 +75,20 @@ impl<Op: BatchOp> Batcher<Op> {
         self.pool.close();
     }
 
-    /// Queues `request` and waits for its answer, for at most the operation timeout plus
-    /// the time one earlier batch may take.
+    /// Queues `request` and waits for its answer, for at most the operation timeout
+    /// (waiting in the queue included), so an outage is answered as quickly as without
+    /// batching. A request given up on while still queued is dropped from its batch.
     pub async fn submit(&self, request: Op::Request) -> Result<Op::Response, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.queue
             .send((request, reply))
             .map_err(|_| StoreError::Unavailable("the store is closed".into()))?;
-        match tokio::time::timeout(self.timeout * 2, answer).await {
+        match tokio::time::timeout(self.timeout, answer).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(StoreError::Unavailable("the store is closed".into())),
             Err(_) => Err(StoreError::Unavailable(format!(
                 "PostgreSQL did not answer within {:?}",
-                self.timeout * 2
+                self.timeout
             ))),
         }
     }

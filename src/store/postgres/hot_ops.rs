@@ -289,14 +289,18 @@ async fn claim_group(
 const JOB_COLUMN_COUNT: usize = 25;
 
 /// One result's planned write: the state it expects, the state it leaves, its history.
+#[derive(Clone)]
 struct ResultWrite {
     request: i64,
-    seq: i64,
+    job_id: String,
     expected_status: JobStatus,
-    expected_lease: Option<String>,
-    expected_retry_count: i32,
+    /// `None`: any lease (a result without one, while the attempt is in progress).
+    expected_lease: Option<Option<String>>,
+    /// `None`: any retry count (a success does not depend on it).
+    expected_retry_count: Option<i32>,
     status: JobStatus,
-    retry_count: i32,
+    /// `None` leaves the column as it is.
+    retry_count: Option<i32>,
     /// `None` leaves the column as it is.
     available_at: Option<i64>,
     deadline_at: Option<i64>,
@@ -309,6 +313,60 @@ struct ResultWrite {
     error_message: Option<String>,
     handoff: Option<HandoffKind>,
     steps: Vec<Step>,
+}
+
+/// The write of a success for a job in `previous` whose attempt holds `expected_lease`
+/// (`None`: any). The caller has judged the result, or relies on the write's conditions.
+fn success_write(
+    request: i64,
+    p: &SubmitResultParams,
+    previous: JobStatus,
+    expected_lease: Option<Option<String>>,
+) -> ResultWrite {
+    let AttemptOutcome::Success {
+        content,
+        metadata,
+        processing_time,
+    } = &p.outcome
+    else {
+        unreachable!("success_write is only called for successes");
+    };
+    let now = p.now.as_micros();
+    ResultWrite {
+        request,
+        job_id: p.job_id.to_string(),
+        expected_status: previous,
+        expected_lease,
+        expected_retry_count: None,
+        status: JobStatus::Completed,
+        retry_count: None,
+        available_at: None,
+        deadline_at: None,
+        completed_at: Some(now),
+        at: now,
+        success: true,
+        content: Some(content.clone()),
+        metadata: Some(metadata.to_string()),
+        processing_time: *processing_time,
+        error_message: None,
+        handoff: Some(HandoffKind::Completed),
+        steps: vec![Step::new(
+            Some(previous),
+            JobStatus::Completed,
+            Actor::Worker,
+            "worker reported success",
+        )],
+    }
+}
+
+/// A success written without reading the job first, for the common case: the write's
+/// conditions are exactly `judge_result`'s in-time case (processing, not yet reported,
+/// the presented lease is the attempt's or none was presented), so it applies only where
+/// the judged path would have applied the same write. Anything else is left unwritten and
+/// goes the judged way.
+fn in_time_success(request: i64, p: &SubmitResultParams) -> ResultWrite {
+    let lease = p.lease_id.map(|lease| Some(lease.to_string()));
+    success_write(request, p, JobStatus::Processing, lease)
 }
 
 /// Decides what `p` does to a job in state `current`, or why it is refused.
@@ -328,41 +386,13 @@ fn plan_result(
     let now = p.now.as_micros();
     let previous = current.status;
     let write = match &p.outcome {
-        AttemptOutcome::Success {
-            content,
-            metadata,
-            processing_time,
-        } => {
-            let reason = if timing == ResultTiming::LateSuccess {
-                "late result of a timed-out attempt"
-            } else {
-                "worker reported success"
-            };
-            ResultWrite {
-                request,
-                seq: current.seq,
-                expected_status: previous,
-                expected_lease: current.lease_id.clone(),
-                expected_retry_count: current.retry_count,
-                status: JobStatus::Completed,
-                retry_count: current.retry_count,
-                available_at: None,
-                deadline_at: None,
-                completed_at: Some(now),
-                at: now,
-                success: true,
-                content: Some(content.clone()),
-                metadata: Some(metadata.to_string()),
-                processing_time: *processing_time,
-                error_message: None,
-                handoff: Some(HandoffKind::Completed),
-                steps: vec![Step::new(
-                    Some(previous),
-                    JobStatus::Completed,
-                    Actor::Worker,
-                    reason,
-                )],
+        AttemptOutcome::Success { .. } => {
+            let mut write = success_write(request, p, previous, Some(current.lease_id.clone()));
+            write.expected_retry_count = Some(current.retry_count);
+            if timing == ResultTiming::LateSuccess {
+                write.steps[0].reason = "late result of a timed-out attempt".into();
             }
+            write
         }
         AttemptOutcome::Failure {
             error_message,
@@ -396,13 +426,13 @@ fn plan_result(
             }
             ResultWrite {
                 request,
-                seq: current.seq,
+                job_id: p.job_id.to_string(),
                 // `judge_result` accepts failures only from the attempt in progress.
                 expected_status: JobStatus::Processing,
-                expected_lease: current.lease_id.clone(),
-                expected_retry_count: current.retry_count,
+                expected_lease: Some(current.lease_id.clone()),
+                expected_retry_count: Some(current.retry_count),
                 status,
-                retry_count: retry_count as i32,
+                retry_count: Some(retry_count as i32),
                 available_at: Some(available_at),
                 deadline_at,
                 completed_at,
@@ -420,11 +450,61 @@ fn plan_result(
     Ok(write)
 }
 
-/// Records every result: reads the jobs' states, lets the domain judge each result, and
-/// writes all accepted ones in one conditional statement with their history and hand-off
-/// rows. A result whose job moved in between is answered with the state it is in now.
+/// Records every result. In-time successes (nearly all results) are written first,
+/// without reading the jobs; the rest, and any success that write did not apply to, are
+/// judged: their jobs' states are read, the domain judges each result, and all accepted
+/// ones are written in one conditional statement with their history and hand-off rows. A
+/// result whose job moved in between is answered with the state it is in now.
 async fn submit_all(conn: &mut Conn, requests: Vec<SubmitResultParams>) -> Answers<Job> {
-    let ids: Vec<String> = requests.iter().map(|p| p.job_id.to_string()).collect();
+    let mut answers: Vec<Option<Result<Job, StoreError>>> = requests.iter().map(|_| None).collect();
+    let in_time: Vec<ResultWrite> = requests
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| matches!(p.outcome, AttemptOutcome::Success { .. }))
+        .map(|(i, p)| in_time_success(i as i64, p))
+        .collect();
+    if !in_time.is_empty() {
+        for row in write_results(conn, &in_time).await? {
+            let request: i64 = get(&row, JOB_COLUMN_COUNT)?;
+            answers[request as usize] = Some(job_from_row(&row));
+        }
+    }
+    let rest: Vec<usize> = (0..requests.len())
+        .filter(|&i| answers[i].is_none())
+        .collect();
+    if !rest.is_empty() {
+        // The in-time writes are committed: a failure from here on is the rest's alone.
+        match judge_and_write(conn, &requests, &rest).await {
+            Ok(judged) => {
+                for (i, answer) in rest.into_iter().zip(judged) {
+                    answers[i] = Some(answer);
+                }
+            }
+            Err(error) => {
+                for i in rest {
+                    answers[i] = Some(Err(error.clone()));
+                }
+            }
+        }
+    }
+    Ok(answers
+        .into_iter()
+        .map(|answer| {
+            answer.unwrap_or_else(|| Err(StoreError::Internal("a result got no answer".into())))
+        })
+        .collect())
+}
+
+/// The judged way for `requests[i]`, `i` in `which`: answers in that order.
+async fn judge_and_write(
+    conn: &mut Conn,
+    requests: &[SubmitResultParams],
+    which: &[usize],
+) -> Result<Vec<Result<Job, StoreError>>, StoreError> {
+    let ids: Vec<String> = which
+        .iter()
+        .map(|&i| requests[i].job_id.to_string())
+        .collect();
     let statement = conn
         .statement(
             "SELECT id, seq, status, lease_id, retry_count, result_received_at IS NOT NULL, execution_deadline \
@@ -451,37 +531,36 @@ async fn submit_all(conn: &mut Conn, requests: Vec<SubmitResultParams>) -> Answe
         );
     }
 
-    let mut answers: Vec<Option<Result<Job, StoreError>>> = requests.iter().map(|_| None).collect();
-    let mut writes = Vec::with_capacity(requests.len());
-    for (i, (id, p)) in ids.iter().zip(&requests).enumerate() {
+    // `request` in a write is its position in `which`.
+    let mut answers: Vec<Option<Result<Job, StoreError>>> = which.iter().map(|_| None).collect();
+    let mut writes = Vec::with_capacity(which.len());
+    for (k, id) in ids.iter().enumerate() {
         match states.get(id) {
-            None => answers[i] = Some(Err(StoreError::NotFound)),
-            Some(current) => match plan_result(i as i64, current, p) {
-                Ok(write) => writes.push(write),
-                Err(refusal) => answers[i] = Some(Err(refusal)),
+            None => answers[k] = Some(Err(StoreError::NotFound)),
+            Some(current) => match plan_result(k as i64, current, &requests[which[k]]) {
+                Ok(write) => writes.push((write, current.seq)),
+                Err(refusal) => answers[k] = Some(Err(refusal)),
             },
         }
     }
     if !writes.is_empty() {
-        for row in write_results(conn, &writes).await? {
-            let request: i64 = get(&row, JOB_COLUMN_COUNT)?;
-            answers[request as usize] = Some(job_from_row(&row));
+        let planned: Vec<ResultWrite> = writes.iter().map(|(write, _)| write.clone()).collect();
+        for row in write_results(conn, &planned).await? {
+            let k: i64 = get(&row, JOB_COLUMN_COUNT)?;
+            answers[k as usize] = Some(job_from_row(&row));
         }
     }
     let mut done = Vec::with_capacity(answers.len());
-    for (i, answer) in answers.into_iter().enumerate() {
+    for (k, answer) in answers.into_iter().enumerate() {
         done.push(match answer {
             Some(answer) => answer,
             // Planned but not written: another request or replica moved the job first.
-            None => {
-                let write = writes.iter().find(|w| w.request == i as i64);
-                match write {
-                    Some(write) => Err(conflict(conn, write.seq, write.expected_status).await),
-                    None => Err(StoreError::Internal(
-                        "a result was neither planned nor refused".into(),
-                    )),
-                }
-            }
+            None => match writes.iter().find(|(w, _)| w.request == k as i64) {
+                Some((write, seq)) => Err(conflict(conn, *seq, write.expected_status).await),
+                None => Err(StoreError::Internal(
+                    "a result was neither planned nor refused".into(),
+                )),
+            },
         });
     }
     Ok(done)
@@ -492,13 +571,14 @@ async fn write_results(
     writes: &[ResultWrite],
 ) -> Result<Vec<tokio_postgres::Row>, StoreError> {
     let sql = format!(
-        "WITH r AS (SELECT * FROM unnest($1::int8[], $2::int8[], $3::text[], $4::text[], $5::int4[], $6::text[], \
-                 $7::int4[], $8::int8[], $9::int8[], $10::int8[], $11::int8[], $12::bool[], $13::text[], $14::text[], \
-                 $15::float8[], $16::text[], $17::text[]) \
-             AS r(request, seq, expected_status, expected_lease, expected_retry_count, new_status, new_retry_count, \
-                  new_available_at, new_deadline_at, new_completed_at, at, success, content, metadata, took, error, handoff)), \
+        "WITH r AS (SELECT * FROM unnest($1::int8[], $2::text[], $3::text[], $4::bool[], $5::text[], $6::int4[], \
+                 $7::text[], $8::int4[], $9::int8[], $10::int8[], $11::int8[], $12::int8[], $13::bool[], $14::text[], \
+                 $15::text[], $16::float8[], $17::text[], $18::text[]) \
+             AS r(request, id, expected_status, any_lease, expected_lease, expected_retry_count, new_status, \
+                  new_retry_count, new_available_at, new_deadline_at, new_completed_at, at, success, content, metadata, \
+                  took, error, handoff)), \
          u AS ( \
-             UPDATE jobs SET status = r.new_status, retry_count = r.new_retry_count, \
+             UPDATE jobs SET status = r.new_status, retry_count = COALESCE(r.new_retry_count, jobs.retry_count), \
                  available_at = COALESCE(r.new_available_at, jobs.available_at), deadline_at = r.new_deadline_at, \
                  completed_at = r.new_completed_at, updated_at = r.at, result_received_at = r.at, error_message = r.error, \
                  result_content = CASE WHEN r.success THEN r.content ELSE jobs.result_content END, \
@@ -506,13 +586,14 @@ async fn write_results(
                  processing_time = CASE WHEN r.success THEN r.took ELSE jobs.processing_time END, \
                  progress = CASE WHEN r.success THEN 100 ELSE jobs.progress END \
              FROM r \
-             WHERE jobs.seq = r.seq AND jobs.status = r.expected_status \
-               AND jobs.lease_id IS NOT DISTINCT FROM r.expected_lease \
-               AND jobs.result_received_at IS NULL AND jobs.retry_count = r.expected_retry_count \
+             WHERE jobs.id = r.id AND jobs.status = r.expected_status \
+               AND (r.any_lease OR jobs.lease_id IS NOT DISTINCT FROM r.expected_lease) \
+               AND jobs.result_received_at IS NULL \
+               AND (r.expected_retry_count IS NULL OR jobs.retry_count = r.expected_retry_count) \
              RETURNING jobs.*, r.request AS r_request, r.handoff AS r_handoff, r.at AS r_at), \
          h AS (INSERT INTO job_history (job_seq, from_status, to_status, at, actor, reason) \
                SELECT u.seq, s.from_status, s.to_status, u.r_at, s.actor, s.reason \
-               FROM u JOIN unnest($18::int8[], $19::text[], $20::text[], $21::text[], $22::text[]) \
+               FROM u JOIN unnest($19::int8[], $20::text[], $21::text[], $22::text[], $23::text[]) \
                    WITH ORDINALITY AS s(request, from_status, to_status, actor, reason, ord) \
                    ON s.request = u.r_request \
                ORDER BY s.ord), \
@@ -525,12 +606,14 @@ async fn write_results(
         writes.iter().map(f).collect()
     };
     let requests: Vec<i64> = writes.iter().map(|w| w.request).collect();
-    let seqs: Vec<i64> = writes.iter().map(|w| w.seq).collect();
+    let ids = column(|w| Some(w.job_id.as_str()));
     let expected_statuses = column(|w| Some(w.expected_status.as_str()));
-    let expected_leases = column(|w| w.expected_lease.as_deref());
-    let expected_retry_counts: Vec<i32> = writes.iter().map(|w| w.expected_retry_count).collect();
+    let any_leases: Vec<bool> = writes.iter().map(|w| w.expected_lease.is_none()).collect();
+    let expected_leases = column(|w| w.expected_lease.as_ref().and_then(|l| l.as_deref()));
+    let expected_retry_counts: Vec<Option<i32>> =
+        writes.iter().map(|w| w.expected_retry_count).collect();
     let statuses = column(|w| Some(w.status.as_str()));
-    let retry_counts: Vec<i32> = writes.iter().map(|w| w.retry_count).collect();
+    let retry_counts: Vec<Option<i32>> = writes.iter().map(|w| w.retry_count).collect();
     let available_ats: Vec<Option<i64>> = writes.iter().map(|w| w.available_at).collect();
     let deadline_ats: Vec<Option<i64>> = writes.iter().map(|w| w.deadline_at).collect();
     let completed_ats: Vec<Option<i64>> = writes.iter().map(|w| w.completed_at).collect();
@@ -553,10 +636,11 @@ async fn write_results(
     let step_tos: Vec<&str> = steps.iter().map(|(_, s)| s.to.as_str()).collect();
     let step_actors: Vec<&str> = steps.iter().map(|(_, s)| s.actor.as_str()).collect();
     let step_reasons: Vec<&str> = steps.iter().map(|(_, s)| s.reason.as_str()).collect();
-    let params: [&(dyn ToSql + Sync); 22] = [
+    let params: [&(dyn ToSql + Sync); 23] = [
         &requests,
-        &seqs,
+        &ids,
         &expected_statuses,
+        &any_leases,
         &expected_leases,
         &expected_retry_counts,
         &statuses,
