@@ -86,6 +86,7 @@ impl PostgresOptions {
     fn driver_config(
         &self,
         statement_timeout: Duration,
+        plans: Plans,
     ) -> Result<tokio_postgres::Config, StoreError> {
         let mut config: tokio_postgres::Config = self
             .url
@@ -99,17 +100,9 @@ impl PostgresOptions {
         }
         // Sent in the startup packet, so they cost no round trip. A transaction left
         // open by a vanished client must not hold row locks for long either.
-        //
-        // Custom plans always. PostgreSQL otherwise switches a prepared statement to a
-        // generic plan once that looks no worse, and keeps it until the table's
-        // statistics change: one made while `jobs` was nearly empty (every fresh database)
-        // scans the whole table, and stayed cached while a benchmark run grew the table
-        // (measured: result batches took 40-60 ms instead of 4). The claim's generic
-        // plan is bad at any size. Planning each execution is affordable because the hot
-        // statements run once per batch, not once per job.
         let ours = format!(
-            "-c plan_cache_mode=force_custom_plan \
-             -c statement_timeout={} -c lock_timeout={} -c idle_in_transaction_session_timeout={}",
+            "{} -c statement_timeout={} -c lock_timeout={} -c idle_in_transaction_session_timeout={}",
+            plans.settings(),
             statement_timeout.as_millis(),
             self.statement_timeout.as_millis(),
             (self.statement_timeout * 4).as_millis()
@@ -120,6 +113,42 @@ impl PostgresOptions {
         };
         config.options(options);
         Ok(config)
+    }
+}
+
+/// How a connection's prepared statements are planned.
+///
+/// Left to itself, PostgreSQL switches a prepared statement to a generic plan once that
+/// looks no worse than the custom ones and keeps it until the table's statistics change.
+/// A generic plan made while `jobs` was nearly empty (every fresh database) scans the
+/// whole table, and it stayed cached while a benchmark run grew the table (result batches
+/// took 40-60 ms instead of 4).
+#[derive(Clone, Copy, Debug)]
+enum Plans {
+    /// Planned at every execution, with its parameters. For everything but the batched
+    /// creates and results, and in particular for the claim: its generic plan is bad at
+    /// any size (it expects ten requested types and hash-joins every due job), and even
+    /// restricted to index nested loops, one made on an empty table drove the loop from
+    /// the whole queue (2.6 million rows compared for 2 claims at 40,000 due jobs).
+    Custom,
+    /// Planned once per connection, with only the plan shapes the batched creates and
+    /// results are meant to have: index scans joined by nested loops (sequential and
+    /// bitmap scans, hash and merge joins disabled). Those statements touch jobs only by
+    /// key, so the one plan is right however small `jobs` was when it was made
+    /// (`hot_queries_read_a_bounded_number_of_rows` checks it), and their planning is
+    /// paid once: an idle create took 0.94 ms instead of 1.35, a result 1.12 instead of 2.02.
+    GenericByKey,
+}
+
+impl Plans {
+    fn settings(self) -> &'static str {
+        match self {
+            Plans::Custom => "-c plan_cache_mode=force_custom_plan",
+            Plans::GenericByKey => {
+                "-c plan_cache_mode=force_generic_plan -c enable_seqscan=off -c enable_bitmapscan=off \
+                 -c enable_hashjoin=off -c enable_mergejoin=off"
+            }
+        }
     }
 }
 
@@ -149,7 +178,8 @@ impl PostgresStore {
     /// Connects, runs pending migrations, and starts listening for wake-ups.
     pub async fn open(options: PostgresOptions) -> Result<PostgresStore, StoreError> {
         Self::migrate(&options).await?;
-        let config = options.driver_config(options.statement_timeout)?;
+        let config = options.driver_config(options.statement_timeout, Plans::Custom)?;
+        let by_key = options.driver_config(options.statement_timeout, Plans::GenericByKey)?;
         let pool = Arc::new(Pool::new(
             config.clone(),
             options.max_connections,
@@ -175,9 +205,9 @@ impl PostgresStore {
         ));
         let operation_timeout = options.statement_timeout + Duration::from_secs(1);
         Ok(PostgresStore {
-            creates: Batcher::start(config.clone(), operation_timeout),
+            creates: Batcher::start(by_key.clone(), operation_timeout),
             claims: Batcher::start(config.clone(), operation_timeout),
-            results: Batcher::start(config, operation_timeout),
+            results: Batcher::start(by_key, operation_timeout),
             pool,
             operation_timeout,
             events,
@@ -189,7 +219,7 @@ impl PostgresStore {
     /// Applies pending migrations (and only that). Refuses a schema newer than this program.
     pub async fn migrate(options: &PostgresOptions) -> Result<MigrationReport, StoreError> {
         // Migrations may take longer than a request should.
-        let config = options.driver_config(Duration::ZERO)?;
+        let config = options.driver_config(Duration::ZERO, Plans::Custom)?;
         let mut conn = pool::connect(&config).await?;
         let client = &mut conn.client;
         client
@@ -1544,6 +1574,42 @@ mod tests {
         (most, plan.join("\n"))
     }
 
+    /// The batched hot statements, prepared on a session with the batch connections'
+    /// settings, as `(name with arguments, statement, parameter types)`.
+    fn generic_statements() -> Vec<(String, String, &'static str)> {
+        let results = "(int8[], text[], text[], bool[], text[], int4[], text[], int4[], int8[], int8[], int8[], \
+            int8[], bool[], text[], text[], float8[], text[], text[], int8[], text[], text[], text[], text[])";
+        let two_results = "('{0,1}', '{x1,x2}', '{processing,processing}', '{t,t}', '{NULL,NULL}', '{NULL,NULL}', \
+            '{completed,completed}', '{NULL,NULL}', '{NULL,NULL}', '{NULL,NULL}', '{5,5}', '{5,5}', '{t,t}', \
+            '{a,b}', '{x,y}', '{NULL,NULL}', '{NULL,NULL}', '{completed,completed}', '{0,1}', \
+            '{processing,processing}', '{completed,completed}', '{worker,worker}', '{ok,ok}')";
+        vec![(
+            format!("results{two_results}"),
+            hot_ops::results_sql(),
+            results,
+        )]
+    }
+
+    async fn generic_session(url: &str) -> tokio_postgres::Client {
+        let session = connect(url).await;
+        let settings = Plans::GenericByKey
+            .settings()
+            .split("-c")
+            .map(str::trim)
+            .filter(|setting| !setting.is_empty())
+            .map(|setting| format!("SET {setting};"))
+            .collect::<String>();
+        session.batch_execute(&settings).await.unwrap();
+        for (call, sql, types) in generic_statements() {
+            let name = call.split('(').next().unwrap();
+            session
+                .batch_execute(&format!("PREPARE {name}{types} AS {sql}"))
+                .await
+                .unwrap();
+        }
+        session
+    }
+
     /// Claims, the monitor's scans and cleanup read a bounded number of rows however many
     /// jobs there are: the query plans use their indexes (and never sort all due jobs).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1560,6 +1626,16 @@ mod tests {
                 .await
                 .unwrap();
             let client = connect(&url).await;
+            // The batch connections plan each hot statement once (`Plans::GenericByKey`):
+            // one session makes its plans now, on the empty table of a fresh database,
+            // and keeps them while the table fills, as a new server's connections would.
+            let stale = generic_session(&url).await;
+            for (name, _, _) in generic_statements() {
+                stale
+                    .batch_execute(&format!("EXPLAIN EXECUTE {name}"))
+                    .await
+                    .unwrap();
+            }
             // 20,000 due jobs of each of two types, 20,000 finished ones, 2,000 with deadlines.
             client
                 .batch_execute(
@@ -1569,11 +1645,18 @@ mod tests {
                          '/f/' || n, '{}', 'i', \
                          CASE WHEN n <= 40000 THEN 'pending' ELSE 'completed' END, n, n, n, \
                          CASE WHEN n > 40000 THEN n END, CASE WHEN n % 30 = 0 THEN n END \
-                     FROM generate_series(1, 60000) AS n; \
-                     ANALYZE jobs",
+                     FROM generate_series(1, 60000) AS n",
                 )
                 .await
                 .unwrap();
+            let fresh = generic_session(&url).await;
+            for (session, made) in [(&stale, "on the empty table"), (&fresh, "on 60,000 jobs, not analyzed")] {
+                for (name, _, _) in generic_statements() {
+                    let (rows, plan) = rows_read(session, &format!("EXECUTE {name}"), &[]).await;
+                    assert!(rows <= 200, "generic {name} (planned {made}) read {rows} rows:\n{plan}");
+                }
+            }
+            client.batch_execute("ANALYZE jobs").await.unwrap();
             let now = 1_000_000i64;
             // A batch of 16 claimers.
             let workers: Vec<&str> = vec!["w"; 16];

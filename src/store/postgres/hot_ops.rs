@@ -566,11 +566,10 @@ async fn judge_and_write(
     Ok(done)
 }
 
-async fn write_results(
-    conn: &mut Conn,
-    writes: &[ResultWrite],
-) -> Result<Vec<tokio_postgres::Row>, StoreError> {
-    let sql = format!(
+/// The results statement: per result (arrays `$1`-`$18`) the job, the state it expects
+/// and the state it leaves; per history row (`$19`-`$23`) the result it belongs to.
+pub(super) fn results_sql() -> String {
+    format!(
         "WITH r AS (SELECT * FROM unnest($1::int8[], $2::text[], $3::text[], $4::bool[], $5::text[], $6::int4[], \
                  $7::text[], $8::int4[], $9::int8[], $10::int8[], $11::int8[], $12::int8[], $13::bool[], $14::text[], \
                  $15::text[], $16::float8[], $17::text[], $18::text[]) \
@@ -601,7 +600,14 @@ async fn write_results(
                SELECT u.id, u.r_handoff, {HANDOFF_PAYLOAD}, u.r_at FROM u \
                WHERE u.r_handoff IS NOT NULL ORDER BY u.r_request) \
          SELECT {JOB_COLUMNS}, r_request FROM u"
-    );
+    )
+}
+
+async fn write_results(
+    conn: &mut Conn,
+    writes: &[ResultWrite],
+) -> Result<Vec<tokio_postgres::Row>, StoreError> {
+    let sql = results_sql();
     let column = |f: fn(&ResultWrite) -> Option<&str>| -> Vec<Option<&str>> {
         writes.iter().map(f).collect()
     };
