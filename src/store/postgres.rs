@@ -1621,7 +1621,8 @@ mod tests {
             .await
             .unwrap();
         let url = format!("{}/{name}", admin_url().rsplit_once('/').unwrap().0);
-        let checked = async {
+        // On its own task, so that a failed check still drops the database below.
+        let checked = tokio::spawn(async move {
             PostgresStore::migrate(&PostgresOptions::new(url.clone()))
                 .await
                 .unwrap();
@@ -1694,12 +1695,14 @@ mod tests {
                 let (rows, plan) = rows_read(&client, &sql, &params).await;
                 assert!(rows <= 200, "{what} read {rows} rows:\n{plan}");
             }
-        }
+        })
         .await;
         admin
             .batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)"))
             .await
             .unwrap();
-        checked
+        if let Err(failed) = checked {
+            std::panic::resume_unwind(failed.into_panic());
+        }
     }
 }
