@@ -392,6 +392,57 @@ pub async fn concurrent_creates_claims_and_results_each_get_their_own_answer(s: 
     assert_eq!(stats.content_type_counts["video"], 10);
 }
 
+/// A create that cannot be stored (its id is taken) fails alone: the creates sent at the
+/// same moment (on PostgreSQL, in the same batch) are stored all the same.
+pub async fn a_failing_create_does_not_fail_its_neighbours(s: TestStore) {
+    let store = s.store.clone();
+    let taken = JobId::new_random();
+    let creates = (0..20).map(|i| {
+        let store = store.clone();
+        let id = if i % 10 == 0 {
+            taken
+        } else {
+            JobId::new_random()
+        };
+        tokio::spawn(async move {
+            let created = store
+                .create_job(CreateJobParams {
+                    id,
+                    content_type: ct("audio"),
+                    source_file_path: "/data/files/source.bin".into(),
+                    task_options: json!({}),
+                    ingestion_task_id: format!("ingest-{i}"),
+                    pending_deadline: None,
+                    now: at(i),
+                })
+                .await;
+            (id, created)
+        })
+    });
+    let mut stored = 0;
+    let mut refused = 0;
+    for create in creates.collect::<Vec<_>>() {
+        let (id, created) = create.await.unwrap();
+        match created {
+            Ok(job) => {
+                assert_eq!(job.id, id);
+                stored += 1;
+            }
+            Err(_) => {
+                assert_eq!(id, taken, "only a create with the taken id may fail");
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!(
+        (stored, refused),
+        (19, 1),
+        "one of the two with the same id is refused"
+    );
+    let stats = store.statistics(at(30)).await.unwrap();
+    assert_eq!(stats.total_jobs, 19);
+}
+
 pub async fn heartbeats_extend_the_attempt_and_fence_stale_leases(s: TestStore) {
     let store = &*s.store;
     let id = create(store, "image", at(0)).await;
@@ -1199,6 +1250,7 @@ conformance!(
     claims_take_the_oldest_due_job_of_the_requested_types,
     a_job_is_claimed_once_however_many_claim_at_once,
     concurrent_creates_claims_and_results_each_get_their_own_answer,
+    a_failing_create_does_not_fail_its_neighbours,
     heartbeats_extend_the_attempt_and_fence_stale_leases,
     results_complete_once_and_stale_leases_change_nothing,
     failures_retry_with_backoff_until_exhausted,
