@@ -139,7 +139,8 @@ async fn create_all(conn: &mut Conn, requests: Vec<CreateJobParams>) -> Answers<
 pub(super) fn claim_sql(any_type: bool) -> String {
     let candidate = if any_type {
         // Any type: the first entries of the `jobs_queue` index that nobody holds.
-        "SELECT j.seq AS c_seq, j.status AS c_previous, j.available_at AS c_available FROM jobs j \
+        "SELECT j.seq AS c_seq, j.status AS c_previous, j.available_at AS c_available, j.content_type AS c_type \
+         FROM jobs j \
          WHERE j.status IN ('pending', 'retrying') AND j.available_at <= $1::int8 \
          ORDER BY j.available_at, j.seq \
          LIMIT $7::int8 \
@@ -151,7 +152,7 @@ pub(super) fn claim_sql(any_type: bool) -> String {
         // due job of those types on each claim. Only when more than 64 other claimers
         // hold a type's oldest jobs at once can a claim come back empty early; the poller
         // then waits for the next wake-up like any empty poll.
-        "SELECT j.seq AS c_seq, j.status AS c_previous, j.available_at AS c_available \
+        "SELECT j.seq AS c_seq, j.status AS c_previous, j.available_at AS c_available, j.content_type AS c_type \
          FROM unnest($4::text[]) AS t(name) \
          CROSS JOIN LATERAL ( \
              SELECT q.seq, q.available_at FROM jobs q \
@@ -164,18 +165,17 @@ pub(super) fn claim_sql(any_type: bool) -> String {
          FOR UPDATE OF j SKIP LOCKED"
     };
     // A fresh attempt has no heartbeat deadline yet, so the monitor's next look
-    // (`AttemptDeadlines::next`) is the execution deadline.
-    let deadline =
-        "COALESCE((SELECT d.deadline FROM unnest($4::text[], $5::int8[]) AS d(name, deadline) \
-                    WHERE d.name = jobs.content_type), $6::int8)";
+    // (`AttemptDeadlines::next`) is the execution deadline: `c_deadline` sets both.
     format!(
         "WITH c AS ( \
-             SELECT c_seq, c_previous, row_number() OVER (ORDER BY c_available, c_seq) AS c_rank \
+             SELECT c_seq, c_previous, row_number() OVER (ORDER BY c_available, c_seq) AS c_rank, \
+                 COALESCE((SELECT d.deadline FROM unnest($4::text[], $5::int8[]) AS d(name, deadline) \
+                           WHERE d.name = picked.c_type), $6::int8) AS c_deadline \
              FROM ({candidate}) AS picked), \
          u AS ( \
              UPDATE jobs SET status = 'processing', worker_id = ($2::text[])[c.c_rank], lease_id = ($3::text[])[c.c_rank], attempt = attempt + 1, \
-                 started_at = $1::int8, updated_at = $1::int8, execution_deadline = {deadline}, \
-                 heartbeat_deadline = NULL, last_heartbeat_at = NULL, deadline_at = {deadline}, \
+                 started_at = $1::int8, updated_at = $1::int8, execution_deadline = c.c_deadline, \
+                 heartbeat_deadline = NULL, last_heartbeat_at = NULL, deadline_at = c.c_deadline, \
                  result_received_at = NULL, progress = NULL, progress_message = NULL \
              FROM c \
              WHERE jobs.seq = c.c_seq AND jobs.status = c.c_previous \
