@@ -671,27 +671,32 @@ struct Current {
     execution_deadline: Option<i64>,
 }
 
+/// The columns `Current` is read from, in `current_from_row`'s order.
+const CURRENT_COLUMNS: &str =
+    "seq, status, lease_id, retry_count, result_received_at IS NOT NULL, execution_deadline";
+
+/// Reads a `Current` from `CURRENT_COLUMNS` starting at column `first`.
+fn current_from_row(row: &Row, first: usize) -> Result<Current, StoreError> {
+    Ok(Current {
+        seq: get(row, first)?,
+        status: parse_status(get(row, first + 1)?)?,
+        lease_id: get(row, first + 2)?,
+        retry_count: get(row, first + 3)?,
+        result_received: get(row, first + 4)?,
+        execution_deadline: get(row, first + 5)?,
+    })
+}
+
 async fn current_state(conn: &mut Conn, id: JobId) -> Result<Current, StoreError> {
-    let statement = conn
-        .statement(
-            "SELECT seq, status, lease_id, retry_count, result_received_at IS NOT NULL, execution_deadline \
-             FROM jobs WHERE id = $1",
-        )
-        .await?;
+    let sql = format!("SELECT {CURRENT_COLUMNS} FROM jobs WHERE id = $1");
+    let statement = conn.statement(&sql).await?;
     let row = conn
         .client
         .query_opt(&statement, &[&id.to_string()])
         .await
         .map_err(pg_error)?
         .ok_or(StoreError::NotFound)?;
-    Ok(Current {
-        seq: get(&row, 0)?,
-        status: parse_status(get(&row, 1)?)?,
-        lease_id: get(&row, 2)?,
-        retry_count: get(&row, 3)?,
-        result_received: get(&row, 4)?,
-        execution_deadline: get(&row, 5)?,
-    })
+    current_from_row(&row, 0)
 }
 
 /// A conditional update matched nothing: someone moved the job after we read it. The

@@ -9,8 +9,8 @@ use tokio_postgres::types::ToSql;
 use super::batcher::BatchOp;
 use super::pool::Conn;
 use super::{
-    conflict, get, job_from_row, parse_status, pg_error, retry_reason, Current, Step,
-    HANDOFF_PAYLOAD, JOB_COLUMNS,
+    conflict, current_from_row, get, job_from_row, pg_error, retry_reason, Current, Step,
+    CURRENT_COLUMNS, HANDOFF_PAYLOAD, JOB_COLUMNS,
 };
 use crate::domain::{
     Actor, AfterFailure, ContentType, HandoffKind, Job, JobStatus, LeaseId, ResultTiming,
@@ -505,12 +505,8 @@ async fn judge_and_write(
         .iter()
         .map(|&i| requests[i].job_id.to_string())
         .collect();
-    let statement = conn
-        .statement(
-            "SELECT id, seq, status, lease_id, retry_count, result_received_at IS NOT NULL, execution_deadline \
-             FROM jobs WHERE id = ANY($1::text[])",
-        )
-        .await?;
+    let sql = format!("SELECT id, {CURRENT_COLUMNS} FROM jobs WHERE id = ANY($1::text[])");
+    let statement = conn.statement(&sql).await?;
     let rows = conn
         .client
         .query(&statement, &[&ids])
@@ -518,17 +514,7 @@ async fn judge_and_write(
         .map_err(pg_error)?;
     let mut states: HashMap<String, Current> = HashMap::with_capacity(rows.len());
     for row in &rows {
-        states.insert(
-            get(row, 0)?,
-            Current {
-                seq: get(row, 1)?,
-                status: parse_status(get(row, 2)?)?,
-                lease_id: get(row, 3)?,
-                retry_count: get(row, 4)?,
-                result_received: get(row, 5)?,
-                execution_deadline: get(row, 6)?,
-            },
-        );
+        states.insert(get(row, 0)?, current_from_row(row, 1)?);
     }
 
     // `request` in a write is its position in `which`.
