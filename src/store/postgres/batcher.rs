@@ -37,10 +37,11 @@ pub(super) trait BatchOp: Send + Sync + 'static {
     type Response: Send + 'static;
 
     /// Runs `requests` (at least one) and answers each, in order. An `Err` for the whole
-    /// batch means nothing was written.
+    /// batch means nothing was written. (Shared, not owned: a failed batch is rerun one
+    /// request at a time, and results can be large.)
     fn run<'c>(
         conn: &'c mut Conn,
-        requests: Vec<Self::Request>,
+        requests: Arc<Vec<Self::Request>>,
     ) -> StoreFuture<'c, Vec<Result<Self::Response, StoreError>>>;
 }
 
@@ -128,6 +129,7 @@ async fn dispatch<Op: BatchOp>(
 
 async fn run_batch<Op: BatchOp>(pool: &Pool, timeout: Duration, batch: Vec<Queued<Op>>) {
     let (requests, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+    let requests = Arc::new(requests);
     let started = std::time::Instant::now();
     let together = run_pooled(pool, timeout, |conn| Op::run(conn, requests.clone())).await;
     tracing::trace!(
@@ -155,8 +157,9 @@ async fn run_batch<Op: BatchOp>(pool: &Pool, timeout: Duration, batch: Vec<Queue
         }
         Err(error) => {
             tracing::warn!(%error, size = requests.len(), "a batch failed; running its requests one by one");
-            for (request, reply) in requests.into_iter().zip(replies) {
-                let alone = run_pooled(pool, timeout, |conn| Op::run(conn, vec![request])).await;
+            for (request, reply) in requests.iter().zip(replies) {
+                let alone = Arc::new(vec![request.clone()]);
+                let alone = run_pooled(pool, timeout, |conn| Op::run(conn, alone)).await;
                 let answer = alone.and_then(|mut answers| {
                     answers.pop().unwrap_or_else(|| {
                         Err(StoreError::Internal("a batch gave no answer".into()))

@@ -3,6 +3,7 @@
 //! A batch of one is the single-request case: there is no other code path for these.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use tokio_postgres::types::ToSql;
 
@@ -30,7 +31,7 @@ impl BatchOp for Creates {
 
     fn run<'c>(
         conn: &'c mut Conn,
-        requests: Vec<CreateJobParams>,
+        requests: Arc<Vec<CreateJobParams>>,
     ) -> StoreFuture<'c, Vec<Result<Job, StoreError>>> {
         Box::pin(create_all(conn, requests))
     }
@@ -44,7 +45,7 @@ impl BatchOp for Claims {
 
     fn run<'c>(
         conn: &'c mut Conn,
-        requests: Vec<ClaimParams>,
+        requests: Arc<Vec<ClaimParams>>,
     ) -> StoreFuture<'c, Vec<Result<Option<Job>, StoreError>>> {
         Box::pin(claim_all(conn, requests))
     }
@@ -58,14 +59,14 @@ impl BatchOp for Results {
 
     fn run<'c>(
         conn: &'c mut Conn,
-        requests: Vec<SubmitResultParams>,
+        requests: Arc<Vec<SubmitResultParams>>,
     ) -> StoreFuture<'c, Vec<Result<Job, StoreError>>> {
         Box::pin(submit_all(conn, requests))
     }
 }
 
 /// Inserts every job with its `created` history row.
-async fn create_all(conn: &mut Conn, requests: Vec<CreateJobParams>) -> Answers<Job> {
+async fn create_all(conn: &mut Conn, requests: Arc<Vec<CreateJobParams>>) -> Answers<Job> {
     let sql = format!(
         "WITH input AS ( \
              SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int8[], $7::int8[]) \
@@ -189,7 +190,7 @@ pub(super) fn claim_sql(any_type: bool) -> String {
 }
 
 /// Claims for every request, one statement per set of wanted content types.
-async fn claim_all(conn: &mut Conn, requests: Vec<ClaimParams>) -> Answers<Option<Job>> {
+async fn claim_all(conn: &mut Conn, requests: Arc<Vec<ClaimParams>>) -> Answers<Option<Job>> {
     let mut groups: Vec<Vec<usize>> = Vec::new();
     for (i, request) in requests.iter().enumerate() {
         let same = groups.iter_mut().find(|group| {
@@ -455,7 +456,7 @@ fn plan_result(
 /// judged: their jobs' states are read, the domain judges each result, and all accepted
 /// ones are written in one conditional statement with their history and hand-off rows. A
 /// result whose job moved in between is answered with the state it is in now.
-async fn submit_all(conn: &mut Conn, requests: Vec<SubmitResultParams>) -> Answers<Job> {
+async fn submit_all(conn: &mut Conn, requests: Arc<Vec<SubmitResultParams>>) -> Answers<Job> {
     let mut answers: Vec<Option<Result<Job, StoreError>>> = requests.iter().map(|_| None).collect();
     let in_time: Vec<ResultWrite> = requests
         .iter()
