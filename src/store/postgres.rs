@@ -591,7 +591,6 @@ fn job_from_row(row: &Row) -> Result<Job, StoreError> {
 }
 
 /// One history row a transition writes.
-#[derive(Clone)]
 struct Step {
     from: Option<JobStatus>,
     to: JobStatus,

@@ -290,8 +290,8 @@ async fn claim_group(
 const JOB_COLUMN_COUNT: usize = 25;
 
 /// One result's planned write: the state it expects, the state it leaves, its history.
-#[derive(Clone)]
-struct ResultWrite {
+/// The result's text is borrowed from the request: results can be large.
+struct ResultWrite<'a> {
     request: i64,
     job_id: String,
     expected_status: JobStatus,
@@ -308,10 +308,10 @@ struct ResultWrite {
     completed_at: Option<i64>,
     at: i64,
     success: bool,
-    content: Option<String>,
+    content: Option<&'a str>,
     metadata: Option<String>,
     processing_time: Option<f64>,
-    error_message: Option<String>,
+    error_message: Option<&'a str>,
     handoff: Option<HandoffKind>,
     steps: Vec<Step>,
 }
@@ -323,7 +323,7 @@ fn success_write(
     p: &SubmitResultParams,
     previous: JobStatus,
     expected_lease: Option<Option<String>>,
-) -> ResultWrite {
+) -> ResultWrite<'_> {
     let AttemptOutcome::Success {
         content,
         metadata,
@@ -346,7 +346,7 @@ fn success_write(
         completed_at: Some(now),
         at: now,
         success: true,
-        content: Some(content.clone()),
+        content: Some(content),
         metadata: Some(metadata.to_string()),
         processing_time: *processing_time,
         error_message: None,
@@ -365,17 +365,17 @@ fn success_write(
 /// the presented lease is the attempt's or none was presented), so it applies only where
 /// the judged path would have applied the same write. Anything else is left unwritten and
 /// goes the judged way.
-fn in_time_success(request: i64, p: &SubmitResultParams) -> ResultWrite {
+fn in_time_success(request: i64, p: &SubmitResultParams) -> ResultWrite<'_> {
     let lease = p.lease_id.map(|lease| Some(lease.to_string()));
     success_write(request, p, JobStatus::Processing, lease)
 }
 
 /// Decides what `p` does to a job in state `current`, or why it is refused.
-fn plan_result(
+fn plan_result<'a>(
     request: i64,
     current: &Current,
-    p: &SubmitResultParams,
-) -> Result<ResultWrite, StoreError> {
+    p: &'a SubmitResultParams,
+) -> Result<ResultWrite<'a>, StoreError> {
     let success = matches!(p.outcome, AttemptOutcome::Success { .. });
     let timing = judge_stored_result(
         current.status,
@@ -442,7 +442,7 @@ fn plan_result(
                 content: None,
                 metadata: None,
                 processing_time: None,
-                error_message: Some(error_message.clone()),
+                error_message: Some(error_message),
                 handoff: HandoffKind::for_final_status(status),
                 steps,
             }
@@ -520,19 +520,23 @@ async fn judge_and_write(
 
     // `request` in a write is its position in `which`.
     let mut answers: Vec<Option<Result<Job, StoreError>>> = which.iter().map(|_| None).collect();
+    // Each planned write and the row it is for (for the conflict answer).
     let mut writes = Vec::with_capacity(which.len());
+    let mut seqs = Vec::with_capacity(which.len());
     for (k, id) in ids.iter().enumerate() {
         match states.get(id) {
             None => answers[k] = Some(Err(StoreError::NotFound)),
             Some(current) => match plan_result(k as i64, current, &requests[which[k]]) {
-                Ok(write) => writes.push((write, current.seq)),
+                Ok(write) => {
+                    writes.push(write);
+                    seqs.push(current.seq);
+                }
                 Err(refusal) => answers[k] = Some(Err(refusal)),
             },
         }
     }
     if !writes.is_empty() {
-        let planned: Vec<ResultWrite> = writes.iter().map(|(write, _)| write.clone()).collect();
-        for row in write_results(conn, &planned).await? {
+        for row in write_results(conn, &writes).await? {
             let k: i64 = get(&row, JOB_COLUMN_COUNT)?;
             answers[k as usize] = Some(job_from_row(&row));
         }
@@ -542,8 +546,8 @@ async fn judge_and_write(
         done.push(match answer {
             Some(answer) => answer,
             // Planned but not written: another request or replica moved the job first.
-            None => match writes.iter().find(|(w, _)| w.request == k as i64) {
-                Some((write, seq)) => Err(conflict(conn, *seq, write.expected_status).await),
+            None => match writes.iter().position(|w| w.request == k as i64) {
+                Some(at) => Err(conflict(conn, seqs[at], writes[at].expected_status).await),
                 None => Err(StoreError::Internal(
                     "a result was neither planned nor refused".into(),
                 )),
@@ -592,10 +596,10 @@ pub(super) fn results_sql() -> String {
 
 async fn write_results(
     conn: &mut Conn,
-    writes: &[ResultWrite],
+    writes: &[ResultWrite<'_>],
 ) -> Result<Vec<tokio_postgres::Row>, StoreError> {
     let sql = results_sql();
-    let column = |f: fn(&ResultWrite) -> Option<&str>| -> Vec<Option<&str>> {
+    let column = |f: for<'w> fn(&'w ResultWrite<'w>) -> Option<&'w str>| -> Vec<Option<&str>> {
         writes.iter().map(f).collect()
     };
     let requests: Vec<i64> = writes.iter().map(|w| w.request).collect();
@@ -612,10 +616,10 @@ async fn write_results(
     let completed_ats: Vec<Option<i64>> = writes.iter().map(|w| w.completed_at).collect();
     let ats: Vec<i64> = writes.iter().map(|w| w.at).collect();
     let successes: Vec<bool> = writes.iter().map(|w| w.success).collect();
-    let contents = column(|w| w.content.as_deref());
+    let contents = column(|w| w.content);
     let metadatas = column(|w| w.metadata.as_deref());
     let processing_times: Vec<Option<f64>> = writes.iter().map(|w| w.processing_time).collect();
-    let errors = column(|w| w.error_message.as_deref());
+    let errors = column(|w| w.error_message);
     let handoffs = column(|w| w.handoff.map(HandoffKind::as_str));
     let steps: Vec<(i64, &Step)> = writes
         .iter()
