@@ -3,7 +3,7 @@
 //! A batch of one is the single-request case: there is no other code path for these.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use tokio_postgres::types::ToSql;
 
@@ -65,9 +65,9 @@ impl BatchOp for Results {
     }
 }
 
-/// Inserts every job with its `created` history row.
-async fn create_all(conn: &mut Conn, requests: Arc<Vec<CreateJobParams>>) -> Answers<Job> {
-    let sql = format!(
+/// The create statement: per job (arrays `$1`-`$7`) its fields, `$8` the history actor.
+static CREATE_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
         "WITH input AS ( \
              SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int8[], $7::int8[]) \
              WITH ORDINALITY AS r(id, content_type, source_file_path, task_options, ingestion_task_id, at, deadline, ord)), \
@@ -79,7 +79,12 @@ async fn create_all(conn: &mut Conn, requests: Arc<Vec<CreateJobParams>>) -> Ans
          h AS (INSERT INTO job_history (job_seq, from_status, to_status, at, actor, reason) \
                SELECT seq, NULL, 'pending', created_at, $8::text, 'created' FROM u ORDER BY seq) \
          SELECT {JOB_COLUMNS} FROM u"
-    );
+    )
+});
+
+/// Inserts every job with its `created` history row.
+async fn create_all(conn: &mut Conn, requests: Arc<Vec<CreateJobParams>>) -> Answers<Job> {
+    let sql: &str = &CREATE_SQL;
     let ids: Vec<String> = requests.iter().map(|p| p.id.to_string()).collect();
     let types: Vec<&str> = requests.iter().map(|p| p.content_type.as_str()).collect();
     let sources: Vec<&str> = requests
@@ -99,7 +104,7 @@ async fn create_all(conn: &mut Conn, requests: Arc<Vec<CreateJobParams>>) -> Ans
         .iter()
         .map(|p| p.pending_deadline.map(|d| d.as_micros()))
         .collect();
-    let statement = conn.statement(&sql).await?;
+    let statement = conn.statement(sql).await?;
     let rows = conn
         .client
         .query(
@@ -189,6 +194,13 @@ pub(super) fn claim_sql(any_type: bool) -> String {
     )
 }
 
+// Built once: the batch statements are run for every batch.
+static CLAIM_ANY_SQL: LazyLock<String> = LazyLock::new(|| claim_sql(true));
+static CLAIM_SOME_SQL: LazyLock<String> = LazyLock::new(|| claim_sql(false));
+static RESULTS_SQL: LazyLock<String> = LazyLock::new(results_sql);
+static STATES_SQL: LazyLock<String> =
+    LazyLock::new(|| format!("SELECT id, {CURRENT_COLUMNS} FROM jobs WHERE id = ANY($1::text[])"));
+
 /// Claims for every request, one statement per set of wanted content types.
 async fn claim_all(conn: &mut Conn, requests: Arc<Vec<ClaimParams>>) -> Answers<Option<Job>> {
     let mut groups: Vec<Vec<usize>> = Vec::new();
@@ -257,8 +269,12 @@ async fn claim_group(
         .map(|_| LeaseId::new_random().to_string())
         .collect();
     let how_many = members.len() as i64;
-    let sql = claim_sql(first.content_types.is_empty());
-    let statement = conn.statement(&sql).await?;
+    let sql: &str = if first.content_types.is_empty() {
+        &CLAIM_ANY_SQL
+    } else {
+        &CLAIM_SOME_SQL
+    };
+    let statement = conn.statement(sql).await?;
     let rows = conn
         .client
         .query(
@@ -506,8 +522,8 @@ async fn judge_and_write(
         .iter()
         .map(|&i| requests[i].job_id.to_string())
         .collect();
-    let sql = format!("SELECT id, {CURRENT_COLUMNS} FROM jobs WHERE id = ANY($1::text[])");
-    let statement = conn.statement(&sql).await?;
+    let sql: &str = &STATES_SQL;
+    let statement = conn.statement(sql).await?;
     let rows = conn
         .client
         .query(&statement, &[&ids])
@@ -598,7 +614,7 @@ async fn write_results(
     conn: &mut Conn,
     writes: &[ResultWrite<'_>],
 ) -> Result<Vec<tokio_postgres::Row>, StoreError> {
-    let sql = results_sql();
+    let sql: &str = &RESULTS_SQL;
     let column = |f: for<'w> fn(&'w ResultWrite<'w>) -> Option<&'w str>| -> Vec<Option<&str>> {
         writes.iter().map(f).collect()
     };
@@ -658,7 +674,7 @@ async fn write_results(
         &step_actors,
         &step_reasons,
     ];
-    let statement = conn.statement(&sql).await?;
+    let statement = conn.statement(sql).await?;
     conn.client
         .query(&statement, &params)
         .await
