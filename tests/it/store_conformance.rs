@@ -1026,32 +1026,60 @@ pub async fn statistics_come_from_counters(s: TestStore) {
 
 pub async fn listing_filters_and_pages_newest_first(s: TestStore) {
     let store = &*s.store;
-    let mut audio = Vec::new();
+    let (mut audio, mut video, mut all) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..7 {
         audio.push(create(store, "audio", at(i)).await);
-        create(store, "video", at(i)).await;
+        all.push(*audio.last().unwrap());
+        video.push(create(store, "video", at(i)).await);
+        all.push(*video.last().unwrap());
     }
-    let mut seen = Vec::new();
-    let mut cursor = None;
-    loop {
-        let page = store
-            .list_jobs(ListParams {
-                content_type: Some(ct("audio")),
-                limit: 3,
-                cursor,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        seen.extend(page.jobs.iter().map(|j| j.id));
-        match page.next_cursor {
-            Some(next) => cursor = Some(next),
-            None => break,
+    // Every page of a filtered listing, followed through the cursors.
+    let list_all = |status: Option<JobStatus>, content_type: Option<&str>, limit: usize| {
+        let content_type = content_type.map(ct);
+        async move {
+            let mut seen = Vec::new();
+            let mut cursor = None;
+            loop {
+                let page = store
+                    .list_jobs(ListParams {
+                        status,
+                        content_type: content_type.clone(),
+                        limit,
+                        cursor,
+                    })
+                    .await
+                    .unwrap();
+                assert!(page.jobs.len() <= limit);
+                seen.extend(page.jobs.iter().map(|j| j.id));
+                match page.next_cursor {
+                    Some(next) => cursor = Some(next),
+                    None => break seen,
+                }
+            }
         }
-    }
+    };
     audio.reverse();
-    assert_eq!(seen, audio);
+    all.reverse();
+    assert_eq!(list_all(None, Some("audio"), 3).await, audio);
+    assert_eq!(
+        list_all(Some(Pending), None, 4).await,
+        all,
+        "both types, merged"
+    );
+    assert_eq!(list_all(None, None, 5).await, all);
     claim(store, &["video"], at(100)).await.unwrap();
+    video.reverse();
+    assert_eq!(
+        list_all(None, Some("video"), 2).await,
+        video,
+        "a type's jobs in any status, merged newest first"
+    );
+    let pending_video: Vec<JobId> = video[..6].to_vec();
+    assert_eq!(
+        list_all(Some(Pending), Some("video"), 4).await,
+        pending_video,
+        "the oldest video job was claimed"
+    );
     let processing = store
         .list_jobs(ListParams {
             status: Some(Processing),

@@ -152,24 +152,29 @@ pub(super) fn claim_sql(any_type: bool) -> String {
          LIMIT $7::int8 \
          FOR UPDATE OF j SKIP LOCKED"
     } else {
-        // Some types (the lookup table's names are exactly those): the first entries of
-        // each type's range of `jobs_queue_by_type`, merged, and the oldest ones nobody
-        // holds locked. `content_type = ANY(...)` over the whole index would sort every
-        // due job of those types on each claim. Only when more than 64 other claimers
-        // hold a type's oldest jobs at once can a claim come back empty early; the poller
-        // then waits for the next wake-up like any empty poll.
-        "SELECT j.seq AS c_seq, j.status AS c_previous, j.available_at AS c_available, j.content_type AS c_type \
+        // Some types (the lookup table's names are exactly those, without repeats): per
+        // type, the first entries of its range of `jobs_queue_by_type` that nobody holds,
+        // locked right there; then the oldest of those over all the types. Locking inside
+        // the per-type scan keeps the statement free of any join back to `jobs`, whose
+        // order a plan made once (on a then empty table) could get backwards, and lets
+        // the scan step over jobs other claimers hold however many they are. With several
+        // types it locks up to that many jobs per type and claims only the oldest ones:
+        // the others are unlocked again when the statement commits, a few milliseconds on.
+        "SELECT candidate.seq AS c_seq, candidate.status AS c_previous, candidate.available_at AS c_available, t.name AS c_type \
          FROM unnest($4::text[]) AS t(name) \
          CROSS JOIN LATERAL ( \
-             SELECT q.seq, q.available_at FROM jobs q \
+             SELECT q.seq, q.status, q.available_at FROM jobs q \
              WHERE q.status IN ('pending', 'retrying') AND q.content_type = t.name AND q.available_at <= $1::int8 \
-             ORDER BY q.available_at, q.seq LIMIT $7::int8 + 64) AS candidate \
-         JOIN jobs j ON j.seq = candidate.seq \
-         WHERE j.status IN ('pending', 'retrying') AND j.available_at <= $1::int8 \
+             ORDER BY q.available_at, q.seq LIMIT $7::int8 \
+             FOR UPDATE OF q SKIP LOCKED) AS candidate \
          ORDER BY candidate.available_at, candidate.seq \
-         LIMIT $7::int8 \
-         FOR UPDATE OF j SKIP LOCKED"
+         LIMIT $7::int8"
     };
+    // The update needs no condition on the status again: the picked jobs are locked,
+    // and `FOR UPDATE` rechecked their conditions on the newest version of each, so
+    // nothing can have moved them since. (Repeating `status = c_previous` also gave a
+    // plan made on an empty table a reason to find the jobs through `jobs_by_status`,
+    // reading every pending entry for each claim.)
     // A fresh attempt has no heartbeat deadline yet, so the monitor's next look
     // (`AttemptDeadlines::next`) is the execution deadline: `c_deadline` sets both.
     format!(
@@ -184,7 +189,7 @@ pub(super) fn claim_sql(any_type: bool) -> String {
                  heartbeat_deadline = NULL, last_heartbeat_at = NULL, deadline_at = c.c_deadline, \
                  result_received_at = NULL, progress = NULL, progress_message = NULL \
              FROM c \
-             WHERE jobs.seq = c.c_seq AND jobs.status = c.c_previous \
+             WHERE jobs.seq = c.c_seq \
              RETURNING jobs.*, c.c_previous, c.c_rank), \
          h AS (INSERT INTO job_history (job_seq, from_status, to_status, at, actor, reason) \
                SELECT seq, c_previous, 'processing', $1::int8, 'worker', \
@@ -246,7 +251,7 @@ async fn claim_group(
     let now = members.iter().map(|p| p.now).max().unwrap_or(first.now);
     // The execution deadline depends on the content type of the job that is picked, so
     // the policy's deadline for every type that can be picked goes in as a lookup table.
-    let known: Vec<ContentType> = if first.content_types.is_empty() {
+    let mut known: Vec<ContentType> = if first.content_types.is_empty() {
         first
             .timeouts
             .execution_by_type
@@ -256,6 +261,10 @@ async fn claim_group(
     } else {
         first.content_types.clone()
     };
+    // A type named twice would be scanned twice, and this statement's own locks do not
+    // make it skip the jobs it already picked.
+    known.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    known.dedup();
     let names: Vec<&str> = known.iter().map(ContentType::as_str).collect();
     let deadlines: Vec<i64> = known
         .iter()

@@ -1,0 +1,20 @@
+-- One listing index, led by the content type, instead of two led by the status and by the
+-- type.
+--
+-- 1. No index on `jobs` may lead with the status any more (partial ones aside). The
+--    batched statements find their jobs by key and repeat the expected status as a
+--    compare-and-set condition; they plan once, on whatever `jobs` holds when a
+--    connection opens. A plan made on an empty table found jobs through
+--    `jobs_by_status (status, content_type, seq)`, matching the status and the key while
+--    skipping the type: it read every entry of that status for each job.
+-- 2. Every new row version is entered in every full index, and each job has at least
+--    three versions: one full index fewer is three index inserts fewer per job.
+--
+-- Listing reads `(content_type, status, seq)`: by type and status directly; by type as
+-- one range per status, merged; by status as one range per type (the types are found by
+-- skipping through the index, one descent per type), merged. See `list` in
+-- src/store/postgres.rs.
+
+DROP INDEX jobs_by_status;
+DROP INDEX jobs_by_type;
+CREATE INDEX jobs_by_type_status ON jobs (content_type, status, seq);
