@@ -1631,11 +1631,13 @@ mod tests {
     /// say): such a node still returns one row per loop.
     fn generic_statements() -> Vec<(String, String, &'static str, &'static [&'static str])> {
         let results = "(int8[], text[], text[], bool[], text[], int4[], text[], int4[], int8[], int8[], int8[], \
-            int8[], bool[], text[], text[], float8[], text[], text[], int8[], text[], text[], text[], text[])";
+            int8[], bool[], text[], text[], float8[], text[], text[], text[], text[], text[], text[], \
+            text[], text[], text[], text[])";
         let two_results = "('{0,1}', '{x1,x2}', '{processing,processing}', '{t,t}', '{NULL,NULL}', '{NULL,NULL}', \
             '{completed,completed}', '{NULL,NULL}', '{NULL,NULL}', '{NULL,NULL}', '{5,5}', '{5,5}', '{t,t}', \
-            '{a,b}', '{x,y}', '{NULL,NULL}', '{NULL,NULL}', '{completed,completed}', '{0,1}', \
-            '{processing,processing}', '{completed,completed}', '{worker,worker}', '{ok,ok}')";
+            '{a,b}', '{x,y}', '{NULL,NULL}', '{NULL,NULL}', '{completed,completed}', \
+            '{processing,processing}', '{completed,completed}', '{worker,worker}', '{ok,ok}', \
+            '{NULL,NULL}', '{NULL,NULL}', '{NULL,NULL}', '{NULL,NULL}')";
         // 16 claimers: of one type, of two, of any type (with two types' own timeouts).
         let claims = "(int8, text[], text[], text[], int8[], int8, int8)";
         let claimers = |types: &str, deadlines: &str| {

@@ -582,16 +582,20 @@ async fn judge_and_write(
     Ok(done)
 }
 
-/// The results statement: per result (arrays `$1`-`$18`) the job, the state it expects
-/// and the state it leaves; per history row (`$19`-`$23`) the result it belongs to.
+/// The results statement: per result (arrays `$1`-`$26`) the job, the state it expects,
+/// the state it leaves, and its one or two history rows (`$19`-`$22` the first, `$23`-`$26`
+/// the second or NULLs). The history rows travel with their result rather than in arrays
+/// of their own: matching them up would be a join, and with only nested loops allowed
+/// (`Plans::GenericByKey`) every result would be compared with every history row.
 pub(super) fn results_sql() -> String {
     format!(
         "WITH r AS (SELECT * FROM unnest($1::int8[], $2::text[], $3::text[], $4::bool[], $5::text[], $6::int4[], \
                  $7::text[], $8::int4[], $9::int8[], $10::int8[], $11::int8[], $12::int8[], $13::bool[], $14::text[], \
-                 $15::text[], $16::float8[], $17::text[], $18::text[]) \
+                 $15::text[], $16::float8[], $17::text[], $18::text[], \
+                 $19::text[], $20::text[], $21::text[], $22::text[], $23::text[], $24::text[], $25::text[], $26::text[]) \
              AS r(request, id, expected_status, any_lease, expected_lease, expected_retry_count, new_status, \
                   new_retry_count, new_available_at, new_deadline_at, new_completed_at, at, success, content, metadata, \
-                  took, error, handoff)), \
+                  took, error, handoff, from1, to1, actor1, reason1, from2, to2, actor2, reason2)), \
          u AS ( \
              UPDATE jobs SET status = r.new_status, retry_count = COALESCE(r.new_retry_count, jobs.retry_count), \
                  available_at = COALESCE(r.new_available_at, jobs.available_at), deadline_at = r.new_deadline_at, \
@@ -605,13 +609,15 @@ pub(super) fn results_sql() -> String {
                AND (r.any_lease OR jobs.lease_id IS NOT DISTINCT FROM r.expected_lease) \
                AND jobs.result_received_at IS NULL \
                AND (r.expected_retry_count IS NULL OR jobs.retry_count = r.expected_retry_count) \
-             RETURNING jobs.*, r.request AS r_request, r.handoff AS r_handoff, r.at AS r_at), \
+             RETURNING jobs.*, r.request AS r_request, r.handoff AS r_handoff, r.at AS r_at, \
+                 r.from1, r.to1, r.actor1, r.reason1, r.from2, r.to2, r.actor2, r.reason2), \
          h AS (INSERT INTO job_history (job_seq, from_status, to_status, at, actor, reason) \
                SELECT u.seq, s.from_status, s.to_status, u.r_at, s.actor, s.reason \
-               FROM u JOIN unnest($19::int8[], $20::text[], $21::text[], $22::text[], $23::text[]) \
-                   WITH ORDINALITY AS s(request, from_status, to_status, actor, reason, ord) \
-                   ON s.request = u.r_request \
-               ORDER BY s.ord), \
+               FROM u CROSS JOIN LATERAL (VALUES (1, u.from1, u.to1, u.actor1, u.reason1), \
+                                                 (2, u.from2, u.to2, u.actor2, u.reason2)) \
+                   AS s(n, from_status, to_status, actor, reason) \
+               WHERE s.to_status IS NOT NULL \
+               ORDER BY u.r_request, s.n), \
          o AS (INSERT INTO handoffs (job_id, kind, payload, created_at) \
                SELECT u.id, u.r_handoff, {HANDOFF_PAYLOAD}, u.r_at FROM u \
                WHERE u.r_handoff IS NOT NULL ORDER BY u.r_request) \
@@ -646,19 +652,29 @@ async fn write_results(
     let processing_times: Vec<Option<f64>> = writes.iter().map(|w| w.processing_time).collect();
     let errors = column(|w| w.error_message);
     let handoffs = column(|w| w.handoff.map(HandoffKind::as_str));
-    let steps: Vec<(i64, &Step)> = writes
+    if writes
         .iter()
-        .flat_map(|w| w.steps.iter().map(move |s| (w.request, s)))
-        .collect();
-    let step_requests: Vec<i64> = steps.iter().map(|(r, _)| *r).collect();
-    let step_froms: Vec<Option<&str>> = steps
-        .iter()
-        .map(|(_, s)| s.from.map(JobStatus::as_str))
-        .collect();
-    let step_tos: Vec<&str> = steps.iter().map(|(_, s)| s.to.as_str()).collect();
-    let step_actors: Vec<&str> = steps.iter().map(|(_, s)| s.actor.as_str()).collect();
-    let step_reasons: Vec<&str> = steps.iter().map(|(_, s)| s.reason.as_str()).collect();
-    let params: [&(dyn ToSql + Sync); 23] = [
+        .any(|w| w.steps.is_empty() || w.steps.len() > 2)
+    {
+        return Err(StoreError::Internal(
+            "a result writes one or two history rows".into(),
+        ));
+    }
+    // The result's `slot`th history row (0 or 1), or NULLs.
+    let step_column = |slot: usize, f: fn(&Step) -> Option<&str>| -> Vec<Option<&str>> {
+        writes
+            .iter()
+            .map(|w| w.steps.get(slot).and_then(f))
+            .collect()
+    };
+    let froms: [Vec<Option<&str>>; 2] =
+        [0, 1].map(|slot| step_column(slot, |s| s.from.map(JobStatus::as_str)));
+    let tos: [Vec<Option<&str>>; 2] = [0, 1].map(|slot| step_column(slot, |s| Some(s.to.as_str())));
+    let actors: [Vec<Option<&str>>; 2] =
+        [0, 1].map(|slot| step_column(slot, |s| Some(s.actor.as_str())));
+    let reasons: [Vec<Option<&str>>; 2] =
+        [0, 1].map(|slot| step_column(slot, |s| Some(s.reason.as_str())));
+    let params: [&(dyn ToSql + Sync); 26] = [
         &requests,
         &ids,
         &expected_statuses,
@@ -677,11 +693,14 @@ async fn write_results(
         &processing_times,
         &errors,
         &handoffs,
-        &step_requests,
-        &step_froms,
-        &step_tos,
-        &step_actors,
-        &step_reasons,
+        &froms[0],
+        &tos[0],
+        &actors[0],
+        &reasons[0],
+        &froms[1],
+        &tos[1],
+        &actors[1],
+        &reasons[1],
     ];
     let statement = conn.statement(sql).await?;
     conn.client
