@@ -87,7 +87,7 @@ impl PostgresOptions {
     fn driver_config(
         &self,
         statement_timeout: Duration,
-        plans: Plans,
+        session: Session,
     ) -> Result<tokio_postgres::Config, StoreError> {
         let mut config: tokio_postgres::Config = self
             .url
@@ -103,7 +103,7 @@ impl PostgresOptions {
         // open by a vanished client must not hold row locks for long either.
         let ours = format!(
             "{} -c statement_timeout={} -c lock_timeout={} -c idle_in_transaction_session_timeout={}",
-            plans.settings(),
+            session.settings(),
             statement_timeout.as_millis(),
             self.statement_timeout.as_millis(),
             (self.statement_timeout * 4).as_millis()
@@ -117,7 +117,8 @@ impl PostgresOptions {
     }
 }
 
-/// How a connection's prepared statements are planned.
+/// What a connection is for: how its prepared statements are planned and, on the batch
+/// connections, who appends the statistics deltas.
 ///
 /// Left to itself, PostgreSQL switches a prepared statement to a generic plan once that
 /// looks no worse than the custom ones and keeps it until the table's statistics change.
@@ -125,10 +126,12 @@ impl PostgresOptions {
 /// whole table, and it stayed cached while a benchmark run grew the table (result batches
 /// took 40-60 ms instead of 4).
 #[derive(Clone, Copy, Debug)]
-enum Plans {
+enum Session {
     /// Planned at every execution, with its parameters: everything but the batched
     /// creates, claims and results, which run often enough for planning to matter.
-    Custom,
+    General,
+    /// The batch connections (`batcher.rs`), which run only the statements of `hot_ops.rs`.
+    ///
     /// Planned once per connection, with only the plan shapes the batched statements are
     /// meant to have: index scans joined by nested loops (sequential and bitmap scans,
     /// hash and merge joins disabled). Creates and results touch jobs only by key; claims
@@ -139,16 +142,20 @@ enum Plans {
     /// of 1.35, a result 1.12 instead of 2.02, and a claim batch's planning was 0.6 ms.
     /// (An earlier claim that joined its candidates back to `jobs` got, from a plan made
     /// on an empty table, a loop over the whole queue: 2.6 million rows compared.)
-    GenericByKey,
+    ///
+    /// Those statements also append their own statistics deltas (`morag.writes_own_deltas`,
+    /// which the statistics triggers' `WHEN` clause reads, migration 0003): the triggers
+    /// cost a PL/pgSQL call and a nested statement per batch, 14 % of PostgreSQL's CPU.
+    Batch,
 }
 
-impl Plans {
+impl Session {
     fn settings(self) -> &'static str {
         match self {
-            Plans::Custom => "-c plan_cache_mode=force_custom_plan",
-            Plans::GenericByKey => {
+            Session::General => "-c plan_cache_mode=force_custom_plan",
+            Session::Batch => {
                 "-c plan_cache_mode=force_generic_plan -c enable_seqscan=off -c enable_bitmapscan=off \
-                 -c enable_hashjoin=off -c enable_mergejoin=off"
+                 -c enable_hashjoin=off -c enable_mergejoin=off -c morag.writes_own_deltas=on"
             }
         }
     }
@@ -180,8 +187,8 @@ impl PostgresStore {
     /// Connects, runs pending migrations, and starts listening for wake-ups.
     pub async fn open(options: PostgresOptions) -> Result<PostgresStore, StoreError> {
         Self::migrate(&options).await?;
-        let config = options.driver_config(options.statement_timeout, Plans::Custom)?;
-        let by_key = options.driver_config(options.statement_timeout, Plans::GenericByKey)?;
+        let config = options.driver_config(options.statement_timeout, Session::General)?;
+        let by_key = options.driver_config(options.statement_timeout, Session::Batch)?;
         let pool = Arc::new(Pool::new(
             config.clone(),
             options.max_connections,
@@ -221,7 +228,7 @@ impl PostgresStore {
     /// Applies pending migrations (and only that). Refuses a schema newer than this program.
     pub async fn migrate(options: &PostgresOptions) -> Result<MigrationReport, StoreError> {
         // Migrations may take longer than a request should.
-        let config = options.driver_config(Duration::ZERO, Plans::Custom)?;
+        let config = options.driver_config(Duration::ZERO, Session::General)?;
         let mut conn = pool::connect(&config).await?;
         let client = &mut conn.client;
         client
@@ -1678,7 +1685,7 @@ mod tests {
 
     async fn generic_session(url: &str) -> tokio_postgres::Client {
         let session = connect(url).await;
-        let settings = Plans::GenericByKey
+        let settings = Session::Batch
             .settings()
             .split("-c")
             .map(str::trim)
@@ -1713,7 +1720,7 @@ mod tests {
                 .await
                 .unwrap();
             let client = connect(&url).await;
-            // The batch connections plan each hot statement once (`Plans::GenericByKey`):
+            // The batch connections plan each hot statement once (`Session::Batch`):
             // one session makes its plans now, on the empty table of a fresh database,
             // and keeps them while the table fills, as a new server's connections would.
             let stale = generic_session(&url).await;

@@ -65,6 +65,37 @@ impl BatchOp for Results {
     }
 }
 
+/// The statistics deltas of the jobs a batch inserted (CTE `u`), computed as the
+/// `jobs_count_inserts` trigger computes them: the batch connections write their own
+/// (`Session::Batch`), and the triggers stand aside for them (migration 0003).
+const INSERTED_DELTAS: &str = "d AS (INSERT INTO counter_deltas (counter, status, content_type, minute, n) \
+         SELECT 'status', status, content_type, 0, count(*) FROM u GROUP BY status, content_type \
+         UNION ALL \
+         SELECT 'created', '', '', created_at / 60000000, count(*) FROM u GROUP BY created_at / 60000000)";
+
+/// The statistics deltas of the jobs a batch updated (CTE `u`, holding the new rows and,
+/// in column `old_status`, each job's status before), computed as the
+/// `jobs_count_updates` trigger computes them (see `INSERTED_DELTAS`).
+fn updated_deltas(old_status: &str) -> String {
+    format!(
+        "d AS (INSERT INTO counter_deltas (counter, status, content_type, n, total_micros) \
+             WITH moved AS ( \
+                 SELECT {old_status} AS old_status, status AS new_status, content_type, started_at, completed_at \
+                 FROM u WHERE status <> {old_status}) \
+             SELECT 'status', status, content_type, sum(change), 0 \
+             FROM (SELECT old_status AS status, content_type, -1 AS change FROM moved \
+                   UNION ALL \
+                   SELECT new_status, content_type, 1 FROM moved) AS changes \
+             GROUP BY status, content_type \
+             HAVING sum(change) <> 0 \
+             UNION ALL \
+             SELECT 'processing', '', content_type, count(*), sum(completed_at - started_at) \
+             FROM moved \
+             WHERE new_status = 'completed' AND started_at IS NOT NULL \
+             GROUP BY content_type)"
+    )
+}
+
 /// The create statement: per job (arrays `$1`-`$7`) its fields, `$8` the history actor.
 static CREATE_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
@@ -77,7 +108,8 @@ static CREATE_SQL: LazyLock<String> = LazyLock::new(|| {
                FROM input ORDER BY ord \
                RETURNING *), \
          h AS (INSERT INTO job_history (job_seq, from_status, to_status, at, actor, reason) \
-               SELECT seq, NULL, 'pending', created_at, $8::text, 'created' FROM u ORDER BY seq) \
+               SELECT seq, NULL, 'pending', created_at, $8::text, 'created' FROM u ORDER BY seq), \
+         {INSERTED_DELTAS} \
          SELECT {JOB_COLUMNS} FROM u"
     )
 });
@@ -194,8 +226,10 @@ pub(super) fn claim_sql(any_type: bool) -> String {
          h AS (INSERT INTO job_history (job_seq, from_status, to_status, at, actor, reason) \
                SELECT seq, c_previous, 'processing', $1::int8, 'worker', \
                       'claimed by worker ' || worker_id || ' (attempt ' || attempt || ')' \
-               FROM u ORDER BY c_rank) \
-         SELECT {JOB_COLUMNS}, c_rank FROM u"
+               FROM u ORDER BY c_rank), \
+         {deltas} \
+         SELECT {JOB_COLUMNS}, c_rank FROM u",
+        deltas = updated_deltas("c_previous")
     )
 }
 
@@ -586,7 +620,7 @@ async fn judge_and_write(
 /// the state it leaves, and its one or two history rows (`$19`-`$22` the first, `$23`-`$26`
 /// the second or NULLs). The history rows travel with their result rather than in arrays
 /// of their own: matching them up would be a join, and with only nested loops allowed
-/// (`Plans::GenericByKey`) every result would be compared with every history row.
+/// (`Session::Batch`) every result would be compared with every history row.
 pub(super) fn results_sql() -> String {
     format!(
         "WITH r AS (SELECT * FROM unnest($1::int8[], $2::text[], $3::text[], $4::bool[], $5::text[], $6::int4[], \
@@ -610,6 +644,7 @@ pub(super) fn results_sql() -> String {
                AND jobs.result_received_at IS NULL \
                AND (r.expected_retry_count IS NULL OR jobs.retry_count = r.expected_retry_count) \
              RETURNING jobs.*, r.request AS r_request, r.handoff AS r_handoff, r.at AS r_at, \
+                 r.expected_status AS r_expected, \
                  r.from1, r.to1, r.actor1, r.reason1, r.from2, r.to2, r.actor2, r.reason2), \
          h AS (INSERT INTO job_history (job_seq, from_status, to_status, at, actor, reason) \
                SELECT u.seq, s.from_status, s.to_status, u.r_at, s.actor, s.reason \
@@ -620,8 +655,10 @@ pub(super) fn results_sql() -> String {
                ORDER BY u.r_request, s.n), \
          o AS (INSERT INTO handoffs (job_id, kind, payload, created_at) \
                SELECT u.id, u.r_handoff, {HANDOFF_PAYLOAD}, u.r_at FROM u \
-               WHERE u.r_handoff IS NOT NULL ORDER BY u.r_request) \
-         SELECT {JOB_COLUMNS}, r_request FROM u"
+               WHERE u.r_handoff IS NOT NULL ORDER BY u.r_request), \
+         {deltas} \
+         SELECT {JOB_COLUMNS}, r_request FROM u",
+        deltas = updated_deltas("r_expected")
     )
 }
 
