@@ -194,7 +194,7 @@ impl PostgresStore {
     pub async fn open(options: PostgresOptions) -> Result<PostgresStore, StoreError> {
         Self::migrate(&options).await?;
         let config = options.driver_config(options.statement_timeout, Session::General)?;
-        let by_key = options.driver_config(options.statement_timeout, Session::Batch)?;
+        let batch = options.driver_config(options.statement_timeout, Session::Batch)?;
         let pool = Arc::new(Pool::new(
             config.clone(),
             options.max_connections,
@@ -220,9 +220,9 @@ impl PostgresStore {
         ));
         let operation_timeout = options.statement_timeout + Duration::from_secs(1);
         Ok(PostgresStore {
-            creates: Batcher::start(by_key.clone(), operation_timeout),
-            claims: Batcher::start(by_key.clone(), operation_timeout),
-            results: Batcher::start(by_key, operation_timeout),
+            creates: Batcher::start(batch.clone(), operation_timeout),
+            claims: Batcher::start(batch.clone(), operation_timeout),
+            results: Batcher::start(batch, operation_timeout),
             pool,
             operation_timeout,
             events,
