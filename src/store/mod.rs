@@ -285,6 +285,11 @@ pub(crate) fn judge_stored_result(
     })
 }
 
+/// The history reason of an automatic retry, the same in both backends.
+pub(crate) fn retry_reason(retry_count: u32, max_retries: u32, at: Timestamp) -> String {
+    format!("automatic retry {retry_count} of {max_retries}, claimable from {at}")
+}
+
 /// The columns a failed or timed-out attempt leaves behind, in the stores' encoding:
 /// `(status, retry_count, available_at, deadline_at, completed_at)`, times in microseconds.
 /// A retry makes the job claimable (and due for the monitor) at its backoff time; a final

@@ -738,9 +738,26 @@ async fn conflict(conn: &mut Conn, seq: i64, fallback: JobStatus) -> StoreError 
     }
 }
 
-/// The same text the SQLite store records.
-fn retry_reason(retry_count: u32, max_retries: u32, at: Timestamp) -> String {
-    format!("automatic retry {retry_count} of {max_retries}, claimable from {at}")
+/// The history of an attempt that ended in `ended` (failed or timed out): that step, and
+/// the automatic retry's step when `after` is one.
+fn attempt_end_steps(
+    from: JobStatus,
+    ended: JobStatus,
+    actor: Actor,
+    reason: impl Into<String>,
+    after: AfterFailure,
+    max_retries: u32,
+) -> Vec<Step> {
+    let mut steps = vec![Step::new(Some(from), ended, actor, reason)];
+    if let AfterFailure::Retry { at, retry_count } = after {
+        steps.push(Step::new(
+            Some(ended),
+            JobStatus::Retrying,
+            actor,
+            retry_reason(retry_count, max_retries, at),
+        ));
+    }
+    steps
 }
 
 async fn heartbeat(conn: &mut Conn, p: HeartbeatParams) -> Result<HeartbeatOutcome, StoreError> {
@@ -1028,20 +1045,14 @@ async fn rescue_batch(conn: &mut Conn, p: &RescueParams) -> Result<RescueReport,
                 );
                 let (status, new_retry_count, available_at, deadline_at, completed_at) =
                     after_failure_columns(after, JobStatus::Timeout, retries_done, p.now);
-                let mut steps = vec![Step::new(
-                    Some(JobStatus::Processing),
+                let steps = attempt_end_steps(
+                    JobStatus::Processing,
                     JobStatus::Timeout,
                     Actor::Monitor,
                     expiry.reason(),
-                )];
-                if let AfterFailure::Retry { at, retry_count } = after {
-                    steps.push(Step::new(
-                        Some(JobStatus::Timeout),
-                        JobStatus::Retrying,
-                        Actor::Monitor,
-                        retry_reason(retry_count, p.policy.retry.max_retries, at),
-                    ));
-                }
+                    after,
+                    p.policy.retry.max_retries,
+                );
                 let changed = transition(
                     conn,
                     "UPDATE jobs SET status = $2, retry_count = $3, available_at = $4, deadline_at = $5, \

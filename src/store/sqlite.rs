@@ -827,10 +827,6 @@ fn submit_result(conn: &Connection, p: SubmitResultParams) -> Result<Job, StoreE
     Ok(job)
 }
 
-fn retry_reason(retry_count: u32, max_retries: u32, at: Timestamp) -> String {
-    format!("automatic retry {retry_count} of {max_retries}, claimable from {at}")
-}
-
 fn import(conn: &Connection, p: ImportJobParams) -> Result<ImportOutcome, StoreError> {
     let job = &p.job;
     let micros = |t: Option<Timestamp>| t.map(Timestamp::as_micros);

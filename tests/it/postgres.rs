@@ -284,9 +284,7 @@ async fn a_database_outage_answers_503_quickly_and_the_server_recovers_by_itself
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn monitors_of_several_replicas_apply_each_timeout_and_deletion_once() {
     use morag_jobs::clock::Timestamp;
-    use morag_jobs::domain::{
-        ContentType, JobId, LifecyclePolicy, RetentionPolicy, RetryPolicy, WorkerId,
-    };
+    use morag_jobs::domain::{LifecyclePolicy, RetentionPolicy, RetryPolicy, WorkerId};
     use morag_jobs::store::*;
     use std::sync::Arc;
 
@@ -312,18 +310,8 @@ async fn monitors_of_several_replicas_apply_each_timeout_and_deletion_once() {
     };
     let n = 300;
     for i in 0..n {
-        stores[i % 3]
-            .create_job(CreateJobParams {
-                id: JobId::new_random(),
-                content_type: ContentType::parse("image").unwrap(),
-                source_file_path: format!("/data/files/{i}"),
-                task_options: serde_json::json!({}),
-                ingestion_task_id: "i".into(),
-                pending_deadline: None,
-                now: t0,
-            })
-            .await
-            .unwrap();
+        let path = format!("/data/files/{i}");
+        crate::store_conformance::create_with(&*stores[i % 3], "image", t0, None, &path).await;
     }
     let claim_all = |now: Timestamp| {
         let stores = stores.clone();
@@ -547,20 +535,8 @@ async fn concurrent_claims_of_any_or_some_types_never_share_a_job() {
     let now = Timestamp::from_micros(1_800_000_000_000_000);
     let mut created = HashSet::new();
     for i in 0..400 {
-        let id = JobId::new_random();
-        stores[0]
-            .create_job(CreateJobParams {
-                id,
-                content_type: ContentType::parse(["audio", "video", "pdf"][i % 3]).unwrap(),
-                source_file_path: "/f".into(),
-                task_options: serde_json::json!({}),
-                ingestion_task_id: "i".into(),
-                pending_deadline: None,
-                now,
-            })
-            .await
-            .unwrap();
-        created.insert(id);
+        let content_type = ["audio", "video", "pdf"][i % 3];
+        created.insert(crate::store_conformance::create(&*stores[0], content_type, now).await);
     }
     let tasks: Vec<_> = (0..12)
         .map(|w| {

@@ -76,11 +76,11 @@ fn policy() -> LifecyclePolicy {
     }
 }
 
-async fn create(store: &dyn Store, content_type: &str, now: Timestamp) -> JobId {
+pub(crate) async fn create(store: &dyn Store, content_type: &str, now: Timestamp) -> JobId {
     create_with(store, content_type, now, None, "/data/files/source.bin").await
 }
 
-async fn create_with(
+pub(crate) async fn create_with(
     store: &dyn Store,
     content_type: &str,
     now: Timestamp,

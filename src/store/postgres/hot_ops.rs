@@ -10,12 +10,10 @@ use tokio_postgres::types::ToSql;
 use super::batcher::BatchOp;
 use super::pool::Conn;
 use super::{
-    conflict, current_from_row, get, job_from_row, pg_error, retry_reason, Current, Step,
+    attempt_end_steps, conflict, current_from_row, get, job_from_row, pg_error, Current, Step,
     CURRENT_COLUMNS, HANDOFF_PAYLOAD, JOB_COLUMNS,
 };
-use crate::domain::{
-    Actor, AfterFailure, ContentType, HandoffKind, Job, JobStatus, LeaseId, ResultTiming,
-};
+use crate::domain::{Actor, ContentType, HandoffKind, Job, JobStatus, LeaseId, ResultTiming};
 use crate::store::{
     after_failure_columns, judge_stored_result, AttemptOutcome, ClaimParams, CreateJobParams,
     StoreError, StoreFuture, SubmitResultParams,
@@ -297,7 +295,7 @@ async fn claim_group(
     };
     // A type named twice would be scanned twice, and this statement's own locks do not
     // make it skip the jobs it already picked.
-    known.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    known.sort();
     known.dedup();
     let names: Vec<&str> = known.iter().map(ContentType::as_str).collect();
     let deadlines: Vec<i64> = known
@@ -470,20 +468,14 @@ fn plan_result<'a>(
             } else {
                 format!("{error_message} (not retryable)")
             };
-            let mut steps = vec![Step::new(
-                Some(previous),
+            let steps = attempt_end_steps(
+                previous,
                 JobStatus::Failed,
                 Actor::Worker,
                 failed_reason,
-            )];
-            if let AfterFailure::Retry { at, retry_count } = after {
-                steps.push(Step::new(
-                    Some(JobStatus::Failed),
-                    JobStatus::Retrying,
-                    Actor::Worker,
-                    retry_reason(retry_count, p.policy.retry.max_retries, at),
-                ));
-            }
+                after,
+                p.policy.retry.max_retries,
+            );
             ResultWrite {
                 request,
                 job_id: p.job_id.to_string(),
