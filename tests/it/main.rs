@@ -9,6 +9,7 @@ mod cli;
 mod crash;
 mod import;
 mod lifecycle;
+mod listing_memory;
 mod morag_client;
 mod postgres;
 mod race;
