@@ -2,5 +2,6 @@
 -- still write: a read answers from a database whose disk is full or read-only.
 CREATE TABLE write_probe (
     id INTEGER PRIMARY KEY CHECK (id = 1),
-    written_at INTEGER NOT NULL
+    written_at INTEGER NOT NULL,
+    writes INTEGER NOT NULL
 );

@@ -1356,8 +1356,9 @@ impl Store for SqliteStore {
     fn probe_write(&self, now: Timestamp) -> StoreFuture<'_, ()> {
         self.write(move |conn| {
             conn.prepare_cached(
-                "INSERT INTO write_probe (id, written_at) VALUES (1, ?1) \
-                 ON CONFLICT (id) DO UPDATE SET written_at = excluded.written_at",
+                "INSERT INTO write_probe (id, written_at, writes) VALUES (1, ?1, 1) \
+                 ON CONFLICT (id) DO UPDATE SET written_at = excluded.written_at, \
+                 writes = write_probe.writes + 1",
             )?
             .execute([now.as_micros()])?;
             Ok(())

@@ -6,6 +6,7 @@ mod support;
 mod api;
 mod cli;
 mod crash;
+mod hygiene;
 mod import;
 mod lifecycle;
 mod morag_client;
