@@ -43,6 +43,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0001_jobs.sql"),
     include_str!("../../migrations/postgres/0002_batch_friendly.sql"),
     include_str!("../../migrations/postgres/0003_listing_by_type_then_status.sql"),
+    include_str!("../../migrations/postgres/0004_write_probe.sql"),
 ];
 
 /// The schema version this program creates and understands.
@@ -1486,6 +1487,20 @@ async fn ping(conn: &mut Conn) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Rewrites the one row of `write_probe`.
+async fn probe_write(conn: &mut Conn, now: Timestamp) -> Result<(), StoreError> {
+    conn.client
+        .execute(
+            "INSERT INTO write_probe (id, written_at, writes) VALUES (1, $1, 1) \
+             ON CONFLICT (id) DO UPDATE SET written_at = EXCLUDED.written_at, \
+             writes = write_probe.writes + 1",
+            &[&now.as_micros()],
+        )
+        .await
+        .map_err(pg_error)?;
+    Ok(())
+}
+
 impl Store for PostgresStore {
     fn create_job(&self, params: CreateJobParams) -> StoreFuture<'_, Job> {
         Box::pin(async move {
@@ -1564,6 +1579,10 @@ impl Store for PostgresStore {
 
     fn ping(&self) -> StoreFuture<'_, ()> {
         self.run(|c| Box::pin(ping(c)))
+    }
+
+    fn probe_write(&self, now: Timestamp) -> StoreFuture<'_, ()> {
+        self.run(move |c| Box::pin(probe_write(c, now)))
     }
 
     fn close(&self) -> StoreFuture<'_, ()> {

@@ -20,7 +20,10 @@ use crate::domain::{
     Actor, AfterFailure, AttemptDeadlines, Expiry, HistoryEntry, JobResult, ResultTiming,
 };
 
-const MIGRATIONS: &[&str] = &[include_str!("../../migrations/sqlite/0001_jobs.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../../migrations/sqlite/0001_jobs.sql"),
+    include_str!("../../migrations/sqlite/0002_write_probe.sql"),
+];
 
 /// Writes committed together at most.
 const MAX_WRITES_PER_COMMIT: usize = 512;
@@ -335,10 +338,18 @@ impl ReaderPool {
 
 fn sql_error(error: rusqlite::Error) -> StoreError {
     match &error {
+        // Busy, and what the disk or the file system refuses (I/O error, disk full,
+        // read-only, cannot open): not the caller's fault, and may pass.
         rusqlite::Error::SqliteFailure(code, _)
             if matches!(
                 code.code,
-                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                rusqlite::ErrorCode::DatabaseBusy
+                    | rusqlite::ErrorCode::DatabaseLocked
+                    | rusqlite::ErrorCode::SystemIoFailure
+                    | rusqlite::ErrorCode::DiskFull
+                    | rusqlite::ErrorCode::ReadOnly
+                    | rusqlite::ErrorCode::CannotOpen
+                    | rusqlite::ErrorCode::PermissionDenied
             ) =>
         {
             StoreError::Unavailable(error.to_string())
@@ -1368,6 +1379,18 @@ impl Store for SqliteStore {
 
     fn ping(&self) -> StoreFuture<'_, ()> {
         self.read(|conn| Ok(conn.query_row("SELECT 1", [], |_| Ok(()))?))
+    }
+
+    fn probe_write(&self, now: Timestamp) -> StoreFuture<'_, ()> {
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO write_probe (id, written_at, writes) VALUES (1, ?1, 1) \
+                 ON CONFLICT (id) DO UPDATE SET written_at = excluded.written_at, \
+                 writes = write_probe.writes + 1",
+            )?
+            .execute([now.as_micros()])?;
+            Ok(())
+        })
     }
 
     fn close(&self) -> StoreFuture<'_, ()> {

@@ -7,6 +7,7 @@ mod api;
 mod architecture;
 mod cli;
 mod crash;
+mod hygiene;
 mod import;
 mod lifecycle;
 mod listing_memory;
