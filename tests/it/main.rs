@@ -13,3 +13,4 @@ mod postgres;
 mod race;
 mod replicas;
 mod store_conformance;
+mod test_script;
