@@ -16,3 +16,4 @@ mod postgres;
 mod race;
 mod replicas;
 mod store_conformance;
+mod test_script;
