@@ -298,7 +298,8 @@ impl Config {
                 .collect::<Result<_, _>>()?,
         };
 
-        let limits = crate::limits::Limits::from_args(&args.limits)?;
+        let limits =
+            crate::limits::Limits::from_args(&args.limits).map_err(ConfigError::Invalid)?;
         let database = args.database.target(&data_dir)?;
         let store_settings = args.database.settings(args.sqlite_sync);
         Ok(Config {

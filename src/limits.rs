@@ -8,8 +8,6 @@ use std::time::Duration;
 
 use clap::Args;
 
-use crate::config::ConfigError;
-
 const MIB: u64 = 1024 * 1024;
 
 /// The `serve` flags of this module, flattened into `ServeArgs`.
@@ -73,10 +71,11 @@ pub struct Limits {
 const RESULT_BODY_SLACK: u64 = 64 * 1024;
 
 impl Limits {
-    pub fn from_args(args: &LimitArgs) -> Result<Limits, ConfigError> {
+    /// Checks the flags; the error names the variable (the config reports it).
+    pub fn from_args(args: &LimitArgs) -> Result<Limits, String> {
         let at_least_one = |name: &str, value: u64| {
             if value == 0 {
-                Err(ConfigError::Invalid(format!("{name} must be at least 1")))
+                Err(format!("{name} must be at least 1"))
             } else {
                 Ok(value)
             }
@@ -91,9 +90,7 @@ impl Limits {
         )?;
         // serde_json stops at 128 levels by itself; a deeper setting would be a lie.
         if args.max_json_depth > 128 {
-            return Err(ConfigError::Invalid(
-                "MORAG_REMOTE_MAX_JSON_DEPTH must be at most 128".into(),
-            ));
+            return Err("MORAG_REMOTE_MAX_JSON_DEPTH must be at most 128".into());
         }
         let secs = |name: &str, value: u64| at_least_one(name, value).map(Duration::from_secs);
         Ok(Limits {
