@@ -39,7 +39,7 @@ pub const MAX_HEAD_BYTES: usize = 32 * 1024;
 /// More header lines than this are answered 431 (hyper's own limit is 100).
 pub const MAX_HEADERS: usize = 96;
 /// After a request that read or wrote more than this, free memory is returned to the OS.
-const COLLECT_AFTER_BYTES: u64 = 8 * 1024 * 1024;
+const COLLECT_AFTER_BYTES: u64 = 1024 * 1024;
 /// Connections refused over the cap that may linger (to let the client read the 503).
 const MAX_LINGERING_REFUSALS: usize = 64;
 

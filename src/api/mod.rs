@@ -11,7 +11,6 @@ mod worker;
 
 use std::sync::Arc;
 
-use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post, put};
 use axum::{middleware, Router};
 
@@ -21,19 +20,13 @@ use crate::app::AppContext;
 
 pub fn router(context: Arc<AppContext>) -> Router {
     let jobs = "/api/v1/remote-jobs";
-    // Results carry whole transcripts; creates carry task options; everything else is small.
-    let max_result_body = context.config.limits.max_result_body_bytes();
-    let max_create_body = context
-        .config
-        .limits
-        .max_create_body_bytes()
-        .max(2 * 1024 * 1024);
     let worker = Router::new()
         .route(&format!("{jobs}/poll"), get(worker::poll))
         .route(&format!("{jobs}/{{id}}/heartbeat"), post(worker::heartbeat))
         .route(
             &format!("{jobs}/{{id}}/result"),
-            put(worker::submit_result).layer(DefaultBodyLimit::max(max_result_body)),
+            // Bodies are read by `extract`, within limits set by the configuration.
+            put(worker::submit_result),
         )
         .route(&format!("{jobs}/{{id}}/download"), get(worker::download))
         .route_layer(middleware::from_fn_with_state(
@@ -41,17 +34,10 @@ pub fn router(context: Arc<AppContext>) -> Router {
             auth::require_worker,
         ));
     let admin = Router::new()
-        .route(
-            jobs,
-            post(admin::create_job)
-                .layer(DefaultBodyLimit::max(max_create_body))
-                .get(admin::list_jobs),
-        )
+        .route(jobs, post(admin::create_job).get(admin::list_jobs))
         .route(
             &format!("{jobs}/"),
-            post(admin::create_job)
-                .layer(DefaultBodyLimit::max(max_create_body))
-                .get(admin::list_jobs),
+            post(admin::create_job).get(admin::list_jobs),
         )
         .route(&format!("{jobs}/statistics"), get(admin::statistics))
         .route(&format!("{jobs}/cleanup"), post(admin::cleanup))
