@@ -68,7 +68,15 @@ async fn keep_serving(base: String, duration: Duration) -> (u32, u32) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_and_idle_connections_are_closed_while_requests_keep_being_served() {
-    let app = spawn_app_with(&["--http-header-timeout", "1", "--http-idle-timeout", "2"]).await;
+    let app = spawn_app_with(&[
+        "--http-header-timeout",
+        "1",
+        "--http-idle-timeout",
+        "2",
+        "--http-body-timeout",
+        "1",
+    ])
+    .await;
     let served = tokio::spawn(keep_serving(app.base.clone(), Duration::from_secs(5)));
 
     // Silent: closed after the idle timeout.
@@ -114,6 +122,25 @@ async fn slow_and_idle_connections_are_closed_while_requests_keep_being_served()
     assert!(silent < Duration::from_secs(4), "{silent:?}");
     let slow = slow.await.unwrap().expect("a slow head is cut off");
     assert!(slow < Duration::from_secs(4), "{slow:?}");
+
+    // A body that does not arrive in time: 408 JSON.
+    let mut stalled = TcpStream::connect(addr(&app)).await.unwrap();
+    stalled
+        .write_all(b"POST /api/v1/remote-jobs/ HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let (answer, _) = read_until_closed(&mut stalled, Duration::from_secs(4)).await;
+    let (status, body) = parse_answer(&answer);
+    assert_eq!(status, 408, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("MORAG_JOBS_HTTP_BODY_TIMEOUT"),
+        "{body}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(3));
 
     // A long poll is a request in flight, not an idle connection: it waits its 3 seconds.
     let started = Instant::now();
