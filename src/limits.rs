@@ -8,8 +8,6 @@ use std::time::Duration;
 
 use clap::Args;
 
-use crate::config::ConfigError;
-
 const MIB: u64 = 1024 * 1024;
 
 /// The `serve` flags of this module, flattened into `ServeArgs`.
@@ -73,10 +71,11 @@ pub struct Limits {
 const RESULT_BODY_SLACK: u64 = 64 * 1024;
 
 impl Limits {
-    pub fn from_args(args: &LimitArgs) -> Result<Limits, ConfigError> {
+    /// Validates the flags; an error names the variable at fault.
+    pub fn from_args(args: &LimitArgs) -> Result<Limits, String> {
         let at_least_one = |name: &str, value: u64| {
             if value == 0 {
-                Err(ConfigError::Invalid(format!("{name} must be at least 1")))
+                Err(format!("{name} must be at least 1"))
             } else {
                 Ok(value)
             }
@@ -91,9 +90,7 @@ impl Limits {
         )?;
         // serde_json stops at 128 levels by itself; a deeper setting would be a lie.
         if args.max_json_depth > 128 {
-            return Err(ConfigError::Invalid(
-                "MORAG_REMOTE_MAX_JSON_DEPTH must be at most 128".into(),
-            ));
+            return Err("MORAG_REMOTE_MAX_JSON_DEPTH must be at most 128".into());
         }
         let secs = |name: &str, value: u64| at_least_one(name, value).map(Duration::from_secs);
         Ok(Limits {
@@ -136,7 +133,7 @@ mod tests {
         limits: LimitArgs,
     }
 
-    fn limits(flags: &[&str]) -> Result<Limits, ConfigError> {
+    fn limits(flags: &[&str]) -> Result<Limits, String> {
         let mut argv = vec!["test"];
         argv.extend_from_slice(flags);
         Limits::from_args(&Wrapper::try_parse_from(argv).unwrap().limits)
@@ -166,7 +163,7 @@ mod tests {
                 "MORAG_JOBS_HTTP_MAX_CONNECTIONS",
             ),
         ] {
-            let error = limits(&flags).unwrap_err().to_string();
+            let error = limits(&flags).unwrap_err();
             assert!(error.contains(variable), "{error}");
         }
     }

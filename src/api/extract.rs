@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use super::bounded_json;
 use super::error::ApiError;
-use crate::app::AppContext;
+use crate::context::AppContext;
 use crate::domain::JobId;
 use crate::http_server::BodyDeadline;
 

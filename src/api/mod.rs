@@ -6,6 +6,7 @@ mod auth;
 mod bounded_json;
 mod error;
 mod extract;
+mod queries;
 pub mod views;
 mod worker;
 
@@ -16,7 +17,7 @@ use axum::{middleware, Router};
 
 pub use error::ApiError;
 
-use crate::app::AppContext;
+use crate::context::AppContext;
 
 pub fn router(context: Arc<AppContext>) -> Router {
     let jobs = "/api/v1/remote-jobs";

@@ -433,7 +433,9 @@ impl BrokenWrites {
             database.admin_execute_in_own_database(sql).await;
             return BrokenWrites::Postgres(database.url.clone());
         }
-        let db = app.context.config.database_path.clone();
+        let morag_jobs::store::DatabaseTarget::Sqlite(db) = &app.context.config.database else {
+            panic!("a server without PostgreSQL stores jobs in SQLite");
+        };
         // Not the -shm file: SQLite maps it into memory, and a write to a mapped page of an
         // immutable file is a SIGBUS, not an error.
         let files: Vec<_> = ["", "-wal"]
