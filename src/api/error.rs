@@ -121,10 +121,15 @@ impl IntoResponse for ApiError {
             }
             ApiError::Unavailable(cause) => {
                 tracing::warn!(%cause, "store unavailable");
-                (
+                let mut response = (
                     StatusCode::SERVICE_UNAVAILABLE,
-                    json!({"detail": "storage temporarily unavailable, try again"}),
+                    Json(json!({"detail": "storage temporarily unavailable, try again"})),
                 )
+                    .into_response();
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                return response;
             }
             ApiError::Internal(cause) => {
                 tracing::error!(%cause, "internal error");
