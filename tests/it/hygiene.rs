@@ -271,6 +271,30 @@ async fn error_answers_of_every_status_are_json() {
     let body: Value = response.json().await.expect("a JSON body");
     assert!(body["detail"].is_string(), "{body}");
 
+    // The rest of a body refused by its Content-Length is not mistaken for a request head
+    // (it once drew a 414 that a pooled client read as its next answer).
+    let mut refused = TcpStream::connect(addr(&app)).await.unwrap();
+    refused
+        .write_all(
+            format!(
+                "POST /api/v1/remote-jobs/{id}/cancel HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ak\r\nContent-Length: 3145728\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut first = [0u8; 12];
+    refused.read_exact(&mut first).await.unwrap();
+    assert_eq!(&first, b"HTTP/1.1 413");
+    let _ = refused.write_all(&[b' '; 20_000]).await;
+    let (rest, _) = read_until_closed(&mut refused, Duration::from_secs(3)).await;
+    assert_eq!(
+        String::from_utf8_lossy(&rest).matches("HTTP/1.1 ").count(),
+        0,
+        "{}",
+        String::from_utf8_lossy(&rest)
+    );
+
     // Results over each limit: 413 naming the limit's variable.
     app.api_key = Some("wk".into());
     let (claimed, lease) = app.claim("w1", "audio").await;
