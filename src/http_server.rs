@@ -21,7 +21,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::http::{Request, Response};
+use axum::http::Request;
 use axum::Router;
 use http_body_util::BodyExt as _;
 use hyper::body::Body as _;
@@ -572,30 +572,4 @@ impl AsyncWrite for WatchedStream {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
-}
-
-/// Gives error answers that are not JSON (axum's own rejections, such as a body over the
-/// limit on a route that reads raw bytes) the `{"detail": ...}` shape.
-pub async fn json_error_bodies(response: Response<Body>) -> Response<Body> {
-    let status = response.status();
-    let is_json = response
-        .headers()
-        .get(axum::http::header::CONTENT_TYPE)
-        .and_then(|value| value.to_str().ok())
-        .is_some_and(|value| value.starts_with("application/json"));
-    if !(status.is_client_error() || status.is_server_error()) || is_json {
-        return response;
-    }
-    let (mut parts, body) = response.into_parts();
-    let text = match axum::body::to_bytes(body, 16 * 1024).await {
-        Ok(bytes) if !bytes.is_empty() => String::from_utf8_lossy(&bytes).into_owned(),
-        _ => status.canonical_reason().unwrap_or("error").to_owned(),
-    };
-    let body = serde_json::json!({ "detail": text }).to_string();
-    parts.headers.insert(
-        axum::http::header::CONTENT_TYPE,
-        axum::http::HeaderValue::from_static("application/json"),
-    );
-    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
-    Response::from_parts(parts, Body::from(body))
 }

@@ -56,9 +56,7 @@ pub fn router(context: Arc<AppContext>) -> Router {
         .merge(admin)
         .fallback(|| async { ApiError::NotFound("Not Found".into()) })
         .method_not_allowed_fallback(|| async { method_not_allowed() })
-        .layer(middleware::map_response(
-            crate::http_server::json_error_bodies,
-        ))
+        .layer(middleware::map_response(error::json_error_bodies))
         .with_state(context)
 }
 
