@@ -15,15 +15,16 @@
 use std::convert::Infallible;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::http::{Request, Response};
+use axum::http::Request;
 use axum::Router;
 use http_body_util::BodyExt as _;
+use hyper::body::Body as _;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -39,7 +40,7 @@ pub const MAX_HEAD_BYTES: usize = 32 * 1024;
 /// More header lines than this are answered 431 (hyper's own limit is 100).
 pub const MAX_HEADERS: usize = 96;
 /// After a request that read or wrote more than this, free memory is returned to the OS.
-const COLLECT_AFTER_BYTES: u64 = 8 * 1024 * 1024;
+const COLLECT_AFTER_BYTES: u64 = 1024 * 1024;
 /// Connections refused over the cap that may linger (to let the client read the 503).
 const MAX_LINGERING_REFUSALS: usize = 64;
 
@@ -166,8 +167,14 @@ async fn serve_connection(
     let service_activity = activity.clone();
     let body_timeout = limits.body_timeout;
     let service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
-        let request_guard = RequestGuard::begin(service_activity.clone());
-        let mut request = request.map(Body::new);
+        let body_finished = Arc::new(AtomicBool::new(request.body().is_end_stream()));
+        let request_guard = RequestGuard::begin(service_activity.clone(), body_finished.clone());
+        let mut request = request.map(|inner| {
+            Body::new(WatchedBody {
+                inner,
+                finished: body_finished,
+            })
+        });
         request
             .extensions_mut()
             .insert(BodyDeadline(Instant::now() + body_timeout));
@@ -245,6 +252,9 @@ enum Phase {
     Request { since: Instant },
     /// The head broke a limit and was answered at `since`; the connection is closing.
     Refused { since: Instant },
+    /// A request was answered at `since` before its body was read to the end: what
+    /// arrives now may be the rest of that body, so it is not scanned as a head.
+    Unscanned { since: Instant },
 }
 
 #[derive(Default)]
@@ -294,9 +304,10 @@ impl Activity {
         match state.phase {
             _ if state.in_flight > 0 => None,
             Phase::Idle { since } => waiting(since, limits.idle_timeout),
-            Phase::Head { since, .. } | Phase::Request { since } | Phase::Refused { since } => {
-                waiting(since, limits.header_timeout)
-            }
+            Phase::Head { since, .. }
+            | Phase::Request { since }
+            | Phase::Refused { since }
+            | Phase::Unscanned { since } => waiting(since, limits.header_timeout),
         }
     }
 
@@ -364,10 +375,12 @@ impl Activity {
 struct RequestGuard {
     activity: Arc<Activity>,
     bytes_at_start: u64,
+    /// Set once the request's body was read to its end.
+    body_finished: Arc<AtomicBool>,
 }
 
 impl RequestGuard {
-    fn begin(activity: Arc<Activity>) -> RequestGuard {
+    fn begin(activity: Arc<Activity>, body_finished: Arc<AtomicBool>) -> RequestGuard {
         let bytes_at_start = {
             let mut state = activity.lock();
             state.in_flight += 1;
@@ -379,6 +392,7 @@ impl RequestGuard {
         RequestGuard {
             activity,
             bytes_at_start,
+            body_finished,
         }
     }
 }
@@ -389,8 +403,11 @@ impl Drop for RequestGuard {
             let mut state = self.activity.lock();
             state.in_flight = state.in_flight.saturating_sub(1);
             if state.in_flight == 0 {
-                state.phase = Phase::Idle {
-                    since: Instant::now(),
+                let since = Instant::now();
+                state.phase = if self.body_finished.load(Ordering::Relaxed) {
+                    Phase::Idle { since }
+                } else {
+                    Phase::Unscanned { since }
                 };
             }
             state.bytes_moved - self.bytes_at_start
@@ -409,6 +426,36 @@ fn return_free_memory() {
             // SAFETY: mi_collect has no preconditions; it only frees unused memory.
             unsafe { libmimalloc_sys::mi_collect(true) }
         });
+    }
+}
+
+/// A request body that records when it was read to its end.
+struct WatchedBody {
+    inner: hyper::body::Incoming,
+    finished: Arc<AtomicBool>,
+}
+
+impl hyper::body::Body for WatchedBody {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None)) || self.inner.is_end_stream() {
+            self.finished.store(true, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -525,30 +572,4 @@ impl AsyncWrite for WatchedStream {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
-}
-
-/// Gives error answers that are not JSON (axum's own rejections, such as a body over the
-/// limit on a route that reads raw bytes) the `{"detail": ...}` shape.
-pub async fn json_error_bodies(response: Response<Body>) -> Response<Body> {
-    let status = response.status();
-    let is_json = response
-        .headers()
-        .get(axum::http::header::CONTENT_TYPE)
-        .and_then(|value| value.to_str().ok())
-        .is_some_and(|value| value.starts_with("application/json"));
-    if !(status.is_client_error() || status.is_server_error()) || is_json {
-        return response;
-    }
-    let (mut parts, body) = response.into_parts();
-    let text = match axum::body::to_bytes(body, 16 * 1024).await {
-        Ok(bytes) if !bytes.is_empty() => String::from_utf8_lossy(&bytes).into_owned(),
-        _ => status.canonical_reason().unwrap_or("error").to_owned(),
-    };
-    let body = serde_json::json!({ "detail": text }).to_string();
-    parts.headers.insert(
-        axum::http::header::CONTENT_TYPE,
-        axum::http::HeaderValue::from_static("application/json"),
-    );
-    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
-    Response::from_parts(parts, Body::from(body))
 }

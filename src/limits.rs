@@ -71,7 +71,7 @@ pub struct Limits {
 const RESULT_BODY_SLACK: u64 = 64 * 1024;
 
 impl Limits {
-    /// Checks the flags; the error names the variable (the config reports it).
+    /// Validates the flags; an error names the variable at fault.
     pub fn from_args(args: &LimitArgs) -> Result<Limits, String> {
         let at_least_one = |name: &str, value: u64| {
             if value == 0 {
@@ -119,5 +119,52 @@ impl Limits {
     /// The largest create body: `task_options` at its limit plus the other fields.
     pub fn max_create_body_bytes(&self) -> usize {
         usize::try_from(self.json.max_bytes + RESULT_BODY_SLACK).unwrap_or(usize::MAX)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        limits: LimitArgs,
+    }
+
+    fn limits(flags: &[&str]) -> Result<Limits, String> {
+        let mut argv = vec!["test"];
+        argv.extend_from_slice(flags);
+        Limits::from_args(&Wrapper::try_parse_from(argv).unwrap().limits)
+    }
+
+    #[test]
+    fn defaults_and_the_bodies_they_allow() {
+        let defaults = limits(&[]).unwrap();
+        assert_eq!(defaults.max_result_bytes, 64 * MIB);
+        assert_eq!(defaults.json.max_bytes, MIB);
+        assert!(!defaults.require_lease);
+        assert_eq!(
+            defaults.max_result_body_bytes() as u64,
+            65 * MIB + RESULT_BODY_SLACK
+        );
+        assert_eq!(defaults.idle_timeout, Duration::from_secs(75));
+    }
+
+    #[test]
+    fn zero_and_too_deep_are_refused_with_the_variable_name() {
+        for (flags, variable) in [
+            (["--max-result-bytes", "0"], "MORAG_REMOTE_MAX_RESULT_BYTES"),
+            (["--max-json-depth", "129"], "MORAG_REMOTE_MAX_JSON_DEPTH"),
+            (["--http-idle-timeout", "0"], "MORAG_JOBS_HTTP_IDLE_TIMEOUT"),
+            (
+                ["--http-max-connections", "0"],
+                "MORAG_JOBS_HTTP_MAX_CONNECTIONS",
+            ),
+        ] {
+            let error = limits(&flags).unwrap_err();
+            assert!(error.contains(variable), "{error}");
+        }
     }
 }

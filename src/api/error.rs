@@ -121,10 +121,15 @@ impl IntoResponse for ApiError {
             }
             ApiError::Unavailable(cause) => {
                 tracing::warn!(%cause, "store unavailable");
-                (
+                let mut response = (
                     StatusCode::SERVICE_UNAVAILABLE,
-                    json!({"detail": "storage temporarily unavailable, try again"}),
+                    Json(json!({"detail": "storage temporarily unavailable, try again"})),
                 )
+                    .into_response();
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                return response;
             }
             ApiError::Internal(cause) => {
                 tracing::error!(%cause, "internal error");
@@ -136,4 +141,30 @@ impl IntoResponse for ApiError {
         };
         (status, Json(body)).into_response()
     }
+}
+
+/// Gives error answers that are not JSON (axum's own rejections, such as a body over the
+/// limit on a route that reads raw bytes) the `{"detail": ...}` shape.
+pub async fn json_error_bodies(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let text = match axum::body::to_bytes(body, 16 * 1024).await {
+        Ok(bytes) if !bytes.is_empty() => String::from_utf8_lossy(&bytes).into_owned(),
+        _ => status.canonical_reason().unwrap_or("error").to_owned(),
+    };
+    let body = serde_json::json!({ "detail": text }).to_string();
+    parts.headers.insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/json"),
+    );
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    Response::from_parts(parts, axum::body::Body::from(body))
 }

@@ -2,10 +2,10 @@
 //! rejections. JSON bodies are parsed whatever the Content-Type, as FastAPI does.
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
-use axum::http::StatusCode;
+use bytes::BytesMut;
+use http_body_util::BodyExt as _;
 use serde::de::DeserializeOwned;
 
 use std::sync::Arc;
@@ -45,40 +45,65 @@ impl<T: DeserializeOwned + Default> FromRequest<Arc<AppContext>> for OptionalJso
     }
 }
 
-/// Reads the whole body within the route's size limit and the request's body deadline.
+/// Reads the whole body within its size limit and the request's body deadline. The
+/// buffer is sized once from Content-Length (when it is within the limit), so a large
+/// body is held once, not grown by doubling and then copied into one piece.
 async fn read_body(request: Request, context: &Arc<AppContext>) -> Result<Bytes, ApiError> {
+    let limits = &context.config.limits;
+    // Results carry whole transcripts; creates carry task options; everything else is small.
+    let (limit, too_large) = if request.method() == axum::http::Method::PUT {
+        (
+            limits.max_result_body_bytes(),
+            "MORAG_REMOTE_MAX_RESULT_BYTES for content plus MORAG_REMOTE_MAX_METADATA_BYTES for metadata plus 64 KiB",
+        )
+    } else {
+        (
+            limits.max_create_body_bytes().max(2 * 1024 * 1024),
+            "MORAG_REMOTE_MAX_METADATA_BYTES for task_options plus 64 KiB, at least 2 MiB",
+        )
+    };
+    let too_large = || {
+        ApiError::PayloadTooLarge(format!(
+            "request body larger than {limit} bytes ({too_large})"
+        ))
+    };
+    let declared = request
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<usize>().ok());
+    if declared.is_some_and(|length| length > limit) {
+        return Err(too_large());
+    }
     let deadline = request.extensions().get::<BodyDeadline>().copied();
-    let is_result = request.method() == axum::http::Method::PUT;
-    let read = Bytes::from_request(request, context);
-    let read = match deadline {
-        Some(BodyDeadline(deadline)) => {
-            tokio::time::timeout_at(deadline, read).await.map_err(|_| {
+    let mut body = request.into_body();
+    let mut buffer = BytesMut::with_capacity(declared.unwrap_or(0));
+    let read_all = async {
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|error| {
+                ApiError::validation(&["body"], format!("failed to read the body: {error}"))
+            })?;
+            if let Ok(data) = frame.into_data() {
+                if buffer.len() + data.len() > limit {
+                    return Err(too_large());
+                }
+                buffer.extend_from_slice(&data);
+            }
+        }
+        Ok(())
+    };
+    match deadline {
+        Some(BodyDeadline(deadline)) => tokio::time::timeout_at(deadline, read_all)
+            .await
+            .map_err(|_| {
                 ApiError::RequestTimeout(format!(
                     "the request body did not arrive within {} s (MORAG_JOBS_HTTP_BODY_TIMEOUT)",
-                    context.config.limits.body_timeout.as_secs()
+                    limits.body_timeout.as_secs()
                 ))
-            })?
-        }
-        None => read.await,
-    };
-    read.map_err(|rejection: BytesRejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            let limits = &context.config.limits;
-            ApiError::PayloadTooLarge(if is_result {
-                format!(
-                    "request body larger than {} bytes (MORAG_REMOTE_MAX_RESULT_BYTES for content plus MORAG_REMOTE_MAX_METADATA_BYTES for metadata plus 64 KiB)",
-                    limits.max_result_body_bytes()
-                )
-            } else {
-                format!(
-                    "request body larger than {} bytes (MORAG_REMOTE_MAX_METADATA_BYTES for task_options plus 64 KiB, at least 2 MiB)",
-                    limits.max_create_body_bytes().max(2 * 1024 * 1024)
-                )
-            })
-        } else {
-            ApiError::validation(&["body"], rejection.body_text())
-        }
-    })
+            })??,
+        None => read_all.await?,
+    }
+    Ok(buffer.freeze())
 }
 
 /// Parses with the JSON limits installed; a limit exceeded is a 413 naming it.

@@ -39,7 +39,7 @@ pub async fn poll(
         match context.long_poll_slots.try_acquire() {
             Ok(permit) => Some(permit),
             Err(_) => {
-                wait = Duration::ZERO;
+                wait = std::time::Duration::ZERO;
                 None
             }
         }

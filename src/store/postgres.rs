@@ -357,7 +357,8 @@ pub(crate) fn pg_error(error: tokio_postgres::Error) -> StoreError {
             || code == "55P03" // lock not available: lock timeout
             || code == "40001" // serialization failure
             || code == "40P01" // deadlock detected
-            || code == "25006"; // read-only transaction: a failover in progress
+            || code == "25006" // read-only transaction: a failover in progress
+            || code == "58030"; // I/O error on the server's disk
         return if transient {
             StoreError::Unavailable(format!("PostgreSQL {code}: {}", db.message()))
         } else {
