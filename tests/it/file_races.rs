@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::support::{spawn_app, TestApp};
+use crate::support::{spawn_app, spawn_app_with, TestApp};
 
 const JOBS: &str = "/api/v1/remote-jobs";
 const INSIDE: &[u8] = b"inside bytes: the real source file of the job";
@@ -365,4 +365,85 @@ fn release_fifo_readers(paths: &[&Path]) {
                 .open(path);
         }
     }
+}
+
+/// Not a race, but the same defence seen from a client: with `--refuse-hardlinks`, a file
+/// with a second hard link is refused at creation (422) and, if the link appears later, at
+/// download (404 saying why).
+#[tokio::test]
+async fn refuse_hardlinks_refuses_linked_files_at_creation_and_download() {
+    let app = spawn_app_with(&["--refuse-hardlinks"]).await;
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("secret"), SECRET).unwrap();
+    let linked = app.files_dir.join("linked.bin");
+    std::fs::hard_link(outside.path().join("secret"), &linked).unwrap();
+    let (status, body) = app
+        .post(
+            &format!("{JOBS}/"),
+            json!({"source_file_path": linked, "content_type": "audio", "ingestion_task_id": "i"}),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert!(body.to_string().contains("hard link"), "{body}");
+
+    let id = app.create("audio").await;
+    let source = app.detail(&id).await["source_file_path"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    app.claim("w1", "audio").await;
+    let download = format!("{JOBS}/{id}/download");
+    let (status, _) = app.get(&download).await;
+    assert_eq!(status, 200);
+    std::fs::hard_link(&source, outside.path().join("second-name")).unwrap();
+    let (status, body) = app.get(&download).await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(
+        body["detail"],
+        format!("Source file for job {id} has more than one hard link, which this server refuses")
+    );
+
+    // Without the flag the same file is served: the roots cannot tell a link from a name.
+    let open = spawn_app().await;
+    let linked = open.files_dir.join("linked.bin");
+    std::fs::hard_link(outside.path().join("secret"), &linked).unwrap();
+    let (status, body) = open
+        .post(
+            &format!("{JOBS}/"),
+            json!({"source_file_path": linked, "content_type": "audio", "ingestion_task_id": "i"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+}
+
+/// A source replaced by a FIFO after creation gets a prompt 404 naming the reason.
+#[tokio::test]
+async fn a_source_replaced_by_a_fifo_is_refused_promptly() {
+    let app = spawn_app().await;
+    let id = app.create("audio").await;
+    let source = app.detail(&id).await["source_file_path"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    app.claim("w1", "audio").await;
+    std::fs::remove_file(&source).unwrap();
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        source.as_str(),
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .unwrap();
+    let (status, body) = tokio::time::timeout(
+        Duration::from_secs(5),
+        app.get(&format!("{JOBS}/{id}/download")),
+    )
+    .await
+    .expect("the download answers without waiting for a FIFO writer");
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(
+        body["detail"],
+        format!("Source file for job {id} is not a regular file")
+    );
 }
