@@ -236,17 +236,27 @@ async fn cleanup_never_deletes_a_file_outside_while_a_directory_flips() {
     );
 }
 
-fn thread_count() -> usize {
-    std::fs::read_dir("/proc/self/task").unwrap().count()
+/// The name of the threads of the FIFO test's runtime (at most 15 bytes, the kernel's limit).
+const FIFO_RUNTIME_THREADS: &str = "fifo-race-rt";
+
+/// Threads of the FIFO test's runtime alive now (workers and blocking threads), counted by
+/// name so other tests running in the same process do not disturb the count.
+fn runtime_thread_count() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .filter(|comm| comm.trim_end() == FIFO_RUNTIME_THREADS)
+        .count()
 }
 
 /// The server runs in this test's own runtime, whose idle blocking threads exit after
-/// 100 ms, so threads still alive after the downloads are threads stuck in a system call.
+/// 100 ms, so its threads still alive after the downloads are threads stuck in a system call.
 #[test]
 fn downloads_never_hang_on_a_fifo_and_threads_return_to_baseline() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_keep_alive(Duration::from_millis(100))
+        .thread_name(FIFO_RUNTIME_THREADS)
         .enable_all()
         .build()
         .unwrap();
@@ -281,7 +291,7 @@ fn downloads_never_hang_on_a_fifo_and_threads_return_to_baseline() {
         assert_eq!(warm.status(), 200);
         warm.bytes().await.unwrap();
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let baseline = thread_count();
+        let baseline = runtime_thread_count();
 
         let flipper = Flipper::start(source.clone(), fifo.clone());
         let deadline = Instant::now() + Duration::from_secs(3);
@@ -324,10 +334,10 @@ fn downloads_never_hang_on_a_fifo_and_threads_return_to_baseline() {
         let flips = flipper.stop();
 
         let settle_deadline = Instant::now() + Duration::from_secs(3);
-        let mut threads = thread_count();
+        let mut threads = runtime_thread_count();
         while threads > baseline && Instant::now() < settle_deadline {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            threads = thread_count();
+            threads = runtime_thread_count();
         }
         eprintln!(
             "fifo downloads: {served} served, {refused} refused, {hung} hung; {flips} flips; \
