@@ -15,7 +15,7 @@ use std::sync::Arc;
 use crate::clock::Timestamp;
 use crate::domain::{
     judge_result, AfterFailure, AttemptFacts, ContentType, HandoffKind, Job, JobDetail, JobId,
-    JobStatus, LeaseId, LifecyclePolicy, ResultRefusal, ResultTiming, RetentionPolicy,
+    JobResult, JobStatus, LeaseId, LifecyclePolicy, ResultRefusal, ResultTiming, RetentionPolicy,
     TimeoutPolicy, WorkerId,
 };
 
@@ -348,6 +348,8 @@ pub struct Handoff {
 pub struct ImportJobParams {
     /// Every field is stored as given; the store decides nothing.
     pub job: Job,
+    /// A completed job's result.
+    pub result: Option<JobResult>,
     /// When the monitor must look at the job (its pending or attempt deadline), if ever.
     pub deadline_at: Option<Timestamp>,
     /// Recorded as the job's first history entry (from nothing to its status).
@@ -389,6 +391,9 @@ pub trait Store: Send + Sync + 'static {
     fn import_job(&self, params: ImportJobParams) -> StoreFuture<'_, ImportOutcome>;
     /// Checks the database answers.
     fn ping(&self) -> StoreFuture<'_, ()>;
+    /// Writes and commits one tiny row, to prove writes still succeed (a database on a
+    /// full or read-only disk still answers reads). Touches no job.
+    fn probe_write(&self, now: Timestamp) -> StoreFuture<'_, ()>;
     /// Wake-ups for long-polling workers from outside this process: the value changes
     /// whenever a job may have become claimable through another replica (or at a periodic
     /// fallback tick). `None` when every write goes through this process, as with SQLite,
