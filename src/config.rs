@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::Args;
 
 use crate::domain::{LifecyclePolicy, RetentionPolicy, RetryPolicy, TimeoutPolicy};
+use crate::files::HardLinks;
 use crate::store::{DatabaseTarget, DatabaseUrl, Durability, StoreSettings};
 
 /// `morag-jobs serve` flags. Every flag can also be set through its environment variable.
@@ -73,6 +74,15 @@ pub struct ServeArgs {
     /// Colon-separated directories a job's source file must be inside (default: DATA_DIR/files).
     #[arg(long, env = "MORAG_REMOTE_ALLOWED_ROOTS")]
     pub allowed_roots: Option<String>,
+    /// Refuse source files with more than one hard link, at creation and at download: a
+    /// hard link inside a root can name any file on the same filesystem (see SECURITY.md).
+    #[arg(
+        long,
+        env = "MORAG_REMOTE_REFUSE_HARDLINKS",
+        action = clap::ArgAction::SetTrue,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub refuse_hardlinks: bool,
 
     /// Comma-separated API keys for workers (poll, heartbeat, result, download).
     #[arg(
@@ -178,6 +188,8 @@ pub struct Config {
     pub files_dir: PathBuf,
     /// Canonical directories source files must be inside.
     pub allowed_roots: Vec<PathBuf>,
+    /// Whether source files with more than one hard link are served.
+    pub hard_links: HardLinks,
     pub policy: LifecyclePolicy,
     pub monitor_interval: Duration,
     pub cleanup_interval: Duration,
@@ -309,6 +321,11 @@ impl Config {
             data_dir,
             files_dir,
             allowed_roots,
+            hard_links: if args.refuse_hardlinks {
+                HardLinks::Refuse
+            } else {
+                HardLinks::Allow
+            },
             policy,
             monitor_interval: positive("MORAG_JOB_MONITOR_INTERVAL", args.monitor_interval)?,
             cleanup_interval: positive("MORAG_JOB_CLEANUP_INTERVAL", args.cleanup_interval)?,
@@ -374,6 +391,15 @@ mod tests {
         assert_eq!(config.allowed_roots, vec![config.files_dir.clone()]);
         assert!(config.files_dir.is_dir());
         assert!(config.is_open());
+        assert_eq!(config.hard_links, HardLinks::Allow);
+    }
+
+    #[test]
+    fn refuse_hardlinks_is_a_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().to_str().unwrap();
+        let config = Config::from_args(args(&["--data-dir", data, "--refuse-hardlinks"])).unwrap();
+        assert_eq!(config.hard_links, HardLinks::Refuse);
     }
 
     #[test]

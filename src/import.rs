@@ -228,13 +228,18 @@ pub async fn import_morag_dir(
             let parsed = std::fs::read_to_string(&path)
                 .map_err(|error| format!("cannot read: {error}"))
                 .and_then(|text| parse_morag_job(&text, folder, timeouts, &source, now));
-            let params = match parsed {
+            let mut params = match parsed {
                 Ok(params) => params,
                 Err(reason) => {
                     summary.malformed.push((path, reason));
                     continue;
                 }
             };
+            // Stored paths are canonical, as at creation: downloads follow no symlink on
+            // them (see `files`). A file that is gone keeps its path as written.
+            if let Ok(canonical) = std::fs::canonicalize(&params.job.source_file_path) {
+                params.job.source_file_path = canonical.to_string_lossy().into_owned();
+            }
             match store.import_job(params).await? {
                 ImportOutcome::Imported => summary.n_imported += 1,
                 ImportOutcome::AlreadyExists => summary.n_skipped += 1,

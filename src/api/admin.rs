@@ -34,11 +34,18 @@ pub async fn create_job(
             format!("must be 1 to {MAX_INGESTION_TASK_ID_LEN} bytes"),
         ));
     }
-    let source =
-        files::resolve_within_roots(&request.source_file_path, &context.config.allowed_roots)
+    let source = {
+        let raw = request.source_file_path;
+        let roots = context.config.allowed_roots.clone();
+        let hard_links = context.config.hard_links;
+        // Resolving and opening are blocking system calls: keep them off the async workers.
+        tokio::task::spawn_blocking(move || files::resolve_within_roots(&raw, &roots, hard_links))
+            .await
+            .map_err(|error| ApiError::Internal(format!("source check task failed: {error}")))?
             .map_err(|rejection| {
                 ApiError::validation(&["body", "source_file_path"], rejection.to_string())
-            })?;
+            })?
+    };
     let now = context.clock.now();
     let job = context
         .store

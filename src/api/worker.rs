@@ -241,13 +241,30 @@ pub async fn download(
             ));
         }
     }
-    // Resolve again: the file may have been replaced by a link since the job was created.
-    let path = files::resolve_within_roots(&job.source_file_path, &context.config.allowed_roots)
-        .map_err(|_| ApiError::NotFound(format!("Source file for job {job_id} not found")))?;
-    let file = tokio::fs::File::open(&path)
-        .await
-        .map_err(|_| ApiError::NotFound(format!("Source file for job {job_id} not found")))?;
-    let length = file.metadata().await.ok().map(|m| m.len());
+    // Open beneath the root, not by name: a directory on the path may have been swapped
+    // for a symlink, or the file for a FIFO, since the job was created.
+    let path = std::path::PathBuf::from(&job.source_file_path);
+    let opened = {
+        let path = path.clone();
+        let roots = context.config.allowed_roots.clone();
+        let hard_links = context.config.hard_links;
+        tokio::task::spawn_blocking(move || files::open_within_roots(&path, &roots, hard_links))
+            .await
+            .map_err(|error| ApiError::Internal(format!("source open task failed: {error}")))?
+    };
+    let opened = opened.map_err(|rejection| {
+        ApiError::NotFound(match rejection {
+            files::PathRejection::NotAFile => {
+                format!("Source file for job {job_id} is not a regular file")
+            }
+            files::PathRejection::HardLinked => format!(
+                "Source file for job {job_id} has more than one hard link, which this server refuses"
+            ),
+            _ => format!("Source file for job {job_id} not found"),
+        })
+    })?;
+    let length = opened.len;
+    let file = tokio::fs::File::from_std(opened.file);
     let stream = tokio_util::io::ReaderStream::with_capacity(file, 64 * 1024);
     let mut response = (
         [
@@ -260,10 +277,8 @@ pub async fn download(
         Body::from_stream(stream),
     )
         .into_response();
-    if let Some(length) = length {
-        response
-            .headers_mut()
-            .insert(header::CONTENT_LENGTH, length.into());
-    }
+    response
+        .headers_mut()
+        .insert(header::CONTENT_LENGTH, length.into());
     Ok(response)
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use crate::clock::SharedClock;
 use crate::domain::RetentionPolicy;
+use crate::files::{self, Removal};
 use crate::store::{CleanupParams, Store, StoreError};
 
 const CLEANUP_BATCH: usize = 500;
@@ -49,11 +50,8 @@ impl Cleaner {
                 })
                 .await?;
             summary.n_jobs_deleted += report.n_deleted;
-            for path in &report.orphaned_source_files {
-                if remove_owned_file(&self.files_dir, Path::new(path)).await {
-                    summary.n_files_deleted += 1;
-                }
-            }
+            summary.n_files_deleted +=
+                remove_owned_files(&self.files_dir, report.orphaned_source_files).await;
             if report.n_deleted < CLEANUP_BATCH {
                 break;
             }
@@ -69,23 +67,33 @@ impl Cleaner {
     }
 }
 
-/// Removes `path` only if it is a regular file that, with every link resolved, still lies
-/// inside `files_dir`. A path that now leads elsewhere (a swapped-in symlink) is left alone.
-async fn remove_owned_file(files_dir: &Path, path: &Path) -> bool {
-    let Ok(resolved) = tokio::fs::canonicalize(path).await else {
-        return false;
-    };
-    if resolved != path || !resolved.starts_with(files_dir) {
-        return false;
+/// Removes each of `paths` only if it is a regular file beneath `files_dir`, reached
+/// without symlinks; a path that now leads elsewhere (a swapped-in symlink) is left alone.
+/// Returns how many were removed.
+async fn remove_owned_files(files_dir: &Path, paths: Vec<String>) -> usize {
+    if paths.is_empty() {
+        return 0;
     }
-    match tokio::fs::symlink_metadata(&resolved).await {
-        Ok(meta) if meta.is_file() => match tokio::fs::remove_file(&resolved).await {
-            Ok(()) => true,
-            Err(error) => {
-                tracing::warn!(%error, path = %resolved.display(), "cannot delete a cleaned-up job's file");
-                false
+    let files_dir = files_dir.to_owned();
+    // One blocking task per batch: the unlinks are blocking system calls.
+    let removing = tokio::task::spawn_blocking(move || {
+        let mut removed = 0;
+        for path in &paths {
+            match files::remove_beneath(&files_dir, Path::new(path)) {
+                Ok(Removal::Removed) => removed += 1,
+                Ok(Removal::Missing | Removal::Refused) => {}
+                Err(error) => {
+                    tracing::warn!(%error, path = %path, "cannot delete a cleaned-up job's file");
+                }
             }
-        },
-        _ => false,
+        }
+        removed
+    });
+    match removing.await {
+        Ok(removed) => removed,
+        Err(error) => {
+            tracing::warn!(%error, "the file cleanup task failed");
+            0
+        }
     }
 }

@@ -7,6 +7,7 @@ mod api;
 mod architecture;
 mod cli;
 mod crash;
+mod file_races;
 mod hygiene;
 mod import;
 mod lifecycle;
