@@ -16,7 +16,9 @@ use crate::app::AppContext;
 use crate::domain::{ContentType, JobId, JobStatus, RetentionPolicy};
 use crate::files;
 use crate::monitor::Monitor;
-use crate::store::{CancelParams, CreateJobParams, ListParams, ManualRetryParams};
+use crate::store::{
+    CancelParams, CountCleanableParams, CreateJobParams, ListParams, ManualRetryParams,
+};
 
 const MAX_LIST_LIMIT: usize = 500;
 const MAX_INGESTION_TASK_ID_LEN: usize = 256;
@@ -37,7 +39,21 @@ pub async fn create_job(
     let source =
         files::resolve_within_roots(&request.source_file_path, &context.config.allowed_roots)
             .map_err(|rejection| {
-                ApiError::validation(&["body", "source_file_path"], rejection.to_string())
+                let mut message = rejection.to_string();
+                // An admin can fix this only knowing where files may be: say so.
+                if rejection == files::PathRejection::OutsideRoots {
+                    let roots: Vec<String> = context
+                        .config
+                        .allowed_roots
+                        .iter()
+                        .map(|root| root.display().to_string())
+                        .collect();
+                    message = format!(
+                        "{message} ({}); the server's MORAG_REMOTE_ALLOWED_ROOTS sets them",
+                        roots.join(":")
+                    );
+                }
+                ApiError::validation(&["body", "source_file_path"], message)
             })?;
     let now = context.clock.now();
     let job = context
@@ -96,7 +112,11 @@ pub async fn list_jobs(
     {
         None => None,
         Some(text) => Some(JobStatus::parse(text).ok_or_else(|| {
-            ApiError::validation(&["query", "status"], format!("unknown status {text:?}"))
+            let valid: Vec<&str> = JobStatus::ALL.iter().map(|s| s.as_str()).collect();
+            ApiError::validation(
+                &["query", "status"],
+                format!("unknown status {text:?}: expected one of {}", valid.join(", ")),
+            )
         })?),
     };
     let content_type = match query
@@ -203,7 +223,7 @@ pub async fn statistics(
 pub async fn cleanup(
     State(context): State<Arc<AppContext>>,
     QueryParams(query): QueryParams<CleanupQuery>,
-) -> Result<Json<CleanupResponse>, ApiError> {
+) -> Result<Response, ApiError> {
     let days_old = match query.days_old.as_deref() {
         None => 7,
         Some(text) => text
@@ -218,13 +238,39 @@ pub async fn cleanup(
                 )
             })?,
     };
+    let dry_run = match query.dry_run.as_deref().map(str::trim) {
+        None | Some("false") | Some("0") => false,
+        Some("true") | Some("1") => true,
+        Some(_) => {
+            return Err(ApiError::validation(
+                &["query", "dry_run"],
+                "must be true or false",
+            ))
+        }
+    };
+    if dry_run {
+        let would_clean_jobs = context
+            .store
+            .count_cleanable(CountCleanableParams {
+                retention: RetentionPolicy::uniform(days_old),
+                now: context.clock.now(),
+            })
+            .await?;
+        return Ok(Json(CleanupDryRunResponse {
+            dry_run: true,
+            would_clean_jobs,
+            days_old,
+        })
+        .into_response());
+    }
     let summary = Monitor::new(context.clone())
         .cleanup_with(RetentionPolicy::uniform(days_old))
         .await?;
     Ok(Json(CleanupResponse {
         cleaned_jobs: summary.n_jobs_deleted,
         days_old,
-    }))
+    })
+    .into_response())
 }
 
 pub async fn health(State(context): State<Arc<AppContext>>) -> Response {

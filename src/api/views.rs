@@ -249,11 +249,21 @@ pub struct ListQuery {
 #[derive(Deserialize)]
 pub struct CleanupQuery {
     pub days_old: Option<String>,
+    /// `true`: count what would be deleted, delete nothing.
+    pub dry_run: Option<String>,
 }
 
 #[derive(Serialize)]
 pub struct CleanupResponse {
     pub cleaned_jobs: usize,
+    pub days_old: u32,
+}
+
+/// The answer of a cleanup with `dry_run=true`.
+#[derive(Serialize)]
+pub struct CleanupDryRunResponse {
+    pub dry_run: bool,
+    pub would_clean_jobs: u64,
     pub days_old: u32,
 }
 
