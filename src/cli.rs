@@ -782,6 +782,29 @@ mod tests {
     }
 
     #[test]
+    fn every_command_and_flag_has_help() {
+        use clap::CommandFactory as _;
+        let mut missing = Vec::new();
+        let mut commands = vec![(String::from("morag-jobs"), Cli::command())];
+        while let Some((path, command)) = commands.pop() {
+            for arg in command.get_arguments() {
+                let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+                if !builtin && arg.get_help().is_none() {
+                    missing.push(format!("{path} {}", arg.get_id()));
+                }
+            }
+            for sub in command.get_subcommands() {
+                let sub_path = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() && sub.get_name() != "help" {
+                    missing.push(sub_path.clone());
+                }
+                commands.push((sub_path, sub.clone()));
+            }
+        }
+        assert!(missing.is_empty(), "without help: {missing:?}");
+    }
+
+    #[test]
     fn urls_without_a_scheme_are_http() {
         assert_eq!(
             base_url("127.0.0.1:8700").unwrap().as_str(),

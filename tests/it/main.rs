@@ -5,12 +5,14 @@ mod support;
 
 mod api;
 mod cli;
+mod config_errors;
 mod crash;
 mod import;
 mod lifecycle;
 mod morag_client;
 mod postgres;
 mod race;
+mod readme;
 mod replicas;
 mod store_conformance;
 mod test_script;
