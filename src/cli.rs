@@ -218,8 +218,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             } => {
                 let payload = serde_json::json!({ "reason": reason });
                 let path = format!("/api/v1/remote-jobs/{job_id}/cancel");
-                let body =
-                    request(&client, reqwest::Method::POST, &path, &[], Some(payload)).await;
+                let body = request(&client, reqwest::Method::POST, &path, &[], Some(payload)).await;
                 print(&client, body, render_status)
             }
             JobsAction::Retry { job_id, client } => {
@@ -299,7 +298,9 @@ fn check_listen_address(addr: std::net::SocketAddr) -> anyhow::Result<()> {
                 std::io::ErrorKind::PermissionDenied => {
                     "permission denied (ports below 1024 need privileges)"
                 }
-                std::io::ErrorKind::AddrNotAvailable => "no interface of this machine has that address",
+                std::io::ErrorKind::AddrNotAvailable => {
+                    "no interface of this machine has that address"
+                }
                 _ => "",
             };
             let why = if why.is_empty() {
@@ -316,7 +317,9 @@ fn check_listen_address(addr: std::net::SocketAddr) -> anyhow::Result<()> {
 fn log_startup_summary(config: &Config, addr: std::net::SocketAddr) {
     let store = match &config.database {
         DatabaseTarget::Sqlite(path) => format!("sqlite {}", path.display()),
-        DatabaseTarget::Postgres(url) => format!("postgres {}", url_without_credentials(url.expose())),
+        DatabaseTarget::Postgres(url) => {
+            format!("postgres {}", url_without_credentials(url.expose()))
+        }
     };
     let auth = if config.is_open() {
         "open (no API keys: every endpoint answers anyone)".to_owned()

@@ -233,7 +233,8 @@ fn parse_days(text: &str) -> Result<u32, String> {
 /// HOST:PORT; a host name is resolved now, once, and its first address is used.
 pub fn parse_listen_address(text: &str) -> Result<SocketAddr, String> {
     use std::net::ToSocketAddrs as _;
-    const EXPECTED: &str = "expected HOST:PORT, e.g. 127.0.0.1:8700, localhost:8700 or 0.0.0.0:8700";
+    const EXPECTED: &str =
+        "expected HOST:PORT, e.g. 127.0.0.1:8700, localhost:8700 or 0.0.0.0:8700";
     let text = text.trim();
     if let Ok(addr) = text.parse::<SocketAddr>() {
         return Ok(addr);
@@ -392,7 +393,12 @@ impl Config {
             Some(list) => list
                 .split(':')
                 .filter(|part| !part.trim().is_empty())
-                .map(|part| canonical(Path::new(part.trim()), "allowed root (MORAG_REMOTE_ALLOWED_ROOTS or --allowed-roots)"))
+                .map(|part| {
+                    canonical(
+                        Path::new(part.trim()),
+                        "allowed root (MORAG_REMOTE_ALLOWED_ROOTS or --allowed-roots)",
+                    )
+                })
                 .collect::<Result<_, _>>()?,
         };
 
@@ -471,11 +477,13 @@ fn prepare_data_dir(path: &Path) -> Result<PathBuf, ConfigError> {
             "data directory {path:?} (MORAG_JOBS_DATA_DIR or --data-dir) exists but is not a directory"
         )));
     }
-    std::fs::create_dir_all(path)
-        .map_err(failed("cannot create the data directory (MORAG_JOBS_DATA_DIR or --data-dir)"))?;
+    std::fs::create_dir_all(path).map_err(failed(
+        "cannot create the data directory (MORAG_JOBS_DATA_DIR or --data-dir)",
+    ))?;
     let probe = path.join(format!(".morag-jobs-write-check-{}", std::process::id()));
-    std::fs::write(&probe, b"")
-        .map_err(failed("the data directory (MORAG_JOBS_DATA_DIR or --data-dir) is not writable"))?;
+    std::fs::write(&probe, b"").map_err(failed(
+        "the data directory (MORAG_JOBS_DATA_DIR or --data-dir) is not writable",
+    ))?;
     let _ = std::fs::remove_file(&probe);
     canonical(path, "data directory")
 }

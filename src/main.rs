@@ -47,7 +47,10 @@ fn refuse_arguments(error: clap::Error) -> std::process::ExitCode {
     let message = morag_jobs::cli::describe_invalid_value(&error, &argv);
     if argv.iter().any(|arg| arg == "--json") {
         let text = message.unwrap_or_else(|| error.render().to_string().trim().to_owned());
-        println!("{}", serde_json::json!({"error": text, "status": null, "detail": null}));
+        println!(
+            "{}",
+            serde_json::json!({"error": text, "status": null, "detail": null})
+        );
         return std::process::ExitCode::from(2);
     }
     match message {

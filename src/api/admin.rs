@@ -115,7 +115,10 @@ pub async fn list_jobs(
             let valid: Vec<&str> = JobStatus::ALL.iter().map(|s| s.as_str()).collect();
             ApiError::validation(
                 &["query", "status"],
-                format!("unknown status {text:?}: expected one of {}", valid.join(", ")),
+                format!(
+                    "unknown status {text:?}: expected one of {}",
+                    valid.join(", ")
+                ),
             )
         })?),
     };

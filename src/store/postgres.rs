@@ -519,7 +519,8 @@ const CLEANUP_SQL: &str = "WITH victims AS ( \
      history AS (DELETE FROM job_history USING gone WHERE job_history.job_seq = gone.seq) \
      SELECT completed_at, seq, source_file_path FROM gone";
 /// The rows `CLEANUP_SQL` would delete, counted (without locking them).
-const COUNT_CLEANABLE_SQL: &str = "SELECT count(*) FROM jobs WHERE status = $1 AND completed_at < $2 \
+const COUNT_CLEANABLE_SQL: &str =
+    "SELECT count(*) FROM jobs WHERE status = $1 AND completed_at < $2 \
      AND status IN ('completed', 'failed', 'timeout', 'cancelled')";
 const NEXT_DEADLINE_SQL: &str =
     "SELECT deadline_at FROM jobs WHERE deadline_at IS NOT NULL ORDER BY deadline_at LIMIT 1";

@@ -243,10 +243,7 @@ async fn server_errors_are_readable_sentences_and_json_under_json() {
         &["cleanup", "--days-old", "99999"],
         &["422 Unprocessable Entity: days_old: must be a whole number of days from 0 to 36500"],
     );
-    check(
-        &["jobs", "show", "no-such-job"],
-        &["the server answered 4"],
-    );
+    check(&["jobs", "show", "no-such-job"], &["the server answered 4"]);
 
     // Under --json the error is JSON too, with the server's status and detail.
     let id = running.create("audio").await;
@@ -255,7 +252,10 @@ async fn server_errors_are_readable_sentences_and_json_under_json() {
     assert!(!ok);
     let error: Value = serde_json::from_str(&out).expect("a JSON error on stdout");
     assert_eq!(error["status"], 409);
-    assert!(error["error"].as_str().unwrap().contains("cancelled"), "{error}");
+    assert!(
+        error["error"].as_str().unwrap().contains("cancelled"),
+        "{error}"
+    );
     let (ok, out, _) = running.cli(&["jobs", "list", "--content-type", "Not A Type", "--json"]);
     assert!(!ok);
     let error: Value = serde_json::from_str(&out).expect("a JSON error on stdout");
@@ -264,12 +264,18 @@ async fn server_errors_are_readable_sentences_and_json_under_json() {
     let (ok, out, _) = running.cli(&["jobs", "list", "--status", "bogus", "--json"]);
     assert!(!ok);
     let error: Value = serde_json::from_str(&out).expect("a JSON error on stdout");
-    assert!(error["error"].as_str().unwrap().contains("retrying"), "{error}");
+    assert!(
+        error["error"].as_str().unwrap().contains("retrying"),
+        "{error}"
+    );
 
     // A wrong key says which key is wanted.
     let (ok, _, err) = cli_raw(&["stats", "--url", &running.server.base]);
     assert!(!ok);
-    assert!(err.contains("401") && err.contains("MORAG_JOBS_API_KEY"), "{err}");
+    assert!(
+        err.contains("401") && err.contains("MORAG_JOBS_API_KEY"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -278,8 +284,9 @@ async fn an_unreachable_server_suggests_url_and_urls_need_no_scheme() {
     let (ok, _, err) = cli_raw(&["stats", "--url", &nothing_there]);
     assert!(!ok);
     assert!(
-        err.contains(&format!("cannot reach the morag-jobs server at http://{nothing_there}"))
-            && err.contains("--url or MORAG_JOBS_URL"),
+        err.contains(&format!(
+            "cannot reach the morag-jobs server at http://{nothing_there}"
+        )) && err.contains("--url or MORAG_JOBS_URL"),
         "{err}"
     );
     assert_eq!(err.lines().count(), 1, "{err}");
@@ -311,7 +318,10 @@ async fn cleanup_dry_run_counts_and_deletes_nothing() {
     let (ok, out, _) = running.cli(&["cleanup", "--days-old", "0", "--dry-run", "--json"]);
     assert!(ok);
     let body: Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(body, json!({"dry_run": true, "would_clean_jobs": 1, "days_old": 0}));
+    assert_eq!(
+        body,
+        json!({"dry_run": true, "would_clean_jobs": 1, "days_old": 0})
+    );
     let (ok, _, _) = running.cli(&["jobs", "show", &cancelled]);
     assert!(ok, "the dry run deleted nothing");
 

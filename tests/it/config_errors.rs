@@ -37,7 +37,11 @@ fn check(env: &[(&str, &str)], args: &[&str], expected: &str) {
         stderr.contains(expected),
         "expected {expected:?} in:\n{stderr}"
     );
-    assert_eq!(stderr.lines().count(), 1, "one line, no usage dump:\n{stderr}");
+    assert_eq!(
+        stderr.lines().count(),
+        1,
+        "one line, no usage dump:\n{stderr}"
+    );
 }
 
 #[test]
@@ -104,7 +108,11 @@ fn a_data_directory_that_cannot_be_used_is_reported_with_its_cause_once() {
             && stderr.contains("/proc/morag-jobs-test"),
         "{stderr}"
     );
-    assert_eq!(stderr.matches("os error").count(), 1, "the cause once: {stderr}");
+    assert_eq!(
+        stderr.matches("os error").count(),
+        1,
+        "the cause once: {stderr}"
+    );
 
     let file = tempfile::NamedTempFile::new().unwrap();
     let stderr = refused(&[], &["--data-dir", file.path().to_str().unwrap()]);
@@ -117,9 +125,12 @@ fn a_port_in_use_is_reported_before_anything_is_created_and_suggests_addr() {
     let addr = taken.local_addr().unwrap().to_string();
     let parent = tempfile::tempdir().unwrap();
     let data_dir = parent.path().join("data");
-    let output = serve(&[("MORAG_JOBS_ADDR", &addr)], &["--data-dir", data_dir.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let output = serve(
+        &[("MORAG_JOBS_ADDR", &addr)],
+        &["--data-dir", data_dir.to_str().unwrap()],
+    )
+    .output()
+    .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
     assert!(
@@ -135,11 +146,14 @@ fn a_port_in_use_is_reported_before_anything_is_created_and_suggests_addr() {
 fn started(env: &[(&str, &str)], health_url: &str) -> String {
     let data = tempfile::tempdir().unwrap();
     let log = data.path().join("stderr.log");
-    let mut child = serve(env, &["--data-dir", data.path().join("data").to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let mut child = serve(
+        env,
+        &["--data-dir", data.path().join("data").to_str().unwrap()],
+    )
+    .stdout(Stdio::null())
+    .stderr(std::fs::File::create(&log).unwrap())
+    .spawn()
+    .unwrap();
     let started = Instant::now();
     let healthy = loop {
         if answers_ok(health_url) {
@@ -196,11 +210,17 @@ fn humane_durations_host_names_and_the_insecure_variable_are_accepted() {
     ] {
         assert!(summary.contains(field), "{field} in {summary}");
     }
-    assert!(!stderr.contains("WARN"), "fully configured: no warning\n{stderr}");
+    assert!(
+        !stderr.contains("WARN"),
+        "fully configured: no warning\n{stderr}"
+    );
 
     let port = free_port();
     let refused_without = refused(&[("MORAG_JOBS_ADDR", &format!("0.0.0.0:{port}"))], &[]);
-    assert!(refused_without.contains("--insecure-no-auth"), "{refused_without}");
+    assert!(
+        refused_without.contains("--insecure-no-auth"),
+        "{refused_without}"
+    );
     started(
         &[
             ("MORAG_JOBS_ADDR", &format!("0.0.0.0:{port}")),

@@ -13,8 +13,12 @@ const END: &str = "<!-- walkthrough:end -->";
 fn walkthrough() -> String {
     let readme =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
-    let start = readme.find(BEGIN).expect("README has the walkthrough begin marker");
-    let end = readme.find(END).expect("README has the walkthrough end marker");
+    let start = readme
+        .find(BEGIN)
+        .expect("README has the walkthrough begin marker");
+    let end = readme
+        .find(END)
+        .expect("README has the walkthrough end marker");
     let block = &readme[start + BEGIN.len()..end];
     let code = block
         .trim()

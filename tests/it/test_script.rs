@@ -57,10 +57,15 @@ async fn with_no_server_answering_the_discovery_runs_a_throwaway_cluster_and_rem
             "CI is set but no PostgreSQL binaries exist: {}",
             String::from_utf8_lossy(&output.stderr)
         );
-        eprintln!("!!! no PostgreSQL binaries on this machine: the throwaway cluster is not tested");
+        eprintln!(
+            "!!! no PostgreSQL binaries on this machine: the throwaway cluster is not tested"
+        );
         return;
     }
-    assert_eq!(state, "own", "a cluster of its own, not the unreachable URL");
+    assert_eq!(
+        state, "own",
+        "a cluster of its own, not the unreachable URL"
+    );
     assert_ne!(url, UNREACHABLE_URL);
     assert!(std::path::Path::new(&dir).join("data").is_dir(), "{dir}");
     assert_eq!(
