@@ -9,7 +9,8 @@ use std::time::Duration;
 use clap::Args;
 
 use crate::domain::{LifecyclePolicy, RetentionPolicy, RetryPolicy, TimeoutPolicy};
-use crate::store::sqlite::Durability;
+use crate::store::{DatabaseTarget, DatabaseUrl, Durability, StoreSettings};
+use crate::value_parsers::{parse_days, parse_listen_address, parse_seconds, parse_whole_number};
 
 /// `morag-jobs serve` flags. Every flag can also be set through its environment variable.
 #[derive(Args, Debug, Clone)]
@@ -102,6 +103,10 @@ pub struct ServeArgs {
     /// Allow listening on a non-loopback address without any API key.
     #[arg(long, env = "MORAG_JOBS_INSECURE_NO_AUTH")]
     pub insecure_no_auth: bool,
+
+    // Request, connection and lease limits (issue 8), kept in their own module.
+    #[command(flatten)]
+    pub limits: crate::limits::LimitArgs,
 }
 
 /// Where jobs are stored; shared by `serve`, `migrate` and `import-morag-dir`.
@@ -117,44 +122,6 @@ pub struct DatabaseArgs {
     pub database_max_connections: usize,
 }
 
-/// Which backend stores the jobs.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum DatabaseTarget {
-    Sqlite(PathBuf),
-    Postgres(DatabaseUrl),
-}
-
-/// A PostgreSQL URL. Its `Debug` output hides the password, so a logged config never
-/// shows a secret.
-#[derive(Clone, PartialEq, Eq)]
-pub struct DatabaseUrl(String);
-
-impl DatabaseUrl {
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for DatabaseUrl {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // postgres://user:secret@host/db -> postgres://user:***@host/db
-        let text = &self.0;
-        match (text.find("://"), text.rfind('@')) {
-            (Some(scheme), Some(at)) if at > scheme => {
-                let credentials = &text[scheme + 3..at];
-                let user = credentials.split(':').next().unwrap_or("");
-                write!(
-                    f,
-                    "DatabaseUrl({}{user}:***{})",
-                    &text[..scheme + 3],
-                    &text[at..]
-                )
-            }
-            _ => write!(f, "DatabaseUrl({text})"),
-        }
-    }
-}
-
 impl DatabaseArgs {
     /// Reads the URL: PostgreSQL, an explicit SQLite file, or the default SQLite file.
     pub fn target(&self, data_dir: &Path) -> Result<DatabaseTarget, ConfigError> {
@@ -163,7 +130,7 @@ impl DatabaseArgs {
             return Ok(DatabaseTarget::Sqlite(data_dir.join("morag-jobs.sqlite3")));
         }
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            return Ok(DatabaseTarget::Postgres(DatabaseUrl(url.to_owned())));
+            return Ok(DatabaseTarget::Postgres(DatabaseUrl::new(url)));
         }
         if let Some(path) = url.strip_prefix("sqlite://") {
             if path.is_empty() {
@@ -178,22 +145,17 @@ impl DatabaseArgs {
         ))
     }
 
-    pub fn postgres_options(&self, url: &DatabaseUrl) -> crate::store::postgres::PostgresOptions {
-        postgres_options(url, self.database_max_connections)
+    /// The backend settings these flags carry besides the target.
+    pub fn settings(&self, durability: Durability) -> StoreSettings {
+        StoreSettings {
+            durability,
+            max_connections: self.database_max_connections,
+        }
     }
 }
 
-pub fn postgres_options(
-    url: &DatabaseUrl,
-    max_connections: usize,
-) -> crate::store::postgres::PostgresOptions {
-    let mut options = crate::store::postgres::PostgresOptions::new(url.expose());
-    options.max_connections = max_connections.max(1);
-    options
-}
-
-// The value parsers below answer only what they expected; `cli::describe_invalid_value`
-// puts the variable or flag the user set, and the value, in front.
+// The value parsers answer only what they expected; `cli::describe_invalid_value` puts
+// the variable or flag the user set, and the value, in front.
 
 fn parse_durability(text: &str) -> Result<Durability, String> {
     match text.to_ascii_lowercase().as_str() {
@@ -201,56 +163,6 @@ fn parse_durability(text: &str) -> Result<Durability, String> {
         "full" => Ok(Durability::Full),
         _ => Err("expected normal or full".into()),
     }
-}
-
-/// Whole seconds: plain (`90`) or a duration (`90s`, `5m`, `1h`, `1h 30m`).
-pub fn parse_seconds(text: &str) -> Result<u64, String> {
-    const EXPECTED: &str = "expected whole seconds or a duration, e.g. 90, 90s, 5m or 1h";
-    let text = text.trim();
-    if let Ok(seconds) = text.parse::<u64>() {
-        return Ok(seconds);
-    }
-    let duration = humantime::parse_duration(text).map_err(|_| EXPECTED.to_owned())?;
-    if duration.subsec_nanos() != 0 {
-        return Err(format!("{EXPECTED} (whole seconds only)"));
-    }
-    Ok(duration.as_secs())
-}
-
-/// A whole number such as a count of retries or connections.
-pub fn parse_whole_number<T: std::str::FromStr>(text: &str) -> Result<T, String> {
-    text.trim()
-        .parse()
-        .map_err(|_| "expected a whole number, e.g. 3".to_owned())
-}
-
-fn parse_days(text: &str) -> Result<u32, String> {
-    text.trim()
-        .parse()
-        .map_err(|_| "expected a whole number of days, e.g. 7".to_owned())
-}
-
-/// HOST:PORT; a host name is resolved now, once, and its first address is used.
-pub fn parse_listen_address(text: &str) -> Result<SocketAddr, String> {
-    use std::net::ToSocketAddrs as _;
-    const EXPECTED: &str =
-        "expected HOST:PORT, e.g. 127.0.0.1:8700, localhost:8700 or 0.0.0.0:8700";
-    let text = text.trim();
-    if let Ok(addr) = text.parse::<SocketAddr>() {
-        return Ok(addr);
-    }
-    let Some((host, port)) = text.rsplit_once(':') else {
-        return Err(format!("no port: {EXPECTED}"));
-    };
-    if host.is_empty() || port.parse::<u16>().is_err() {
-        return Err(EXPECTED.into());
-    }
-    let mut addrs = text
-        .to_socket_addrs()
-        .map_err(|error| format!("cannot resolve {host:?} ({error}): {EXPECTED}"))?;
-    addrs
-        .next()
-        .ok_or_else(|| format!("{host:?} has no address: {EXPECTED}"))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -272,13 +184,10 @@ pub enum ConfigError {
 pub struct Config {
     pub addr: SocketAddr,
     pub data_dir: PathBuf,
-    /// The SQLite file, when jobs are stored in SQLite.
-    pub database_path: PathBuf,
-    pub durability: Durability,
     /// Where jobs are stored.
     pub database: DatabaseTarget,
-    /// PostgreSQL connections per replica at most.
-    pub database_max_connections: usize,
+    /// How the store is run (SQLite durability, PostgreSQL connections).
+    pub store_settings: StoreSettings,
     /// The server's own files directory (`DATA_DIR/files`), canonical. Cleanup deletes
     /// source files only in here.
     pub files_dir: PathBuf,
@@ -291,6 +200,9 @@ pub struct Config {
     pub worker_api_keys: Vec<ApiKey>,
     pub admin_api_keys: Vec<ApiKey>,
     pub insecure_no_auth: bool,
+
+    /// Request, connection and lease limits (issue 8).
+    pub limits: crate::limits::Limits,
 }
 
 /// An API key. Its `Debug` output is redacted so a logged config never shows a secret.
@@ -402,18 +314,15 @@ impl Config {
                 .collect::<Result<_, _>>()?,
         };
 
+        let limits =
+            crate::limits::Limits::from_args(&args.limits).map_err(ConfigError::Invalid)?;
         let database = args.database.target(&data_dir)?;
-        let database_path = match &database {
-            DatabaseTarget::Sqlite(path) => path.clone(),
-            DatabaseTarget::Postgres(_) => data_dir.join("morag-jobs.sqlite3"),
-        };
+        let store_settings = args.database.settings(args.sqlite_sync);
         Ok(Config {
             addr: args.addr,
-            database_path,
             database,
-            database_max_connections: args.database.database_max_connections,
+            store_settings,
             data_dir,
-            durability: args.sqlite_sync,
             files_dir,
             allowed_roots,
             policy,
@@ -423,6 +332,7 @@ impl Config {
             worker_api_keys,
             admin_api_keys,
             insecure_no_auth: args.insecure_no_auth,
+            limits,
         })
     }
 
@@ -558,12 +468,11 @@ mod tests {
             config.database,
             DatabaseTarget::Sqlite(PathBuf::from("/tmp/x.db"))
         );
-        assert_eq!(config.database_path, PathBuf::from("/tmp/x.db"));
         let url = "postgres://jobs:hunter2@db.internal:5432/morag";
         let config = Config::from_args(args(&["--data-dir", data, "--database-url", url])).unwrap();
         assert_eq!(
             config.database,
-            DatabaseTarget::Postgres(DatabaseUrl(url.into()))
+            DatabaseTarget::Postgres(DatabaseUrl::new(url))
         );
         let debug = format!("{config:?}");
         assert!(

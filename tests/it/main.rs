@@ -4,11 +4,14 @@
 mod support;
 
 mod api;
+mod architecture;
 mod cli;
 mod config_errors;
 mod crash;
+mod hygiene;
 mod import;
 mod lifecycle;
+mod listing_memory;
 mod morag_client;
 mod postgres;
 mod race;
