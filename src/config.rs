@@ -11,12 +11,14 @@ use clap::Args;
 use crate::domain::{LifecyclePolicy, RetentionPolicy, RetryPolicy, TimeoutPolicy};
 use crate::files::HardLinks;
 use crate::store::{DatabaseTarget, DatabaseUrl, Durability, StoreSettings};
+use crate::value_parsers::{parse_days, parse_listen_address, parse_seconds, parse_whole_number};
 
 /// `morag-jobs serve` flags. Every flag can also be set through its environment variable.
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
-    /// Address to listen on.
-    #[arg(long, env = "MORAG_JOBS_ADDR", default_value = "127.0.0.1:8700")]
+    /// Address to listen on: HOST:PORT, where HOST may be a name (`localhost:8700`),
+    /// resolved at startup.
+    #[arg(long, env = "MORAG_JOBS_ADDR", default_value = "127.0.0.1:8700", value_parser = parse_listen_address)]
     pub addr: SocketAddr,
     /// Directory for the SQLite database and the server's own files (`files/`).
     #[arg(long, env = "MORAG_JOBS_DATA_DIR", default_value = "./morag-jobs-data")]
@@ -28,47 +30,55 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub database: DatabaseArgs,
 
-    #[arg(long, env = "MORAG_REMOTE_JOB_TIMEOUT_AUDIO", default_value_t = 1800)]
+    /// Execution timeout of audio jobs (seconds, or a duration such as 30m).
+    #[arg(long, env = "MORAG_REMOTE_JOB_TIMEOUT_AUDIO", default_value = "1800", value_parser = parse_seconds)]
     pub timeout_audio: u64,
-    #[arg(long, env = "MORAG_REMOTE_JOB_TIMEOUT_VIDEO", default_value_t = 3600)]
+    /// Execution timeout of video jobs (seconds, or a duration such as 30m).
+    #[arg(long, env = "MORAG_REMOTE_JOB_TIMEOUT_VIDEO", default_value = "3600", value_parser = parse_seconds)]
     pub timeout_video: u64,
-    #[arg(long, env = "MORAG_REMOTE_JOB_TIMEOUT_DOCUMENT", default_value_t = 600)]
+    /// Execution timeout of document jobs (seconds, or a duration such as 30m).
+    #[arg(long, env = "MORAG_REMOTE_JOB_TIMEOUT_DOCUMENT", default_value = "600", value_parser = parse_seconds)]
     pub timeout_document: u64,
-    #[arg(long, env = "MORAG_REMOTE_JOB_TIMEOUT_IMAGE", default_value_t = 300)]
+    /// Execution timeout of image jobs (seconds, or a duration such as 30m).
+    #[arg(long, env = "MORAG_REMOTE_JOB_TIMEOUT_IMAGE", default_value = "300", value_parser = parse_seconds)]
     pub timeout_image: u64,
-    #[arg(long, env = "MORAG_REMOTE_JOB_TIMEOUT_WEB", default_value_t = 600)]
+    /// Execution timeout of web jobs (seconds, or a duration such as 30m).
+    #[arg(long, env = "MORAG_REMOTE_JOB_TIMEOUT_WEB", default_value = "600", value_parser = parse_seconds)]
     pub timeout_web: u64,
-    #[arg(long, env = "MORAG_REMOTE_JOB_TIMEOUT_YOUTUBE", default_value_t = 1800)]
+    /// Execution timeout of youtube jobs (seconds, or a duration such as 30m).
+    #[arg(long, env = "MORAG_REMOTE_JOB_TIMEOUT_YOUTUBE", default_value = "1800", value_parser = parse_seconds)]
     pub timeout_youtube: u64,
     /// Execution timeout (seconds) for content types without their own.
-    #[arg(long, env = "MORAG_REMOTE_JOB_TIMEOUT_DEFAULT", default_value_t = 3600)]
+    #[arg(long, env = "MORAG_REMOTE_JOB_TIMEOUT_DEFAULT", default_value = "3600", value_parser = parse_seconds)]
     pub timeout_default: u64,
     /// Seconds a job may go without a heartbeat, from its first heartbeat on.
-    #[arg(long, env = "MORAG_REMOTE_HEARTBEAT_TIMEOUT", default_value_t = 300)]
+    #[arg(long, env = "MORAG_REMOTE_HEARTBEAT_TIMEOUT", default_value = "300", value_parser = parse_seconds)]
     pub heartbeat_timeout: u64,
     /// Seconds a job may wait for a worker before it times out (0 = forever).
-    #[arg(long, env = "MORAG_REMOTE_FALLBACK_TIMEOUT", default_value_t = 0)]
+    #[arg(long, env = "MORAG_REMOTE_FALLBACK_TIMEOUT", default_value = "0", value_parser = parse_seconds)]
     pub fallback_timeout: u64,
 
-    #[arg(long, env = "MORAG_REMOTE_MAX_RETRIES", default_value_t = 3)]
+    /// Automatic retries of a failed or timed-out job before its failure is final.
+    #[arg(long, env = "MORAG_REMOTE_MAX_RETRIES", default_value_t = 3, value_parser = parse_whole_number::<u32>)]
     pub max_retries: u32,
     /// Seconds before the first retry; doubles with each retry.
-    #[arg(long, env = "MORAG_REMOTE_RETRY_BACKOFF_BASE", default_value_t = 60)]
+    #[arg(long, env = "MORAG_REMOTE_RETRY_BACKOFF_BASE", default_value = "60", value_parser = parse_seconds)]
     pub retry_backoff_base: u64,
-    #[arg(long, env = "MORAG_REMOTE_RETRY_BACKOFF_MAX", default_value_t = 3600)]
+    /// Longest delay before a retry (seconds, or a duration such as 1h).
+    #[arg(long, env = "MORAG_REMOTE_RETRY_BACKOFF_MAX", default_value = "3600", value_parser = parse_seconds)]
     pub retry_backoff_max: u64,
 
     /// Seconds between the monitor's full passes (deadlines are also handled as they come due).
-    #[arg(long, env = "MORAG_JOB_MONITOR_INTERVAL", default_value_t = 60)]
+    #[arg(long, env = "MORAG_JOB_MONITOR_INTERVAL", default_value = "60", value_parser = parse_seconds)]
     pub monitor_interval: u64,
     /// Seconds between retention cleanups.
-    #[arg(long, env = "MORAG_JOB_CLEANUP_INTERVAL", default_value_t = 3600)]
+    #[arg(long, env = "MORAG_JOB_CLEANUP_INTERVAL", default_value = "3600", value_parser = parse_seconds)]
     pub cleanup_interval: u64,
     /// Days completed and cancelled jobs are kept.
-    #[arg(long, env = "MORAG_JOB_RETENTION_DAYS", default_value_t = 7)]
+    #[arg(long, env = "MORAG_JOB_RETENTION_DAYS", default_value_t = 7, value_parser = parse_days)]
     pub retention_days: u32,
     /// Days failed and timed-out jobs are kept (default: twice the retention days).
-    #[arg(long, env = "MORAG_JOB_RETENTION_DAYS_FAILED")]
+    #[arg(long, env = "MORAG_JOB_RETENTION_DAYS_FAILED", value_parser = parse_days)]
     pub retention_days_failed: Option<u32>,
 
     /// Colon-separated directories a job's source file must be inside (default: DATA_DIR/files).
@@ -101,7 +111,7 @@ pub struct ServeArgs {
     )]
     pub admin_api_keys: Vec<String>,
     /// Allow listening on a non-loopback address without any API key.
-    #[arg(long)]
+    #[arg(long, env = "MORAG_JOBS_INSECURE_NO_AUTH")]
     pub insecure_no_auth: bool,
 
     // Request, connection and lease limits (issue 8), kept in their own module.
@@ -118,7 +128,7 @@ pub struct DatabaseArgs {
     #[arg(long, env = "MORAG_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
     /// PostgreSQL connections per replica at most.
-    #[arg(long, env = "MORAG_DATABASE_MAX_CONNECTIONS", default_value_t = 16)]
+    #[arg(long, env = "MORAG_DATABASE_MAX_CONNECTIONS", default_value_t = 16, value_parser = parse_whole_number::<usize>)]
     pub database_max_connections: usize,
 }
 
@@ -154,11 +164,14 @@ impl DatabaseArgs {
     }
 }
 
+// The value parsers answer only what they expected; `cli::describe_invalid_value` puts
+// the variable or flag the user set, and the value, in front.
+
 fn parse_durability(text: &str) -> Result<Durability, String> {
     match text.to_ascii_lowercase().as_str() {
         "normal" => Ok(Durability::Normal),
         "full" => Ok(Durability::Full),
-        other => Err(format!("{other:?}: expected normal or full")),
+        _ => Err("expected normal or full".into()),
     }
 }
 
@@ -166,11 +179,13 @@ fn parse_durability(text: &str) -> Result<Durability, String> {
 pub enum ConfigError {
     #[error("{0}")]
     Invalid(String),
-    #[error("{what} {path:?}: {source}")]
+    /// The cause is part of the message and deliberately not a `source`, so an error
+    /// chain prints it once.
+    #[error("{what} {path:?}: {cause}")]
     Io {
         what: &'static str,
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
@@ -224,8 +239,9 @@ impl Config {
         let secs = Duration::from_secs;
         let positive = |name: &str, value: u64| {
             if value == 0 {
+                let flag = flag_of(name);
                 Err(ConfigError::Invalid(format!(
-                    "{name} must be at least 1 second"
+                    "{name} (or {flag}) is 0: expected at least 1 second, e.g. 60 or 5m"
                 )))
             } else {
                 Ok(secs(value))
@@ -283,17 +299,12 @@ impl Config {
             )));
         }
 
-        std::fs::create_dir_all(&args.data_dir).map_err(|source| ConfigError::Io {
-            what: "cannot create data directory",
-            path: args.data_dir.clone(),
-            source,
-        })?;
-        let data_dir = canonical(&args.data_dir, "data directory")?;
+        let data_dir = prepare_data_dir(&args.data_dir)?;
         let files_dir = data_dir.join("files");
-        std::fs::create_dir_all(&files_dir).map_err(|source| ConfigError::Io {
+        std::fs::create_dir_all(&files_dir).map_err(|cause| ConfigError::Io {
             what: "cannot create files directory",
             path: files_dir.clone(),
-            source,
+            cause,
         })?;
         let files_dir = canonical(&files_dir, "files directory")?;
         let allowed_roots = match args
@@ -306,7 +317,12 @@ impl Config {
             Some(list) => list
                 .split(':')
                 .filter(|part| !part.trim().is_empty())
-                .map(|part| canonical(Path::new(part.trim()), "allowed root"))
+                .map(|part| {
+                    canonical(
+                        Path::new(part.trim()),
+                        "allowed root (MORAG_REMOTE_ALLOWED_ROOTS or --allowed-roots)",
+                    )
+                })
                 .collect::<Result<_, _>>()?,
         };
 
@@ -337,10 +353,66 @@ impl Config {
         })
     }
 
+    /// Warnings about keys for one side only: the other side is then refused (401).
+    pub fn auth_warnings(&self) -> Vec<String> {
+        match (
+            self.worker_api_keys.is_empty(),
+            self.admin_api_keys.is_empty(),
+        ) {
+            (false, true) => vec![
+                "MORAG_WORKER_API_KEYS is set but MORAG_ADMIN_API_KEYS is not: creating, listing, \
+                 statistics and every admin call will be refused (401); set MORAG_ADMIN_API_KEYS"
+                    .into(),
+            ],
+            (true, false) => vec![
+                "MORAG_ADMIN_API_KEYS is set but MORAG_WORKER_API_KEYS is not: workers must send an \
+                 admin key or be refused (401); set MORAG_WORKER_API_KEYS"
+                    .into(),
+            ],
+            _ => Vec::new(),
+        }
+    }
+
     /// True when no API key is configured: every endpoint is open.
     pub fn is_open(&self) -> bool {
         self.worker_api_keys.is_empty() && self.admin_api_keys.is_empty()
     }
+}
+
+/// `--flag-name` of a `MORAG_*` variable, for messages that name both.
+fn flag_of(variable: &str) -> String {
+    let name = variable
+        .trim_start_matches("MORAG_REMOTE_JOB_")
+        .trim_start_matches("MORAG_REMOTE_")
+        .trim_start_matches("MORAG_JOB_")
+        .trim_start_matches("MORAG_JOBS_");
+    format!("--{}", name.to_ascii_lowercase().replace('_', "-"))
+}
+
+/// Creates the data directory if needed and proves it writable, so a bad directory is
+/// reported with its cause here rather than as "unable to open database file" later.
+fn prepare_data_dir(path: &Path) -> Result<PathBuf, ConfigError> {
+    let failed = |what: &'static str| {
+        move |cause| ConfigError::Io {
+            what,
+            path: path.to_owned(),
+            cause,
+        }
+    };
+    if path.exists() && !path.is_dir() {
+        return Err(ConfigError::Invalid(format!(
+            "data directory {path:?} (MORAG_JOBS_DATA_DIR or --data-dir) exists but is not a directory"
+        )));
+    }
+    std::fs::create_dir_all(path).map_err(failed(
+        "cannot create the data directory (MORAG_JOBS_DATA_DIR or --data-dir)",
+    ))?;
+    let probe = path.join(format!(".morag-jobs-write-check-{}", std::process::id()));
+    std::fs::write(&probe, b"").map_err(failed(
+        "the data directory (MORAG_JOBS_DATA_DIR or --data-dir) is not writable",
+    ))?;
+    let _ = std::fs::remove_file(&probe);
+    canonical(path, "data directory")
 }
 
 fn clean_keys(keys: Vec<String>) -> Vec<ApiKey> {
@@ -352,10 +424,10 @@ fn clean_keys(keys: Vec<String>) -> Vec<ApiKey> {
 }
 
 fn canonical(path: &Path, what: &'static str) -> Result<PathBuf, ConfigError> {
-    std::fs::canonicalize(path).map_err(|source| ConfigError::Io {
+    std::fs::canonicalize(path).map_err(|cause| ConfigError::Io {
         what,
         path: path.to_owned(),
-        source,
+        cause,
     })
 }
 

@@ -11,7 +11,8 @@
 //! - `monitor`: the background rescuer (timeouts, due retries) and cleaner (retention).
 //! - `limits`: request, connection and lease limits; `http_server`: the accept loop that
 //!   enforces the connection limits.
-//! - `config` and `app`: one validated configuration, and the wiring that runs it all.
+//! - `config` and `app`: one validated configuration (its flags read by `value_parsers`),
+//!   and the wiring that runs it all.
 //! - `cli`: the `morag-jobs` command line, including the admin client subcommands.
 //! - `import`: reading MoRAG's file-based prototype's jobs into the store.
 
@@ -28,4 +29,5 @@ pub mod import;
 pub mod limits;
 pub mod monitor;
 pub mod store;
+pub mod value_parsers;
 pub mod wakeups;

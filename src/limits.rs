@@ -8,40 +8,42 @@ use std::time::Duration;
 
 use clap::Args;
 
+use crate::value_parsers::{parse_seconds, parse_whole_number};
+
 const MIB: u64 = 1024 * 1024;
 
 /// The `serve` flags of this module, flattened into `ServeArgs`.
 #[derive(Args, Debug, Clone)]
 pub struct LimitArgs {
     /// Largest result `content`, in bytes (as decoded from JSON).
-    #[arg(long, env = "MORAG_REMOTE_MAX_RESULT_BYTES", default_value_t = 64 * MIB)]
+    #[arg(long, env = "MORAG_REMOTE_MAX_RESULT_BYTES", default_value_t = 64 * MIB, value_parser = parse_whole_number::<u64>)]
     pub max_result_bytes: u64,
     /// Largest result `metadata` (and job `task_options`), in bytes of compact JSON.
-    #[arg(long, env = "MORAG_REMOTE_MAX_METADATA_BYTES", default_value_t = MIB)]
+    #[arg(long, env = "MORAG_REMOTE_MAX_METADATA_BYTES", default_value_t = MIB, value_parser = parse_whole_number::<u64>)]
     pub max_metadata_bytes: u64,
     /// Deepest nesting of objects and arrays in `metadata` and `task_options`.
-    #[arg(long, env = "MORAG_REMOTE_MAX_JSON_DEPTH", default_value_t = 32)]
+    #[arg(long, env = "MORAG_REMOTE_MAX_JSON_DEPTH", default_value_t = 32, value_parser = parse_whole_number::<u32>)]
     pub max_json_depth: u32,
     /// Most keys plus array elements in one `metadata` or `task_options`, counted at every level.
-    #[arg(long, env = "MORAG_REMOTE_MAX_JSON_ENTRIES", default_value_t = 100_000)]
+    #[arg(long, env = "MORAG_REMOTE_MAX_JSON_ENTRIES", default_value_t = 100_000, value_parser = parse_whole_number::<u64>)]
     pub max_json_entries: u64,
     /// Refuse results and downloads that do not name the job's current lease.
     #[arg(long, env = "MORAG_REMOTE_REQUIRE_LEASE")]
     pub require_lease: bool,
-    /// Seconds a client has to send a whole request head.
-    #[arg(long, env = "MORAG_JOBS_HTTP_HEADER_TIMEOUT", default_value_t = 30)]
+    /// Seconds (or a duration such as 30s) a client has to send a whole request head.
+    #[arg(long, env = "MORAG_JOBS_HTTP_HEADER_TIMEOUT", default_value = "30", value_parser = parse_seconds)]
     pub http_header_timeout: u64,
-    /// Seconds a client has to send a whole request body.
-    #[arg(long, env = "MORAG_JOBS_HTTP_BODY_TIMEOUT", default_value_t = 300)]
+    /// Seconds (or a duration such as 5m) a client has to send a whole request body.
+    #[arg(long, env = "MORAG_JOBS_HTTP_BODY_TIMEOUT", default_value = "300", value_parser = parse_seconds)]
     pub http_body_timeout: u64,
-    /// Seconds a keep-alive connection may wait for its next request.
-    #[arg(long, env = "MORAG_JOBS_HTTP_IDLE_TIMEOUT", default_value_t = 75)]
+    /// Seconds (or a duration) a keep-alive connection may wait for its next request.
+    #[arg(long, env = "MORAG_JOBS_HTTP_IDLE_TIMEOUT", default_value = "75", value_parser = parse_seconds)]
     pub http_idle_timeout: u64,
     /// Open connections at most; more are answered 503 and closed.
-    #[arg(long, env = "MORAG_JOBS_HTTP_MAX_CONNECTIONS", default_value_t = 512)]
+    #[arg(long, env = "MORAG_JOBS_HTTP_MAX_CONNECTIONS", default_value_t = 512, value_parser = parse_whole_number::<usize>)]
     pub http_max_connections: usize,
     /// Long polls (`wait` > 0) waiting at once at most; more are answered at once.
-    #[arg(long, env = "MORAG_REMOTE_MAX_LONG_POLLS", default_value_t = 256)]
+    #[arg(long, env = "MORAG_REMOTE_MAX_LONG_POLLS", default_value_t = 256, value_parser = parse_whole_number::<usize>)]
     pub max_long_polls: usize,
 }
 

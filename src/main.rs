@@ -6,7 +6,10 @@ use clap::Parser;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
-    let cli = morag_jobs::cli::Cli::parse();
+    let cli = match morag_jobs::cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => return refuse_arguments(error),
+    };
     init_tracing();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -20,10 +23,42 @@ fn main() -> std::process::ExitCode {
     };
     match runtime.block_on(morag_jobs::cli::run(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) if error.is::<morag_jobs::cli::AlreadyReported>() => {
+            std::process::ExitCode::FAILURE
+        }
         Err(error) => {
             eprintln!("error: {error:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// Reports flags and variables clap refused: one value's error names the variable or flag
+/// the user set, the value and the expected form; under `--json` the report is JSON.
+fn refuse_arguments(error: clap::Error) -> std::process::ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        error.kind(),
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+    ) {
+        error.exit();
+    }
+    let argv: Vec<String> = std::env::args().collect();
+    let message = morag_jobs::cli::describe_invalid_value(&error, &argv);
+    if argv.iter().any(|arg| arg == "--json") {
+        let text = message.unwrap_or_else(|| error.render().to_string().trim().to_owned());
+        println!(
+            "{}",
+            serde_json::json!({"error": text, "status": null, "detail": null})
+        );
+        return std::process::ExitCode::from(2);
+    }
+    match message {
+        Some(message) => {
+            eprintln!("error: {message}");
+            std::process::ExitCode::from(2)
+        }
+        None => error.exit(),
     }
 }
 

@@ -11,13 +11,13 @@ use serde_json::json;
 
 use super::error::ApiError;
 use super::extract::{JobIdPath, JsonBody, OptionalJsonBody, QueryParams};
-use super::queries::{CleanupQuery, ListQuery};
+use super::queries::{CleanupArgs, CleanupQuery, ListQuery};
 use super::views::*;
 use crate::context::AppContext;
 use crate::domain::{ContentType, JobId, RetentionPolicy};
 use crate::files;
 use crate::monitor::Cleaner;
-use crate::store::{CancelParams, CreateJobParams, ManualRetryParams};
+use crate::store::{CancelParams, CountCleanableParams, CreateJobParams, ManualRetryParams};
 
 const MAX_INGESTION_TASK_ID_LEN: usize = 256;
 
@@ -43,7 +43,21 @@ pub async fn create_job(
             .await
             .map_err(|error| ApiError::Internal(format!("source check task failed: {error}")))?
             .map_err(|rejection| {
-                ApiError::validation(&["body", "source_file_path"], rejection.to_string())
+                let mut message = rejection.to_string();
+                // An admin can fix this only knowing where files may be: say so.
+                if rejection == files::PathRejection::OutsideRoots {
+                    let roots: Vec<String> = context
+                        .config
+                        .allowed_roots
+                        .iter()
+                        .map(|root| root.display().to_string())
+                        .collect();
+                    message = format!(
+                        "{message} ({}); the server's MORAG_REMOTE_ALLOWED_ROOTS sets them",
+                        roots.join(":")
+                    );
+                }
+                ApiError::validation(&["body", "source_file_path"], message)
             })?
     };
     let now = context.clock.now();
@@ -158,18 +172,35 @@ pub async fn statistics(
 pub async fn cleanup(
     State(context): State<Arc<AppContext>>,
     QueryParams(query): QueryParams<CleanupQuery>,
-) -> Result<Json<CleanupResponse>, ApiError> {
-    let days_old = query.parse()?;
+) -> Result<Response, ApiError> {
+    let CleanupArgs { days_old, dry_run } = query.parse()?;
+    let retention = RetentionPolicy::uniform(days_old);
+    if dry_run {
+        let would_clean_jobs = context
+            .store
+            .count_cleanable(CountCleanableParams {
+                retention,
+                now: context.clock.now(),
+            })
+            .await?;
+        return Ok(Json(CleanupDryRunResponse {
+            dry_run: true,
+            would_clean_jobs,
+            days_old,
+        })
+        .into_response());
+    }
     let cleaner = Cleaner::new(
         context.store.clone(),
         context.clock.clone(),
         context.config.files_dir.clone(),
     );
-    let summary = cleaner.cleanup(RetentionPolicy::uniform(days_old)).await?;
+    let summary = cleaner.cleanup(retention).await?;
     Ok(Json(CleanupResponse {
         cleaned_jobs: summary.n_jobs_deleted,
         days_old,
-    }))
+    })
+    .into_response())
 }
 
 pub async fn health(State(context): State<Arc<AppContext>>) -> Response {

@@ -131,7 +131,14 @@ impl ListQuery {
         let status = match present(&self.status) {
             None => None,
             Some(text) => Some(JobStatus::parse(text).ok_or_else(|| {
-                ApiError::validation(&["query", "status"], format!("unknown status {text:?}"))
+                let valid: Vec<&str> = JobStatus::ALL.iter().map(|s| s.as_str()).collect();
+                ApiError::validation(
+                    &["query", "status"],
+                    format!(
+                        "unknown status {text:?}: expected one of {}",
+                        valid.join(", ")
+                    ),
+                )
             })?),
         };
         let content_type = present(&self.content_type)
@@ -168,18 +175,38 @@ impl ListQuery {
 #[derive(Deserialize)]
 pub struct CleanupQuery {
     pub days_old: Option<String>,
+    /// `true`: count what would be deleted, delete nothing.
+    pub dry_run: Option<String>,
+}
+
+/// A validated cleanup request.
+#[derive(Debug, PartialEq, Eq)]
+pub struct CleanupArgs {
+    /// The retention in days the admin asked for.
+    pub days_old: u32,
+    pub dry_run: bool,
 }
 
 impl CleanupQuery {
-    /// The retention in days the admin asked for.
-    pub fn parse(self) -> Result<u32, ApiError> {
-        bounded(
+    pub fn parse(self) -> Result<CleanupArgs, ApiError> {
+        let days_old = bounded(
             self.days_old.as_deref(),
             "days_old",
             DEFAULT_CLEANUP_DAYS,
             0..=MAX_CLEANUP_DAYS,
             &format!("must be a whole number of days from 0 to {MAX_CLEANUP_DAYS}"),
-        )
+        )?;
+        let dry_run = match present(&self.dry_run) {
+            None | Some("false") | Some("0") => false,
+            Some("true") | Some("1") => true,
+            Some(_) => {
+                return Err(ApiError::validation(
+                    &["query", "dry_run"],
+                    "must be true or false",
+                ))
+            }
+        };
+        Ok(CleanupArgs { days_old, dry_run })
     }
 }
 
@@ -280,11 +307,24 @@ mod tests {
         let days = |raw: Option<&str>| {
             CleanupQuery {
                 days_old: raw.map(str::to_owned),
+                dry_run: None,
             }
             .parse()
+            .map(|args| args.days_old)
         };
         assert_eq!(days(None).unwrap(), 7);
         assert_eq!(days(Some("0")).unwrap(), 0);
         assert_eq!(refused_field(days(Some("36501"))), "query.days_old");
+        let dry_run = |raw: &str| {
+            CleanupQuery {
+                days_old: None,
+                dry_run: Some(raw.to_owned()),
+            }
+            .parse()
+            .map(|args| args.dry_run)
+        };
+        assert!(dry_run("true").unwrap());
+        assert!(!dry_run("false").unwrap());
+        assert_eq!(refused_field(dry_run("maybe")), "query.dry_run");
     }
 }

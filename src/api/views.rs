@@ -239,6 +239,14 @@ pub struct CleanupResponse {
     pub days_old: u32,
 }
 
+/// The answer of a cleanup with `dry_run=true`.
+#[derive(Serialize)]
+pub struct CleanupDryRunResponse {
+    pub dry_run: bool,
+    pub would_clean_jobs: u64,
+    pub days_old: u32,
+}
+
 /// The prototype's statistics fields.
 #[derive(Serialize)]
 pub struct StatisticsView {

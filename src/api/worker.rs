@@ -2,7 +2,6 @@
 //! download and result.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::State;

@@ -297,6 +297,13 @@ pub struct CleanupParams {
     pub now: Timestamp,
 }
 
+/// Which finished jobs a cleanup at `now` would delete (for a dry run).
+#[derive(Clone, Debug)]
+pub struct CountCleanableParams {
+    pub retention: RetentionPolicy,
+    pub now: Timestamp,
+}
+
 /// Jobs deleted by one cleanup batch.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CleanupReport {
@@ -381,6 +388,9 @@ pub trait Store: Send + Sync + 'static {
     fn next_deadline(&self) -> StoreFuture<'_, Option<Timestamp>>;
     /// Deletes at most `limit` finished jobs past retention, with their history.
     fn cleanup_finished(&self, params: CleanupParams) -> StoreFuture<'_, CleanupReport>;
+    /// How many finished jobs `cleanup_finished` with the same retention would delete;
+    /// deletes nothing.
+    fn count_cleanable(&self, params: CountCleanableParams) -> StoreFuture<'_, u64>;
     fn get_job(&self, id: JobId) -> StoreFuture<'_, Option<Job>>;
     fn get_job_detail(&self, id: JobId) -> StoreFuture<'_, Option<JobDetail>>;
     fn list_jobs(&self, params: ListParams) -> StoreFuture<'_, JobPage>;

@@ -515,6 +515,10 @@ const CLEANUP_SQL: &str = "WITH victims AS ( \
          RETURNING jobs.completed_at, jobs.seq, jobs.source_file_path), \
      history AS (DELETE FROM job_history USING gone WHERE job_history.job_seq = gone.seq) \
      SELECT completed_at, seq, source_file_path FROM gone";
+/// The rows `CLEANUP_SQL` would delete, counted (without locking them).
+const COUNT_CLEANABLE_SQL: &str =
+    "SELECT count(*) FROM jobs WHERE status = $1 AND completed_at < $2 \
+     AND status IN ('completed', 'failed', 'timeout', 'cancelled')";
 const NEXT_DEADLINE_SQL: &str =
     "SELECT deadline_at FROM jobs WHERE deadline_at IS NOT NULL ORDER BY deadline_at LIMIT 1";
 
@@ -1227,6 +1231,28 @@ async fn cleanup_batch(conn: &mut Conn, p: &CleanupParams) -> Result<CleanupRepo
     Ok(report)
 }
 
+async fn count_cleanable(conn: &mut Conn, p: CountCleanableParams) -> Result<u64, StoreError> {
+    let mut total = 0u64;
+    for status in [
+        JobStatus::Completed,
+        JobStatus::Cancelled,
+        JobStatus::Failed,
+        JobStatus::Timeout,
+    ] {
+        let Some(cutoff) = p.retention.cutoff(status, p.now) else {
+            continue;
+        };
+        let statement = conn.statement(COUNT_CLEANABLE_SQL).await?;
+        let row = conn
+            .client
+            .query_one(&statement, &[&status.as_str(), &cutoff.as_micros()])
+            .await
+            .map_err(pg_error)?;
+        total += get::<i64>(&row, 0)? as u64;
+    }
+    Ok(total)
+}
+
 async fn get_job(conn: &mut Conn, id: JobId) -> Result<Option<Job>, StoreError> {
     let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1");
     let statement = conn.statement(&sql).await?;
@@ -1544,6 +1570,10 @@ impl Store for PostgresStore {
 
     fn cleanup_finished(&self, params: CleanupParams) -> StoreFuture<'_, CleanupReport> {
         self.run(move |c| Box::pin(cleanup(c, params)))
+    }
+
+    fn count_cleanable(&self, params: CountCleanableParams) -> StoreFuture<'_, u64> {
+        self.run(move |c| Box::pin(count_cleanable(c, params)))
     }
 
     fn get_job(&self, id: JobId) -> StoreFuture<'_, Option<Job>> {

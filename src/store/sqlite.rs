@@ -382,6 +382,19 @@ const CLEANUP_SCAN_SQL: &str = "SELECT seq, source_file_path FROM jobs INDEXED B
      WHERE status = ?1 AND status IN ('completed', 'failed', 'timeout', 'cancelled') \
      AND completed_at < ?2 ORDER BY completed_at LIMIT ?3";
 
+/// `CLEANUP_SCAN_SQL`'s rows, counted.
+const COUNT_CLEANABLE_SQL: &str = "SELECT count(*) FROM jobs INDEXED BY jobs_finished \
+     WHERE status = ?1 AND status IN ('completed', 'failed', 'timeout', 'cancelled') \
+     AND completed_at < ?2";
+
+/// The states cleanup deletes from.
+const FINISHED_STATUSES: [JobStatus; 4] = [
+    JobStatus::Completed,
+    JobStatus::Cancelled,
+    JobStatus::Failed,
+    JobStatus::Timeout,
+];
+
 const JOB_COLUMNS: &str = "seq, id, content_type, source_file_path, task_options, ingestion_task_id, status, \
      worker_id, lease_id, attempt, retry_count, created_at, started_at, completed_at, updated_at, available_at, \
      execution_deadline, heartbeat_deadline, last_heartbeat_at, progress, progress_message, error_message";
@@ -1315,6 +1328,24 @@ impl Store for SqliteStore {
 
     fn cleanup_finished(&self, params: CleanupParams) -> StoreFuture<'_, CleanupReport> {
         self.write(move |conn| cleanup(conn, params))
+    }
+
+    fn count_cleanable(&self, params: CountCleanableParams) -> StoreFuture<'_, u64> {
+        self.read(move |conn| {
+            let mut total = 0u64;
+            for status in FINISHED_STATUSES {
+                let Some(cutoff) = params.retention.cutoff(status, params.now) else {
+                    continue;
+                };
+                let count: i64 = conn
+                    .prepare_cached(COUNT_CLEANABLE_SQL)?
+                    .query_row(params![status.as_str(), cutoff.as_micros()], |row| {
+                        row.get(0)
+                    })?;
+                total += count as u64;
+            }
+            Ok(total)
+        })
     }
 
     fn get_job(&self, id: JobId) -> StoreFuture<'_, Option<Job>> {

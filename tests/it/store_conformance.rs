@@ -933,6 +933,19 @@ pub async fn cleanup_deletes_only_finished_jobs_past_retention(s: TestStore) {
             now,
         })
     };
+    let count = |retention, now| store.count_cleanable(CountCleanableParams { retention, now });
+    assert_eq!(
+        count(RetentionPolicy::from_days(7, None), at(8 * day))
+            .await
+            .unwrap(),
+        2,
+        "a dry run counts what the cleanup below deletes"
+    );
+    assert_eq!(
+        count(RetentionPolicy::uniform(0), at(2)).await.unwrap(),
+        3,
+        "every finished job, and only those (counting deletes nothing)"
+    );
     let report = clean(RetentionPolicy::from_days(7, None), at(7 * day))
         .await
         .unwrap();
@@ -952,6 +965,12 @@ pub async fn cleanup_deletes_only_finished_jobs_past_retention(s: TestStore) {
     assert!(store.get_job(done).await.unwrap().is_none());
     assert!(store.get_job_detail(shared1).await.unwrap().is_none());
     assert!(store.get_job(failed).await.unwrap().is_some());
+    assert_eq!(
+        count(RetentionPolicy::from_days(7, None), at(15 * day))
+            .await
+            .unwrap(),
+        1
+    );
     let report = clean(RetentionPolicy::from_days(7, None), at(15 * day))
         .await
         .unwrap();
