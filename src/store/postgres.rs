@@ -35,8 +35,9 @@ use tokio_postgres::{AsyncMessage, NoTls, Row};
 use self::batcher::Batcher;
 use self::hot_ops::{Claims, Creates, Results};
 use self::pool::{Conn, Pool};
+use super::plan::{self, HistoryStep};
 use super::*;
-use crate::domain::{Actor, AfterFailure, AttemptDeadlines, Expiry, HistoryEntry, JobResult};
+use crate::domain::{Actor, HistoryEntry, JobResult};
 
 /// Schema migrations, applied in order; the schema's version is how many were applied.
 const MIGRATIONS: &[&str] = &[
@@ -505,7 +506,8 @@ async fn announce_wakeups(
 /// Expired deadlines, nearest first, from the `jobs_deadline` index; rows another
 /// replica's monitor holds are skipped.
 const RESCUE_SCAN_SQL: &str =
-    "SELECT seq, status, execution_deadline, heartbeat_deadline, retry_count, lease_id \
+    "SELECT seq, status, lease_id, retry_count, result_received_at IS NOT NULL, \
+     execution_deadline, heartbeat_deadline \
      FROM jobs WHERE deadline_at IS NOT NULL AND deadline_at <= $1 \
      ORDER BY deadline_at LIMIT $2 FOR UPDATE SKIP LOCKED";
 /// Finished jobs of one status past a cutoff, oldest first from the `jobs_finished` index,
@@ -610,30 +612,6 @@ fn result_from_row(row: &Row, first: usize) -> Result<Option<JobResult>, StoreEr
     }))
 }
 
-/// One history row a transition writes.
-struct Step {
-    from: Option<JobStatus>,
-    to: JobStatus,
-    actor: Actor,
-    reason: String,
-}
-
-impl Step {
-    fn new(
-        from: Option<JobStatus>,
-        to: JobStatus,
-        actor: Actor,
-        reason: impl Into<String>,
-    ) -> Step {
-        Step {
-            from,
-            to,
-            actor,
-            reason: reason.into(),
-        }
-    }
-}
-
 /// Runs `core` (an `UPDATE jobs ... RETURNING *` or `INSERT INTO jobs ... RETURNING *`
 /// using `$1..$n`) as one statement that also records `steps` in the job's history and,
 /// when `handoff` is set, the hand-off row, all only if `core` changed a row. Returns the
@@ -642,7 +620,7 @@ async fn transition(
     conn: &mut Conn,
     core: &str,
     params: &[&(dyn ToSql + Sync)],
-    steps: &[Step],
+    steps: &[&HistoryStep],
     handoff: Option<HandoffKind>,
     now: Timestamp,
 ) -> Result<Option<Job>, StoreError> {
@@ -680,33 +658,28 @@ async fn transition(
     row.as_ref().map(job_from_row).transpose()
 }
 
-/// The job's state as a conditional update needs it.
-struct Current {
-    seq: i64,
-    status: JobStatus,
-    lease_id: Option<String>,
-    retry_count: i32,
-    result_received: bool,
-    execution_deadline: Option<i64>,
-}
-
-/// The columns `Current` is read from, in `current_from_row`'s order.
+/// The columns a plan is made from (`plan::Row`), after the job's `seq`, in
+/// `current_from_row`'s order.
 const CURRENT_COLUMNS: &str =
-    "seq, status, lease_id, retry_count, result_received_at IS NOT NULL, execution_deadline";
+    "seq, status, lease_id, retry_count, result_received_at IS NOT NULL, \
+     execution_deadline, heartbeat_deadline";
 
-/// Reads a `Current` from `CURRENT_COLUMNS` starting at column `first`.
-fn current_from_row(row: &Row, first: usize) -> Result<Current, StoreError> {
-    Ok(Current {
-        seq: get(row, first)?,
-        status: parse_status(get(row, first + 1)?)?,
-        lease_id: get(row, first + 2)?,
-        retry_count: get(row, first + 3)?,
-        result_received: get(row, first + 4)?,
-        execution_deadline: get(row, first + 5)?,
-    })
+/// Reads `seq` and a `plan::Row` from `CURRENT_COLUMNS` starting at column `first`.
+fn current_from_row(row: &Row, first: usize) -> Result<(i64, plan::Row), StoreError> {
+    Ok((
+        get(row, first)?,
+        plan::Row {
+            status: parse_status(get(row, first + 1)?)?,
+            lease_id: get(row, first + 2)?,
+            retry_count: get::<i32>(row, first + 3)?.max(0) as u32,
+            result_received: get(row, first + 4)?,
+            execution_deadline: ts(get(row, first + 5)?),
+            heartbeat_deadline: ts(get(row, first + 6)?),
+        },
+    ))
 }
 
-async fn current_state(conn: &mut Conn, id: JobId) -> Result<Current, StoreError> {
+async fn current_state(conn: &mut Conn, id: JobId) -> Result<(i64, plan::Row), StoreError> {
     let sql = format!("SELECT {CURRENT_COLUMNS} FROM jobs WHERE id = $1");
     let statement = conn.statement(&sql).await?;
     let row = conn
@@ -718,85 +691,47 @@ async fn current_state(conn: &mut Conn, id: JobId) -> Result<Current, StoreError
     current_from_row(&row, 0)
 }
 
+/// The job's status now, `None` when it is gone.
+async fn status_now(conn: &mut Conn, seq: i64) -> Result<Option<JobStatus>, StoreError> {
+    let statement = conn
+        .statement("SELECT status FROM jobs WHERE seq = $1")
+        .await?;
+    let row = conn
+        .client
+        .query_opt(&statement, &[&seq])
+        .await
+        .map_err(pg_error)?;
+    row.map(|row| parse_status(get(&row, 0)?)).transpose()
+}
+
 /// A conditional update matched nothing: someone moved the job after we read it. The
 /// caller learns the state it is in now.
 async fn conflict(conn: &mut Conn, seq: i64, fallback: JobStatus) -> StoreError {
-    let current = async {
-        let statement = conn
-            .statement("SELECT status FROM jobs WHERE seq = $1")
-            .await?;
-        let row = conn
-            .client
-            .query_opt(&statement, &[&seq])
-            .await
-            .map_err(pg_error)?;
-        match row {
-            Some(row) => parse_status(get(&row, 0)?),
-            None => Err(StoreError::NotFound),
-        }
-    }
-    .await;
-    match current {
-        Ok(status) => StoreError::InvalidTransition { current: status },
-        Err(StoreError::NotFound) => StoreError::NotFound,
+    match status_now(conn, seq).await {
+        Ok(Some(status)) => StoreError::InvalidTransition { current: status },
+        Ok(None) => StoreError::NotFound,
         Err(_) => StoreError::InvalidTransition { current: fallback },
     }
 }
 
-/// The history of an attempt that ended in `ended` (failed or timed out): that step, and
-/// the automatic retry's step when `after` is one.
-fn attempt_end_steps(
-    from: JobStatus,
-    ended: JobStatus,
-    actor: Actor,
-    reason: impl Into<String>,
-    after: AfterFailure,
-    max_retries: u32,
-) -> Vec<Step> {
-    let mut steps = vec![Step::new(Some(from), ended, actor, reason)];
-    if let AfterFailure::Retry { at, retry_count } = after {
-        steps.push(Step::new(
-            Some(ended),
-            JobStatus::Retrying,
-            actor,
-            retry_reason(retry_count, max_retries, at),
-        ));
-    }
-    steps
-}
-
 async fn heartbeat(conn: &mut Conn, p: HeartbeatParams) -> Result<HeartbeatOutcome, StoreError> {
-    let current = current_state(conn, p.job_id).await?;
-    let lease = p.lease_id.to_string();
-    if current.lease_id.as_deref() != Some(lease.as_str()) {
-        return Err(StoreError::LeaseMismatch {
-            current: current.status,
-        });
-    }
-    if current.status == JobStatus::Cancelled {
-        return Ok(HeartbeatOutcome {
-            status: current.status,
-            cancelled: true,
-            execution_deadline: None,
-            heartbeat_deadline: None,
-        });
-    }
-    let execution = match (current.status, current.execution_deadline) {
-        (JobStatus::Processing, Some(execution)) => Timestamp::from_micros(execution),
-        _ => {
-            return Err(StoreError::InvalidTransition {
-                current: current.status,
-            })
-        }
+    let (seq, row) = current_state(conn, p.job_id).await?;
+    let planned = plan::plan_heartbeat(&row, &p)?;
+    let plan::HeartbeatPlan::Extend {
+        expected_status,
+        expected_lease,
+        expected_execution_deadline,
+        deadlines,
+        deadline_at,
+    } = &planned
+    else {
+        return Ok(planned.outcome());
     };
-    let deadlines = p.timeouts.heartbeat_deadlines(execution, p.now);
-    // A heartbeat after a deadline passed does not revive the attempt: the monitor is
-    // about to time it out, and the worker learns so now.
     let statement = conn
         .statement(
             "UPDATE jobs SET heartbeat_deadline = $2, deadline_at = $3, last_heartbeat_at = $4, updated_at = $4, \
              progress = COALESCE($5, progress), progress_message = COALESCE($6, progress_message) \
-             WHERE seq = $1 AND status = 'processing' AND lease_id = $7 AND deadline_at > $4 \
+             WHERE seq = $1 AND status = $9 AND lease_id = $7 AND deadline_at > $4 \
                AND execution_deadline = $8",
         )
         .await?;
@@ -805,85 +740,76 @@ async fn heartbeat(conn: &mut Conn, p: HeartbeatParams) -> Result<HeartbeatOutco
         .execute(
             &statement,
             &[
-                &current.seq,
+                &seq,
                 &deadlines.heartbeat.map(Timestamp::as_micros),
-                &deadlines.next().as_micros(),
+                &deadline_at.as_micros(),
                 &p.now.as_micros(),
                 &p.progress,
                 &p.message,
-                &lease,
-                &execution.as_micros(),
+                expected_lease,
+                &expected_execution_deadline.as_micros(),
+                &expected_status.as_str(),
             ],
         )
         .await
         .map_err(pg_error)?;
     if changed != 1 {
-        return Err(
-            match conflict(conn, current.seq, JobStatus::Processing).await {
-                // Still processing: its deadline passed and the monitor is about to act.
-                StoreError::InvalidTransition {
-                    current: JobStatus::Processing,
-                } => StoreError::DeadlinePassed,
-                other => other,
-            },
-        );
+        return Err(match status_now(conn, seq).await {
+            Ok(now) => plan::heartbeat_not_applied(now),
+            Err(_) => plan::heartbeat_not_applied(Some(row.status)),
+        });
     }
-    Ok(HeartbeatOutcome {
-        status: JobStatus::Processing,
-        cancelled: false,
-        execution_deadline: Some(deadlines.execution),
-        heartbeat_deadline: deadlines.heartbeat,
-    })
+    Ok(planned.outcome())
 }
 
 async fn cancel(conn: &mut Conn, p: CancelParams) -> Result<Job, StoreError> {
-    let current = current_state(conn, p.job_id).await?;
-    if !current.status.can_move_to(JobStatus::Cancelled) {
-        return Err(StoreError::InvalidTransition {
-            current: current.status,
-        });
-    }
+    let (seq, row) = current_state(conn, p.job_id).await?;
+    let planned = plan::plan_cancel(&row, &p)?;
     let job = transition(
         conn,
-        "UPDATE jobs SET status = 'cancelled', completed_at = $2, updated_at = $2, deadline_at = NULL \
-         WHERE seq = $1 AND status = $3 RETURNING *",
-        &[&current.seq, &p.now.as_micros(), &current.status.as_str()],
-        &[Step::new(Some(current.status), JobStatus::Cancelled, Actor::Admin, p.reason.as_str())],
-        Some(HandoffKind::Cancelled),
+        "UPDATE jobs SET status = $4, completed_at = COALESCE($2, completed_at), updated_at = $5, \
+         deadline_at = NULL WHERE seq = $1 AND status = $3 RETURNING *",
+        &[
+            &seq,
+            &planned.completed_at.map(Timestamp::as_micros),
+            &planned.expected_status.as_str(),
+            &planned.status.as_str(),
+            &p.now.as_micros(),
+        ],
+        &[&planned.history],
+        planned.handoff,
         p.now,
     )
     .await?;
     match job {
         Some(job) => Ok(job),
-        None => Err(conflict(conn, current.seq, current.status).await),
+        None => Err(conflict(conn, seq, row.status).await),
     }
 }
 
 async fn manual_retry(conn: &mut Conn, p: ManualRetryParams) -> Result<Job, StoreError> {
-    let current = current_state(conn, p.job_id).await?;
-    if !current.status.can_move_to(JobStatus::Retrying) {
-        return Err(StoreError::InvalidTransition {
-            current: current.status,
-        });
-    }
+    let (seq, row) = current_state(conn, p.job_id).await?;
+    let planned = plan::plan_manual_retry(&row, &p)?;
     let job = transition(
         conn,
-        "UPDATE jobs SET status = 'retrying', retry_count = 0, available_at = $2, deadline_at = NULL, \
-         completed_at = NULL, updated_at = $2 WHERE seq = $1 AND status = $3 RETURNING *",
-        &[&current.seq, &p.now.as_micros(), &current.status.as_str()],
-        &[Step::new(
-            Some(current.status),
-            JobStatus::Retrying,
-            Actor::Admin,
-            "manual retry: retry budget reset",
-        )],
+        "UPDATE jobs SET status = $4, retry_count = $5, available_at = $2, deadline_at = NULL, \
+         completed_at = NULL, updated_at = $6 WHERE seq = $1 AND status = $3 RETURNING *",
+        &[
+            &seq,
+            &planned.available_at.as_micros(),
+            &planned.expected_status.as_str(),
+            &planned.status.as_str(),
+            &(planned.retry_count as i32),
+            &p.now.as_micros(),
+        ],
+        &[&planned.history],
         None,
         p.now,
     )
     .await?;
     match job {
         Some(job) => Ok(job),
-        None => Err(conflict(conn, current.seq, current.status).await),
+        None => Err(conflict(conn, seq, row.status).await),
     }
 }
 
@@ -947,7 +873,7 @@ async fn import(conn: &mut Conn, p: ImportJobParams) -> Result<ImportOutcome, St
             &metadata,
             &processing_time,
         ],
-        &[Step::new(None, job.status, Actor::Admin, p.reason.as_str())],
+        &[&plan::imported_step(job.status, &p.reason)],
         None,
         p.now,
     )
@@ -996,7 +922,7 @@ async fn rescue(conn: &mut Conn, p: RescueParams) -> Result<RescueReport, StoreE
 
 async fn rescue_batch(conn: &mut Conn, p: &RescueParams) -> Result<RescueReport, StoreError> {
     let now = p.now.as_micros();
-    let mut rng = fastrand::Rng::with_seed(p.jitter_seed);
+    let mut planner = plan::RescuePlanner::new(p);
     let mut report = RescueReport::default();
     // Rows another replica's monitor is handling right now are skipped, not waited for.
     let statement = conn.statement(RESCUE_SCAN_SQL).await?;
@@ -1006,105 +932,70 @@ async fn rescue_batch(conn: &mut Conn, p: &RescueParams) -> Result<RescueReport,
         .await
         .map_err(pg_error)?;
     for row in expired {
-        let seq: i64 = get(&row, 0)?;
-        let execution: Option<i64> = get(&row, 2)?;
-        let heartbeat: Option<i64> = get(&row, 3)?;
-        let retry_count: i32 = get(&row, 4)?;
-        let lease: Option<String> = get(&row, 5)?;
-        match parse_status(get(&row, 1)?)? {
-            JobStatus::Pending => {
-                let changed = transition(
-                    conn,
-                    "UPDATE jobs SET status = 'timeout', completed_at = $2, updated_at = $2, deadline_at = NULL, \
-                     error_message = $3 WHERE seq = $1 AND status = 'pending' AND deadline_at <= $2 RETURNING *",
-                    &[&seq, &now, &Expiry::Pending.reason()],
-                    &[Step::new(
-                        Some(JobStatus::Pending),
-                        JobStatus::Timeout,
-                        Actor::Monitor,
-                        Expiry::Pending.reason(),
-                    )],
-                    Some(HandoffKind::Failed),
-                    p.now,
-                )
-                .await?;
-                if changed.is_some() {
-                    report.n_pending_timed_out += 1;
-                }
-            }
-            JobStatus::Processing => {
-                let Some(execution) = execution else { continue };
-                let deadlines = AttemptDeadlines {
-                    execution: Timestamp::from_micros(execution),
-                    heartbeat: ts(heartbeat),
-                };
-                let Some(expiry) = deadlines.expired(p.now) else {
-                    continue;
-                };
-                let retries_done = retry_count.max(0) as u32;
-                let after = p.policy.retry.after_failure(
-                    retries_done,
-                    expiry.allows_retry(),
-                    p.now,
-                    rng.f64(),
-                );
-                let (status, new_retry_count, available_at, deadline_at, completed_at) =
-                    after_failure_columns(after, JobStatus::Timeout, retries_done, p.now);
-                let steps = attempt_end_steps(
-                    JobStatus::Processing,
-                    JobStatus::Timeout,
-                    Actor::Monitor,
-                    expiry.reason(),
-                    after,
-                    p.policy.retry.max_retries,
-                );
-                let changed = transition(
-                    conn,
-                    "UPDATE jobs SET status = $2, retry_count = $3, available_at = $4, deadline_at = $5, \
-                     completed_at = $6, updated_at = $7, error_message = $8 \
-                     WHERE seq = $1 AND status = 'processing' AND lease_id IS NOT DISTINCT FROM $9 \
-                       AND deadline_at <= $7 AND retry_count = $10 RETURNING *",
-                    &[
-                        &seq,
-                        &status.as_str(),
-                        &(new_retry_count as i32),
-                        &available_at,
-                        &deadline_at,
-                        &completed_at,
-                        &now,
-                        &expiry.reason(),
-                        &lease,
-                        &retry_count,
-                    ],
-                    &steps,
-                    HandoffKind::for_final_status(status),
-                    p.now,
-                )
-                .await?;
-                if changed.is_some() {
-                    report.n_attempts_timed_out += 1;
-                    if matches!(after, AfterFailure::Retry { .. }) {
-                        report.n_retries_scheduled += 1;
-                    }
-                }
-            }
-            JobStatus::Retrying => {
-                // The backoff passed: nothing to change but the deadline; pollers on every
-                // replica are woken below.
+        let (seq, current) = current_from_row(&row, 0)?;
+        let planned = planner.plan(&current);
+        let expected = planned.expected_status().map(JobStatus::as_str);
+        let applied = match &planned {
+            plan::RescuePlan::PendingTimeout(end) => transition(
+                conn,
+                "UPDATE jobs SET status = $2, completed_at = $3, updated_at = $4, deadline_at = NULL, \
+                 error_message = $5 WHERE seq = $1 AND status = $6 AND deadline_at <= $4 RETURNING *",
+                &[
+                    &seq,
+                    &end.status.as_str(),
+                    &end.completed_at.map(Timestamp::as_micros),
+                    &now,
+                    &end.error_message,
+                    &expected,
+                ],
+                &end.history.iter().collect::<Vec<_>>(),
+                end.handoff,
+                p.now,
+            )
+            .await?
+            .is_some(),
+            plan::RescuePlan::AttemptTimeout {
+                expected_lease,
+                expected_retry_count,
+                end,
+            } => transition(
+                conn,
+                "UPDATE jobs SET status = $2, retry_count = COALESCE($3, retry_count), \
+                 available_at = COALESCE($4, available_at), deadline_at = $5, \
+                 completed_at = $6, updated_at = $7, error_message = $8 \
+                 WHERE seq = $1 AND status = $11 AND lease_id IS NOT DISTINCT FROM $9 \
+                   AND deadline_at <= $7 AND retry_count = $10 RETURNING *",
+                &[
+                    &seq,
+                    &end.status.as_str(),
+                    &end.retry_count.map(|n| n as i32),
+                    &end.available_at.map(Timestamp::as_micros),
+                    &end.deadline_at.map(Timestamp::as_micros),
+                    &end.completed_at.map(Timestamp::as_micros),
+                    &now,
+                    &end.error_message,
+                    expected_lease,
+                    &(*expected_retry_count as i32),
+                    &expected,
+                ],
+                &end.history.iter().collect::<Vec<_>>(),
+                end.handoff,
+                p.now,
+            )
+            .await?
+            .is_some(),
+            plan::RescuePlan::RetryDue => {
+                // Pollers on every replica are woken by the caller.
                 let statement = conn
-                    .statement(
-                        "UPDATE jobs SET deadline_at = NULL WHERE seq = $1 AND status = 'retrying'",
-                    )
+                    .statement("UPDATE jobs SET deadline_at = NULL WHERE seq = $1 AND status = $2")
                     .await?;
-                let changed = conn
-                    .client
-                    .execute(&statement, &[&seq])
+                conn.client
+                    .execute(&statement, &[&seq, &expected])
                     .await
-                    .map_err(pg_error)?;
-                report.n_retries_due += changed as usize;
+                    .map_err(pg_error)?
+                    == 1
             }
-            _ => {
-                // A finished job never keeps a deadline; clear a stray one so the scan moves on.
+            plan::RescuePlan::ClearDeadline => {
                 let statement = conn
                     .statement("UPDATE jobs SET deadline_at = NULL WHERE seq = $1")
                     .await?;
@@ -1112,7 +1003,12 @@ async fn rescue_batch(conn: &mut Conn, p: &RescueParams) -> Result<RescueReport,
                     .execute(&statement, &[&seq])
                     .await
                     .map_err(pg_error)?;
+                false
             }
+            plan::RescuePlan::Skip => false,
+        };
+        if applied {
+            planned.count(&mut report);
         }
     }
     Ok(report)
@@ -1161,34 +1057,24 @@ async fn compact_counters_batch(conn: &mut Conn) -> Result<u64, StoreError> {
 }
 
 async fn cleanup(conn: &mut Conn, p: CleanupParams) -> Result<CleanupReport, StoreError> {
-    let report: CleanupReport = in_transaction!(conn, "BEGIN", cleanup_batch(conn, &p))?;
-    // Creation counters older than the statistics window are no longer needed.
-    let two_days_ago = p.now.minus(Duration::from_secs(2 * 86_400)).as_micros() / 60_000_000;
+    let planner = plan::CleanupPlanner::new(&p);
+    let stale_counters = planner.stale_creation_counters_before();
+    let report: CleanupReport = in_transaction!(conn, "BEGIN", cleanup_batch(conn, planner))?;
     let statement = conn
         .statement("DELETE FROM counters WHERE counter = 'created' AND minute < $1")
         .await?;
     conn.client
-        .execute(&statement, &[&two_days_ago])
+        .execute(&statement, &[&stale_counters])
         .await
         .map_err(pg_error)?;
     Ok(report)
 }
 
-async fn cleanup_batch(conn: &mut Conn, p: &CleanupParams) -> Result<CleanupReport, StoreError> {
-    let mut report = CleanupReport::default();
-    let mut budget = p.limit;
-    for status in [
-        JobStatus::Completed,
-        JobStatus::Cancelled,
-        JobStatus::Failed,
-        JobStatus::Timeout,
-    ] {
-        if budget == 0 {
-            break;
-        }
-        let Some(cutoff) = p.retention.cutoff(status, p.now) else {
-            continue;
-        };
+async fn cleanup_batch(
+    conn: &mut Conn,
+    mut planner: plan::CleanupPlanner,
+) -> Result<CleanupReport, StoreError> {
+    while let Some(batch) = planner.next_batch() {
         // Locked rows belong to another replica's cleaner (or a cancel in flight): skip them.
         // History rows are deleted by the same statement.
         let statement = conn.statement(CLEANUP_SQL).await?;
@@ -1196,7 +1082,11 @@ async fn cleanup_batch(conn: &mut Conn, p: &CleanupParams) -> Result<CleanupRepo
             .client
             .query(
                 &statement,
-                &[&status.as_str(), &cutoff.as_micros(), &(budget as i64)],
+                &[
+                    &batch.status.as_str(),
+                    &batch.cutoff.as_micros(),
+                    &(batch.limit as i64),
+                ],
             )
             .await
             .map_err(pg_error)?
@@ -1211,9 +1101,7 @@ async fn cleanup_batch(conn: &mut Conn, p: &CleanupParams) -> Result<CleanupRepo
             .collect::<Result<Vec<_>, StoreError>>()?;
         deleted.sort();
         for (_, _, source_file_path) in deleted {
-            report.n_deleted += 1;
-            budget -= 1;
-            if report.orphaned_source_files.contains(&source_file_path) {
+            if !planner.deleted(&source_file_path) {
                 continue;
             }
             let still_used: bool = conn
@@ -1223,11 +1111,11 @@ async fn cleanup_batch(conn: &mut Conn, p: &CleanupParams) -> Result<CleanupRepo
                 )
                 .await?;
             if !still_used {
-                report.orphaned_source_files.push(source_file_path);
+                planner.orphaned(source_file_path);
             }
         }
     }
-    Ok(report)
+    Ok(planner.finish())
 }
 
 async fn get_job(conn: &mut Conn, id: JobId) -> Result<Option<Job>, StoreError> {
@@ -1371,7 +1259,7 @@ async fn list(conn: &mut Conn, p: ListParams) -> Result<JobPage, StoreError> {
 
 async fn statistics(conn: &mut Conn, now: Timestamp) -> Result<Statistics, StoreError> {
     compact_counters(conn).await?;
-    let since_minute = now.minus(Duration::from_secs(86_400)).as_micros() / 60_000_000;
+    let since_minute = plan::created_recently_since(now);
     // Totals plus the deltas not folded in yet, read in one statement (one snapshot).
     let statement = conn
         .statement(
@@ -1678,13 +1566,14 @@ mod tests {
             '{processing,processing}', '{completed,completed}', '{worker,worker}', '{ok,ok}', \
             '{NULL,NULL}', '{NULL,NULL}', '{NULL,NULL}', '{NULL,NULL}')";
         // 16 claimers: of one type, of two, of any type (with two types' own timeouts).
-        let claims = "(int8, text[], text[], text[], int8[], int8, int8)";
+        let claims = "(int8, text[], text[], text[], int8[], int8, int8, text[], text, text, text)";
         let claimers = |types: &str, deadlines: &str| {
             let leases: Vec<String> = (0..16).map(|i| format!("lease-{i}")).collect();
             format!(
-                "(1000000, '{{{}}}', '{{{}}}', '{types}', '{deadlines}', 5, 16)",
+                "(1000000, '{{{}}}', '{{{}}}', '{types}', '{deadlines}', 5, 16, '{{{}}}', 'N', 'processing', 'worker')",
                 vec!["w"; 16].join(","),
-                leases.join(",")
+                leases.join(","),
+                vec!["r"; 16].join(",")
             )
         };
         vec![
@@ -1804,21 +1693,23 @@ mod tests {
             let both: Vec<&str> = vec!["audio", "video"];
             let deadlines: Vec<i64> = vec![5, 5];
             let one_deadline: Vec<i64> = vec![5];
+            let reasons: Vec<&str> = vec!["r"; 16];
+            let (placeholder, claimed, actor) = ("N", "processing", "worker");
             let checks: Vec<(&str, String, Vec<&(dyn ToSql + Sync)>)> = vec![
                 (
                     "claim of one type",
                     hot_ops::claim_sql(false),
-                    vec![&now, &workers, &leases, &audio, &one_deadline, &5i64, &claimers],
+                    vec![&now, &workers, &leases, &audio, &one_deadline, &5i64, &claimers, &reasons, &placeholder, &claimed, &actor],
                 ),
                 (
                     "claim of two types",
                     hot_ops::claim_sql(false),
-                    vec![&now, &workers, &leases, &both, &deadlines, &5i64, &claimers],
+                    vec![&now, &workers, &leases, &both, &deadlines, &5i64, &claimers, &reasons, &placeholder, &claimed, &actor],
                 ),
                 (
                     "claim of any type",
                     hot_ops::claim_sql(true),
-                    vec![&now, &workers, &leases, &both, &deadlines, &5i64, &claimers],
+                    vec![&now, &workers, &leases, &both, &deadlines, &5i64, &claimers, &reasons, &placeholder, &claimed, &actor],
                 ),
                 ("rescue scan", RESCUE_SCAN_SQL.into(), vec![&now, &50i64]),
                 (

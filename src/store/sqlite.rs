@@ -15,10 +15,9 @@ use std::thread::JoinHandle;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row};
 use tokio::sync::oneshot;
 
+use super::plan::{self, HistoryStep};
 use super::*;
-use crate::domain::{
-    Actor, AfterFailure, AttemptDeadlines, Expiry, HistoryEntry, JobResult, ResultTiming,
-};
+use crate::domain::{Actor, HistoryEntry, JobResult};
 
 const MIGRATIONS: &[&str] = &[include_str!("../../migrations/sqlite/0001_jobs.sql")];
 
@@ -355,9 +354,8 @@ const CLAIM_PROBE_SQL: &str = "SELECT available_at, seq, status FROM jobs \
      WHERE status IN ('pending', 'retrying') AND content_type = ?1 AND available_at <= ?2 \
      ORDER BY available_at, seq LIMIT 1";
 /// Expired deadlines, nearest first, from the `jobs_deadline` index.
-const RESCUE_SCAN_SQL: &str =
-    "SELECT seq, status, execution_deadline, heartbeat_deadline, retry_count, \
-     content_type, lease_id FROM jobs WHERE deadline_at IS NOT NULL AND deadline_at <= ?1 \
+const RESCUE_SCAN_SQL: &str = "SELECT seq, status, lease_id, retry_count, result_received_at, \
+     execution_deadline, heartbeat_deadline FROM jobs WHERE deadline_at IS NOT NULL AND deadline_at <= ?1 \
      ORDER BY deadline_at LIMIT ?2";
 const NEXT_DEADLINE_SQL: &str =
     "SELECT deadline_at FROM jobs WHERE deadline_at IS NOT NULL ORDER BY deadline_at LIMIT 1";
@@ -483,22 +481,31 @@ fn select_job_and_result(
 fn record_history(
     conn: &Connection,
     seq: i64,
-    from: Option<JobStatus>,
-    to: JobStatus,
     at: Timestamp,
-    actor: Actor,
-    reason: &str,
+    step: &HistoryStep,
 ) -> Result<(), StoreError> {
     conn.prepare_cached(
         "INSERT INTO job_history (job_seq, from_status, to_status, at, actor, reason) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )?
-    .execute(params![seq, from.map(JobStatus::as_str), to.as_str(), at.as_micros(), actor.as_str(), reason])?;
+    .execute(params![
+        seq,
+        step.from.map(JobStatus::as_str),
+        step.to.as_str(),
+        at.as_micros(),
+        step.actor.as_str(),
+        step.reason
+    ])?;
     Ok(())
 }
 
-/// Records the hand-off a final state needs, in the caller's transaction.
-fn record_handoff(conn: &Connection, job: &Job, now: Timestamp) -> Result<(), StoreError> {
-    let Some(kind) = HandoffKind::for_final_status(job.status) else {
+/// Records a planned hand-off, in the caller's transaction.
+fn record_handoff(
+    conn: &Connection,
+    job: &Job,
+    kind: Option<HandoffKind>,
+    now: Timestamp,
+) -> Result<(), StoreError> {
+    let Some(kind) = kind else {
         return Ok(());
     };
     let payload = serde_json::json!({
@@ -521,49 +528,35 @@ fn record_handoff(conn: &Connection, job: &Job, now: Timestamp) -> Result<(), St
     Ok(())
 }
 
-/// The job's state as a conditional update needs it.
-struct Current {
-    seq: i64,
-    status: JobStatus,
-    lease_id: Option<String>,
-    retry_count: u32,
-    result_received: bool,
-}
+/// The columns a plan is made from (`plan::Row`), in `row_from_columns`' order.
+const ROW_COLUMNS: &str =
+    "seq, status, lease_id, retry_count, result_received_at, execution_deadline, heartbeat_deadline";
 
-fn current_state(conn: &Connection, id: JobId) -> Result<Current, StoreError> {
-    conn.prepare_cached(
-        "SELECT seq, status, lease_id, retry_count, result_received_at FROM jobs WHERE id = ?1",
-    )?
-    .query_row([id.to_string()], |row| {
-        Ok(Current {
-            seq: row.get(0)?,
+fn row_from_columns(row: &Row<'_>) -> rusqlite::Result<(i64, plan::Row)> {
+    Ok((
+        row.get(0)?,
+        plan::Row {
             status: parse_status(&row.get::<_, String>(1)?)?,
             lease_id: row.get(2)?,
             retry_count: row.get(3)?,
             result_received: row.get::<_, Option<i64>>(4)?.is_some(),
-        })
-    })
-    .optional()?
-    .ok_or(StoreError::NotFound)
+            execution_deadline: ts(row.get(5)?),
+            heartbeat_deadline: ts(row.get(6)?),
+        },
+    ))
 }
 
-/// The job's state, when the transition table allows moving it to `to`.
-fn current_state_allowing(
-    conn: &Connection,
-    id: JobId,
-    to: JobStatus,
-) -> Result<Current, StoreError> {
-    let current = current_state(conn, id)?;
-    if current.status.can_move_to(to) {
-        Ok(current)
-    } else {
-        Err(StoreError::InvalidTransition {
-            current: current.status,
-        })
-    }
+/// The job's row as a plan needs it, with its `seq`.
+fn current_row(conn: &Connection, id: JobId) -> Result<(i64, plan::Row), StoreError> {
+    let sql = format!("SELECT {ROW_COLUMNS} FROM jobs WHERE id = ?1");
+    conn.prepare_cached(&sql)?
+        .query_row([id.to_string()], row_from_columns)
+        .optional()?
+        .ok_or(StoreError::NotFound)
 }
 
 /// Zero rows changed by a conditional update means someone else moved the job first.
+/// (The writer runs one operation at a time, so this is a guard, not a race.)
 fn expect_one_row(changed: usize, current: JobStatus) -> Result<(), StoreError> {
     if changed == 1 {
         Ok(())
@@ -574,11 +567,12 @@ fn expect_one_row(changed: usize, current: JobStatus) -> Result<(), StoreError> 
 
 fn create(conn: &Connection, p: CreateJobParams) -> Result<Job, StoreError> {
     let now = p.now.as_micros();
+    let step = plan::created_step();
     let seq: i64 = conn
         .prepare_cached(
             "INSERT INTO jobs (id, content_type, source_file_path, task_options, ingestion_task_id, status, \
              created_at, updated_at, available_at, deadline_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?6, ?6, ?7) RETURNING seq",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?8, ?6, ?6, ?6, ?7) RETURNING seq",
         )?
         .query_row(
             params![
@@ -589,18 +583,11 @@ fn create(conn: &Connection, p: CreateJobParams) -> Result<Job, StoreError> {
                 p.ingestion_task_id,
                 now,
                 p.pending_deadline.map(Timestamp::as_micros),
+                step.to.as_str(),
             ],
             |row| row.get(0),
         )?;
-    record_history(
-        conn,
-        seq,
-        None,
-        JobStatus::Pending,
-        p.now,
-        Actor::Client,
-        "created",
-    )?;
+    record_history(conn, seq, p.now, &step)?;
     select_job_by_seq(conn, seq)
 }
 
@@ -648,11 +635,11 @@ fn claim(conn: &Connection, p: ClaimParams) -> Result<Option<Job>, StoreError> {
         .query_row([seq], |row| row.get(0))?;
     let content_type =
         ContentType::parse(&content_type).map_err(|e| StoreError::Internal(e.to_string()))?;
-    let deadlines = p.timeouts.claim_deadlines(&content_type, p.now);
+    let deadlines = plan::claim_deadlines(&p.timeouts, &content_type, p.now);
     let lease = LeaseId::new_random();
     let changed = conn
         .prepare_cached(
-            "UPDATE jobs SET status = 'processing', worker_id = ?2, lease_id = ?3, attempt = attempt + 1, \
+            "UPDATE jobs SET status = ?8, worker_id = ?2, lease_id = ?3, attempt = attempt + 1, \
              started_at = ?4, updated_at = ?4, execution_deadline = ?5, heartbeat_deadline = NULL, \
              last_heartbeat_at = NULL, deadline_at = ?6, result_received_at = NULL, progress = NULL, \
              progress_message = NULL \
@@ -666,191 +653,163 @@ fn claim(conn: &Connection, p: ClaimParams) -> Result<Option<Job>, StoreError> {
             deadlines.execution.as_micros(),
             deadlines.next().as_micros(),
             previous.as_str(),
+            plan::CLAIMED_STATUS.as_str(),
         ])?;
     expect_one_row(changed, previous)?;
     let job = select_job_by_seq(conn, seq)?;
-    let reason = format!(
-        "claimed by worker {} (attempt {})",
-        p.worker_id, job.attempt
-    );
-    record_history(
-        conn,
-        seq,
-        Some(previous),
-        JobStatus::Processing,
-        p.now,
-        Actor::Worker,
-        &reason,
-    )?;
+    let step = plan::claim_step(previous, p.worker_id.as_str(), job.attempt);
+    record_history(conn, seq, p.now, &step)?;
     Ok(Some(job))
 }
 
 fn heartbeat(conn: &Connection, p: HeartbeatParams) -> Result<HeartbeatOutcome, StoreError> {
-    let current = current_state(conn, p.job_id)?;
-    if current.lease_id.as_deref() != Some(p.lease_id.to_string().as_str()) {
-        return Err(StoreError::LeaseMismatch {
-            current: current.status,
-        });
-    }
-    if current.status == JobStatus::Cancelled {
-        return Ok(HeartbeatOutcome {
-            status: current.status,
-            cancelled: true,
-            execution_deadline: None,
-            heartbeat_deadline: None,
-        });
-    }
-    let execution: Option<i64> = conn
-        .prepare_cached("SELECT execution_deadline FROM jobs WHERE seq = ?1")?
-        .query_row([current.seq], |row| row.get(0))?;
-    let execution = match (current.status, execution) {
-        (JobStatus::Processing, Some(execution)) => Timestamp::from_micros(execution),
-        _ => {
-            return Err(StoreError::InvalidTransition {
-                current: current.status,
-            })
-        }
+    let (seq, row) = current_row(conn, p.job_id)?;
+    let planned = plan::plan_heartbeat(&row, &p)?;
+    let plan::HeartbeatPlan::Extend {
+        expected_status,
+        expected_lease,
+        expected_execution_deadline,
+        deadlines,
+        deadline_at,
+    } = &planned
+    else {
+        return Ok(planned.outcome());
     };
-    let deadlines = p.timeouts.heartbeat_deadlines(execution, p.now);
-    // A heartbeat after a deadline passed does not revive the attempt: the monitor is
-    // about to time it out, and the worker learns so now.
     let changed = conn
         .prepare_cached(
             "UPDATE jobs SET heartbeat_deadline = ?2, deadline_at = ?3, last_heartbeat_at = ?4, updated_at = ?4, \
              progress = COALESCE(?5, progress), progress_message = COALESCE(?6, progress_message) \
-             WHERE seq = ?1 AND status = 'processing' AND lease_id = ?7 AND deadline_at > ?4",
+             WHERE seq = ?1 AND status = ?7 AND lease_id = ?8 AND deadline_at > ?4 AND execution_deadline = ?9",
         )?
         .execute(params![
-            current.seq,
+            seq,
             deadlines.heartbeat.map(Timestamp::as_micros),
-            deadlines.next().as_micros(),
+            deadline_at.as_micros(),
             p.now.as_micros(),
             p.progress,
             p.message,
-            p.lease_id.to_string(),
+            expected_status.as_str(),
+            expected_lease,
+            expected_execution_deadline.as_micros(),
         ])?;
     if changed != 1 {
-        return Err(StoreError::DeadlinePassed);
+        return Err(plan::heartbeat_not_applied(Some(row.status)));
     }
-    Ok(HeartbeatOutcome {
-        status: JobStatus::Processing,
-        cancelled: false,
-        execution_deadline: Some(deadlines.execution),
-        heartbeat_deadline: deadlines.heartbeat,
-    })
+    Ok(planned.outcome())
+}
+
+/// Writes a planned failed or timed-out attempt's columns, on the plan's conditions
+/// (`condition`, with its parameters from `?10` on), and its history and hand-off. Returns
+/// whether the conditions matched.
+fn write_attempt_end(
+    conn: &Connection,
+    seq: i64,
+    end: &plan::AttemptEnd,
+    condition: &str,
+    condition_params: &[&dyn rusqlite::ToSql],
+    result_received: bool,
+    now: Timestamp,
+) -> Result<bool, StoreError> {
+    let sql = format!(
+        "UPDATE jobs SET status = ?2, retry_count = COALESCE(?3, retry_count), \
+         available_at = COALESCE(?4, available_at), deadline_at = ?5, completed_at = ?6, updated_at = ?7, \
+         error_message = ?8, result_received_at = CASE WHEN ?9 THEN ?7 ELSE result_received_at END \
+         WHERE seq = ?1 AND {condition}"
+    );
+    let micros = |t: Option<Timestamp>| t.map(Timestamp::as_micros);
+    let status = end.status.as_str();
+    let available_at = micros(end.available_at);
+    let deadline_at = micros(end.deadline_at);
+    let completed_at = micros(end.completed_at);
+    let at = now.as_micros();
+    let mut all: Vec<&dyn rusqlite::ToSql> = vec![
+        &seq,
+        &status,
+        &end.retry_count,
+        &available_at,
+        &deadline_at,
+        &completed_at,
+        &at,
+        &end.error_message,
+        &result_received,
+    ];
+    all.extend_from_slice(condition_params);
+    let changed = conn.prepare_cached(&sql)?.execute(all.as_slice())?;
+    if changed != 1 {
+        return Ok(false);
+    }
+    for step in &end.history {
+        record_history(conn, seq, now, step)?;
+    }
+    if end.handoff.is_some() {
+        record_handoff(conn, &select_job_by_seq(conn, seq)?, end.handoff, now)?;
+    }
+    Ok(true)
 }
 
 fn submit_result(conn: &Connection, p: SubmitResultParams) -> Result<Job, StoreError> {
-    let current = current_state(conn, p.job_id)?;
-    let success = matches!(p.outcome, AttemptOutcome::Success { .. });
-    let late_success = judge_stored_result(
-        current.status,
-        current.lease_id.as_deref(),
-        current.result_received,
-        p.lease_id,
-        success,
-    )? == ResultTiming::LateSuccess;
-    let now = p.now.as_micros();
-    let previous = current.status;
-    match p.outcome {
-        AttemptOutcome::Success {
-            content,
-            metadata,
-            processing_time,
-        } => {
+    let (seq, row) = current_row(conn, p.job_id)?;
+    let planned = plan::plan_result(&row, &p)?;
+    let lease = planned.expected_lease.expected();
+    match (&planned.change, &p.outcome) {
+        (
+            plan::ResultChange::Success {
+                status,
+                completed_at,
+                history,
+                handoff,
+            },
+            AttemptOutcome::Success {
+                content,
+                metadata,
+                processing_time,
+            },
+        ) => {
             let changed = conn
                 .prepare_cached(
-                    "UPDATE jobs SET status = 'completed', completed_at = ?2, updated_at = ?2, deadline_at = NULL, \
+                    "UPDATE jobs SET status = ?8, completed_at = ?2, updated_at = ?2, deadline_at = NULL, \
                      result_received_at = ?2, result_content = ?3, result_metadata = ?4, processing_time = ?5, \
                      error_message = NULL, progress = 100 \
                      WHERE seq = ?1 AND status = ?6 AND lease_id IS ?7 AND result_received_at IS NULL",
                 )?
                 .execute(params![
-                    current.seq,
-                    now,
+                    seq,
+                    completed_at.as_micros(),
                     content,
                     metadata.to_string(),
                     processing_time,
-                    previous.as_str(),
-                    current.lease_id,
-                ])?;
-            expect_one_row(changed, previous)?;
-            let reason = if late_success {
-                "late result of a timed-out attempt"
-            } else {
-                "worker reported success"
-            };
-            record_history(
-                conn,
-                current.seq,
-                Some(previous),
-                JobStatus::Completed,
-                p.now,
-                Actor::Worker,
-                reason,
-            )?;
-        }
-        AttemptOutcome::Failure {
-            error_message,
-            retryable,
-        } => {
-            let after =
-                p.policy
-                    .retry
-                    .after_failure(current.retry_count, retryable, p.now, p.jitter);
-            let (status, retry_count, available_at, deadline_at, completed_at) =
-                after_failure_columns(after, JobStatus::Failed, current.retry_count, p.now);
-            let changed = conn
-                .prepare_cached(
-                    "UPDATE jobs SET status = ?2, retry_count = ?3, available_at = ?4, deadline_at = ?5, \
-                     completed_at = ?6, updated_at = ?7, result_received_at = ?7, error_message = ?8 \
-                     WHERE seq = ?1 AND status = 'processing' AND lease_id IS ?9 AND result_received_at IS NULL",
-                )?
-                .execute(params![
-                    current.seq,
+                    planned.expected_status.as_str(),
+                    lease,
                     status.as_str(),
-                    retry_count,
-                    available_at,
-                    deadline_at,
-                    completed_at,
-                    now,
-                    error_message,
-                    current.lease_id,
                 ])?;
-            expect_one_row(changed, previous)?;
-            let reason = if retryable {
-                error_message.clone()
-            } else {
-                format!("{error_message} (not retryable)")
-            };
-            record_history(
-                conn,
-                current.seq,
-                Some(previous),
-                JobStatus::Failed,
-                p.now,
-                Actor::Worker,
-                &reason,
-            )?;
-            if let AfterFailure::Retry { at, retry_count } = after {
-                let reason = retry_reason(retry_count, p.policy.retry.max_retries, at);
-                record_history(
-                    conn,
-                    current.seq,
-                    Some(JobStatus::Failed),
-                    JobStatus::Retrying,
-                    p.now,
-                    Actor::Worker,
-                    &reason,
-                )?;
-            }
+            expect_one_row(changed, row.status)?;
+            record_history(conn, seq, p.now, history)?;
+            let job = select_job_by_seq(conn, seq)?;
+            record_handoff(conn, &job, Some(*handoff), p.now)?;
+            Ok(job)
         }
+        (plan::ResultChange::Failure(end), _) => {
+            let applied = write_attempt_end(
+                conn,
+                seq,
+                end,
+                "status = ?10 AND lease_id IS ?11 AND result_received_at IS NULL",
+                &[&planned.expected_status.as_str(), &lease],
+                true,
+                p.now,
+            )?;
+            if !applied {
+                return Err(StoreError::InvalidTransition {
+                    current: row.status,
+                });
+            }
+            select_job_by_seq(conn, seq)
+        }
+        (plan::ResultChange::Success { .. }, AttemptOutcome::Failure { .. }) => Err(
+            StoreError::Internal("a failure was planned as a success".into()),
+        ),
     }
-    let job = select_job_by_seq(conn, current.seq)?;
-    record_handoff(conn, &job, p.now)?;
-    Ok(job)
 }
-
 fn import(conn: &Connection, p: ImportJobParams) -> Result<ImportOutcome, StoreError> {
     let job = &p.job;
     let micros = |t: Option<Timestamp>| t.map(Timestamp::as_micros);
@@ -899,241 +858,152 @@ fn import(conn: &Connection, p: ImportJobParams) -> Result<ImportOutcome, StoreE
     let Some(seq) = seq else {
         return Ok(ImportOutcome::AlreadyExists);
     };
-    record_history(conn, seq, None, job.status, p.now, Actor::Admin, &p.reason)?;
+    record_history(
+        conn,
+        seq,
+        p.now,
+        &plan::imported_step(job.status, &p.reason),
+    )?;
     Ok(ImportOutcome::Imported)
 }
 
 fn cancel(conn: &Connection, p: CancelParams) -> Result<Job, StoreError> {
-    let current = current_state_allowing(conn, p.job_id, JobStatus::Cancelled)?;
+    let (seq, row) = current_row(conn, p.job_id)?;
+    let planned = plan::plan_cancel(&row, &p)?;
     let changed = conn
         .prepare_cached(
-            "UPDATE jobs SET status = 'cancelled', completed_at = ?2, updated_at = ?2, deadline_at = NULL \
-             WHERE seq = ?1 AND status = ?3",
+            "UPDATE jobs SET status = ?4, completed_at = COALESCE(?2, completed_at), updated_at = ?5, \
+             deadline_at = NULL WHERE seq = ?1 AND status = ?3",
         )?
-        .execute(params![current.seq, p.now.as_micros(), current.status.as_str()])?;
-    expect_one_row(changed, current.status)?;
-    record_history(
-        conn,
-        current.seq,
-        Some(current.status),
-        JobStatus::Cancelled,
-        p.now,
-        Actor::Admin,
-        &p.reason,
-    )?;
-    let job = select_job_by_seq(conn, current.seq)?;
-    record_handoff(conn, &job, p.now)?;
+        .execute(params![
+            seq,
+            planned.completed_at.map(Timestamp::as_micros),
+            planned.expected_status.as_str(),
+            planned.status.as_str(),
+            p.now.as_micros(),
+        ])?;
+    expect_one_row(changed, row.status)?;
+    record_history(conn, seq, p.now, &planned.history)?;
+    let job = select_job_by_seq(conn, seq)?;
+    record_handoff(conn, &job, planned.handoff, p.now)?;
     Ok(job)
 }
 
 fn manual_retry(conn: &Connection, p: ManualRetryParams) -> Result<Job, StoreError> {
-    let current = current_state_allowing(conn, p.job_id, JobStatus::Retrying)?;
+    let (seq, row) = current_row(conn, p.job_id)?;
+    let planned = plan::plan_manual_retry(&row, &p)?;
     let changed = conn
         .prepare_cached(
-            "UPDATE jobs SET status = 'retrying', retry_count = 0, available_at = ?2, deadline_at = NULL, \
-             completed_at = NULL, updated_at = ?2 WHERE seq = ?1 AND status = ?3",
+            "UPDATE jobs SET status = ?4, retry_count = ?5, available_at = ?2, deadline_at = NULL, \
+             completed_at = NULL, updated_at = ?6 WHERE seq = ?1 AND status = ?3",
         )?
-        .execute(params![current.seq, p.now.as_micros(), current.status.as_str()])?;
-    expect_one_row(changed, current.status)?;
-    record_history(
-        conn,
-        current.seq,
-        Some(current.status),
-        JobStatus::Retrying,
-        p.now,
-        Actor::Admin,
-        "manual retry: retry budget reset",
-    )?;
-    select_job_by_seq(conn, current.seq)
+        .execute(params![
+            seq,
+            planned.available_at.as_micros(),
+            planned.expected_status.as_str(),
+            planned.status.as_str(),
+            planned.retry_count,
+            p.now.as_micros(),
+        ])?;
+    expect_one_row(changed, row.status)?;
+    record_history(conn, seq, p.now, &planned.history)?;
+    select_job_by_seq(conn, seq)
 }
 
 fn rescue(conn: &Connection, p: RescueParams) -> Result<RescueReport, StoreError> {
     let now = p.now.as_micros();
-    let mut rng = fastrand::Rng::with_seed(p.jitter_seed);
+    let mut planner = plan::RescuePlanner::new(&p);
     let mut report = RescueReport::default();
-    let expired: Vec<(
-        i64,
-        String,
-        Option<i64>,
-        Option<i64>,
-        u32,
-        String,
-        Option<String>,
-    )> = conn
+    let expired: Vec<(i64, plan::Row)> = conn
         .prepare_cached(RESCUE_SCAN_SQL)?
-        .query_map(params![now, p.limit as i64], |row| {
-            Ok((
-                row.get(0)?,
-                row.get(1)?,
-                row.get(2)?,
-                row.get(3)?,
-                row.get(4)?,
-                row.get(5)?,
-                row.get(6)?,
-            ))
-        })?
+        .query_map(params![now, p.limit as i64], row_from_columns)?
         .collect::<Result<_, _>>()?;
-    for (seq, status, execution, heartbeat, retry_count, _content_type, lease) in expired {
-        match parse_status(&status)? {
-            JobStatus::Pending => {
-                let changed = conn
-                    .prepare_cached(
-                        "UPDATE jobs SET status = 'timeout', completed_at = ?2, updated_at = ?2, deadline_at = NULL, \
-                         error_message = ?3 WHERE seq = ?1 AND status = 'pending' AND deadline_at <= ?2",
-                    )?
-                    .execute(params![seq, now, Expiry::Pending.reason()])?;
-                if changed == 1 {
-                    record_history(
-                        conn,
-                        seq,
-                        Some(JobStatus::Pending),
-                        JobStatus::Timeout,
-                        p.now,
-                        Actor::Monitor,
-                        Expiry::Pending.reason(),
-                    )?;
-                    record_handoff(conn, &select_job_by_seq(conn, seq)?, p.now)?;
-                    report.n_pending_timed_out += 1;
-                }
+    for (seq, row) in expired {
+        let planned = planner.plan(&row);
+        let expected = planned.expected_status().map(JobStatus::as_str);
+        let applied = match &planned {
+            plan::RescuePlan::PendingTimeout(end) => write_attempt_end(
+                conn,
+                seq,
+                end,
+                "status = ?10 AND deadline_at <= ?7",
+                &[&expected],
+                false,
+                p.now,
+            )?,
+            plan::RescuePlan::AttemptTimeout {
+                expected_lease,
+                expected_retry_count,
+                end,
+            } => write_attempt_end(
+                conn,
+                seq,
+                end,
+                "status = ?10 AND lease_id IS ?11 AND retry_count = ?12 AND deadline_at <= ?7",
+                &[&expected, expected_lease, expected_retry_count],
+                false,
+                p.now,
+            )?,
+            plan::RescuePlan::RetryDue => {
+                conn.prepare_cached(
+                    "UPDATE jobs SET deadline_at = NULL WHERE seq = ?1 AND status = ?2",
+                )?
+                .execute(params![seq, expected])?
+                    == 1
             }
-            JobStatus::Processing => {
-                let Some(execution) = execution else { continue };
-                let deadlines = AttemptDeadlines {
-                    execution: Timestamp::from_micros(execution),
-                    heartbeat: ts(heartbeat),
-                };
-                let Some(expiry) = deadlines.expired(p.now) else {
-                    continue;
-                };
-                let after = p.policy.retry.after_failure(
-                    retry_count,
-                    expiry.allows_retry(),
-                    p.now,
-                    rng.f64(),
-                );
-                let (status, new_retry_count, available_at, deadline_at, completed_at) =
-                    after_failure_columns(after, JobStatus::Timeout, retry_count, p.now);
-                let changed = conn
-                    .prepare_cached(
-                        "UPDATE jobs SET status = ?2, retry_count = ?3, available_at = ?4, deadline_at = ?5, \
-                         completed_at = ?6, updated_at = ?7, error_message = ?8 \
-                         WHERE seq = ?1 AND status = 'processing' AND lease_id IS ?9 AND deadline_at <= ?7",
-                    )?
-                    .execute(params![
-                        seq,
-                        status.as_str(),
-                        new_retry_count,
-                        available_at,
-                        deadline_at,
-                        completed_at,
-                        now,
-                        expiry.reason(),
-                        lease,
-                    ])?;
-                if changed != 1 {
-                    continue;
-                }
-                report.n_attempts_timed_out += 1;
-                record_history(
-                    conn,
-                    seq,
-                    Some(JobStatus::Processing),
-                    JobStatus::Timeout,
-                    p.now,
-                    Actor::Monitor,
-                    expiry.reason(),
-                )?;
-                match after {
-                    AfterFailure::Retry { at, retry_count } => {
-                        let reason = retry_reason(retry_count, p.policy.retry.max_retries, at);
-                        record_history(
-                            conn,
-                            seq,
-                            Some(JobStatus::Timeout),
-                            JobStatus::Retrying,
-                            p.now,
-                            Actor::Monitor,
-                            &reason,
-                        )?;
-                        report.n_retries_scheduled += 1;
-                    }
-                    AfterFailure::Final => {
-                        record_handoff(conn, &select_job_by_seq(conn, seq)?, p.now)?
-                    }
-                }
-            }
-            JobStatus::Retrying => {
-                // The backoff passed: nothing to change but the deadline; the caller wakes
-                // long-polling workers.
-                let changed = conn
-                    .prepare_cached(
-                        "UPDATE jobs SET deadline_at = NULL WHERE seq = ?1 AND status = 'retrying'",
-                    )?
-                    .execute([seq])?;
-                report.n_retries_due += changed;
-            }
-            _ => {
-                // A finished job never keeps a deadline; clear a stray one so the scan moves on.
+            plan::RescuePlan::ClearDeadline => {
                 conn.prepare_cached("UPDATE jobs SET deadline_at = NULL WHERE seq = ?1")?
                     .execute([seq])?;
+                false
             }
+            plan::RescuePlan::Skip => false,
+        };
+        if applied {
+            planned.count(&mut report);
         }
     }
     Ok(report)
 }
 
 fn cleanup(conn: &Connection, p: CleanupParams) -> Result<CleanupReport, StoreError> {
-    let mut report = CleanupReport::default();
-    let mut budget = p.limit;
-    for status in [
-        JobStatus::Completed,
-        JobStatus::Cancelled,
-        JobStatus::Failed,
-        JobStatus::Timeout,
-    ] {
-        if budget == 0 {
-            break;
-        }
-        let Some(cutoff) = p.retention.cutoff(status, p.now) else {
-            continue;
-        };
+    let mut planner = plan::CleanupPlanner::new(&p);
+    while let Some(batch) = planner.next_batch() {
         let victims: Vec<(i64, String)> = conn
             .prepare_cached(CLEANUP_SCAN_SQL)?
             .query_map(
-                params![status.as_str(), cutoff.as_micros(), budget as i64],
+                params![
+                    batch.status.as_str(),
+                    batch.cutoff.as_micros(),
+                    batch.limit as i64
+                ],
                 |row| Ok((row.get(0)?, row.get(1)?)),
             )?
             .collect::<Result<_, _>>()?;
         for (seq, source_file_path) in victims {
             let changed = conn
                 .prepare_cached("DELETE FROM jobs WHERE seq = ?1 AND status = ?2")?
-                .execute(params![seq, status.as_str()])?;
+                .execute(params![seq, batch.status.as_str()])?;
             if changed == 0 {
                 continue;
             }
             conn.prepare_cached("DELETE FROM job_history WHERE job_seq = ?1")?
                 .execute([seq])?;
-            report.n_deleted += 1;
-            budget -= 1;
+            if !planner.deleted(&source_file_path) {
+                continue;
+            }
             let still_used = conn
                 .prepare_cached("SELECT 1 FROM jobs WHERE source_file_path = ?1 LIMIT 1")?
                 .query_row([&source_file_path], |_| Ok(()))
                 .optional()?
                 .is_some();
-            if !still_used && !report.orphaned_source_files.contains(&source_file_path) {
-                report.orphaned_source_files.push(source_file_path);
+            if !still_used {
+                planner.orphaned(source_file_path);
             }
         }
     }
-    // Creation counters older than the statistics window are no longer needed.
-    let two_days_ago = p
-        .now
-        .minus(std::time::Duration::from_secs(2 * 86_400))
-        .as_micros()
-        / 60_000_000;
     conn.prepare_cached("DELETE FROM created_per_minute WHERE minute < ?1")?
-        .execute([two_days_ago])?;
-    Ok(report)
+        .execute([planner.stale_creation_counters_before()])?;
+    Ok(planner.finish())
 }
 
 fn history_of(conn: &Connection, seq: i64) -> Result<Vec<HistoryEntry>, StoreError> {
@@ -1235,10 +1105,7 @@ fn statistics(conn: &Connection, path: &Path, now: Timestamp) -> Result<Statisti
         let (content_type, n, total_micros) = row?;
         avg_processing_secs.insert(content_type, total_micros as f64 / n as f64 / 1e6);
     }
-    let since_minute = now
-        .minus(std::time::Duration::from_secs(86_400))
-        .as_micros()
-        / 60_000_000;
+    let since_minute = plan::created_recently_since(now);
     let created_last_24h: i64 = conn
         .prepare_cached("SELECT COALESCE(SUM(n), 0) FROM created_per_minute WHERE minute >= ?1")?
         .query_row([since_minute], |row| row.get(0))?;
