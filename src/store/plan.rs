@@ -504,14 +504,16 @@ pub struct CancelPlan {
     pub handoff: Option<HandoffKind>,
 }
 
-/// Cancelling a job stops it and hands the cancellation off.
+/// Cancelling a live job stops it and hands the cancellation off. Cancelling a job that
+/// already has its outcome (completed, or failed or timed out for good) only records the
+/// cancellation: it keeps its result and `completed_at`, and nothing is handed off again.
 pub fn plan_cancel(row: &Row, p: &CancelParams) -> Result<CancelPlan, StoreError> {
     if !row.status.can_move_to(JobStatus::Cancelled) {
         return Err(StoreError::InvalidTransition {
             current: row.status,
         });
     }
-    let had_outcome = false;
+    let had_outcome = row.status.is_finished();
     Ok(CancelPlan {
         expected_status: row.status,
         status: JobStatus::Cancelled,

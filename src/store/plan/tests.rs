@@ -305,13 +305,13 @@ fn heartbeats_move_the_heartbeat_deadline_only_for_the_running_attempt() {
 }
 
 #[test]
-fn cancelling_a_job_hands_the_cancellation_off() {
+fn cancelling_a_live_job_hands_off_and_a_finished_one_keeps_its_outcome() {
     let params = CancelParams {
         job_id: JobId::new_random(),
         reason: "operator".into(),
         now: at(50),
     };
-    for status in [Pending, Processing, Retrying, Completed, Failed, Timeout] {
+    for status in [Pending, Processing, Retrying] {
         let plan = plan_cancel(&row(status, None), &params).unwrap();
         assert_eq!(
             (
@@ -327,6 +327,18 @@ fn cancelling_a_job_hands_the_cancellation_off() {
                 Some(HandoffKind::Cancelled)
             ),
             "{status}"
+        );
+        assert_eq!(
+            steps(&[&plan.history]),
+            vec![(Some(status), Cancelled, Actor::Admin, "operator".to_owned())]
+        );
+    }
+    for status in [Completed, Failed, Timeout] {
+        let plan = plan_cancel(&row(status, None), &params).unwrap();
+        assert_eq!(
+            (plan.status, plan.completed_at, plan.handoff),
+            (Cancelled, None, None),
+            "{status}: its outcome was handed off already"
         );
         assert_eq!(
             steps(&[&plan.history]),
