@@ -11,23 +11,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::clock::SharedClock;
-use crate::config::{Config, DatabaseTarget};
-use crate::monitor::Monitor;
-use crate::store::postgres::PostgresStore;
-use crate::store::sqlite::{SqliteOptions, SqliteStore};
-use crate::store::Store;
+use crate::config::Config;
+use crate::context::AppContext;
+use crate::monitor::{Cleaner, Monitor, MonitorSettings};
 use crate::wakeups::Wakeups;
-
-/// What every request handler and background service shares.
-pub struct AppContext {
-    pub config: Config,
-    pub store: Arc<dyn Store>,
-    pub clock: SharedClock,
-    /// Wakes long-polling workers when a job may have become claimable.
-    pub wakeups: Wakeups,
-    /// Becomes true when the server is shutting down; long polls return early.
-    pub shutting_down: watch::Receiver<bool>,
-}
 
 pub struct App {
     context: Arc<AppContext>,
@@ -37,7 +24,9 @@ pub struct App {
 
 impl App {
     pub async fn build(config: Config, clock: SharedClock) -> anyhow::Result<App> {
-        let store = open_store(&config).await?;
+        let store = crate::store::open(&config.database, &config.store_settings)
+            .await
+            .with_context(|| format!("failed to open the store ({:?})", config.database))?;
         let listener = TcpListener::bind(config.addr)
             .await
             .with_context(|| format!("failed to listen on {}", config.addr))?;
@@ -46,7 +35,7 @@ impl App {
             config,
             store,
             clock,
-            wakeups: Wakeups::default(),
+            wakeups: Arc::new(Wakeups::default()),
             shutting_down,
         });
         Ok(App {
@@ -78,7 +67,7 @@ impl App {
             shutdown_sender,
         } = self;
         let router = crate::api::router(context.clone());
-        let monitor = Monitor::new(context.clone());
+        let monitor = monitor_for(&context);
         let mut monitor_shutdown = context.shutting_down.clone();
         let monitor_task = tokio::spawn(async move { monitor.run(&mut monitor_shutdown).await });
 
@@ -113,28 +102,25 @@ impl App {
     }
 }
 
-/// Opens the configured store, running its migrations. A database whose schema is newer
-/// than this program is refused (`StoreError::SchemaTooNew`).
-pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
-    match &config.database {
-        DatabaseTarget::Sqlite(path) => {
-            let store = SqliteStore::open(SqliteOptions {
-                path: path.clone(),
-                durability: config.durability,
-            })
-            .with_context(|| format!("failed to open the SQLite store at {path:?}"))?;
-            Ok(Arc::new(store))
-        }
-        DatabaseTarget::Postgres(url) => {
-            let store = PostgresStore::open(crate::config::postgres_options(
-                url,
-                config.database_max_connections,
-            ))
-            .await
-            .context("failed to open the PostgreSQL store")?;
-            Ok(Arc::new(store))
-        }
-    }
+/// The monitor with the parts of the context it uses.
+pub fn monitor_for(context: &AppContext) -> Monitor {
+    let config = &context.config;
+    Monitor::new(
+        context.store.clone(),
+        context.clock.clone(),
+        context.wakeups.clone(),
+        Cleaner::new(
+            context.store.clone(),
+            context.clock.clone(),
+            config.files_dir.clone(),
+        ),
+        MonitorSettings {
+            policy: config.policy.clone(),
+            monitor_interval: config.monitor_interval,
+            cleanup_interval: config.cleanup_interval,
+            stats_log_interval: config.stats_log_interval,
+        },
+    )
 }
 
 /// Wakes this replica's long-polling workers when the store reports that a job may have

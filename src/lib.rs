@@ -3,8 +3,10 @@
 //! A guided tour, in reading order:
 //! - `clock`: time as an injectable value, so timeouts are testable without sleeping.
 //! - `domain`: the job state machine and the timeout, retry and retention policy; no IO.
-//! - `store`: the storage interface and its SQLite backend; the only place with SQL.
+//! - `store`: the storage interface, `store::open`, and the SQLite and PostgreSQL backends;
+//!   the only place with SQL.
 //! - `files`: source paths from requests, confined to the allowed roots.
+//! - `context`: the state request handlers share (config, store, clock, wake-ups).
 //! - `api`: the HTTP routes (MoRAG's wire protocol and the admin API); the only place with JSON.
 //! - `monitor`: the background rescuer (timeouts, due retries) and cleaner (retention).
 //! - `config` and `app`: one validated configuration, and the wiring that runs it all.
@@ -16,6 +18,7 @@ pub mod app;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod context;
 pub mod domain;
 pub mod files;
 pub mod import;

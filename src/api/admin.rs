@@ -11,14 +11,14 @@ use serde_json::json;
 
 use super::error::ApiError;
 use super::extract::{JobIdPath, JsonBody, QueryParams};
+use super::queries::{CleanupQuery, ListQuery};
 use super::views::*;
-use crate::app::AppContext;
-use crate::domain::{ContentType, JobId, JobStatus, RetentionPolicy};
+use crate::context::AppContext;
+use crate::domain::{ContentType, JobId, RetentionPolicy};
 use crate::files;
-use crate::monitor::Monitor;
-use crate::store::{CancelParams, CreateJobParams, ListParams, ManualRetryParams};
+use crate::monitor::Cleaner;
+use crate::store::{CancelParams, CreateJobParams, ManualRetryParams};
 
-const MAX_LIST_LIMIT: usize = 500;
 const MAX_INGESTION_TASK_ID_LEN: usize = 256;
 
 pub async fn create_job(
@@ -89,55 +89,7 @@ pub async fn list_jobs(
     State(context): State<Arc<AppContext>>,
     QueryParams(query): QueryParams<ListQuery>,
 ) -> Result<Json<JobListView>, ApiError> {
-    let status = match query
-        .status
-        .as_deref()
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-    {
-        None => None,
-        Some(text) => Some(JobStatus::parse(text).ok_or_else(|| {
-            ApiError::validation(&["query", "status"], format!("unknown status {text:?}"))
-        })?),
-    };
-    let content_type = match query
-        .content_type
-        .as_deref()
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-    {
-        None => None,
-        Some(text) => {
-            Some(ContentType::parse(text).map_err(|error| ApiError::invalid("query", error))?)
-        }
-    };
-    let limit = match query.limit.as_deref() {
-        None => 50,
-        Some(text) => match text.trim().parse::<usize>() {
-            Ok(n) if (1..=MAX_LIST_LIMIT).contains(&n) => n,
-            _ => {
-                return Err(ApiError::validation(
-                    &["query", "limit"],
-                    format!("must be from 1 to {MAX_LIST_LIMIT}"),
-                ))
-            }
-        },
-    };
-    let cursor = match query.cursor.as_deref().filter(|s| !s.is_empty()) {
-        None => None,
-        Some(text) => Some(text.parse::<i64>().ok().filter(|n| *n > 0).ok_or_else(|| {
-            ApiError::validation(&["query", "cursor"], "not a cursor from a previous page")
-        })?),
-    };
-    let page = context
-        .store
-        .list_jobs(ListParams {
-            status,
-            content_type,
-            limit,
-            cursor,
-        })
-        .await?;
+    let page = context.store.list_jobs(query.parse()?).await?;
     Ok(Json(JobListView {
         jobs: page.jobs.iter().map(JobSummaryView::from).collect(),
         next_cursor: page.next_cursor.map(|c| c.to_string()),
@@ -205,23 +157,13 @@ pub async fn cleanup(
     State(context): State<Arc<AppContext>>,
     QueryParams(query): QueryParams<CleanupQuery>,
 ) -> Result<Json<CleanupResponse>, ApiError> {
-    let days_old = match query.days_old.as_deref() {
-        None => 7,
-        Some(text) => text
-            .trim()
-            .parse::<u32>()
-            .ok()
-            .filter(|d| *d <= 36_500)
-            .ok_or_else(|| {
-                ApiError::validation(
-                    &["query", "days_old"],
-                    "must be a whole number of days from 0 to 36500",
-                )
-            })?,
-    };
-    let summary = Monitor::new(context.clone())
-        .cleanup_with(RetentionPolicy::uniform(days_old))
-        .await?;
+    let days_old = query.parse()?;
+    let cleaner = Cleaner::new(
+        context.store.clone(),
+        context.clock.clone(),
+        context.config.files_dir.clone(),
+    );
+    let summary = cleaner.cleanup(RetentionPolicy::uniform(days_old)).await?;
     Ok(Json(CleanupResponse {
         cleaned_jobs: summary.n_jobs_deleted,
         days_old,

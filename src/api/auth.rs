@@ -10,8 +10,8 @@ use axum::middleware::Next;
 use axum::response::Response;
 
 use super::error::ApiError;
-use crate::app::AppContext;
 use crate::config::ApiKey;
+use crate::context::AppContext;
 
 pub async fn require_worker(
     State(context): State<Arc<AppContext>>,

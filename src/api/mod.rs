@@ -5,6 +5,7 @@ mod admin;
 mod auth;
 mod error;
 mod extract;
+mod queries;
 pub mod views;
 mod worker;
 
@@ -16,7 +17,7 @@ use axum::{middleware, Router};
 
 pub use error::ApiError;
 
-use crate::app::AppContext;
+use crate::context::AppContext;
 
 /// Results carry whole transcripts; everything else is small.
 const MAX_RESULT_BODY: usize = 256 * 1024 * 1024;

@@ -29,14 +29,6 @@ pub struct CreateJobResponse {
     pub created_at: Timestamp,
 }
 
-#[derive(Deserialize)]
-pub struct PollQuery {
-    pub worker_id: Option<String>,
-    pub content_types: Option<String>,
-    pub max_jobs: Option<String>,
-    pub wait: Option<String>,
-}
-
 /// MoRAG's four fields, all null when no job is due, plus the lease and deadlines.
 #[derive(Serialize, Default)]
 pub struct PollResponse {
@@ -239,19 +231,6 @@ impl<'a> From<&'a JobDetail> for JobDetailView<'a> {
             history: detail.history.iter().map(HistoryView::from).collect(),
         }
     }
-}
-
-#[derive(Deserialize)]
-pub struct ListQuery {
-    pub status: Option<String>,
-    pub content_type: Option<String>,
-    pub limit: Option<String>,
-    pub cursor: Option<String>,
-}
-
-#[derive(Deserialize)]
-pub struct CleanupQuery {
-    pub days_old: Option<String>,
 }
 
 #[derive(Serialize)]

@@ -168,12 +168,7 @@ impl Session {
     }
 }
 
-/// What `migrate` found and did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MigrationReport {
-    pub from_version: i64,
-    pub to_version: i64,
-}
+pub use super::MigrationReport;
 
 pub struct PostgresStore {
     pool: Arc<Pool>,

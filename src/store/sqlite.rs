@@ -33,18 +33,7 @@ const WRITER_AUTOCHECKPOINT_PAGES: i64 = 10_000;
 /// The least time between two background checkpoints: each costs two fsyncs.
 const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
 
-/// How hard a commit is pushed to disk.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum Durability {
-    /// `synchronous=NORMAL`: a commit survives the server process being killed (the WAL
-    /// is in the OS page cache); after a power loss the last commits may be lost, but the
-    /// database stays consistent.
-    #[default]
-    Normal,
-    /// `synchronous=FULL`: every commit is fsynced before it is acknowledged, so it
-    /// survives power loss too, at a large cost in write throughput.
-    Full,
-}
+pub use super::Durability;
 
 #[derive(Clone, Debug)]
 pub struct SqliteOptions {
@@ -161,7 +150,18 @@ fn configure(conn: &Connection, durability: Durability) -> rusqlite::Result<()> 
     Ok(())
 }
 
-fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+/// Brings the schema of the file at `options.path` up to date without starting a store.
+pub fn migrate_file(options: &SqliteOptions) -> Result<super::MigrationReport, StoreError> {
+    if let Some(parent) = options.path.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| StoreError::Internal(format!("create {parent:?}: {e}")))?;
+    }
+    let mut conn = Connection::open(&options.path).map_err(sql_error)?;
+    configure(&conn, options.durability).map_err(sql_error)?;
+    migrate(&mut conn)
+}
+
+fn migrate(conn: &mut Connection) -> Result<super::MigrationReport, StoreError> {
     let known = MIGRATIONS.len() as i64;
     let found: i64 = conn
         .pragma_query_value(None, "user_version", |row| row.get(0))
@@ -176,7 +176,10 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
             .map_err(sql_error)?;
         tx.commit().map_err(sql_error)?;
     }
-    Ok(())
+    Ok(super::MigrationReport {
+        from_version: found,
+        to_version: known,
+    })
 }
 
 fn writer_loop(conn: Connection, receiver: mpsc::Receiver<WriteJob>, checkpointer: Checkpointer) {

@@ -5,9 +5,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use morag_jobs::app::{App, AppContext};
+use morag_jobs::app::App;
 use morag_jobs::clock::ManualClock;
 use morag_jobs::config::{Config, ServeArgs};
+use morag_jobs::context::AppContext;
 use morag_jobs::monitor::Monitor;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
@@ -97,7 +98,7 @@ pub async fn spawn_app_with(extra: &[&str]) -> TestApp {
 
 impl TestApp {
     pub fn monitor(&self) -> Monitor {
-        Monitor::new(self.context.clone())
+        morag_jobs::app::monitor_for(&self.context)
     }
 
     pub fn url(&self, path: &str) -> String {
