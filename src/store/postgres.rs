@@ -6,8 +6,8 @@
 //!   status = $2 AND lease_id IS NOT DISTINCT FROM $3 ...`) whose data-modifying CTEs also
 //!   insert the history rows and the hand-off (outbox) row, so the three are written
 //!   atomically without a multi-statement transaction. When the decision depends on the
-//!   job's current state (retry count, deadlines), that state is read first, the domain
-//!   policy decides, and the update is conditional on exactly what was read; zero rows
+//!   job's current state (retry count, deadlines), that state is read first, the planning
+//!   layer (`store::plan`) decides, and the update is conditional on exactly what was read; zero rows
 //!   means someone else moved the job first, and the caller is told so.
 //! - Claims pick their row with `FOR UPDATE SKIP LOCKED`: concurrent claimers never wait
 //!   for each other and never get the same attempt.
