@@ -31,12 +31,15 @@ impl App {
             .await
             .with_context(|| format!("failed to listen on {}", config.addr))?;
         let (shutdown_sender, shutting_down) = watch::channel(false);
+        let config_long_polls = config.limits.max_long_polls;
         let context = Arc::new(AppContext {
             config,
             store,
             clock,
             wakeups: Arc::new(Wakeups::default()),
             shutting_down,
+            long_poll_slots: tokio::sync::Semaphore::new(config_long_polls),
+            write_probe: std::sync::Mutex::new(None),
         });
         Ok(App {
             context,
@@ -67,6 +70,7 @@ impl App {
             shutdown_sender,
         } = self;
         let router = crate::api::router(context.clone());
+        let limits = context.config.limits.clone();
         let monitor = monitor_for(&context);
         let mut monitor_shutdown = context.shutting_down.clone();
         let monitor_task = tokio::spawn(async move { monitor.run(&mut monitor_shutdown).await });
@@ -78,13 +82,8 @@ impl App {
             let _ = trigger_sender.send(true);
         });
         let wakeups = tokio::spawn(forward_wakeups(context.clone()));
-        let mut server_shutdown = context.shutting_down.clone();
         tracing::info!(addr = %listener.local_addr()?, open = context.config.is_open(), "morag-jobs listening");
-        let served = axum::serve(listener, router)
-            .with_graceful_shutdown(async move {
-                let _ = server_shutdown.wait_for(|stop| *stop).await;
-            })
-            .await;
+        crate::http_server::serve(listener, router, limits, context.shutting_down.clone()).await;
         // However the server stopped, everything else stops with it.
         trigger.abort();
         let _ = shutdown_sender.send(true);
@@ -95,7 +94,6 @@ impl App {
             .close()
             .await
             .context("failed to close the store")?;
-        served.context("the HTTP server failed")?;
         monitor_result.context("the monitor task panicked")?;
         tracing::info!("morag-jobs stopped");
         Ok(())

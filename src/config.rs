@@ -93,6 +93,10 @@ pub struct ServeArgs {
     /// Allow listening on a non-loopback address without any API key.
     #[arg(long)]
     pub insecure_no_auth: bool,
+
+    // Request, connection and lease limits (issue 8), kept in their own module.
+    #[command(flatten)]
+    pub limits: crate::limits::LimitArgs,
 }
 
 /// Where jobs are stored; shared by `serve`, `migrate` and `import-morag-dir`.
@@ -181,6 +185,9 @@ pub struct Config {
     pub worker_api_keys: Vec<ApiKey>,
     pub admin_api_keys: Vec<ApiKey>,
     pub insecure_no_auth: bool,
+
+    /// Request, connection and lease limits (issue 8).
+    pub limits: crate::limits::Limits,
 }
 
 /// An API key. Its `Debug` output is redacted so a logged config never shows a secret.
@@ -291,6 +298,8 @@ impl Config {
                 .collect::<Result<_, _>>()?,
         };
 
+        let limits =
+            crate::limits::Limits::from_args(&args.limits).map_err(ConfigError::Invalid)?;
         let database = args.database.target(&data_dir)?;
         let store_settings = args.database.settings(args.sqlite_sync);
         Ok(Config {
@@ -307,6 +316,7 @@ impl Config {
             worker_api_keys,
             admin_api_keys,
             insecure_no_auth: args.insecure_no_auth,
+            limits,
         })
     }
 

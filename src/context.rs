@@ -20,4 +20,8 @@ pub struct AppContext {
     pub wakeups: Arc<Wakeups>,
     /// Becomes true when the server is shutting down; long polls return early.
     pub shutting_down: watch::Receiver<bool>,
+    /// One permit per long poll allowed to wait at once (`MORAG_REMOTE_MAX_LONG_POLLS`).
+    pub long_poll_slots: tokio::sync::Semaphore,
+    /// The last write probe's outcome, so `/health` probes at most every few seconds.
+    pub write_probe: std::sync::Mutex<Option<(tokio::time::Instant, Result<(), String>)>>,
 }

@@ -10,6 +10,8 @@
 //! - `context`: the state request handlers share (config, store, clock, wake-ups).
 //! - `api`: the HTTP routes (MoRAG's wire protocol and the admin API); the only place with JSON.
 //! - `monitor`: the background rescuer (timeouts, due retries) and cleaner (retention).
+//! - `limits`: request, connection and lease limits; `http_server`: the accept loop that
+//!   enforces the connection limits.
 //! - `config` and `app`: one validated configuration, and the wiring that runs it all.
 //! - `cli`: the `morag-jobs` command line, including the admin client subcommands.
 //! - `import`: reading MoRAG's file-based prototype's jobs into the store.
@@ -22,7 +24,9 @@ pub mod config;
 pub mod context;
 pub mod domain;
 pub mod files;
+pub mod http_server;
 pub mod import;
+pub mod limits;
 pub mod monitor;
 pub mod store;
 pub mod wakeups;

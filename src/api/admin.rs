@@ -10,7 +10,7 @@ use axum::Json;
 use serde_json::json;
 
 use super::error::ApiError;
-use super::extract::{JobIdPath, JsonBody, QueryParams};
+use super::extract::{JobIdPath, JsonBody, OptionalJsonBody, QueryParams};
 use super::queries::{CleanupQuery, ListQuery};
 use super::views::*;
 use crate::context::AppContext;
@@ -99,14 +99,9 @@ pub async fn list_jobs(
 pub async fn cancel_job(
     State(context): State<Arc<AppContext>>,
     JobIdPath(job_id): JobIdPath,
-    body: axum::body::Bytes,
-) -> Result<Json<JobStatusView>, ApiError> {
     // The body is optional: `{"reason": "..."}`.
-    let request: CancelRequest = if body.iter().all(u8::is_ascii_whitespace) {
-        CancelRequest::default()
-    } else {
-        serde_json::from_slice(&body).map_err(|e| ApiError::validation(&["body"], e.to_string()))?
-    };
+    OptionalJsonBody(request): OptionalJsonBody<CancelRequest>,
+) -> Result<Json<JobStatusView>, ApiError> {
     let reason = request
         .reason
         .filter(|r| !r.trim().is_empty())
@@ -172,17 +167,54 @@ pub async fn cleanup(
 
 pub async fn health(State(context): State<Arc<AppContext>>) -> Response {
     let now = context.clock.now();
-    match context.store.ping().await {
-        Ok(()) => {
-            Json(json!({"status": "healthy", "store": "ok", "timestamp": now})).into_response()
-        }
+    let store = match context.store.ping().await {
+        Ok(()) => match write_probe(&context).await {
+            Ok(()) => "ok",
+            Err(error) => {
+                tracing::warn!(%error, "health check: the store cannot write");
+                "not writable"
+            }
+        },
         Err(error) => {
             tracing::warn!(%error, "health check: store unavailable");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Json(json!({"status": "unhealthy", "store": "unavailable", "timestamp": now})),
-            )
-                .into_response()
+            "unavailable"
+        }
+    };
+    if store == "ok" {
+        Json(json!({"status": "healthy", "store": store, "timestamp": now})).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "unhealthy", "store": store, "timestamp": now})),
+        )
+            .into_response()
+    }
+}
+
+/// How long a write probe's outcome answers `/health`: health checks every second from
+/// several places must not become a stream of writes.
+const WRITE_PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Writes one row through the store, at most every `WRITE_PROBE_INTERVAL`; in between
+/// answers the last outcome. A store that could not write is probed again after the
+/// interval, so health recovers by itself.
+async fn write_probe(context: &AppContext) -> Result<(), String> {
+    let lock = || {
+        context
+            .write_probe
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    };
+    if let Some((at, outcome)) = lock().as_ref() {
+        if at.elapsed() < WRITE_PROBE_INTERVAL {
+            return outcome.clone();
         }
     }
+    let outcome = context
+        .store
+        .probe_write(context.clock.now())
+        .await
+        .map_err(|error| error.to_string());
+    *lock() = Some((tokio::time::Instant::now(), outcome.clone()));
+    outcome
 }

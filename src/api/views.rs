@@ -17,7 +17,7 @@ pub struct CreateJobRequest {
     pub source_file_path: String,
     pub content_type: String,
     /// Absent means `{}`; an explicit `null` is rejected, as MoRAG's model does.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::bounded_json::task_options")]
     pub task_options: Map<String, Value>,
     pub ingestion_task_id: String,
 }
@@ -71,9 +71,9 @@ pub struct HeartbeatResponse {
 #[derive(Deserialize)]
 pub struct SubmitResultRequest {
     pub success: bool,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::bounded_json::content")]
     pub content: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::bounded_json::metadata")]
     pub metadata: Option<Map<String, Value>>,
     #[serde(default)]
     pub error_message: Option<String>,

@@ -2,6 +2,7 @@
 //! download and result.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::State;
@@ -26,8 +27,23 @@ pub async fn poll(
     let PollArgs {
         worker_id,
         content_types,
-        wait,
+        mut wait,
     } = query.parse()?;
+
+    // Each waiting poll holds a connection and a queue entry: past the cap, a long poll is
+    // answered like a short one (a job if one is due, else the empty answer), which every
+    // client already handles by polling again later.
+    let _long_poll_slot = if wait.is_zero() {
+        None
+    } else {
+        match context.long_poll_slots.try_acquire() {
+            Ok(permit) => Some(permit),
+            Err(_) => {
+                wait = Duration::ZERO;
+                None
+            }
+        }
+    };
     let give_up_at = tokio::time::Instant::now() + wait;
     let mut shutting_down = context.shutting_down.clone();
     let waiter = context.wakeups.waiter(&content_types);
@@ -135,6 +151,7 @@ pub async fn submit_result(
         .map(LeaseId::parse)
         .transpose()
         .map_err(|error| ApiError::invalid("body", error))?;
+    require_lease(&context, lease_id.is_some(), "body")?;
     if request
         .processing_time
         .is_some_and(|t| !t.is_finite() || t < 0.0)
@@ -177,6 +194,19 @@ pub async fn submit_result(
     }))
 }
 
+/// With `MORAG_REMOTE_REQUIRE_LEASE`, results and downloads must name the attempt's lease
+/// (a wrong one is a 409 from the store's check), so a worker key alone cannot complete or
+/// read a job it was not given.
+fn require_lease(context: &AppContext, presented: bool, place: &str) -> Result<(), ApiError> {
+    if context.config.limits.require_lease && !presented {
+        return Err(ApiError::validation(
+            &[place, "lease_id"],
+            "lease_id is required: this server refuses results and downloads without the job's current lease (MORAG_REMOTE_REQUIRE_LEASE)",
+        ));
+    }
+    Ok(())
+}
+
 #[derive(serde::Deserialize)]
 pub struct DownloadQuery {
     pub lease_id: Option<String>,
@@ -198,6 +228,7 @@ pub async fn download(
             job.status
         )));
     }
+    require_lease(&context, query.lease_id.is_some(), "query")?;
     if let Some(lease) = query.lease_id.as_deref() {
         let lease = LeaseId::parse(lease).map_err(|error| ApiError::invalid("query", error))?;
         if job.lease_id != Some(lease) {

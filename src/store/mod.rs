@@ -391,6 +391,9 @@ pub trait Store: Send + Sync + 'static {
     fn import_job(&self, params: ImportJobParams) -> StoreFuture<'_, ImportOutcome>;
     /// Checks the database answers.
     fn ping(&self) -> StoreFuture<'_, ()>;
+    /// Writes and commits one tiny row, to prove writes still succeed (a database on a
+    /// full or read-only disk still answers reads). Touches no job.
+    fn probe_write(&self, now: Timestamp) -> StoreFuture<'_, ()>;
     /// Wake-ups for long-polling workers from outside this process: the value changes
     /// whenever a job may have become claimable through another replica (or at a periodic
     /// fallback tick). `None` when every write goes through this process, as with SQLite,

@@ -46,6 +46,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0001_jobs.sql"),
     include_str!("../../migrations/postgres/0002_batch_friendly.sql"),
     include_str!("../../migrations/postgres/0003_listing_by_type_then_status.sql"),
+    include_str!("../../migrations/postgres/0004_write_probe.sql"),
 ];
 
 /// The schema version this program creates and understands.
@@ -447,6 +448,10 @@ impl Store for PostgresStore {
 
     fn ping(&self) -> StoreFuture<'_, ()> {
         self.run(|c| Box::pin(ping(c)))
+    }
+
+    fn probe_write(&self, now: Timestamp) -> StoreFuture<'_, ()> {
+        self.run(move |c| Box::pin(probe_write(c, now)))
     }
 
     fn close(&self) -> StoreFuture<'_, ()> {

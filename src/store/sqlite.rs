@@ -23,7 +23,10 @@ use self::readers::ReaderPool;
 use self::writer::{writer_loop, Checkpointer, Finisher, WriteJob};
 use super::*;
 
-const MIGRATIONS: &[&str] = &[include_str!("../../migrations/sqlite/0001_jobs.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../../migrations/sqlite/0001_jobs.sql"),
+    include_str!("../../migrations/sqlite/0002_write_probe.sql"),
+];
 
 /// WAL pages after which the writer checkpoints inside its own commit, as SQLite's
 /// automatic checkpoint does (its default is 1,000). The checkpointer thread normally keeps
@@ -179,10 +182,18 @@ fn migrate(conn: &mut Connection) -> Result<super::MigrationReport, StoreError> 
 
 fn sql_error(error: rusqlite::Error) -> StoreError {
     match &error {
+        // Busy, and what the disk or the file system refuses (I/O error, disk full,
+        // read-only, cannot open): not the caller's fault, and may pass.
         rusqlite::Error::SqliteFailure(code, _)
             if matches!(
                 code.code,
-                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                rusqlite::ErrorCode::DatabaseBusy
+                    | rusqlite::ErrorCode::DatabaseLocked
+                    | rusqlite::ErrorCode::SystemIoFailure
+                    | rusqlite::ErrorCode::DiskFull
+                    | rusqlite::ErrorCode::ReadOnly
+                    | rusqlite::ErrorCode::CannotOpen
+                    | rusqlite::ErrorCode::PermissionDenied
             ) =>
         {
             StoreError::Unavailable(error.to_string())
@@ -302,6 +313,18 @@ impl Store for SqliteStore {
 
     fn ping(&self) -> StoreFuture<'_, ()> {
         self.read(|conn| Ok(conn.query_row("SELECT 1", [], |_| Ok(()))?))
+    }
+
+    fn probe_write(&self, now: Timestamp) -> StoreFuture<'_, ()> {
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO write_probe (id, written_at, writes) VALUES (1, ?1, 1) \
+                 ON CONFLICT (id) DO UPDATE SET written_at = excluded.written_at, \
+                 writes = write_probe.writes + 1",
+            )?
+            .execute([now.as_micros()])?;
+            Ok(())
+        })
     }
 
     fn close(&self) -> StoreFuture<'_, ()> {

@@ -1187,6 +1187,22 @@ pub async fn closing_makes_later_calls_unavailable(s: TestStore) {
     assert!(matches!(error, StoreError::Unavailable(_)), "{error:?}");
 }
 
+pub async fn write_probes_commit_and_change_no_job(s: TestStore) {
+    let store = &*s.store;
+    let id = create(store, "audio", at(0)).await;
+    store.probe_write(at(1)).await.expect("first probe");
+    store
+        .probe_write(at(2))
+        .await
+        .expect("a later probe rewrites the same row");
+    assert_eq!(status(store, id).await, JobStatus::Pending);
+    assert_eq!(transitions(store, id).await.len(), 1);
+    assert_eq!(store.statistics(at(3)).await.unwrap().total_jobs, 1);
+    store.close().await.unwrap();
+    let error = store.probe_write(at(4)).await.unwrap_err();
+    assert!(matches!(error, StoreError::Unavailable(_)), "{error:?}");
+}
+
 pub async fn imported_jobs_are_stored_as_they_are_and_only_once(s: TestStore) {
     use morag_jobs::domain::{Job, JobResult};
     let store = &*s.store;
@@ -1364,5 +1380,6 @@ conformance!(
     statistics_come_from_counters,
     listing_filters_and_pages_newest_first,
     closing_makes_later_calls_unavailable,
+    write_probes_commit_and_change_no_job,
     imported_jobs_are_stored_as_they_are_and_only_once,
 );

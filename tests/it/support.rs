@@ -97,6 +97,11 @@ pub async fn spawn_app_with(extra: &[&str]) -> TestApp {
 }
 
 impl TestApp {
+    /// The PostgreSQL database of a run with `MORAG_TEST_STORE=postgres`.
+    pub fn postgres(&self) -> Option<&PgDatabase> {
+        self._database.as_ref()
+    }
+
     pub fn monitor(&self) -> Monitor {
         morag_jobs::app::monitor_for(&self.context)
     }

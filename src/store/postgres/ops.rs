@@ -650,3 +650,17 @@ pub(super) async fn ping(conn: &mut Conn) -> Result<(), StoreError> {
         .map_err(pg_error)?;
     Ok(())
 }
+
+/// Rewrites the one row of `write_probe`.
+pub(super) async fn probe_write(conn: &mut Conn, now: Timestamp) -> Result<(), StoreError> {
+    conn.client
+        .execute(
+            "INSERT INTO write_probe (id, written_at, writes) VALUES (1, $1, 1) \
+             ON CONFLICT (id) DO UPDATE SET written_at = EXCLUDED.written_at, \
+             writes = write_probe.writes + 1",
+            &[&now.as_micros()],
+        )
+        .await
+        .map_err(pg_error)?;
+    Ok(())
+}
