@@ -3,8 +3,9 @@
 //! A guided tour, in reading order:
 //! - `clock`: time as an injectable value, so timeouts are testable without sleeping.
 //! - `domain`: the job state machine and the timeout, retry and retention policy; no IO.
-//! - `store`: the storage interface, `store::open`, and the SQLite and PostgreSQL backends;
-//!   the only place with SQL.
+//! - `store`: the storage interface, `store::open`, the planning layer (`store::plan`, which
+//!   decides every transition once) and the SQLite and PostgreSQL backends that apply its
+//!   plans; the only place with SQL.
 //! - `files`: source paths from requests, confined to the allowed roots.
 //! - `context`: the state request handlers share (config, store, clock, wake-ups).
 //! - `api`: the HTTP routes (MoRAG's wire protocol and the admin API); the only place with JSON.

@@ -3,6 +3,7 @@
 //! the state the operation expects (or the lease does not match) nothing is written and
 //! the method says why. Only the backend files in this folder contain SQL.
 
+pub mod plan;
 pub mod postgres;
 pub mod sqlite;
 
@@ -14,9 +15,8 @@ use std::sync::Arc;
 
 use crate::clock::Timestamp;
 use crate::domain::{
-    judge_result, AfterFailure, AttemptFacts, ContentType, HandoffKind, Job, JobDetail, JobId,
-    JobResult, JobStatus, LeaseId, LifecyclePolicy, ResultRefusal, ResultTiming, RetentionPolicy,
-    TimeoutPolicy, WorkerId,
+    ContentType, HandoffKind, Job, JobDetail, JobId, JobResult, JobStatus, LeaseId,
+    LifecyclePolicy, RetentionPolicy, TimeoutPolicy, WorkerId,
 };
 
 /// Which backend stores the jobs, and where; shared by `serve`, `migrate` and
@@ -413,57 +413,4 @@ pub trait Store: Send + Sync + 'static {
     }
     /// Flushes and closes; later calls answer `Unavailable`.
     fn close(&self) -> StoreFuture<'_, ()>;
-}
-
-/// Applies `domain::judge_result` to a job's state as a backend stored it (the lease as
-/// text), mapping a refusal to the store's error with the job's current status.
-pub(crate) fn judge_stored_result(
-    status: JobStatus,
-    stored_lease: Option<&str>,
-    reported: bool,
-    presented: Option<LeaseId>,
-    success: bool,
-) -> Result<ResultTiming, StoreError> {
-    let facts = AttemptFacts {
-        status,
-        lease: stored_lease.and_then(|l| LeaseId::parse(l).ok()),
-        reported,
-    };
-    judge_result(facts, presented, success).map_err(|refusal| match refusal {
-        ResultRefusal::StaleLease => StoreError::LeaseMismatch { current: status },
-        ResultRefusal::NotAccepting => StoreError::InvalidTransition { current: status },
-    })
-}
-
-/// The history reason of an automatic retry, the same in both backends.
-pub(crate) fn retry_reason(retry_count: u32, max_retries: u32, at: Timestamp) -> String {
-    format!("automatic retry {retry_count} of {max_retries}, claimable from {at}")
-}
-
-/// The columns a failed or timed-out attempt leaves behind, in the stores' encoding:
-/// `(status, retry_count, available_at, deadline_at, completed_at)`, times in microseconds.
-/// A retry makes the job claimable (and due for the monitor) at its backoff time; a final
-/// outcome rests in `final_status` with the retry count unchanged.
-pub(crate) fn after_failure_columns(
-    after: AfterFailure,
-    final_status: JobStatus,
-    retries_done: u32,
-    now: Timestamp,
-) -> (JobStatus, u32, i64, Option<i64>, Option<i64>) {
-    match after {
-        AfterFailure::Retry { at, retry_count } => (
-            JobStatus::Retrying,
-            retry_count,
-            at.as_micros(),
-            Some(at.as_micros()),
-            None,
-        ),
-        AfterFailure::Final => (
-            final_status,
-            retries_done,
-            now.as_micros(),
-            None,
-            Some(now.as_micros()),
-        ),
-    }
 }

@@ -868,6 +868,69 @@ pub async fn cancel_works_from_every_live_state_and_is_terminal(s: TestStore) {
     );
 }
 
+/// Each job outcome is handed off once (issues 9 and 10): cancelling a job that already
+/// completed (or failed for good) records the cancellation in its history, with its own
+/// time, keeps the job's `completed_at` and result, and writes no second hand-off.
+pub async fn cancelling_a_finished_job_keeps_its_outcome_and_hands_nothing_off_again(s: TestStore) {
+    let store = &*s.store;
+    let cancel = |id, now| {
+        store.cancel_job(CancelParams {
+            job_id: id,
+            reason: "cancel for cleanup".into(),
+            now,
+        })
+    };
+    let completed = create(store, "audio", at(0)).await;
+    claim(store, &["audio"], at(1)).await.unwrap();
+    submit(store, completed, None, success(), at(5))
+        .await
+        .unwrap();
+    let failed = create(store, "audio", at(0)).await;
+    claim(store, &["audio"], at(1)).await.unwrap();
+    submit(store, failed, None, failure(false), at(6))
+        .await
+        .unwrap();
+    let live = create(store, "audio", at(0)).await;
+
+    for (id, finished_at) in [(completed, at(5)), (failed, at(6))] {
+        let job = cancel(id, at(20)).await.unwrap();
+        assert_eq!(
+            (job.status, job.completed_at),
+            (Cancelled, Some(finished_at))
+        );
+        let detail = store.get_job_detail(id).await.unwrap().unwrap();
+        assert_eq!(detail.job.completed_at, Some(finished_at));
+        let last = detail.history.last().unwrap();
+        assert_eq!(
+            (last.to, last.at, last.actor.as_str(), last.reason.as_str()),
+            (Cancelled, at(20), "admin", "cancel for cleanup")
+        );
+    }
+    let result = store
+        .get_job_detail(completed)
+        .await
+        .unwrap()
+        .unwrap()
+        .result
+        .expect("the result is kept");
+    assert_eq!(result.content, "text");
+    // A job cancelled before it had an outcome is handed off as cancelled.
+    let job = cancel(live, at(21)).await.unwrap();
+    assert_eq!(job.completed_at, Some(at(21)));
+
+    let handoffs = store.pending_handoffs(100).await.unwrap();
+    let mut kinds: Vec<(JobId, HandoffKind)> =
+        handoffs.iter().map(|h| (h.job_id, h.kind)).collect();
+    kinds.sort_by_key(|(id, kind)| (id.to_string(), kind.as_str()));
+    let mut expected = vec![
+        (completed, HandoffKind::Completed),
+        (failed, HandoffKind::Failed),
+        (live, HandoffKind::Cancelled),
+    ];
+    expected.sort_by_key(|(id, kind)| (id.to_string(), kind.as_str()));
+    assert_eq!(kinds, expected, "one hand-off per outcome");
+}
+
 pub async fn manual_retry_resets_the_budget_and_only_applies_to_failures(s: TestStore) {
     let store = &*s.store;
     let retry = |id, now| store.retry_job(ManualRetryParams { job_id: id, now });
@@ -1330,6 +1393,7 @@ conformance!(
     timeouts_exhaust_retries_into_a_final_timeout,
     a_late_success_completes_a_timed_out_job_until_it_is_claimed_again,
     cancel_works_from_every_live_state_and_is_terminal,
+    cancelling_a_finished_job_keeps_its_outcome_and_hands_nothing_off_again,
     manual_retry_resets_the_budget_and_only_applies_to_failures,
     cleanup_deletes_only_finished_jobs_past_retention,
     statistics_come_from_counters,

@@ -10,13 +10,13 @@ use tokio_postgres::types::ToSql;
 use super::batcher::BatchOp;
 use super::pool::Conn;
 use super::{
-    attempt_end_steps, conflict, current_from_row, get, job_from_row, pg_error, Current, Step,
-    CURRENT_COLUMNS, HANDOFF_PAYLOAD, JOB_COLUMNS,
+    conflict, current_from_row, get, job_from_row, pg_error, CURRENT_COLUMNS, HANDOFF_PAYLOAD,
+    JOB_COLUMNS,
 };
-use crate::domain::{Actor, ContentType, HandoffKind, Job, JobStatus, LeaseId, ResultTiming};
+use crate::domain::{HandoffKind, Job, JobStatus, LeaseId};
+use crate::store::plan::{self, HistoryStep, ResultChange, ResultPlan};
 use crate::store::{
-    after_failure_columns, judge_stored_result, AttemptOutcome, ClaimParams, CreateJobParams,
-    StoreError, StoreFuture, SubmitResultParams,
+    AttemptOutcome, ClaimParams, CreateJobParams, StoreError, StoreFuture, SubmitResultParams,
 };
 
 type Answers<T> = Result<Vec<Result<T, StoreError>>, StoreError>;
@@ -94,7 +94,8 @@ fn updated_deltas(old_status: &str) -> String {
     )
 }
 
-/// The create statement: per job (arrays `$1`-`$7`) its fields, `$8` the history actor.
+/// The create statement: per job (arrays `$1`-`$7`) its fields; `$8`, `$9` and `$10`
+/// the creation entry's actor, status and reason (`plan::created_step`).
 static CREATE_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH input AS ( \
@@ -102,11 +103,11 @@ static CREATE_SQL: LazyLock<String> = LazyLock::new(|| {
              WITH ORDINALITY AS r(id, content_type, source_file_path, task_options, ingestion_task_id, at, deadline, ord)), \
          u AS (INSERT INTO jobs (id, content_type, source_file_path, task_options, ingestion_task_id, status, \
                    created_at, updated_at, available_at, deadline_at) \
-               SELECT id, content_type, source_file_path, task_options, ingestion_task_id, 'pending', at, at, at, deadline \
+               SELECT id, content_type, source_file_path, task_options, ingestion_task_id, $9::text, at, at, at, deadline \
                FROM input ORDER BY ord \
                RETURNING *), \
          h AS (INSERT INTO job_history (job_seq, from_status, to_status, at, actor, reason) \
-               SELECT seq, NULL, 'pending', created_at, $8::text, 'created' FROM u ORDER BY seq), \
+               SELECT seq, NULL, $9::text, created_at, $8::text, $10::text FROM u ORDER BY seq), \
          {INSERTED_DELTAS} \
          SELECT {JOB_COLUMNS} FROM u"
     )
@@ -115,6 +116,7 @@ static CREATE_SQL: LazyLock<String> = LazyLock::new(|| {
 /// Inserts every job with its `created` history row.
 async fn create_all(conn: &mut Conn, requests: Arc<Vec<CreateJobParams>>) -> Answers<Job> {
     let sql: &str = &CREATE_SQL;
+    let created = plan::created_step();
     let ids: Vec<String> = requests.iter().map(|p| p.id.to_string()).collect();
     let types: Vec<&str> = requests.iter().map(|p| p.content_type.as_str()).collect();
     let sources: Vec<&str> = requests
@@ -147,7 +149,9 @@ async fn create_all(conn: &mut Conn, requests: Arc<Vec<CreateJobParams>>) -> Ans
                 &ingestion,
                 &nows,
                 &deadlines,
-                &Actor::Client.as_str(),
+                &created.actor.as_str(),
+                &created.to.as_str(),
+                &created.reason,
             ],
         )
         .await
@@ -171,7 +175,9 @@ async fn create_all(conn: &mut Conn, requests: Arc<Vec<CreateJobParams>>) -> Ans
 /// `$1` now, `$2`/`$3` the claimers' worker ids and new leases (the first claimer gets
 /// the oldest job), `$4` the requested types (or the types with their own timeout when
 /// any type may be claimed), `$5` their execution deadlines, `$6` the deadline of other
-/// types, `$7` how many claimers.
+/// types, `$7` how many claimers; `$8` the claimers' history reasons with the attempt
+/// number left as `$9` (`plan::claim_reason_template`), `$10` the claimed status and
+/// `$11` the history actor.
 pub(super) fn claim_sql(any_type: bool) -> String {
     let candidate = if any_type {
         // Any type: the first entries of the `jobs_queue` index that nobody holds.
@@ -214,7 +220,7 @@ pub(super) fn claim_sql(any_type: bool) -> String {
                            WHERE d.name = picked.c_type), $6::int8) AS c_deadline \
              FROM ({candidate}) AS picked), \
          u AS ( \
-             UPDATE jobs SET status = 'processing', worker_id = ($2::text[])[c.c_rank], lease_id = ($3::text[])[c.c_rank], attempt = attempt + 1, \
+             UPDATE jobs SET status = $10::text, worker_id = ($2::text[])[c.c_rank], lease_id = ($3::text[])[c.c_rank], attempt = attempt + 1, \
                  started_at = $1::int8, updated_at = $1::int8, execution_deadline = c.c_deadline, \
                  heartbeat_deadline = NULL, last_heartbeat_at = NULL, deadline_at = c.c_deadline, \
                  result_received_at = NULL, progress = NULL, progress_message = NULL \
@@ -222,8 +228,8 @@ pub(super) fn claim_sql(any_type: bool) -> String {
              WHERE jobs.seq = c.c_seq \
              RETURNING jobs.*, c.c_previous, c.c_rank), \
          h AS (INSERT INTO job_history (job_seq, from_status, to_status, at, actor, reason) \
-               SELECT seq, c_previous, 'processing', $1::int8, 'worker', \
-                      'claimed by worker ' || worker_id || ' (attempt ' || attempt || ')' \
+               SELECT seq, c_previous, status, $1::int8, $11::text, \
+                      replace(($8::text[])[c_rank], $9::text, attempt::text) \
                FROM u ORDER BY c_rank), \
          {deltas} \
          SELECT {JOB_COLUMNS}, c_rank FROM u",
@@ -283,28 +289,19 @@ async fn claim_group(
     let now = members.iter().map(|p| p.now).max().unwrap_or(first.now);
     // The execution deadline depends on the content type of the job that is picked, so
     // the policy's deadline for every type that can be picked goes in as a lookup table.
-    let mut known: Vec<ContentType> = if first.content_types.is_empty() {
-        first
-            .timeouts
-            .execution_by_type
-            .keys()
-            .filter_map(|name| ContentType::parse(name).ok())
-            .collect()
-    } else {
-        first.content_types.clone()
-    };
-    // A type named twice would be scanned twice, and this statement's own locks do not
-    // make it skip the jobs it already picked.
-    known.sort();
-    known.dedup();
-    let names: Vec<&str> = known.iter().map(ContentType::as_str).collect();
-    let deadlines: Vec<i64> = known
-        .iter()
-        .map(|t| first.timeouts.claim_deadlines(t, now).execution.as_micros())
-        .collect();
+    // (Its types are deduplicated: a type named twice would be scanned twice, and this
+    // statement's own locks do not make it skip the jobs it already picked.)
+    let (known, deadlines, default_deadline) =
+        plan::claim_deadline_table(&first.timeouts, &first.content_types, now);
+    let names: Vec<&str> = known.iter().map(|t| t.as_str()).collect();
+    let deadlines: Vec<i64> = deadlines.iter().map(|t| t.as_micros()).collect();
     // Types without their own timeout (only possible when any type may be picked).
-    let default_deadline = now.plus(first.timeouts.execution_default).as_micros();
+    let default_deadline = default_deadline.as_micros();
     let workers: Vec<&str> = members.iter().map(|p| p.worker_id.as_str()).collect();
+    let reasons: Vec<String> = members
+        .iter()
+        .map(|p| plan::claim_reason_template(p.worker_id.as_str()))
+        .collect();
     let leases: Vec<String> = members
         .iter()
         .map(|_| LeaseId::new_random().to_string())
@@ -328,6 +325,10 @@ async fn claim_group(
                 &deadlines,
                 &default_deadline,
                 &how_many,
+                &reasons,
+                &plan::reasons::ATTEMPT_PLACEHOLDER,
+                &plan::CLAIMED_STATUS.as_str(),
+                &plan::CLAIM_ACTOR.as_str(),
             ],
         )
         .await
@@ -346,160 +347,66 @@ async fn claim_group(
 /// position after them.
 const JOB_COLUMN_COUNT: usize = 22;
 
-/// One result's planned write: the state it expects, the state it leaves, its history.
-/// The result's text is borrowed from the request: results can be large.
+/// One result's planned write (`plan::ResultPlan`) with the request it answers and the
+/// result's text, borrowed from the request: results can be large.
 struct ResultWrite<'a> {
     request: i64,
     job_id: String,
-    expected_status: JobStatus,
-    /// `None`: any lease (a result without one, while the attempt is in progress).
-    expected_lease: Option<Option<String>>,
-    /// `None`: any retry count (a success does not depend on it).
-    expected_retry_count: Option<i32>,
-    status: JobStatus,
-    /// `None` leaves the column as it is.
-    retry_count: Option<i32>,
-    /// `None` leaves the column as it is.
-    available_at: Option<i64>,
-    deadline_at: Option<i64>,
-    completed_at: Option<i64>,
+    /// When the result arrived: `updated_at`, `result_received_at` and the history's time.
     at: i64,
-    success: bool,
+    plan: ResultPlan,
     content: Option<&'a str>,
     metadata: Option<String>,
     processing_time: Option<f64>,
     error_message: Option<&'a str>,
-    handoff: Option<HandoffKind>,
-    steps: Vec<Step>,
 }
 
-/// The write of a success for a job in `previous` whose attempt holds `expected_lease`
-/// (`None`: any). The caller has judged the result, or relies on the write's conditions.
-fn success_write(
-    request: i64,
-    p: &SubmitResultParams,
-    previous: JobStatus,
-    expected_lease: Option<Option<String>>,
-) -> ResultWrite<'_> {
-    let AttemptOutcome::Success {
-        content,
-        metadata,
-        processing_time,
-    } = &p.outcome
-    else {
-        unreachable!("success_write is only called for successes");
-    };
-    let now = p.now.as_micros();
-    ResultWrite {
-        request,
-        job_id: p.job_id.to_string(),
-        expected_status: previous,
-        expected_lease,
-        expected_retry_count: None,
-        status: JobStatus::Completed,
-        retry_count: None,
-        available_at: None,
-        deadline_at: None,
-        completed_at: Some(now),
-        at: now,
-        success: true,
-        content: Some(content),
-        metadata: Some(metadata.to_string()),
-        processing_time: *processing_time,
-        error_message: None,
-        handoff: Some(HandoffKind::Completed),
-        steps: vec![Step::new(
-            Some(previous),
-            JobStatus::Completed,
-            Actor::Worker,
-            "worker reported success",
-        )],
-    }
-}
-
-/// A success written without reading the job first, for the common case: the write's
-/// conditions are exactly `judge_result`'s in-time case (processing, not yet reported,
-/// the presented lease is the attempt's or none was presented), so it applies only where
-/// the judged path would have applied the same write. Anything else is left unwritten and
-/// goes the judged way.
-fn in_time_success(request: i64, p: &SubmitResultParams) -> ResultWrite<'_> {
-    let lease = p.lease_id.map(|lease| Some(lease.to_string()));
-    success_write(request, p, JobStatus::Processing, lease)
-}
-
-/// Decides what `p` does to a job in state `current`, or why it is refused.
-fn plan_result<'a>(
-    request: i64,
-    current: &Current,
-    p: &'a SubmitResultParams,
-) -> Result<ResultWrite<'a>, StoreError> {
-    let success = matches!(p.outcome, AttemptOutcome::Success { .. });
-    let timing = judge_stored_result(
-        current.status,
-        current.lease_id.as_deref(),
-        current.result_received,
-        p.lease_id,
-        success,
-    )?;
-    let now = p.now.as_micros();
-    let previous = current.status;
-    let write = match &p.outcome {
-        AttemptOutcome::Success { .. } => {
-            let mut write = success_write(request, p, previous, Some(current.lease_id.clone()));
-            write.expected_retry_count = Some(current.retry_count);
-            if timing == ResultTiming::LateSuccess {
-                write.steps[0].reason = "late result of a timed-out attempt".into();
+impl<'a> ResultWrite<'a> {
+    fn new(request: i64, p: &'a SubmitResultParams, plan: ResultPlan) -> Self {
+        let (content, metadata, processing_time, error_message) = match &p.outcome {
+            AttemptOutcome::Success {
+                content,
+                metadata,
+                processing_time,
+            } => (
+                Some(content.as_str()),
+                Some(metadata.to_string()),
+                *processing_time,
+                None,
+            ),
+            AttemptOutcome::Failure { error_message, .. } => {
+                (None, None, None, Some(error_message.as_str()))
             }
-            write
-        }
-        AttemptOutcome::Failure {
+        };
+        ResultWrite {
+            request,
+            job_id: p.job_id.to_string(),
+            at: p.now.as_micros(),
+            plan,
+            content,
+            metadata,
+            processing_time,
             error_message,
-            retryable,
-        } => {
-            let retries_done = current.retry_count.max(0) as u32;
-            let after = p
-                .policy
-                .retry
-                .after_failure(retries_done, *retryable, p.now, p.jitter);
-            let (status, retry_count, available_at, deadline_at, completed_at) =
-                after_failure_columns(after, JobStatus::Failed, retries_done, p.now);
-            let failed_reason = if *retryable {
-                error_message.clone()
-            } else {
-                format!("{error_message} (not retryable)")
-            };
-            let steps = attempt_end_steps(
-                previous,
-                JobStatus::Failed,
-                Actor::Worker,
-                failed_reason,
-                after,
-                p.policy.retry.max_retries,
-            );
-            ResultWrite {
-                request,
-                job_id: p.job_id.to_string(),
-                // `judge_result` accepts failures only from the attempt in progress.
-                expected_status: JobStatus::Processing,
-                expected_lease: Some(current.lease_id.clone()),
-                expected_retry_count: Some(current.retry_count),
-                status,
-                retry_count: Some(retry_count as i32),
-                available_at: Some(available_at),
-                deadline_at,
-                completed_at,
-                at: now,
-                success: false,
-                content: None,
-                metadata: None,
-                processing_time: None,
-                error_message: Some(error_message),
-                handoff: HandoffKind::for_final_status(status),
-                steps,
-            }
         }
-    };
-    Ok(write)
+    }
+
+    fn success(&self) -> bool {
+        matches!(self.plan.change, ResultChange::Success { .. })
+    }
+
+    fn attempt_end(&self) -> Option<&plan::AttemptEnd> {
+        match &self.plan.change {
+            ResultChange::Failure(end) => Some(end),
+            ResultChange::Success { .. } => None,
+        }
+    }
+
+    fn completed_at(&self) -> Option<i64> {
+        match &self.plan.change {
+            ResultChange::Success { completed_at, .. } => Some(completed_at.as_micros()),
+            ResultChange::Failure(end) => end.completed_at.map(|t| t.as_micros()),
+        }
+    }
 }
 
 /// Records every result. In-time successes (nearly all results) are written first,
@@ -512,8 +419,9 @@ async fn submit_all(conn: &mut Conn, requests: Arc<Vec<SubmitResultParams>>) -> 
     let in_time: Vec<ResultWrite> = requests
         .iter()
         .enumerate()
-        .filter(|(_, p)| matches!(p.outcome, AttemptOutcome::Success { .. }))
-        .map(|(i, p)| in_time_success(i as i64, p))
+        .filter_map(|(i, p)| {
+            plan::plan_in_time_success(p).map(|plan| ResultWrite::new(i as i64, p, plan))
+        })
         .collect();
     if !in_time.is_empty() {
         for row in write_results(conn, &in_time).await? {
@@ -564,7 +472,7 @@ async fn judge_and_write(
         .query(&statement, &[&ids])
         .await
         .map_err(pg_error)?;
-    let mut states: HashMap<String, Current> = HashMap::with_capacity(rows.len());
+    let mut states: HashMap<String, (i64, plan::Row)> = HashMap::with_capacity(rows.len());
     for row in &rows {
         states.insert(get(row, 0)?, current_from_row(row, 1)?);
     }
@@ -577,10 +485,10 @@ async fn judge_and_write(
     for (k, id) in ids.iter().enumerate() {
         match states.get(id) {
             None => answers[k] = Some(Err(StoreError::NotFound)),
-            Some(current) => match plan_result(k as i64, current, &requests[which[k]]) {
-                Ok(write) => {
-                    writes.push(write);
-                    seqs.push(current.seq);
+            Some((seq, current)) => match plan::plan_result(current, &requests[which[k]]) {
+                Ok(plan) => {
+                    writes.push(ResultWrite::new(k as i64, &requests[which[k]], plan));
+                    seqs.push(*seq);
                 }
                 Err(refusal) => answers[k] = Some(Err(refusal)),
             },
@@ -598,7 +506,7 @@ async fn judge_and_write(
             Some(answer) => answer,
             // Planned but not written: another request or replica moved the job first.
             None => match writes.iter().position(|w| w.request == k as i64) {
-                Some(at) => Err(conflict(conn, seqs[at], writes[at].expected_status).await),
+                Some(at) => Err(conflict(conn, seqs[at], writes[at].plan.expected_status).await),
                 None => Err(StoreError::Internal(
                     "a result was neither planned nor refused".into(),
                 )),
@@ -664,36 +572,57 @@ async fn write_results(
     };
     let requests: Vec<i64> = writes.iter().map(|w| w.request).collect();
     let ids = column(|w| Some(w.job_id.as_str()));
-    let expected_statuses = column(|w| Some(w.expected_status.as_str()));
-    let any_leases: Vec<bool> = writes.iter().map(|w| w.expected_lease.is_none()).collect();
-    let expected_leases = column(|w| w.expected_lease.as_ref().and_then(|l| l.as_deref()));
-    let expected_retry_counts: Vec<Option<i32>> =
-        writes.iter().map(|w| w.expected_retry_count).collect();
-    let statuses = column(|w| Some(w.status.as_str()));
-    let retry_counts: Vec<Option<i32>> = writes.iter().map(|w| w.retry_count).collect();
-    let available_ats: Vec<Option<i64>> = writes.iter().map(|w| w.available_at).collect();
-    let deadline_ats: Vec<Option<i64>> = writes.iter().map(|w| w.deadline_at).collect();
-    let completed_ats: Vec<Option<i64>> = writes.iter().map(|w| w.completed_at).collect();
+    let expected_statuses = column(|w| Some(w.plan.expected_status.as_str()));
+    let any_leases: Vec<bool> = writes.iter().map(|w| w.plan.expected_lease.any()).collect();
+    let expected_leases = column(|w| w.plan.expected_lease.expected());
+    let expected_retry_counts: Vec<Option<i32>> = writes
+        .iter()
+        .map(|w| w.plan.expected_retry_count.map(|n| n as i32))
+        .collect();
+    let statuses = column(|w| Some(w.plan.status().as_str()));
+    let retry_counts: Vec<Option<i32>> = writes
+        .iter()
+        .map(|w| {
+            w.attempt_end()
+                .and_then(|end| end.retry_count)
+                .map(|n| n as i32)
+        })
+        .collect();
+    let available_ats: Vec<Option<i64>> = writes
+        .iter()
+        .map(|w| {
+            w.attempt_end()
+                .and_then(|end| end.available_at)
+                .map(|t| t.as_micros())
+        })
+        .collect();
+    let deadline_ats: Vec<Option<i64>> = writes
+        .iter()
+        .map(|w| {
+            w.attempt_end()
+                .and_then(|end| end.deadline_at)
+                .map(|t| t.as_micros())
+        })
+        .collect();
+    let completed_ats: Vec<Option<i64>> = writes.iter().map(ResultWrite::completed_at).collect();
     let ats: Vec<i64> = writes.iter().map(|w| w.at).collect();
-    let successes: Vec<bool> = writes.iter().map(|w| w.success).collect();
+    let successes: Vec<bool> = writes.iter().map(ResultWrite::success).collect();
     let contents = column(|w| w.content);
     let metadatas = column(|w| w.metadata.as_deref());
     let processing_times: Vec<Option<f64>> = writes.iter().map(|w| w.processing_time).collect();
     let errors = column(|w| w.error_message);
-    let handoffs = column(|w| w.handoff.map(HandoffKind::as_str));
-    if writes
-        .iter()
-        .any(|w| w.steps.is_empty() || w.steps.len() > 2)
-    {
+    let handoffs = column(|w| w.plan.handoff().map(HandoffKind::as_str));
+    let steps: Vec<Vec<&HistoryStep>> = writes.iter().map(|w| w.plan.history()).collect();
+    if steps.iter().any(|s| s.is_empty() || s.len() > 2) {
         return Err(StoreError::Internal(
             "a result writes one or two history rows".into(),
         ));
     }
     // The result's `slot`th history row (0 or 1), or NULLs.
-    let step_column = |slot: usize, f: fn(&Step) -> Option<&str>| -> Vec<Option<&str>> {
-        writes
+    let step_column = |slot: usize, f: fn(&HistoryStep) -> Option<&str>| -> Vec<Option<&str>> {
+        steps
             .iter()
-            .map(|w| w.steps.get(slot).and_then(f))
+            .map(|s| s.get(slot).and_then(|step| f(step)))
             .collect()
     };
     let froms: [Vec<Option<&str>>; 2] =
