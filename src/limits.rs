@@ -71,7 +71,7 @@ pub struct Limits {
 const RESULT_BODY_SLACK: u64 = 64 * 1024;
 
 impl Limits {
-    /// Validates the flags; an error names the variable at fault.
+    /// Checks the flags; the error names the variable (the config reports it).
     pub fn from_args(args: &LimitArgs) -> Result<Limits, String> {
         let at_least_one = |name: &str, value: u64| {
             if value == 0 {

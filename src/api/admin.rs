@@ -75,13 +75,14 @@ pub async fn job_status(
 pub async fn job_detail(
     State(context): State<Arc<AppContext>>,
     JobIdPath(job_id): JobIdPath,
-) -> Result<Json<JobDetailView>, ApiError> {
+) -> Result<Response, ApiError> {
     let detail = context
         .store
         .get_job_detail(job_id)
         .await?
         .ok_or(ApiError::JobNotFound(job_id))?;
-    Ok(Json(JobDetailView::from(&detail)))
+    // Serialized here, while the view borrows the stored result (no copy of it).
+    Ok(Json(JobDetailView::from(&detail)).into_response())
 }
 
 pub async fn list_jobs(

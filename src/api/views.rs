@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::clock::Timestamp;
@@ -160,10 +161,12 @@ pub struct JobListView {
     pub next_cursor: Option<String>,
 }
 
+/// Borrows the stored result: the content is written into the response as it is, and the
+/// metadata as the JSON text it was stored as, never parsed into a tree.
 #[derive(Serialize)]
-pub struct ResultView {
-    pub content: String,
-    pub metadata: Value,
+pub struct ResultView<'a> {
+    pub content: &'a str,
+    pub metadata: &'a RawValue,
     pub processing_time: Option<f64>,
 }
 
@@ -190,7 +193,7 @@ impl From<&HistoryEntry> for HistoryView {
 
 /// Everything about one job, for operators.
 #[derive(Serialize)]
-pub struct JobDetailView {
+pub struct JobDetailView<'a> {
     #[serde(flatten)]
     pub summary: JobSummaryView,
     pub source_file_path: String,
@@ -202,12 +205,12 @@ pub struct JobDetailView {
     pub progress: Option<f64>,
     pub progress_message: Option<String>,
     pub updated_at: Timestamp,
-    pub result: Option<ResultView>,
+    pub result: Option<ResultView<'a>>,
     pub history: Vec<HistoryView>,
 }
 
-impl From<&JobDetail> for JobDetailView {
-    fn from(detail: &JobDetail) -> Self {
+impl<'a> From<&'a JobDetail> for JobDetailView<'a> {
+    fn from(detail: &'a JobDetail) -> Self {
         let job = &detail.job;
         JobDetailView {
             summary: job.into(),
@@ -220,9 +223,9 @@ impl From<&JobDetail> for JobDetailView {
             progress: job.progress,
             progress_message: job.progress_message.clone(),
             updated_at: job.updated_at,
-            result: job.result.as_ref().map(|r| ResultView {
-                content: r.content.clone(),
-                metadata: r.metadata.clone(),
+            result: detail.result.as_ref().map(|r| ResultView {
+                content: &r.content,
+                metadata: &r.metadata,
                 processing_time: r.processing_time,
             }),
             history: detail.history.iter().map(HistoryView::from).collect(),

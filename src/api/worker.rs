@@ -2,6 +2,7 @@
 //! download and result.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::State;
@@ -38,7 +39,7 @@ pub async fn poll(
         match context.long_poll_slots.try_acquire() {
             Ok(permit) => Some(permit),
             Err(_) => {
-                wait = std::time::Duration::ZERO;
+                wait = Duration::ZERO;
                 None
             }
         }

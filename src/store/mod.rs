@@ -15,7 +15,7 @@ use std::sync::Arc;
 use crate::clock::Timestamp;
 use crate::domain::{
     judge_result, AfterFailure, AttemptFacts, ContentType, HandoffKind, Job, JobDetail, JobId,
-    JobStatus, LeaseId, LifecyclePolicy, ResultRefusal, ResultTiming, RetentionPolicy,
+    JobResult, JobStatus, LeaseId, LifecyclePolicy, ResultRefusal, ResultTiming, RetentionPolicy,
     TimeoutPolicy, WorkerId,
 };
 
@@ -348,6 +348,8 @@ pub struct Handoff {
 pub struct ImportJobParams {
     /// Every field is stored as given; the store decides nothing.
     pub job: Job,
+    /// A completed job's result.
+    pub result: Option<JobResult>,
     /// When the monitor must look at the job (its pending or attempt deadline), if ever.
     pub deadline_at: Option<Timestamp>,
     /// Recorded as the job's first history entry (from nothing to its status).

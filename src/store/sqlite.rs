@@ -384,8 +384,10 @@ const CLEANUP_SCAN_SQL: &str = "SELECT seq, source_file_path FROM jobs INDEXED B
 
 const JOB_COLUMNS: &str = "seq, id, content_type, source_file_path, task_options, ingestion_task_id, status, \
      worker_id, lease_id, attempt, retry_count, created_at, started_at, completed_at, updated_at, available_at, \
-     execution_deadline, heartbeat_deadline, last_heartbeat_at, progress, progress_message, error_message, \
-     result_content, result_metadata, processing_time";
+     execution_deadline, heartbeat_deadline, last_heartbeat_at, progress, progress_message, error_message";
+
+/// A result's columns, read only by the detail read (after `JOB_COLUMNS`).
+const RESULT_COLUMNS: &str = "result_content, result_metadata, processing_time";
 
 fn ts(column: Option<i64>) -> Option<Timestamp> {
     column.map(Timestamp::from_micros)
@@ -410,8 +412,6 @@ fn job_from_row(row: &Row<'_>) -> rusqlite::Result<Job> {
     let status: String = row.get(6)?;
     let worker_id: Option<String> = row.get(7)?;
     let lease_id: Option<String> = row.get(8)?;
-    let result_content: Option<String> = row.get(22)?;
-    let result_metadata: Option<String> = row.get(23)?;
     Ok(Job {
         id: JobId::parse(&id).map_err(|_| corrupt("job id", &id))?,
         content_type: ContentType::parse(&content_type)
@@ -440,19 +440,25 @@ fn job_from_row(row: &Row<'_>) -> rusqlite::Result<Job> {
         progress: row.get(19)?,
         progress_message: row.get(20)?,
         error_message: row.get(21)?,
-        result: match result_content {
-            Some(content) => Some(JobResult {
-                content,
-                metadata: match result_metadata {
-                    Some(text) => serde_json::from_str(&text)
-                        .map_err(|_| corrupt("result metadata", &text))?,
-                    None => serde_json::Value::Null,
-                },
-                processing_time: row.get(24)?,
-            }),
-            None => None,
-        },
     })
+}
+
+/// Reads a result from `RESULT_COLUMNS` starting at column `first`. The metadata is
+/// checked to be JSON but not parsed into a tree.
+fn result_from_row(row: &Row<'_>, first: usize) -> rusqlite::Result<Option<JobResult>> {
+    let Some(content) = row.get::<_, Option<String>>(first)? else {
+        return Ok(None);
+    };
+    let metadata = match row.get::<_, Option<String>>(first + 1)? {
+        Some(text) => serde_json::value::RawValue::from_string(text)
+            .map_err(|_| corrupt("result metadata", "(not JSON)"))?,
+        None => serde_json::value::to_raw_value(&serde_json::Value::Null).expect("null serializes"),
+    };
+    Ok(Some(JobResult {
+        content,
+        metadata,
+        processing_time: row.get(first + 2)?,
+    }))
 }
 
 fn select_job_by_seq(conn: &Connection, seq: i64) -> Result<Job, StoreError> {
@@ -466,6 +472,24 @@ fn select_job_by_id(conn: &Connection, id: JobId) -> Result<Option<(i64, Job)>, 
         .prepare_cached(&sql)?
         .query_row([id.to_string()], |row| {
             Ok((row.get::<_, i64>(0)?, job_from_row(row)?))
+        })
+        .optional()?)
+}
+
+/// The job with its result, by id.
+fn select_job_and_result(
+    conn: &Connection,
+    id: JobId,
+) -> Result<Option<(i64, Job, Option<JobResult>)>, StoreError> {
+    let sql = format!("SELECT {JOB_COLUMNS}, {RESULT_COLUMNS} FROM jobs WHERE id = ?1");
+    Ok(conn
+        .prepare_cached(&sql)?
+        .query_row([id.to_string()], |row| {
+            Ok((
+                row.get::<_, i64>(0)?,
+                job_from_row(row)?,
+                result_from_row(row, 22)?,
+            ))
         })
         .optional()?)
 }
@@ -844,7 +868,7 @@ fn submit_result(conn: &Connection, p: SubmitResultParams) -> Result<Job, StoreE
 fn import(conn: &Connection, p: ImportJobParams) -> Result<ImportOutcome, StoreError> {
     let job = &p.job;
     let micros = |t: Option<Timestamp>| t.map(Timestamp::as_micros);
-    let result = job.result.as_ref();
+    let result = p.result.as_ref();
     let seq: Option<i64> = conn
         .prepare_cached(
             "INSERT INTO jobs (id, content_type, source_file_path, task_options, ingestion_task_id, status, \
@@ -880,7 +904,7 @@ fn import(conn: &Connection, p: ImportJobParams) -> Result<ImportOutcome, StoreE
                 job.progress_message,
                 job.error_message,
                 result.map(|r| r.content.as_str()),
-                result.map(|r| r.metadata.to_string()),
+                result.map(|r| r.metadata.get()),
                 result.and_then(|r| r.processing_time),
             ],
             |row| row.get(0),
@@ -1302,11 +1326,12 @@ impl Store for SqliteStore {
             // One read transaction, so the job and its history agree.
             conn.execute_batch("BEGIN")?;
             let result = (|| {
-                let Some((seq, job)) = select_job_by_id(conn, id)? else {
+                let Some((seq, job, result)) = select_job_and_result(conn, id)? else {
                     return Ok(None);
                 };
                 Ok(Some(JobDetail {
                     job,
+                    result,
                     history: history_of(conn, seq)?,
                 }))
             })();

@@ -457,8 +457,9 @@ impl BrokenWrites {
             database.admin_execute_in_own_database(sql).await;
             return BrokenWrites::Postgres(database.url.clone());
         }
-        let morag_jobs::store::DatabaseTarget::Sqlite(db) = &app.context.config.database else {
-            panic!("a server without PostgreSQL stores jobs in SQLite");
+        let morag_jobs::store::DatabaseTarget::Sqlite(db) = app.context.config.database.clone()
+        else {
+            unreachable!("a server not on PostgreSQL is on SQLite")
         };
         // Not the -shm file: SQLite maps it into memory, and a write to a mapped page of an
         // immutable file is a SIGBUS, not an error.
