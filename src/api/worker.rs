@@ -38,7 +38,7 @@ pub async fn poll(
         match context.long_poll_slots.try_acquire() {
             Ok(permit) => Some(permit),
             Err(_) => {
-                wait = std::time::Duration::ZERO;
+                wait = Duration::ZERO;
                 None
             }
         }
