@@ -12,6 +12,7 @@ use tokio::sync::watch;
 
 use crate::clock::SharedClock;
 use crate::config::{Config, DatabaseTarget};
+use crate::delivery::dispatcher::Dispatcher;
 use crate::monitor::Monitor;
 use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::{SqliteOptions, SqliteStore};
@@ -27,6 +28,9 @@ pub struct AppContext {
     pub wakeups: Wakeups,
     /// Becomes true when the server is shutting down; long polls return early.
     pub shutting_down: watch::Receiver<bool>,
+    /// Delivers job outcomes to the configured sinks (runs in the background; tests and
+    /// cleanup also call it directly).
+    pub dispatcher: Arc<Dispatcher>,
 }
 
 pub struct App {
@@ -42,12 +46,26 @@ impl App {
             .await
             .with_context(|| format!("failed to listen on {}", config.addr))?;
         let (shutdown_sender, shutting_down) = watch::channel(false);
+        let sinks = crate::delivery::configured_sinks(&config.delivery, clock.clone());
+        let dispatcher = Arc::new(Dispatcher::new(
+            store.clone(),
+            clock.clone(),
+            &config.delivery,
+            sinks,
+        ));
+        if !config.delivery.has_global_sink() {
+            tracing::warn!(
+                "no ingestion sink is configured (MORAG_INGESTION_CALLBACK_URL): job outcomes are only \
+                 stored, except for jobs whose task_options name a webhook_url"
+            );
+        }
         let context = Arc::new(AppContext {
             config,
             store,
             clock,
             wakeups: Wakeups::default(),
             shutting_down,
+            dispatcher,
         });
         Ok(App {
             context,
@@ -81,6 +99,10 @@ impl App {
         let monitor = Monitor::new(context.clone());
         let mut monitor_shutdown = context.shutting_down.clone();
         let monitor_task = tokio::spawn(async move { monitor.run(&mut monitor_shutdown).await });
+        let dispatcher = context.dispatcher.clone();
+        let mut dispatcher_shutdown = context.shutting_down.clone();
+        let dispatcher_task =
+            tokio::spawn(async move { dispatcher.run(&mut dispatcher_shutdown).await });
 
         let shutdown_sender = Arc::new(shutdown_sender);
         let trigger_sender = shutdown_sender.clone();
@@ -100,6 +122,7 @@ impl App {
         trigger.abort();
         let _ = shutdown_sender.send(true);
         let monitor_result = monitor_task.await;
+        let dispatcher_result = dispatcher_task.await;
         wakeups.abort();
         context
             .store
@@ -108,6 +131,7 @@ impl App {
             .context("failed to close the store")?;
         served.context("the HTTP server failed")?;
         monitor_result.context("the monitor task panicked")?;
+        dispatcher_result.context("the dispatcher task panicked")?;
         tracing::info!("morag-jobs stopped");
         Ok(())
     }

@@ -93,6 +93,9 @@ pub struct ServeArgs {
     /// Allow listening on a non-loopback address without any API key.
     #[arg(long)]
     pub insecure_no_auth: bool,
+
+    #[command(flatten)]
+    pub delivery: crate::delivery::config::DeliveryArgs,
 }
 
 /// Where jobs are stored; shared by `serve`, `migrate` and `import-morag-dir`.
@@ -227,6 +230,8 @@ pub struct Config {
     pub worker_api_keys: Vec<ApiKey>,
     pub admin_api_keys: Vec<ApiKey>,
     pub insecure_no_auth: bool,
+    /// Where and how job outcomes are delivered (see `delivery`).
+    pub delivery: std::sync::Arc<crate::delivery::config::DeliveryConfig>,
 }
 
 /// An API key. Its `Debug` output is redacted so a logged config never shows a secret.
@@ -358,6 +363,9 @@ impl Config {
             worker_api_keys,
             admin_api_keys,
             insecure_no_auth: args.insecure_no_auth,
+            delivery: std::sync::Arc::new(crate::delivery::config::DeliveryConfig::from_args(
+                args.delivery,
+            )?),
         })
     }
 

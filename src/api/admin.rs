@@ -81,7 +81,21 @@ pub async fn job_detail(
         .get_job_detail(job_id)
         .await?
         .ok_or(ApiError::JobNotFound(job_id))?;
-    Ok(Json(JobDetailView::from(&detail)))
+    let deliveries = context
+        .store
+        .list_deliveries(crate::store::deliveries::DeliveryListParams {
+            job_id: Some(job_id),
+            limit: 100,
+            ..Default::default()
+        })
+        .await?;
+    let mut view = JobDetailView::from(&detail);
+    view.deliveries = deliveries
+        .deliveries
+        .iter()
+        .map(super::deliveries::DeliveryView::from)
+        .collect();
+    Ok(Json(view))
 }
 
 pub async fn list_jobs(
@@ -197,7 +211,10 @@ pub async fn statistics(
 ) -> Result<Json<StatisticsView>, ApiError> {
     let now = context.clock.now();
     let stats = context.store.statistics(now).await?;
-    Ok(Json(StatisticsView::new(stats, now)))
+    let deliveries = context.store.delivery_statistics().await?;
+    let mut view = StatisticsView::new(stats, now);
+    view.deliveries = super::deliveries::DeliveryStatisticsView::new(deliveries, now);
+    Ok(Json(view))
 }
 
 pub async fn cleanup(

@@ -12,8 +12,15 @@
 //! (for example `celery`, with `CelerySink`) only implements `Sink` for its type; the
 //! dispatcher owns retries, timeouts and bookkeeping.
 
+pub mod config;
+pub mod dispatcher;
+pub mod http;
+pub mod policy;
+pub mod signing;
+
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use crate::clock::Timestamp;
 use crate::domain::JobId;
@@ -148,4 +155,27 @@ pub trait Sink: Send + Sync + 'static {
     /// Delivers one event. Must be safe to call again for the same event: the dispatcher
     /// delivers at least once, and the event id is the receiver's deduplication key.
     fn deliver<'a>(&'a self, event: &'a OutboundEvent) -> SinkFuture<'a>;
+}
+
+/// The sinks `config` enables: the per-job webhook always (it acts only for jobs that
+/// name a `webhook_url`), the ingestion callback when its URL is set.
+pub fn configured_sinks(
+    config: &Arc<config::DeliveryConfig>,
+    clock: crate::clock::SharedClock,
+) -> Vec<Arc<dyn Sink>> {
+    let client = http::http_client();
+    let mut sinks: Vec<Arc<dyn Sink>> = vec![Arc::new(http::WebhookSink::new(
+        client.clone(),
+        clock.clone(),
+        config.clone(),
+    ))];
+    if let Some(url) = &config.ingestion_callback_url {
+        sinks.push(Arc::new(http::IngestionCallbackSink::new(
+            client,
+            clock,
+            url.clone(),
+            config.webhook_secret.clone(),
+        )));
+    }
+    sinks
 }

@@ -85,6 +85,9 @@ impl Monitor {
         &self,
         retention: RetentionPolicy,
     ) -> Result<CleanupSummary, StoreError> {
+        // A hand-off not yet fanned out keeps its job; fan out first so that cleanup
+        // does not wait for the dispatcher's next pass.
+        self.context.dispatcher.fan_out_once().await?;
         let summary = cleaner::cleanup(&self.context, retention).await?;
         if summary.n_jobs_deleted > 0 {
             tracing::info!(

@@ -21,6 +21,7 @@
 //!   hands out a broken connection again, so the server recovers by itself.
 
 mod batcher;
+mod deliveries;
 mod hot_ops;
 mod pool;
 
@@ -43,6 +44,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0001_jobs.sql"),
     include_str!("../../migrations/postgres/0002_batch_friendly.sql"),
     include_str!("../../migrations/postgres/0003_listing_by_type_then_status.sql"),
+    include_str!("../../migrations/postgres/0004_deliveries.sql"),
 ];
 
 /// The schema version this program creates and understands.
@@ -176,6 +178,8 @@ pub struct MigrationReport {
 
 pub struct PostgresStore {
     pool: Arc<Pool>,
+    /// Bumped when any replica committed a hand-off (see `deliveries::listen_for_handoffs`).
+    handoff_events: watch::Receiver<u64>,
     /// The longest one store operation may take, connection checkout included.
     operation_timeout: Duration,
     events: watch::Receiver<u64>,
@@ -212,6 +216,12 @@ impl PostgresStore {
             events_sender,
             stop.clone(),
         ));
+        let (handoff_sender, handoff_events) = watch::channel(0u64);
+        tokio::spawn(deliveries::listen_for_handoffs(
+            config.clone(),
+            handoff_sender,
+            stop.clone(),
+        ));
         tokio::spawn(announce_wakeups(
             pool.clone(),
             replica_id,
@@ -224,6 +234,7 @@ impl PostgresStore {
             claims: Batcher::start(batch.clone(), operation_timeout),
             results: Batcher::start(batch, operation_timeout),
             pool,
+            handoff_events,
             operation_timeout,
             events,
             stop_listener,
@@ -513,6 +524,9 @@ const RESCUE_SCAN_SQL: &str =
 const CLEANUP_SQL: &str = "WITH victims AS ( \
          SELECT seq FROM jobs WHERE status = $1 AND completed_at < $2 \
          AND status IN ('completed', 'failed', 'timeout', 'cancelled') \
+         AND NOT EXISTS (SELECT 1 FROM handoffs h WHERE h.job_id = jobs.id AND h.fanned_out_at IS NULL) \
+         AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.job_id = jobs.id \
+             AND (d.state = 'pending' OR (d.state = 'dead' AND jobs.status <> 'cancelled'))) \
          ORDER BY completed_at LIMIT $3 FOR UPDATE SKIP LOCKED), \
      gone AS (DELETE FROM jobs USING victims WHERE jobs.seq = victims.seq AND jobs.status = $1 \
          RETURNING jobs.completed_at, jobs.seq, jobs.source_file_path), \
@@ -525,7 +539,7 @@ const NEXT_DEADLINE_SQL: &str =
 const HANDOFF_PAYLOAD: &str =
     "json_build_object('job_id', u.id, 'ingestion_task_id', u.ingestion_task_id, \
      'content_type', u.content_type, 'status', u.status, 'error_message', u.error_message, \
-     'attempt', u.attempt)::text";
+     'attempt', u.attempt, 'retry_count', u.retry_count)::text";
 
 const JOB_COLUMNS: &str = "seq, id, content_type, source_file_path, task_options, ingestion_task_id, status, \
      worker_id, lease_id, attempt, retry_count, created_at, started_at, completed_at, updated_at, available_at, \

@@ -20,7 +20,13 @@ use crate::domain::{
     Actor, AfterFailure, AttemptDeadlines, Expiry, HistoryEntry, JobResult, ResultTiming,
 };
 
-const MIGRATIONS: &[&str] = &[include_str!("../../migrations/sqlite/0001_jobs.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../../migrations/sqlite/0001_jobs.sql"),
+    include_str!("../../migrations/sqlite/0002_deliveries.sql"),
+];
+
+#[path = "sqlite_deliveries.rs"]
+mod deliveries;
 
 /// Writes committed together at most.
 const MAX_WRITES_PER_COMMIT: usize = 512;
@@ -61,6 +67,8 @@ pub struct SqliteStore {
     writer_thread: Mutex<Option<JoinHandle<()>>>,
     readers: Arc<ReaderPool>,
     path: PathBuf,
+    /// Bumped after a commit that may have recorded a hand-off: wakes the dispatcher.
+    handoffs_committed: tokio::sync::watch::Sender<u64>,
 }
 
 impl SqliteStore {
@@ -90,6 +98,7 @@ impl SqliteStore {
                 idle: Mutex::new(Vec::new()),
             }),
             path: options.path,
+            handoffs_committed: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -127,6 +136,22 @@ impl SqliteStore {
             answer
                 .await
                 .map_err(|_| StoreError::Unavailable("the store writer stopped".into()))?
+        })
+    }
+
+    /// Wakes the dispatcher once `work` committed, when `recorded_handoff` says it may have
+    /// written a hand-off.
+    fn signal_handoffs_after<'s, T: Send + 's>(
+        &'s self,
+        work: StoreFuture<'s, T>,
+        recorded_handoff: fn(&T) -> bool,
+    ) -> StoreFuture<'s, T> {
+        Box::pin(async move {
+            let result = work.await?;
+            if recorded_handoff(&result) {
+                self.handoffs_committed.send_modify(|n| *n += 1);
+            }
+            Ok(result)
         })
     }
 
@@ -366,7 +391,11 @@ const NEXT_DEADLINE_SQL: &str =
 /// keeps the planner from preferring `jobs_by_status` and sorting every finished job.
 const CLEANUP_SCAN_SQL: &str = "SELECT seq, source_file_path FROM jobs INDEXED BY jobs_finished \
      WHERE status = ?1 AND status IN ('completed', 'failed', 'timeout', 'cancelled') \
-     AND completed_at < ?2 ORDER BY completed_at LIMIT ?3";
+     AND completed_at < ?2 \
+     AND NOT EXISTS (SELECT 1 FROM handoffs h WHERE h.job_id = jobs.id AND h.fanned_out_at IS NULL) \
+     AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.job_id = jobs.id \
+                     AND (d.state = 'pending' OR (d.state = 'dead' AND jobs.status <> 'cancelled'))) \
+     ORDER BY completed_at LIMIT ?3";
 
 const JOB_COLUMNS: &str = "seq, id, content_type, source_file_path, task_options, ingestion_task_id, status, \
      worker_id, lease_id, attempt, retry_count, created_at, started_at, completed_at, updated_at, available_at, \
@@ -484,6 +513,7 @@ fn record_handoff(conn: &Connection, job: &Job, now: Timestamp) -> Result<(), St
         "status": job.status.as_str(),
         "error_message": job.error_message,
         "attempt": job.attempt,
+        "retry_count": job.retry_count,
     });
     conn.prepare_cached(
         "INSERT INTO handoffs (job_id, kind, payload, created_at) VALUES (?1, ?2, ?3, ?4)",
@@ -1250,11 +1280,13 @@ impl Store for SqliteStore {
     }
 
     fn submit_result(&self, params: SubmitResultParams) -> StoreFuture<'_, Job> {
-        self.write(move |conn| submit_result(conn, params))
+        let work = self.write(move |conn| submit_result(conn, params));
+        self.signal_handoffs_after(work, |job| job.status.is_finished())
     }
 
     fn cancel_job(&self, params: CancelParams) -> StoreFuture<'_, Job> {
-        self.write(move |conn| cancel(conn, params))
+        let work = self.write(move |conn| cancel(conn, params));
+        self.signal_handoffs_after(work, |_| true)
     }
 
     fn retry_job(&self, params: ManualRetryParams) -> StoreFuture<'_, Job> {
@@ -1262,7 +1294,11 @@ impl Store for SqliteStore {
     }
 
     fn rescue_expired(&self, params: RescueParams) -> StoreFuture<'_, RescueReport> {
-        self.write(move |conn| rescue(conn, params))
+        let work = self.write(move |conn| rescue(conn, params));
+        self.signal_handoffs_after(work, |report| {
+            report.n_pending_timed_out > 0
+                || report.n_attempts_timed_out > report.n_retries_scheduled
+        })
     }
 
     fn next_deadline(&self) -> StoreFuture<'_, Option<Timestamp>> {
