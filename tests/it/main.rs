@@ -6,6 +6,7 @@ mod support;
 mod api;
 mod cli;
 mod crash;
+mod delivery;
 mod delivery_conformance;
 mod import;
 mod lifecycle;
