@@ -671,3 +671,51 @@ async fn kill_dash_nine_while_the_receiver_is_down_delivers_every_outcome_once()
     assert_eq!(listed["deliveries"], json!([]), "nothing is left pending");
     server.terminate();
 }
+
+/// Runs the `morag-jobs` admin CLI against `app`; returns (success, stdout).
+fn cli(app: &TestApp, args: &[&str]) -> (bool, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_morag-jobs"))
+        .args(args)
+        .args(["--url", &app.base])
+        .output()
+        .expect("cli runs");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned()
+            + &String::from_utf8_lossy(&output.stderr),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_lists_shows_and_redrives_deliveries() {
+    let receiver = Receiver::start().await;
+    receiver.fail_next("/callback", 1, 410);
+    let app = app_delivering_to(&receiver, &[]).await;
+    let (id, lease) = create_and_claim(&app, json!({})).await;
+    app.succeed(&id, Some(&lease)).await;
+    let dead = wait_until_settled(&app, &id, "dead").await;
+    let delivery_id = dead[0]["id"].to_string();
+
+    let (ok, out) = cli(&app, &["deliveries", "list", "--state", "dead"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("ingestion_callback") && out.contains(&id), "{out}");
+    assert!(out.contains("HTTP 410 Gone"), "{out}");
+    let (ok, out) = cli(&app, &["deliveries", "show", &delivery_id]);
+    assert!(ok, "{out}");
+    assert!(out.contains("dead") && out.contains("410"), "{out}");
+    let (ok, out) = cli(&app, &["stats"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("SINK") && out.contains("ingestion_callback"), "{out}");
+    let (ok, out) = cli(&app, &["deliveries", "redrive", &delivery_id]);
+    assert!(ok, "{out}");
+    assert!(out.contains("pending again"), "{out}");
+    receiver.wait_for("/callback", 2).await;
+    wait_until_settled(&app, &id, "delivered").await;
+    let (ok, out) = cli(&app, &["deliveries", "redrive", &delivery_id]);
+    assert!(!ok, "a delivered delivery cannot be redriven: {out}");
+    let (ok, out) = cli(&app, &["deliveries", "list", "--json", "--job-id", &id]);
+    assert!(ok, "{out}");
+    let listed: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(listed["deliveries"][0]["state"], "delivered");
+    app.stop().await;
+}
