@@ -39,6 +39,27 @@ pub async fn create_job(
             .map_err(|rejection| {
                 ApiError::validation(&["body", "source_file_path"], rejection.to_string())
             })?;
+    // Task options come from the ingestion side: a webhook may only go where the
+    // configuration allows (checked again at delivery, in case the configuration changed).
+    match request.task_options.get("webhook_url") {
+        None | Some(serde_json::Value::Null) => {}
+        Some(serde_json::Value::String(url)) if url.trim().is_empty() => {}
+        Some(serde_json::Value::String(url)) => {
+            context
+                .config
+                .delivery
+                .check_webhook_url(url)
+                .map_err(|why| {
+                    ApiError::validation(&["body", "task_options", "webhook_url"], why)
+                })?;
+        }
+        Some(_) => {
+            return Err(ApiError::validation(
+                &["body", "task_options", "webhook_url"],
+                "must be an http(s) URL",
+            ))
+        }
+    }
     let now = context.clock.now();
     let job = context
         .store

@@ -238,3 +238,64 @@ impl Sink for IngestionCallbackSink {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::{ManualClock, Timestamp};
+    use crate::delivery::config::{DeliveryArgs, DeliveryConfig};
+    use crate::domain::JobId;
+
+    fn config(allowed: &[&str]) -> Arc<DeliveryConfig> {
+        Arc::new(
+            DeliveryConfig::from_args(DeliveryArgs {
+                ingestion_callback_url: None,
+                webhook_secret: None,
+                webhook_allowed_hosts: allowed.iter().map(|h| h.to_string()).collect(),
+                delivery_max_attempts: 20,
+                delivery_attempt_timeout_ms: 1_000,
+                delivery_backoff_base_ms: 1_000,
+                delivery_backoff_max_ms: 1_000,
+                delivery_concurrency: 1,
+                delivery_poll_interval_ms: 1_000,
+            })
+            .unwrap(),
+        )
+    }
+
+    fn event(webhook_url: &str) -> OutboundEvent {
+        OutboundEvent {
+            event_id: "evt_1".into(),
+            kind: EventKind::Completed,
+            job_id: JobId::new_random(),
+            ingestion_task_id: "t".into(),
+            payload: serde_json::json!({}),
+            task_options: serde_json::json!({ "webhook_url": webhook_url }),
+            completed_at: Timestamp::from_micros(0),
+        }
+    }
+
+    /// Refused targets are permanent failures decided before anything is sent (the
+    /// configuration may have changed since the job was created and checked).
+    #[tokio::test]
+    async fn webhooks_go_only_to_allowed_http_targets() {
+        let clock: SharedClock = Arc::new(ManualClock::starting_now());
+        let sink = WebhookSink::new(http_client(), clock, config(&["hooks.example.org"]));
+        for url in [
+            "http://127.0.0.1:9/hook",
+            "ftp://hooks.example.org/x",
+            "https://hooks.example.org/x",
+        ] {
+            let (outcome, detail) = sink.deliver(&event(url)).await;
+            assert!(
+                matches!(outcome, Err(DeliveryError::Permanent(_))),
+                "{url}: {outcome:?}"
+            );
+            assert_eq!(detail.http_status, None);
+        }
+        assert!(config(&[]).check_webhook_url("http://anywhere:1/x").is_ok());
+        assert!(config(&["Hooks.Example.org"])
+            .check_webhook_url("http://HOOKS.example.org/x")
+            .is_ok());
+    }
+}

@@ -126,9 +126,14 @@ fn stored_event(conn: &Connection, handoff_id: i64, event_id: String) -> Result<
         })?)
 }
 
-fn claim(conn: &Connection, p: ClaimDeliveriesParams) -> Result<Vec<ClaimedDelivery>, StoreError> {
+/// A claimed delivery before its event is read: `(id, attempt, sink, handoff id, event id)`.
+type Claim = (i64, i64, String, i64, String);
+
+/// Claims on the writer; the events (results can be large) are read afterwards on a
+/// reader connection, so the writer is not held up by reading them.
+fn claim(conn: &Connection, p: ClaimDeliveriesParams) -> Result<(String, Vec<Claim>), StoreError> {
     let token = new_claim_token();
-    let claimed: Vec<(i64, i64, String, i64, String)> = conn
+    let claimed: Vec<Claim> = conn
         .prepare_cached(
             "UPDATE deliveries SET claim_token = ?1, attempts = attempts + 1, next_attempt_at = ?2, updated_at = ?3 \
              WHERE id IN (SELECT id FROM deliveries WHERE state = 'pending' AND next_attempt_at <= ?3 \
@@ -145,6 +150,14 @@ fn claim(conn: &Connection, p: ClaimDeliveriesParams) -> Result<Vec<ClaimedDeliv
             |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?)),
         )?
         .collect::<Result<_, _>>()?;
+    Ok((token, claimed))
+}
+
+fn claimed_events(
+    conn: &Connection,
+    token: String,
+    claimed: Vec<Claim>,
+) -> Result<Vec<ClaimedDelivery>, StoreError> {
     let mut out = Vec::with_capacity(claimed.len());
     for (delivery_id, attempt, sink, handoff_id, event_id) in claimed {
         out.push(ClaimedDelivery {
@@ -363,7 +376,15 @@ impl DeliveryStore for SqliteStore {
         &self,
         params: ClaimDeliveriesParams,
     ) -> StoreFuture<'_, Vec<ClaimedDelivery>> {
-        self.write(move |conn| claim(conn, params))
+        let claiming = self.write(move |conn| claim(conn, params));
+        Box::pin(async move {
+            let (token, claimed) = claiming.await?;
+            if claimed.is_empty() {
+                return Ok(Vec::new());
+            }
+            self.read(move |conn| claimed_events(conn, token, claimed))
+                .await
+        })
     }
 
     fn record_delivery_attempt(

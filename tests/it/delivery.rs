@@ -495,36 +495,35 @@ async fn every_outcome_is_handed_off_once_and_a_manual_retry_is_a_new_outcome() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_webhook_to_a_host_not_allowed_is_dead_at_once() {
+async fn a_webhook_url_must_be_http_to_an_allowed_host() {
     let receiver = Receiver::start().await;
     let app = app_delivering_to(&receiver, &["--webhook-allowed-hosts", "hooks.example.org"]).await;
-    let (id, lease) = create_and_claim(
-        &app,
-        json!({"webhook_url": receiver.url("/hook")}),
-    )
-    .await;
-    app.succeed(&id, Some(&lease)).await;
-    receiver.wait_for("/callback", 1).await;
-    let started = Instant::now();
-    let webhook = loop {
-        let deliveries = deliveries_of(&app, &id).await;
-        if let Some(hook) = deliveries
-            .iter()
-            .find(|d| d["sink"] == "webhook" && d["state"] == "dead")
-        {
-            break hook.clone();
-        }
-        assert!(started.elapsed() < Duration::from_secs(20), "{deliveries:#?}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
-    assert!(
-        webhook["last_error"]
-            .as_str()
-            .unwrap()
-            .contains("MORAG_WEBHOOK_ALLOWED_HOSTS"),
-        "{webhook}"
-    );
-    assert!(receiver.received("/hook").is_empty());
+    let path = app.source_file("hook.bin", b"bytes");
+    for (url, field_error) in [
+        (json!(receiver.url("/hook")), "MORAG_WEBHOOK_ALLOWED_HOSTS"),
+        (json!("file:///etc/passwd"), "only http and https"),
+        (json!(42), "must be an http(s) URL"),
+    ] {
+        let (status, body) = app
+            .post(
+                "/api/v1/remote-jobs/",
+                json!({"source_file_path": path, "content_type": "document",
+                       "task_options": {"webhook_url": url}, "ingestion_task_id": "t"}),
+            )
+            .await;
+        assert_eq!(status, 422, "{url}: {body}");
+        assert!(body.to_string().contains(field_error), "{body}");
+        assert!(body.to_string().contains("webhook_url"), "{body}");
+    }
+    let (status, body) = app
+        .post(
+            "/api/v1/remote-jobs/",
+            json!({"source_file_path": path, "content_type": "document",
+                   "task_options": {"webhook_url": "http://hooks.example.org/morag"},
+                   "ingestion_task_id": "t"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
     app.stop().await;
 }
 
