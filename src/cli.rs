@@ -9,10 +9,8 @@ use serde_json::Value;
 
 use crate::app::{shutdown_signal, App};
 use crate::clock::SystemClock;
-use crate::config::{Config, DatabaseArgs, DatabaseTarget, ServeArgs};
-use crate::store::postgres::PostgresStore;
-use crate::store::sqlite::{SqliteOptions, SqliteStore};
-use crate::store::Store as _;
+use crate::config::{Config, DatabaseArgs, ServeArgs};
+use crate::store::DatabaseTarget;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -296,7 +294,9 @@ async fn import(dir: std::path::PathBuf, serve: ServeArgs) -> anyhow::Result<()>
     } else {
         dir
     };
-    let store = crate::app::open_store(&config).await?;
+    let store = crate::store::open(&config.database, &config.store_settings)
+        .await
+        .with_context(|| format!("failed to open the store ({:?})", config.database))?;
     let result =
         crate::import::import_morag_dir(&*store, &dir, &config.policy.timeouts, SystemClock.now())
             .await;
@@ -315,32 +315,23 @@ async fn import(dir: std::path::PathBuf, serve: ServeArgs) -> anyhow::Result<()>
 }
 
 async fn migrate(storage: &StorageArgs) -> anyhow::Result<()> {
-    match storage.database.target(&storage.data_dir)? {
-        DatabaseTarget::Postgres(url) => {
-            let report = PostgresStore::migrate(&storage.database.postgres_options(&url))
-                .await
-                .context("failed to migrate the PostgreSQL store")?;
-            if report.from_version == report.to_version {
-                println!(
-                    "PostgreSQL schema is up to date (version {})",
-                    report.to_version
-                );
-            } else {
-                println!(
-                    "PostgreSQL schema migrated from version {} to {}",
-                    report.from_version, report.to_version
-                );
-            }
-        }
-        DatabaseTarget::Sqlite(path) => {
-            let store = SqliteStore::open(SqliteOptions {
-                path: path.clone(),
-                durability: Default::default(),
-            })
-            .with_context(|| format!("failed to open the SQLite store at {path:?}"))?;
-            store.close().await?;
-            println!("SQLite store at {} is up to date", path.display());
-        }
+    let target = storage.database.target(&storage.data_dir)?;
+    // The SQLite durability setting does not matter for a migration.
+    let settings = storage.database.settings(Default::default());
+    let report = crate::store::migrate(&target, &settings)
+        .await
+        .with_context(|| format!("failed to migrate the store ({target:?})"))?;
+    let what = match &target {
+        DatabaseTarget::Postgres(_) => "PostgreSQL schema".to_owned(),
+        DatabaseTarget::Sqlite(path) => format!("SQLite store at {}", path.display()),
+    };
+    if report.from_version == report.to_version {
+        println!("{what} is up to date (version {})", report.to_version);
+    } else {
+        println!(
+            "{what} migrated from version {} to {}",
+            report.from_version, report.to_version
+        );
     }
     Ok(())
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::Args;
 
 use crate::domain::{LifecyclePolicy, RetentionPolicy, RetryPolicy, TimeoutPolicy};
-use crate::store::sqlite::Durability;
+use crate::store::{DatabaseTarget, DatabaseUrl, Durability, StoreSettings};
 
 /// `morag-jobs serve` flags. Every flag can also be set through its environment variable.
 #[derive(Args, Debug, Clone)]
@@ -96,6 +96,9 @@ pub struct ServeArgs {
 
     #[command(flatten)]
     pub delivery: crate::delivery::config::DeliveryArgs,
+    // Request, connection and lease limits (issue 8), kept in their own module.
+    #[command(flatten)]
+    pub limits: crate::limits::LimitArgs,
 }
 
 /// Where jobs are stored; shared by `serve`, `migrate` and `import-morag-dir`.
@@ -111,44 +114,6 @@ pub struct DatabaseArgs {
     pub database_max_connections: usize,
 }
 
-/// Which backend stores the jobs.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum DatabaseTarget {
-    Sqlite(PathBuf),
-    Postgres(DatabaseUrl),
-}
-
-/// A PostgreSQL URL. Its `Debug` output hides the password, so a logged config never
-/// shows a secret.
-#[derive(Clone, PartialEq, Eq)]
-pub struct DatabaseUrl(String);
-
-impl DatabaseUrl {
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for DatabaseUrl {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // postgres://user:secret@host/db -> postgres://user:***@host/db
-        let text = &self.0;
-        match (text.find("://"), text.rfind('@')) {
-            (Some(scheme), Some(at)) if at > scheme => {
-                let credentials = &text[scheme + 3..at];
-                let user = credentials.split(':').next().unwrap_or("");
-                write!(
-                    f,
-                    "DatabaseUrl({}{user}:***{})",
-                    &text[..scheme + 3],
-                    &text[at..]
-                )
-            }
-            _ => write!(f, "DatabaseUrl({text})"),
-        }
-    }
-}
-
 impl DatabaseArgs {
     /// Reads the URL: PostgreSQL, an explicit SQLite file, or the default SQLite file.
     pub fn target(&self, data_dir: &Path) -> Result<DatabaseTarget, ConfigError> {
@@ -157,7 +122,7 @@ impl DatabaseArgs {
             return Ok(DatabaseTarget::Sqlite(data_dir.join("morag-jobs.sqlite3")));
         }
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            return Ok(DatabaseTarget::Postgres(DatabaseUrl(url.to_owned())));
+            return Ok(DatabaseTarget::Postgres(DatabaseUrl::new(url)));
         }
         if let Some(path) = url.strip_prefix("sqlite://") {
             if path.is_empty() {
@@ -172,18 +137,13 @@ impl DatabaseArgs {
         ))
     }
 
-    pub fn postgres_options(&self, url: &DatabaseUrl) -> crate::store::postgres::PostgresOptions {
-        postgres_options(url, self.database_max_connections)
+    /// The backend settings these flags carry besides the target.
+    pub fn settings(&self, durability: Durability) -> StoreSettings {
+        StoreSettings {
+            durability,
+            max_connections: self.database_max_connections,
+        }
     }
-}
-
-pub fn postgres_options(
-    url: &DatabaseUrl,
-    max_connections: usize,
-) -> crate::store::postgres::PostgresOptions {
-    let mut options = crate::store::postgres::PostgresOptions::new(url.expose());
-    options.max_connections = max_connections.max(1);
-    options
 }
 
 fn parse_durability(text: &str) -> Result<Durability, String> {
@@ -211,13 +171,10 @@ pub enum ConfigError {
 pub struct Config {
     pub addr: SocketAddr,
     pub data_dir: PathBuf,
-    /// The SQLite file, when jobs are stored in SQLite.
-    pub database_path: PathBuf,
-    pub durability: Durability,
     /// Where jobs are stored.
     pub database: DatabaseTarget,
-    /// PostgreSQL connections per replica at most.
-    pub database_max_connections: usize,
+    /// How the store is run (SQLite durability, PostgreSQL connections).
+    pub store_settings: StoreSettings,
     /// The server's own files directory (`DATA_DIR/files`), canonical. Cleanup deletes
     /// source files only in here.
     pub files_dir: PathBuf,
@@ -232,6 +189,9 @@ pub struct Config {
     pub insecure_no_auth: bool,
     /// Where and how job outcomes are delivered (see `delivery`).
     pub delivery: std::sync::Arc<crate::delivery::config::DeliveryConfig>,
+
+    /// Request, connection and lease limits (issue 8).
+    pub limits: crate::limits::Limits,
 }
 
 /// An API key. Its `Debug` output is redacted so a logged config never shows a secret.
@@ -342,18 +302,15 @@ impl Config {
                 .collect::<Result<_, _>>()?,
         };
 
+        let limits =
+            crate::limits::Limits::from_args(&args.limits).map_err(ConfigError::Invalid)?;
         let database = args.database.target(&data_dir)?;
-        let database_path = match &database {
-            DatabaseTarget::Sqlite(path) => path.clone(),
-            DatabaseTarget::Postgres(_) => data_dir.join("morag-jobs.sqlite3"),
-        };
+        let store_settings = args.database.settings(args.sqlite_sync);
         Ok(Config {
             addr: args.addr,
-            database_path,
             database,
-            database_max_connections: args.database.database_max_connections,
+            store_settings,
             data_dir,
-            durability: args.sqlite_sync,
             files_dir,
             allowed_roots,
             policy,
@@ -363,9 +320,11 @@ impl Config {
             worker_api_keys,
             admin_api_keys,
             insecure_no_auth: args.insecure_no_auth,
-            delivery: std::sync::Arc::new(crate::delivery::config::DeliveryConfig::from_args(
-                args.delivery,
-            )?),
+            delivery: std::sync::Arc::new(
+                crate::delivery::config::DeliveryConfig::from_args(args.delivery)
+                    .map_err(ConfigError::Invalid)?,
+            ),
+            limits,
         })
     }
 
@@ -445,12 +404,11 @@ mod tests {
             config.database,
             DatabaseTarget::Sqlite(PathBuf::from("/tmp/x.db"))
         );
-        assert_eq!(config.database_path, PathBuf::from("/tmp/x.db"));
         let url = "postgres://jobs:hunter2@db.internal:5432/morag";
         let config = Config::from_args(args(&["--data-dir", data, "--database-url", url])).unwrap();
         assert_eq!(
             config.database,
-            DatabaseTarget::Postgres(DatabaseUrl(url.into()))
+            DatabaseTarget::Postgres(DatabaseUrl::new(url))
         );
         let debug = format!("{config:?}");
         assert!(

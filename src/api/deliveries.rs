@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
 use super::extract::QueryParams;
-use crate::app::AppContext;
+use crate::context::AppContext;
 use crate::clock::Timestamp;
 use crate::delivery::SinkKind;
 use crate::domain::JobId;

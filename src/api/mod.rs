@@ -4,8 +4,10 @@
 mod admin;
 mod auth;
 pub mod deliveries;
+mod bounded_json;
 mod error;
 mod extract;
+mod queries;
 pub mod views;
 mod worker;
 
@@ -17,19 +19,23 @@ use axum::{middleware, Router};
 
 pub use error::ApiError;
 
-use crate::app::AppContext;
-
-/// Results carry whole transcripts; everything else is small.
-const MAX_RESULT_BODY: usize = 256 * 1024 * 1024;
+use crate::context::AppContext;
 
 pub fn router(context: Arc<AppContext>) -> Router {
     let jobs = "/api/v1/remote-jobs";
+    // Results carry whole transcripts; creates carry task options; everything else is small.
+    let max_result_body = context.config.limits.max_result_body_bytes();
+    let max_create_body = context
+        .config
+        .limits
+        .max_create_body_bytes()
+        .max(2 * 1024 * 1024);
     let worker = Router::new()
         .route(&format!("{jobs}/poll"), get(worker::poll))
         .route(&format!("{jobs}/{{id}}/heartbeat"), post(worker::heartbeat))
         .route(
             &format!("{jobs}/{{id}}/result"),
-            put(worker::submit_result).layer(DefaultBodyLimit::max(MAX_RESULT_BODY)),
+            put(worker::submit_result).layer(DefaultBodyLimit::max(max_result_body)),
         )
         .route(&format!("{jobs}/{{id}}/download"), get(worker::download))
         .route_layer(middleware::from_fn_with_state(
@@ -37,10 +43,17 @@ pub fn router(context: Arc<AppContext>) -> Router {
             auth::require_worker,
         ));
     let admin = Router::new()
-        .route(jobs, post(admin::create_job).get(admin::list_jobs))
+        .route(
+            jobs,
+            post(admin::create_job)
+                .layer(DefaultBodyLimit::max(max_create_body))
+                .get(admin::list_jobs),
+        )
         .route(
             &format!("{jobs}/"),
-            post(admin::create_job).get(admin::list_jobs),
+            post(admin::create_job)
+                .layer(DefaultBodyLimit::max(max_create_body))
+                .get(admin::list_jobs),
         )
         .route(&format!("{jobs}/statistics"), get(admin::statistics))
         .route(&format!("{jobs}/cleanup"), post(admin::cleanup))
@@ -62,6 +75,9 @@ pub fn router(context: Arc<AppContext>) -> Router {
         .merge(admin)
         .fallback(|| async { ApiError::NotFound("Not Found".into()) })
         .method_not_allowed_fallback(|| async { method_not_allowed() })
+        .layer(middleware::map_response(
+            crate::http_server::json_error_bodies,
+        ))
         .with_state(context)
 }
 

@@ -7,7 +7,6 @@ use clap::Args;
 
 use super::signing::WebhookSecret;
 use super::SinkKind;
-use crate::config::ConfigError;
 
 /// Delivery flags of `morag-jobs serve`.
 #[derive(Args, Debug, Clone)]
@@ -57,8 +56,9 @@ pub struct DeliveryConfig {
 }
 
 impl DeliveryConfig {
-    pub fn from_args(args: DeliveryArgs) -> Result<DeliveryConfig, ConfigError> {
-        let invalid = |message: String| ConfigError::Invalid(message);
+    /// Checks the flags; the error names the setting that is wrong.
+    pub fn from_args(args: DeliveryArgs) -> Result<DeliveryConfig, String> {
+        let invalid = |message: String| message;
         let ingestion_callback_url = match args
             .ingestion_callback_url
             .as_deref()

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::{StoreError, StoreFuture};
 use crate::clock::Timestamp;
-use crate::delivery::{EventKind, OutboundEvent, SinkKind};
+use crate::domain::outcome::{EventKind, OutboundEvent, SinkKind};
 use crate::domain::JobId;
 
 /// Where a delivery is in its life.

@@ -44,7 +44,8 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0001_jobs.sql"),
     include_str!("../../migrations/postgres/0002_batch_friendly.sql"),
     include_str!("../../migrations/postgres/0003_listing_by_type_then_status.sql"),
-    include_str!("../../migrations/postgres/0004_deliveries.sql"),
+    include_str!("../../migrations/postgres/0004_write_probe.sql"),
+    include_str!("../../migrations/postgres/0005_deliveries.sql"),
 ];
 
 /// The schema version this program creates and understands.
@@ -169,12 +170,7 @@ impl Session {
     }
 }
 
-/// What `migrate` found and did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MigrationReport {
-    pub from_version: i64,
-    pub to_version: i64,
-}
+pub use super::MigrationReport;
 
 pub struct PostgresStore {
     pool: Arc<Pool>,
@@ -543,8 +539,7 @@ const HANDOFF_PAYLOAD: &str =
 
 const JOB_COLUMNS: &str = "seq, id, content_type, source_file_path, task_options, ingestion_task_id, status, \
      worker_id, lease_id, attempt, retry_count, created_at, started_at, completed_at, updated_at, available_at, \
-     execution_deadline, heartbeat_deadline, last_heartbeat_at, progress, progress_message, error_message, \
-     result_content, result_metadata, processing_time";
+     execution_deadline, heartbeat_deadline, last_heartbeat_at, progress, progress_message, error_message";
 
 fn corrupt(what: &str, value: &str) -> StoreError {
     StoreError::Internal(format!("stored {what} {value:?} is invalid"))
@@ -576,8 +571,6 @@ fn job_from_row(row: &Row) -> Result<Job, StoreError> {
     let status: &str = get(row, 6)?;
     let worker_id: Option<&str> = get(row, 7)?;
     let lease_id: Option<&str> = get(row, 8)?;
-    let result_content: Option<String> = get(row, 22)?;
-    let result_metadata: Option<&str> = get(row, 23)?;
     Ok(Job {
         id: JobId::parse(id).map_err(|_| corrupt("job id", id))?,
         content_type: ContentType::parse(content_type)
@@ -605,18 +598,26 @@ fn job_from_row(row: &Row) -> Result<Job, StoreError> {
         progress: get(row, 19)?,
         progress_message: get(row, 20)?,
         error_message: get(row, 21)?,
-        result: match result_content {
-            Some(content) => Some(JobResult {
-                content,
-                metadata: match result_metadata {
-                    Some(text) => parse_json("result metadata", text)?,
-                    None => serde_json::Value::Null,
-                },
-                processing_time: get(row, 24)?,
-            }),
-            None => None,
-        },
     })
+}
+
+/// Reads a result from `result_content, result_metadata, processing_time` starting at
+/// column `first` (only the detail read selects them). The metadata is
+/// checked to be JSON but not parsed into a tree.
+fn result_from_row(row: &Row, first: usize) -> Result<Option<JobResult>, StoreError> {
+    let Some(content) = get::<Option<String>>(row, first)? else {
+        return Ok(None);
+    };
+    let metadata = match get::<Option<String>>(row, first + 1)? {
+        Some(text) => serde_json::value::RawValue::from_string(text)
+            .map_err(|_| corrupt("result metadata", "(not JSON)"))?,
+        None => serde_json::value::to_raw_value(&serde_json::Value::Null).expect("null serializes"),
+    };
+    Ok(Some(JobResult {
+        content,
+        metadata,
+        processing_time: get(row, first + 2)?,
+    }))
 }
 
 /// One history row a transition writes.
@@ -899,12 +900,12 @@ async fn manual_retry(conn: &mut Conn, p: ManualRetryParams) -> Result<Job, Stor
 async fn import(conn: &mut Conn, p: ImportJobParams) -> Result<ImportOutcome, StoreError> {
     let job = &p.job;
     let micros = |t: Option<Timestamp>| t.map(Timestamp::as_micros);
-    let result = job.result.as_ref();
+    let result = p.result.as_ref();
     let id = job.id.to_string();
     let options = job.task_options.to_string();
     let lease = job.lease_id.map(|l| l.to_string());
     let content = result.map(|r| r.content.as_str());
-    let metadata = result.map(|r| r.metadata.to_string());
+    let metadata = result.map(|r| r.metadata.get());
     let processing_time = result.and_then(|r| r.processing_time);
     let (attempt, retry_count) = (job.attempt as i32, job.retry_count as i32);
     let times = [
@@ -1261,10 +1262,15 @@ fn qualified_job_columns(alias: &str) -> String {
 
 async fn get_job_detail(conn: &mut Conn, id: JobId) -> Result<Option<JobDetail>, StoreError> {
     // One statement, so the job and its history come from the same snapshot.
+    // The result is read once, not repeated on every history row.
     let columns = qualified_job_columns("j");
     let sql = format!(
-        "SELECT {columns}, h.from_status, h.to_status, h.at, h.actor, h.reason \
-         FROM jobs j LEFT JOIN job_history h ON h.job_seq = j.seq WHERE j.id = $1 ORDER BY h.id"
+        "SELECT {columns}, CASE WHEN h.id IS NOT DISTINCT FROM first.id THEN j.result_content END, \
+             CASE WHEN h.id IS NOT DISTINCT FROM first.id THEN j.result_metadata END, j.processing_time, \
+             h.from_status, h.to_status, h.at, h.actor, h.reason \
+         FROM jobs j \
+         LEFT JOIN LATERAL (SELECT min(id) AS id FROM job_history WHERE job_seq = j.seq) AS first ON true \
+         LEFT JOIN job_history h ON h.job_seq = j.seq WHERE j.id = $1 ORDER BY h.id"
     );
     let statement = conn.statement(&sql).await?;
     let rows = conn
@@ -1276,6 +1282,7 @@ async fn get_job_detail(conn: &mut Conn, id: JobId) -> Result<Option<JobDetail>,
         return Ok(None);
     };
     let job = job_from_row(first)?;
+    let result = result_from_row(first, 22)?;
     let mut history = Vec::with_capacity(rows.len());
     for row in &rows {
         let Some(to) = get::<Option<&str>>(row, 26)? else {
@@ -1291,7 +1298,11 @@ async fn get_job_detail(conn: &mut Conn, id: JobId) -> Result<Option<JobDetail>,
             reason: get(row, 29)?,
         });
     }
-    Ok(Some(JobDetail { job, history }))
+    Ok(Some(JobDetail {
+        job,
+        result,
+        history,
+    }))
 }
 
 /// Every status a job can have, for listing by type as one index range per status.
@@ -1490,6 +1501,20 @@ async fn ping(conn: &mut Conn) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Rewrites the one row of `write_probe`.
+async fn probe_write(conn: &mut Conn, now: Timestamp) -> Result<(), StoreError> {
+    conn.client
+        .execute(
+            "INSERT INTO write_probe (id, written_at, writes) VALUES (1, $1, 1) \
+             ON CONFLICT (id) DO UPDATE SET written_at = EXCLUDED.written_at, \
+             writes = write_probe.writes + 1",
+            &[&now.as_micros()],
+        )
+        .await
+        .map_err(pg_error)?;
+    Ok(())
+}
+
 impl Store for PostgresStore {
     fn create_job(&self, params: CreateJobParams) -> StoreFuture<'_, Job> {
         Box::pin(async move {
@@ -1568,6 +1593,10 @@ impl Store for PostgresStore {
 
     fn ping(&self) -> StoreFuture<'_, ()> {
         self.run(|c| Box::pin(ping(c)))
+    }
+
+    fn probe_write(&self, now: Timestamp) -> StoreFuture<'_, ()> {
+        self.run(move |c| Box::pin(probe_write(c, now)))
     }
 
     fn close(&self) -> StoreFuture<'_, ()> {

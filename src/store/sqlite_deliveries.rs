@@ -1,4 +1,4 @@
-//! The deliveries tables on SQLite (`migrations/sqlite/0002_deliveries.sql`). Writes go
+//! The deliveries tables on SQLite (`migrations/sqlite/0003_deliveries.sql`). Writes go
 //! through the store's single writer, so a claim needs no row locks: the writer is the
 //! only one changing deliveries.
 

@@ -4,14 +4,18 @@
 mod support;
 
 mod api;
+mod architecture;
 mod cli;
 mod crash;
 mod delivery;
 mod delivery_conformance;
+mod hygiene;
 mod import;
 mod lifecycle;
+mod listing_memory;
 mod morag_client;
 mod postgres;
 mod race;
 mod replicas;
 mod store_conformance;
+mod test_script;

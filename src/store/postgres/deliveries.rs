@@ -1,4 +1,4 @@
-//! The deliveries tables on PostgreSQL (`migrations/postgres/0004_deliveries.sql`), safe
+//! The deliveries tables on PostgreSQL (`migrations/postgres/0005_deliveries.sql`), safe
 //! with several replicas: fan-out locks the hand-offs it handles and claims lock the
 //! deliveries they take, both with `SKIP LOCKED`, so replicas split the work; every outcome
 //! is recorded only with the claim's token, so an attempt whose claim expired and was taken
