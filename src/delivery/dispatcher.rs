@@ -34,6 +34,9 @@ const CLAIM_MARGIN: Duration = Duration::from_secs(30);
 /// another replica is fanning out), so the loop never spins.
 const MIN_PAUSE: Duration = Duration::from_millis(20);
 
+/// The least time between the starts of two passes.
+const PASS_SPACING: Duration = Duration::from_millis(5);
+
 /// What one pass did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DispatchReport {
@@ -186,10 +189,18 @@ impl Dispatcher {
     /// dropped; their claims expire and another pass (or replica) repeats them.
     pub async fn run(&self, shutdown: &mut watch::Receiver<bool>) {
         let mut committed = self.shared.store.handoff_events();
+        let mut last_pass: Option<tokio::time::Instant> = None;
         loop {
             if *shutdown.borrow() {
                 return;
             }
+            // Under load commits come faster than passes are worth: passes start at most
+            // every PASS_SPACING, so hand-offs committed meanwhile are taken together. An
+            // idle dispatcher starts at once.
+            if let Some(last) = last_pass {
+                tokio::time::sleep_until(last + PASS_SPACING).await;
+            }
+            last_pass = Some(tokio::time::Instant::now());
             committed.mark_unchanged();
             let pass = tokio::select! {
                 pass = self.run_once() => pass,
