@@ -58,19 +58,6 @@ $$;
 CREATE TRIGGER jobs_deleted_take_deliveries AFTER DELETE ON jobs
     FOR EACH ROW EXECUTE FUNCTION jobs_deleted_take_deliveries();
 
--- Dispatchers on every replica are woken when a hand-off commits: a notification is
--- delivered only at commit. Every transition statement has a hand-off CTE, which inserts
--- nothing for most transitions: only a statement that inserted rows notifies, so creates and
--- claims never take PostgreSQL's notify lock. PostgreSQL folds identical notifications of
--- one transaction into one.
-CREATE FUNCTION handoffs_notify() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF EXISTS (SELECT 1 FROM inserted) THEN
-        PERFORM pg_notify('morag_handoffs_recorded', '');
-    END IF;
-    RETURN NULL;
-END
-$$;
-CREATE TRIGGER handoffs_recorded AFTER INSERT ON handoffs
-    REFERENCING NEW TABLE AS inserted
-    FOR EACH STATEMENT EXECUTE FUNCTION handoffs_notify();
+-- Dispatchers are woken after a hand-off commits by the store itself (a NOTIFY sent after
+-- the commit, like the jobs wake-up, see 0001): a NOTIFY from a trigger would hold
+-- PostgreSQL's notify lock until each result batch's commit was flushed.

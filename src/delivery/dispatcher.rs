@@ -28,8 +28,10 @@ use crate::store::{Store, StoreError};
 /// Hand-offs fanned out per store call.
 const FAN_OUT_BATCH: usize = 500;
 /// Added to the attempt timeout for a claim's lifetime: an attempt's outcome must be
-/// recorded before another dispatcher may take the delivery over.
-const CLAIM_MARGIN: Duration = Duration::from_secs(30);
+/// recorded before another dispatcher may take the delivery over (if it is not, the
+/// delivery is repeated, under the same id). It is also how long a delivery whose attempt
+/// died with its process waits beyond the attempt timeout before it is tried again.
+const CLAIM_MARGIN: Duration = Duration::from_secs(10);
 /// The shortest sleep between passes when a pass seemed to leave work behind (hand-offs
 /// another replica is fanning out), so the loop never spins.
 const MIN_PAUSE: Duration = Duration::from_millis(20);

@@ -174,8 +174,8 @@ pub use super::MigrationReport;
 
 pub struct PostgresStore {
     pool: Arc<Pool>,
-    /// Bumped when any replica committed a hand-off (see `deliveries::listen_for_handoffs`).
-    handoff_events: watch::Receiver<u64>,
+    /// Wakes dispatchers after a hand-off committed (this replica's and the others').
+    handoffs: deliveries::HandoffSignal,
     /// The longest one store operation may take, connection checkout included.
     operation_timeout: Duration,
     events: watch::Receiver<u64>,
@@ -212,12 +212,12 @@ impl PostgresStore {
             events_sender,
             stop.clone(),
         ));
-        let (handoff_sender, handoff_events) = watch::channel(0u64);
-        tokio::spawn(deliveries::listen_for_handoffs(
+        let handoffs = deliveries::HandoffSignal::start(
             config.clone(),
-            handoff_sender,
+            pool.clone(),
+            replica_id.clone(),
             stop.clone(),
-        ));
+        );
         tokio::spawn(announce_wakeups(
             pool.clone(),
             replica_id,
@@ -230,7 +230,7 @@ impl PostgresStore {
             claims: Batcher::start(batch.clone(), operation_timeout),
             results: Batcher::start(batch, operation_timeout),
             pool,
-            handoff_events,
+            handoffs,
             operation_timeout,
             events,
             stop_listener,
@@ -1533,11 +1533,22 @@ impl Store for PostgresStore {
     }
 
     fn submit_result(&self, params: SubmitResultParams) -> StoreFuture<'_, Job> {
-        Box::pin(self.results.submit(params))
+        Box::pin(async move {
+            let job = self.results.submit(params).await?;
+            if job.status.is_finished() {
+                self.handoffs.committed();
+            }
+            Ok(job)
+        })
     }
 
     fn cancel_job(&self, params: CancelParams) -> StoreFuture<'_, Job> {
-        self.run(move |c| Box::pin(cancel(c, params)))
+        let work = self.run(move |c| Box::pin(cancel(c, params)));
+        Box::pin(async move {
+            let job = work.await?;
+            self.handoffs.committed();
+            Ok(job)
+        })
     }
 
     fn retry_job(&self, params: ManualRetryParams) -> StoreFuture<'_, Job> {
@@ -1545,10 +1556,19 @@ impl Store for PostgresStore {
     }
 
     fn rescue_expired(&self, params: RescueParams) -> StoreFuture<'_, RescueReport> {
-        self.run_and_announce(
+        let work = self.run_and_announce(
             move |c| Box::pin(rescue(c, params)),
             |report| report.n_retries_due > 0,
-        )
+        );
+        Box::pin(async move {
+            let report = work.await?;
+            if report.n_pending_timed_out > 0
+                || report.n_attempts_timed_out > report.n_retries_scheduled
+            {
+                self.handoffs.committed();
+            }
+            Ok(report)
+        })
     }
 
     fn next_deadline(&self) -> StoreFuture<'_, Option<Timestamp>> {

@@ -16,8 +16,78 @@ use crate::clock::Timestamp;
 use crate::store::deliveries::*;
 use crate::store::{StoreError, StoreFuture};
 
-/// The channel the `handoffs_recorded` trigger notifies at commit.
+/// The channel replicas announce committed hand-offs on.
 const HANDOFFS_CHANNEL: &str = "morag_handoffs_recorded";
+
+/// Tells dispatchers that a hand-off committed: this replica's at once, the others' by a
+/// NOTIFY sent after the commit (coalesced, by `announce_handoffs`).
+pub(super) struct HandoffSignal {
+    local: watch::Sender<u64>,
+    announce: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl HandoffSignal {
+    /// Starts the listener and the announcer; both stop when `stop` turns true.
+    pub(super) fn start(
+        config: tokio_postgres::Config,
+        pool: std::sync::Arc<super::pool::Pool>,
+        replica_id: String,
+        stop: watch::Receiver<bool>,
+    ) -> HandoffSignal {
+        let (local, _) = watch::channel(0u64);
+        let announce = std::sync::Arc::new(tokio::sync::Notify::new());
+        tokio::spawn(listen_for_handoffs(
+            config,
+            replica_id.clone(),
+            local.clone(),
+            stop.clone(),
+        ));
+        tokio::spawn(announce_handoffs(pool, replica_id, announce.clone(), stop));
+        HandoffSignal { local, announce }
+    }
+
+    pub(super) fn committed(&self) {
+        self.local.send_modify(|n| *n += 1);
+        self.announce.notify_one();
+    }
+
+    pub(super) fn subscribe(&self) -> watch::Receiver<u64> {
+        self.local.subscribe()
+    }
+}
+
+/// Sends one NOTIFY per burst of committed hand-offs, outside any job's transaction.
+async fn announce_handoffs(
+    pool: std::sync::Arc<super::pool::Pool>,
+    replica_id: String,
+    announce: std::sync::Arc<tokio::sync::Notify>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = announce.notified() => {}
+            _ = stop.changed() => return,
+        }
+        let sent = async {
+            let mut pooled = pool.get().await?;
+            let conn = pooled.conn();
+            let statement = conn.statement("SELECT pg_notify($1, $2)").await?;
+            let result = conn
+                .client
+                .execute(&statement, &[&HANDOFFS_CHANNEL, &replica_id])
+                .await
+                .map_err(pg_error);
+            pooled.finish(result.is_ok());
+            result
+        };
+        // The other replicas' dispatchers poll as a fallback: a lost announcement delays.
+        match tokio::time::timeout(Duration::from_secs(5), sent).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => tracing::debug!(%error, "cannot announce committed hand-offs"),
+            Err(_) => tracing::debug!("announcing committed hand-offs timed out"),
+        }
+    }
+}
 
 const DELIVERY_COLUMNS: &str = "id, event_id, sink, job_id, state, attempts, next_attempt_at, \
      last_error, created_at, updated_at, delivered_at";
@@ -467,15 +537,16 @@ impl DeliveryStore for PostgresStore {
     }
 
     fn handoff_events(&self) -> watch::Receiver<u64> {
-        self.handoff_events.clone()
+        self.handoffs.subscribe()
     }
 }
 
-/// Keeps one connection LISTENing for committed hand-offs (of every replica) and bumps
+/// Keeps one connection LISTENing for hand-offs other replicas committed and bumps
 /// `events` for each burst. Reconnects after a second when the connection is lost; the
 /// dispatcher's fallback tick covers notifications lost meanwhile.
-pub(super) async fn listen_for_handoffs(
+async fn listen_for_handoffs(
     config: tokio_postgres::Config,
+    replica_id: String,
     events: watch::Sender<u64>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -483,7 +554,7 @@ pub(super) async fn listen_for_handoffs(
         if *stop.borrow() {
             return;
         }
-        match listen_once(&config, &events, &mut stop).await {
+        match listen_once(&config, &replica_id, &events, &mut stop).await {
             Ok(()) => return,
             Err(error) => {
                 tracing::warn!(%error, "lost the PostgreSQL hand-off listener; reconnecting")
@@ -498,14 +569,18 @@ pub(super) async fn listen_for_handoffs(
 
 async fn listen_once(
     config: &tokio_postgres::Config,
+    replica_id: &str,
     events: &watch::Sender<u64>,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<(), String> {
     let (client, mut connection) = config.connect(NoTls).await.map_err(|e| e.to_string())?;
     let (notified, mut notifications) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let own_id = replica_id.to_owned();
     let driver = tokio::spawn(async move {
         while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
             match message {
+                // This replica woke its own dispatcher already.
+                Ok(AsyncMessage::Notification(note)) if note.payload() == own_id => {}
                 Ok(AsyncMessage::Notification(_)) => {
                     if notified.send(()).is_err() {
                         break;
