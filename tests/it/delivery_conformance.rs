@@ -67,6 +67,17 @@ async fn finish(
     outcome: AttemptOutcome,
     now: Timestamp,
 ) -> JobId {
+    finish_after(store, options, outcome, now, || async {}).await
+}
+
+/// `finish`, running `between` after the claim and before the result.
+async fn finish_after<F: std::future::Future<Output = ()>>(
+    store: &dyn Store,
+    options: serde_json::Value,
+    outcome: AttemptOutcome,
+    now: Timestamp,
+    between: impl FnOnce() -> F,
+) -> JobId {
     let id = create(store, options, now).await;
     let job = store
         .claim_job(ClaimParams {
@@ -79,6 +90,7 @@ async fn finish(
         .unwrap()
         .expect("claimable");
     assert_eq!(job.id, id);
+    between().await;
     store
         .submit_result(SubmitResultParams {
             job_id: id,
@@ -602,6 +614,39 @@ pub async fn cleanup_keeps_jobs_whose_deliveries_are_not_settled(s: TestStore) {
         store.get_job(pending).await.unwrap().is_some(),
         "a pending delivery keeps its job"
     );
+}
+
+/// PostgreSQL only (SQLite has one process): a hand-off committed through one replica
+/// wakes the other replicas' dispatchers, through the NOTIFY sent after the commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_hand_offs_wake_the_dispatchers_of_other_replicas() {
+    use morag_jobs::store::postgres::{PostgresOptions, PostgresStore};
+    let database = crate::support::PgDatabase::create().await;
+    let open = || PostgresStore::open(PostgresOptions::new(database.url.clone()));
+    let first = open().await.expect("first replica");
+    let second = open().await.expect("second replica");
+    let mut woken = second.handoff_events();
+    // The listener bumps once when it starts listening; wait for that (or its having
+    // happened already), then only a notification can bump it.
+    let _ = tokio::time::timeout(Duration::from_secs(2), woken.changed()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    woken.mark_unchanged();
+    // A create and a claim hand nothing off; the result does.
+    finish_after(&first, json!({}), success(), at(1), || async {
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), woken.changed())
+                .await
+                .is_err(),
+            "a create and a claim hand nothing off"
+        );
+    })
+    .await;
+    tokio::time::timeout(Duration::from_secs(5), woken.changed())
+        .await
+        .expect("the other replica's dispatcher is woken")
+        .unwrap();
+    first.close().await.unwrap();
+    second.close().await.unwrap();
 }
 
 macro_rules! delivery_conformance {
