@@ -114,6 +114,8 @@ pub struct ServeArgs {
     #[arg(long, env = "MORAG_JOBS_INSECURE_NO_AUTH")]
     pub insecure_no_auth: bool,
 
+    #[command(flatten)]
+    pub delivery: crate::delivery::config::DeliveryArgs,
     // Request, connection and lease limits (issue 8), kept in their own module.
     #[command(flatten)]
     pub limits: crate::limits::LimitArgs,
@@ -212,6 +214,8 @@ pub struct Config {
     pub worker_api_keys: Vec<ApiKey>,
     pub admin_api_keys: Vec<ApiKey>,
     pub insecure_no_auth: bool,
+    /// Where and how job outcomes are delivered (see `delivery`).
+    pub delivery: std::sync::Arc<crate::delivery::config::DeliveryConfig>,
 
     /// Request, connection and lease limits (issue 8).
     pub limits: crate::limits::Limits,
@@ -349,6 +353,10 @@ impl Config {
             worker_api_keys,
             admin_api_keys,
             insecure_no_auth: args.insecure_no_auth,
+            delivery: std::sync::Arc::new(
+                crate::delivery::config::DeliveryConfig::from_args(args.delivery)
+                    .map_err(ConfigError::Invalid)?,
+            ),
             limits,
         })
     }

@@ -60,6 +60,27 @@ pub async fn create_job(
                 ApiError::validation(&["body", "source_file_path"], message)
             })?
     };
+    // Task options come from the ingestion side: a webhook may only go where the
+    // configuration allows (checked again at delivery, in case the configuration changed).
+    match request.task_options.get("webhook_url") {
+        None | Some(serde_json::Value::Null) => {}
+        Some(serde_json::Value::String(url)) if url.trim().is_empty() => {}
+        Some(serde_json::Value::String(url)) => {
+            context
+                .config
+                .delivery
+                .check_webhook_url(url)
+                .map_err(|why| {
+                    ApiError::validation(&["body", "task_options", "webhook_url"], why)
+                })?;
+        }
+        Some(_) => {
+            return Err(ApiError::validation(
+                &["body", "task_options", "webhook_url"],
+                "must be an http(s) URL",
+            ))
+        }
+    }
     let now = context.clock.now();
     let job = context
         .store
@@ -102,8 +123,22 @@ pub async fn job_detail(
         .get_job_detail(job_id)
         .await?
         .ok_or(ApiError::JobNotFound(job_id))?;
+    let deliveries = context
+        .store
+        .list_deliveries(crate::store::deliveries::DeliveryListParams {
+            job_id: Some(job_id),
+            limit: 100,
+            ..Default::default()
+        })
+        .await?;
+    let mut view = JobDetailView::from(&detail);
+    view.deliveries = deliveries
+        .deliveries
+        .iter()
+        .map(super::deliveries::DeliveryView::from)
+        .collect();
     // Serialized here, while the view borrows the stored result (no copy of it).
-    Ok(Json(JobDetailView::from(&detail)).into_response())
+    Ok(Json(view).into_response())
 }
 
 pub async fn list_jobs(
@@ -166,7 +201,10 @@ pub async fn statistics(
 ) -> Result<Json<StatisticsView>, ApiError> {
     let now = context.clock.now();
     let stats = context.store.statistics(now).await?;
-    Ok(Json(StatisticsView::new(stats, now)))
+    let deliveries = context.store.delivery_statistics().await?;
+    let mut view = StatisticsView::new(stats, now);
+    view.deliveries = super::deliveries::DeliveryStatisticsView::new(deliveries, now);
+    Ok(Json(view))
 }
 
 pub async fn cleanup(
@@ -194,7 +232,8 @@ pub async fn cleanup(
         context.store.clone(),
         context.clock.clone(),
         context.config.files_dir.clone(),
-    );
+    )
+    .fanning_out_first(context.dispatcher.clone());
     let summary = cleaner.cleanup(retention).await?;
     Ok(Json(CleanupResponse {
         cleaned_jobs: summary.n_jobs_deleted,

@@ -38,7 +38,7 @@ pub async fn poll(
         match context.long_poll_slots.try_acquire() {
             Ok(permit) => Some(permit),
             Err(_) => {
-                wait = Duration::ZERO;
+                wait = std::time::Duration::ZERO;
                 None
             }
         }
@@ -189,7 +189,11 @@ pub async fn submit_result(
         .map_err(|error| ApiError::from_store(job_id, "accept a result", error))?;
     Ok(Json(SubmitResultResponse {
         status: job.status.as_str(),
-        ingestion_continued: matches!(job.status, JobStatus::Completed | JobStatus::Failed),
+        // The hand-off was committed with the result; it continues ingestion only if some
+        // sink will deliver it.
+        ingestion_continued: matches!(job.status, JobStatus::Completed | JobStatus::Failed)
+            && (context.config.delivery.has_global_sink()
+                || crate::store::deliveries::webhook_url_of(&job.task_options).is_some()),
     }))
 }
 

@@ -3,9 +3,12 @@
 //! the state the operation expects (or the lease does not match) nothing is written and
 //! the method says why. Only the backend files in this folder contain SQL.
 
+pub mod deliveries;
 pub mod plan;
 pub mod postgres;
 pub mod sqlite;
+
+pub use deliveries::DeliveryStore;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -374,7 +377,7 @@ pub enum ImportOutcome {
 
 /// The storage interface every backend implements; see the conformance suite in
 /// `tests/it/store_conformance.rs`.
-pub trait Store: Send + Sync + 'static {
+pub trait Store: DeliveryStore + Send + Sync + 'static {
     fn create_job(&self, params: CreateJobParams) -> StoreFuture<'_, Job>;
     /// Claims the oldest due job (by the time it became claimable) of the given types.
     fn claim_job(&self, params: ClaimParams) -> StoreFuture<'_, Option<Job>>;

@@ -21,6 +21,7 @@
 //!   hands out a broken connection again, so the server recovers by itself.
 
 mod batcher;
+mod deliveries;
 mod hot_ops;
 mod listen;
 mod maintenance;
@@ -47,6 +48,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0002_batch_friendly.sql"),
     include_str!("../../migrations/postgres/0003_listing_by_type_then_status.sql"),
     include_str!("../../migrations/postgres/0004_write_probe.sql"),
+    include_str!("../../migrations/postgres/0005_deliveries.sql"),
 ];
 
 /// The schema version this program creates and understands.
@@ -170,6 +172,8 @@ pub use super::MigrationReport;
 
 pub struct PostgresStore {
     pool: Arc<Pool>,
+    /// Wakes dispatchers after a hand-off committed (this replica's and the others').
+    handoffs: deliveries::HandoffSignal,
     /// The longest one store operation may take, connection checkout included.
     operation_timeout: Duration,
     events: watch::Receiver<u64>,
@@ -206,6 +210,12 @@ impl PostgresStore {
             events_sender,
             stop.clone(),
         ));
+        let handoffs = deliveries::HandoffSignal::start(
+            config.clone(),
+            pool.clone(),
+            replica_id.clone(),
+            stop.clone(),
+        );
         tokio::spawn(announce_wakeups(
             pool.clone(),
             replica_id,
@@ -218,6 +228,7 @@ impl PostgresStore {
             claims: Batcher::start(batch.clone(), operation_timeout),
             results: Batcher::start(batch, operation_timeout),
             pool,
+            handoffs,
             operation_timeout,
             events,
             stop_listener,
@@ -388,11 +399,22 @@ impl Store for PostgresStore {
     }
 
     fn submit_result(&self, params: SubmitResultParams) -> StoreFuture<'_, Job> {
-        Box::pin(self.results.submit(params))
+        Box::pin(async move {
+            let job = self.results.submit(params).await?;
+            if job.status.is_finished() {
+                self.handoffs.committed();
+            }
+            Ok(job)
+        })
     }
 
     fn cancel_job(&self, params: CancelParams) -> StoreFuture<'_, Job> {
-        self.run(move |c| Box::pin(cancel(c, params)))
+        let work = self.run(move |c| Box::pin(cancel(c, params)));
+        Box::pin(async move {
+            let job = work.await?;
+            self.handoffs.committed();
+            Ok(job)
+        })
     }
 
     fn retry_job(&self, params: ManualRetryParams) -> StoreFuture<'_, Job> {
@@ -400,10 +422,19 @@ impl Store for PostgresStore {
     }
 
     fn rescue_expired(&self, params: RescueParams) -> StoreFuture<'_, RescueReport> {
-        self.run_and_announce(
+        let work = self.run_and_announce(
             move |c| Box::pin(rescue(c, params)),
             |report| report.n_retries_due > 0,
-        )
+        );
+        Box::pin(async move {
+            let report = work.await?;
+            if report.n_pending_timed_out > 0
+                || report.n_attempts_timed_out > report.n_retries_scheduled
+            {
+                self.handoffs.committed();
+            }
+            Ok(report)
+        })
     }
 
     fn next_deadline(&self) -> StoreFuture<'_, Option<Timestamp>> {

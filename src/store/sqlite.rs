@@ -26,7 +26,11 @@ use super::*;
 const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/sqlite/0001_jobs.sql"),
     include_str!("../../migrations/sqlite/0002_write_probe.sql"),
+    include_str!("../../migrations/sqlite/0003_deliveries.sql"),
 ];
+
+#[path = "sqlite_deliveries.rs"]
+mod deliveries;
 
 /// WAL pages after which the writer checkpoints inside its own commit, as SQLite's
 /// automatic checkpoint does (its default is 1,000). The checkpointer thread normally keeps
@@ -47,6 +51,8 @@ pub struct SqliteStore {
     writer_thread: Mutex<Option<JoinHandle<()>>>,
     readers: Arc<ReaderPool>,
     path: PathBuf,
+    /// Bumped after a commit that may have recorded a hand-off: wakes the dispatcher.
+    handoffs_committed: tokio::sync::watch::Sender<u64>,
 }
 
 impl SqliteStore {
@@ -76,6 +82,7 @@ impl SqliteStore {
                 idle: Mutex::new(Vec::new()),
             }),
             path: options.path,
+            handoffs_committed: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -113,6 +120,22 @@ impl SqliteStore {
             answer
                 .await
                 .map_err(|_| StoreError::Unavailable("the store writer stopped".into()))?
+        })
+    }
+
+    /// Wakes the dispatcher once `work` committed, when `recorded_handoff` says it may have
+    /// written a hand-off.
+    fn signal_handoffs_after<'s, T: Send + 's>(
+        &'s self,
+        work: StoreFuture<'s, T>,
+        recorded_handoff: fn(&T) -> bool,
+    ) -> StoreFuture<'s, T> {
+        Box::pin(async move {
+            let result = work.await?;
+            if recorded_handoff(&result) {
+                self.handoffs_committed.send_modify(|n| *n += 1);
+            }
+            Ok(result)
         })
     }
 
@@ -222,11 +245,13 @@ impl Store for SqliteStore {
     }
 
     fn submit_result(&self, params: SubmitResultParams) -> StoreFuture<'_, Job> {
-        self.write(move |conn| submit_result(conn, params))
+        let work = self.write(move |conn| submit_result(conn, params));
+        self.signal_handoffs_after(work, |job| job.status.is_finished())
     }
 
     fn cancel_job(&self, params: CancelParams) -> StoreFuture<'_, Job> {
-        self.write(move |conn| cancel(conn, params))
+        let work = self.write(move |conn| cancel(conn, params));
+        self.signal_handoffs_after(work, |_| true)
     }
 
     fn retry_job(&self, params: ManualRetryParams) -> StoreFuture<'_, Job> {
@@ -234,7 +259,11 @@ impl Store for SqliteStore {
     }
 
     fn rescue_expired(&self, params: RescueParams) -> StoreFuture<'_, RescueReport> {
-        self.write(move |conn| rescue(conn, params))
+        let work = self.write(move |conn| rescue(conn, params));
+        self.signal_handoffs_after(work, |report| {
+            report.n_pending_timed_out > 0
+                || report.n_attempts_timed_out > report.n_retries_scheduled
+        })
     }
 
     fn next_deadline(&self) -> StoreFuture<'_, Option<Timestamp>> {

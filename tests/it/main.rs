@@ -8,6 +8,8 @@ mod architecture;
 mod cli;
 mod config_errors;
 mod crash;
+mod delivery;
+mod delivery_conformance;
 mod file_races;
 mod hygiene;
 mod import;
