@@ -139,6 +139,7 @@ impl StatusChoice {
 
 #[derive(Subcommand, Debug)]
 pub enum DeliveriesAction {
+    /// Deliveries, newest first, filtered by state, sink or job.
     List {
         /// pending, delivered or dead.
         #[arg(long)]
@@ -423,6 +424,13 @@ fn log_startup_summary(config: &Config, addr: std::net::SocketAddr) {
         .iter()
         .map(|root| root.display().to_string())
         .collect();
+    let mut sinks: Vec<&str> = config
+        .delivery
+        .global_sinks()
+        .into_iter()
+        .map(|sink| sink.as_str())
+        .collect();
+    sinks.push("webhook (per job)");
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         %addr,
@@ -432,6 +440,7 @@ fn log_startup_summary(config: &Config, addr: std::net::SocketAddr) {
         auth,
         monitor_interval = %humantime::format_duration(config.monitor_interval),
         cleanup_interval = %humantime::format_duration(config.cleanup_interval),
+        sinks = sinks.join(", "),
         "morag-jobs starting"
     );
 }

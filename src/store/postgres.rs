@@ -401,7 +401,7 @@ impl Store for PostgresStore {
     fn submit_result(&self, params: SubmitResultParams) -> StoreFuture<'_, Job> {
         Box::pin(async move {
             let job = self.results.submit(params).await?;
-            if job.status.is_finished() {
+            if plan::result_hands_off(job.status) {
                 self.handoffs.committed();
             }
             Ok(job)
@@ -428,9 +428,7 @@ impl Store for PostgresStore {
         );
         Box::pin(async move {
             let report = work.await?;
-            if report.n_pending_timed_out > 0
-                || report.n_attempts_timed_out > report.n_retries_scheduled
-            {
+            if plan::rescue_hands_off(&report) {
                 self.handoffs.committed();
             }
             Ok(report)

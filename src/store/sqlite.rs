@@ -246,7 +246,7 @@ impl Store for SqliteStore {
 
     fn submit_result(&self, params: SubmitResultParams) -> StoreFuture<'_, Job> {
         let work = self.write(move |conn| submit_result(conn, params));
-        self.signal_handoffs_after(work, |job| job.status.is_finished())
+        self.signal_handoffs_after(work, |job| plan::result_hands_off(job.status))
     }
 
     fn cancel_job(&self, params: CancelParams) -> StoreFuture<'_, Job> {
@@ -260,10 +260,7 @@ impl Store for SqliteStore {
 
     fn rescue_expired(&self, params: RescueParams) -> StoreFuture<'_, RescueReport> {
         let work = self.write(move |conn| rescue(conn, params));
-        self.signal_handoffs_after(work, |report| {
-            report.n_pending_timed_out > 0
-                || report.n_attempts_timed_out > report.n_retries_scheduled
-        })
+        self.signal_handoffs_after(work, plan::rescue_hands_off)
     }
 
     fn next_deadline(&self) -> StoreFuture<'_, Option<Timestamp>> {
