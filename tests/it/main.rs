@@ -4,6 +4,7 @@
 mod support;
 
 mod api;
+mod celery;
 mod cli;
 mod crash;
 mod import;
