@@ -7,7 +7,7 @@
 //! - `files`: source paths from requests, confined to the allowed roots.
 //! - `api`: the HTTP routes (MoRAG's wire protocol and the admin API); the only place with JSON.
 //! - `monitor`: the background rescuer (timeouts, due retries) and cleaner (retention).
-//! - `delivery`: handing job outcomes to the ingestion pipeline (sinks such as Celery).
+//! - `delivery`: the outbox dispatcher and its sinks, which hand outcomes to ingestion.
 //! - `config` and `app`: one validated configuration, and the wiring that runs it all.
 //! - `cli`: the `morag-jobs` command line, including the admin client subcommands.
 //! - `import`: reading MoRAG's file-based prototype's jobs into the store.
