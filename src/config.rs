@@ -95,6 +95,11 @@ pub struct ServeArgs {
     #[arg(long)]
     pub insecure_no_auth: bool,
 
+    /// Treat a create whose ingestion task matches an unfinished job with the same source
+    /// file and content type as a repeat of that job's create (answer it, make no job).
+    #[arg(long, env = "MORAG_CREATE_MATCH_UNFINISHED", default_value_t = true, action = clap::ArgAction::Set)]
+    pub create_match_unfinished: bool,
+
     #[command(flatten)]
     pub celery: CeleryArgs,
 }
@@ -291,6 +296,9 @@ pub struct Config {
     pub worker_api_keys: Vec<ApiKey>,
     pub admin_api_keys: Vec<ApiKey>,
     pub insecure_no_auth: bool,
+    /// Whether a create repeating an unfinished job's ingestion task, source and type
+    /// answers with that job.
+    pub create_match_unfinished: bool,
     /// The Celery sink, when `MORAG_CELERY_BROKER_URL` is set.
     pub celery: Option<CeleryConfig>,
 }
@@ -424,6 +432,7 @@ impl Config {
             worker_api_keys,
             admin_api_keys,
             insecure_no_auth: args.insecure_no_auth,
+            create_match_unfinished: args.create_match_unfinished,
             celery: args.celery.config()?,
         })
     }
@@ -482,6 +491,7 @@ mod tests {
         assert_eq!(config.allowed_roots, vec![config.files_dir.clone()]);
         assert!(config.files_dir.is_dir());
         assert!(config.is_open());
+        assert!(config.create_match_unfinished);
     }
 
     #[test]

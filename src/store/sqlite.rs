@@ -20,7 +20,12 @@ use crate::domain::{
     Actor, AfterFailure, AttemptDeadlines, Expiry, HistoryEntry, JobResult, ResultTiming,
 };
 
-const MIGRATIONS: &[&str] = &[include_str!("../../migrations/sqlite/0001_jobs.sql")];
+mod idempotent_create;
+
+const MIGRATIONS: &[&str] = &[
+    include_str!("../../migrations/sqlite/0001_jobs.sql"),
+    include_str!("../../migrations/sqlite/0004_idempotent_creates.sql"),
+];
 
 /// Writes committed together at most.
 const MAX_WRITES_PER_COMMIT: usize = 512;
@@ -1239,6 +1244,10 @@ fn statistics(conn: &Connection, path: &Path, now: Timestamp) -> Result<Statisti
 impl Store for SqliteStore {
     fn create_job(&self, params: CreateJobParams) -> StoreFuture<'_, Job> {
         self.write(move |conn| create(conn, params))
+    }
+
+    fn create_job_once(&self, params: CreateOnceParams) -> StoreFuture<'_, CreateOnceOutcome> {
+        self.write(move |conn| idempotent_create::create_once(conn, params))
     }
 
     fn claim_job(&self, params: ClaimParams) -> StoreFuture<'_, Option<Job>> {

@@ -7,6 +7,8 @@ mod api;
 mod celery;
 mod cli;
 mod crash;
+mod idempotency_conformance;
+mod idempotent_create;
 mod import;
 mod lifecycle;
 mod morag_client;

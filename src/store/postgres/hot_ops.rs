@@ -113,7 +113,10 @@ static CREATE_SQL: LazyLock<String> = LazyLock::new(|| {
 });
 
 /// Inserts every job with its `created` history row.
-async fn create_all(conn: &mut Conn, requests: Arc<Vec<CreateJobParams>>) -> Answers<Job> {
+pub(super) async fn create_all(
+    conn: &mut Conn,
+    requests: Arc<Vec<CreateJobParams>>,
+) -> Answers<Job> {
     let sql: &str = &CREATE_SQL;
     let ids: Vec<String> = requests.iter().map(|p| p.id.to_string()).collect();
     let types: Vec<&str> = requests.iter().map(|p| p.content_type.as_str()).collect();
