@@ -1,6 +1,13 @@
 #!/usr/bin/env bash
 # Runs every test: unit tests, the store conformance suite, and the integration tests
-# against the real server binary. Installs nothing system-wide beyond what cargo needs.
+# against the real server binary, then the HTTP suite again on PostgreSQL. Installs
+# nothing system-wide beyond what cargo needs.
+#
+# PostgreSQL: the server at MORAG_TEST_POSTGRES_URL (default
+# postgres://postgres@127.0.0.1:5432/test) when it answers; otherwise a throwaway cluster
+# started from any installed PostgreSQL (scripts/test-postgres.sh) and removed at the end;
+# with no PostgreSQL installed at all, only the embedded-store tests run (a failure when
+# CI is set).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,23 +34,92 @@ if ! cmp -s "$celery_requirements" "$celery_venv/installed-requirements.txt"; th
   cp "$celery_requirements" "$celery_venv/installed-requirements.txt"
 fi
 export MORAG_TEST_PYTHON="$celery_venv/bin/python"
+if command -v redis-cli >/dev/null && ! redis-cli -u "${MORAG_TEST_REDIS_URL:-redis://127.0.0.1:6379/0}" ping >/dev/null 2>&1; then
+  echo "Redis is not reachable at ${MORAG_TEST_REDIS_URL:-redis://127.0.0.1:6379/0}: the Celery tests will fail" >&2
+fi
 # -----------------------------------------------------------------------------------------
 
-# The PostgreSQL tests need the server at 127.0.0.1:5432 (override with
-# MORAG_TEST_POSTGRES_URL); they fail rather than skip when it is missing, and this says why first.
-pg_url="${MORAG_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/test}"
-if command -v pg_isready >/dev/null && ! pg_isready -q -d "$pg_url"; then
-  echo "PostgreSQL is not reachable at $pg_url: the PostgreSQL tests will fail" >&2
-fi
+source scripts/test-postgres.sh
+logs="$(mktemp -d "${TMPDIR:-/tmp}/morag-test-logs.XXXXXX")"
+cleanup() {
+  test_postgres_stop
+  rm -rf "$logs"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+test_postgres_start
 
 if cargo nextest --version >/dev/null 2>&1; then
-  run_tests() { cargo nextest run --no-fail-fast "$@"; }
+  nextest=1
+  # Only failures and slow tests are listed; the summary line counts the rest.
+  run_tests() { cargo nextest run --no-fail-fast --status-level slow --final-status-level slow "$@"; }
 else
+  nextest=0
   echo "cargo-nextest not found; running cargo test instead" >&2
   run_tests() { cargo test --no-fail-fast "$@"; }
 fi
 
+# Prints "PASSED FAILED" for one run's output.
+count_results() {
+  local log="$1"
+  if [[ "$nextest" == 1 ]]; then
+    # "Summary [  12.3s] 130 tests run: 128 passed, 2 failed, 1 skipped"
+    local line passed failed
+    line="$(grep -E '^ *Summary \[' "$log" | tail -1 || true)"
+    passed="$(sed -nE 's/.* ([0-9]+) passed.*/\1/p' <<<"$line")"
+    failed="$(sed -nE 's/.* ([0-9]+) failed.*/\1/p' <<<"$line")"
+    local timed_out
+    timed_out="$(sed -nE 's/.* ([0-9]+) timed out.*/\1/p' <<<"$line")"
+    echo "${passed:-0} $(( ${failed:-0} + ${timed_out:-0} ))"
+  else
+    # "test result: ok. 12 passed; 0 failed; ..." once per test binary.
+    grep -E '^test result:' "$log" \
+      | sed -nE 's/.* ([0-9]+) passed; ([0-9]+) failed.*/\1 \2/p' \
+      | awk '{p += $1; f += $2} END {print p + 0, f + 0}'
+  fi
+}
+
+status=0
+embedded_filter=()
+if [[ "$TEST_POSTGRES_STATE" == none ]]; then
+  # The PostgreSQL store tests cannot run; everything else still can.
+  if [[ "$nextest" == 1 ]]; then
+    embedded_filter=(-E 'not test(/postgres/)')
+  else
+    embedded_filter=(-- --skip postgres)
+  fi
+fi
+
 # Everything once on the embedded default (the conformance suite runs on both backends)...
-run_tests --all-targets
+run_tests --all-targets "${embedded_filter[@]}" 2>&1 | tee "$logs/embedded.log" || status=1
+read -r embedded_passed embedded_failed < <(count_results "$logs/embedded.log")
+
 # ...then the whole HTTP suite again with the server on PostgreSQL.
-MORAG_TEST_STORE=postgres run_tests --test it
+postgres_passed=0
+postgres_failed=0
+if [[ "$TEST_POSTGRES_STATE" != none ]]; then
+  MORAG_TEST_STORE=postgres run_tests --test it 2>&1 | tee "$logs/postgres.log" || status=1
+  read -r postgres_passed postgres_failed < <(count_results "$logs/postgres.log")
+fi
+
+total_passed=$((embedded_passed + postgres_passed))
+total_failed=$((embedded_failed + postgres_failed))
+echo
+if [[ "$TEST_POSTGRES_STATE" == none ]]; then
+  echo "!!! PostgreSQL NOT TESTED: no server answered at $MORAG_TEST_POSTGRES_URL and no"
+  echo "!!! PostgreSQL binaries (initdb, pg_ctl) were found on PATH or in /usr/lib/postgresql/*/bin."
+  echo "!!! Install PostgreSQL (e.g. apt-get install postgresql) or set MORAG_TEST_POSTGRES_URL."
+  echo "morag-jobs tests: $total_passed passed, $total_failed failed (embedded: $embedded_passed; PostgreSQL: NOT RUN)"
+  if [[ -n "${CI:-}" ]]; then
+    echo "CI is set: a run without PostgreSQL is a failure" >&2
+    status=1
+  fi
+else
+  where="PostgreSQL at $MORAG_TEST_POSTGRES_URL"
+  [[ "$TEST_POSTGRES_STATE" == own ]] && where="throwaway PostgreSQL"
+  echo "morag-jobs tests: $total_passed passed, $total_failed failed (embedded: $embedded_passed, HTTP suite on $where: $postgres_passed)"
+fi
+if [[ "$status" == 0 && "$total_failed" != 0 ]]; then
+  status=1
+fi
+exit "$status"

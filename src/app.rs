@@ -11,23 +11,11 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::clock::SharedClock;
-use crate::config::{Config, DatabaseTarget};
-use crate::monitor::Monitor;
-use crate::store::postgres::PostgresStore;
-use crate::store::sqlite::{SqliteOptions, SqliteStore};
-use crate::store::Store;
+use crate::config::Config;
+use crate::context::AppContext;
+use crate::delivery::dispatcher::Dispatcher;
+use crate::monitor::{Cleaner, Monitor, MonitorSettings};
 use crate::wakeups::Wakeups;
-
-/// What every request handler and background service shares.
-pub struct AppContext {
-    pub config: Config,
-    pub store: Arc<dyn Store>,
-    pub clock: SharedClock,
-    /// Wakes long-polling workers when a job may have become claimable.
-    pub wakeups: Wakeups,
-    /// Becomes true when the server is shutting down; long polls return early.
-    pub shutting_down: watch::Receiver<bool>,
-}
 
 pub struct App {
     context: Arc<AppContext>,
@@ -37,17 +25,36 @@ pub struct App {
 
 impl App {
     pub async fn build(config: Config, clock: SharedClock) -> anyhow::Result<App> {
-        let store = open_store(&config).await?;
+        let store = crate::store::open(&config.database, &config.store_settings)
+            .await
+            .with_context(|| format!("failed to open the store ({:?})", config.database))?;
         let listener = TcpListener::bind(config.addr)
             .await
             .with_context(|| format!("failed to listen on {}", config.addr))?;
         let (shutdown_sender, shutting_down) = watch::channel(false);
+        let config_long_polls = config.limits.max_long_polls;
+        let sinks = crate::delivery::configured_sinks(&config.delivery, clock.clone());
+        let dispatcher = Arc::new(Dispatcher::new(
+            store.clone(),
+            clock.clone(),
+            &config.delivery,
+            sinks,
+        ));
+        if !config.delivery.has_global_sink() {
+            tracing::warn!(
+                "no ingestion sink is configured (MORAG_INGESTION_CALLBACK_URL, MORAG_CELERY_BROKER_URL): job outcomes are only \
+                 stored, except for jobs whose task_options name a webhook_url"
+            );
+        }
         let context = Arc::new(AppContext {
             config,
             store,
             clock,
-            wakeups: Wakeups::default(),
+            wakeups: Arc::new(Wakeups::default()),
             shutting_down,
+            long_poll_slots: tokio::sync::Semaphore::new(config_long_polls),
+            write_probe: std::sync::Mutex::new(None),
+            dispatcher,
         });
         Ok(App {
             context,
@@ -78,9 +85,14 @@ impl App {
             shutdown_sender,
         } = self;
         let router = crate::api::router(context.clone());
-        let monitor = Monitor::new(context.clone());
+        let limits = context.config.limits.clone();
+        let monitor = monitor_for(&context);
         let mut monitor_shutdown = context.shutting_down.clone();
         let monitor_task = tokio::spawn(async move { monitor.run(&mut monitor_shutdown).await });
+        let dispatcher = context.dispatcher.clone();
+        let mut dispatcher_shutdown = context.shutting_down.clone();
+        let dispatcher_task =
+            tokio::spawn(async move { dispatcher.run(&mut dispatcher_shutdown).await });
 
         let shutdown_sender = Arc::new(shutdown_sender);
         let trigger_sender = shutdown_sender.clone();
@@ -89,52 +101,46 @@ impl App {
             let _ = trigger_sender.send(true);
         });
         let wakeups = tokio::spawn(forward_wakeups(context.clone()));
-        let mut server_shutdown = context.shutting_down.clone();
         tracing::info!(addr = %listener.local_addr()?, open = context.config.is_open(), "morag-jobs listening");
-        let served = axum::serve(listener, router)
-            .with_graceful_shutdown(async move {
-                let _ = server_shutdown.wait_for(|stop| *stop).await;
-            })
-            .await;
+        crate::http_server::serve(listener, router, limits, context.shutting_down.clone()).await;
         // However the server stopped, everything else stops with it.
         trigger.abort();
         let _ = shutdown_sender.send(true);
         let monitor_result = monitor_task.await;
+        let dispatcher_result = dispatcher_task.await;
         wakeups.abort();
         context
             .store
             .close()
             .await
             .context("failed to close the store")?;
-        served.context("the HTTP server failed")?;
         monitor_result.context("the monitor task panicked")?;
+        dispatcher_result.context("the dispatcher task panicked")?;
         tracing::info!("morag-jobs stopped");
         Ok(())
     }
 }
 
-/// Opens the configured store, running its migrations. A database whose schema is newer
-/// than this program is refused (`StoreError::SchemaTooNew`).
-pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
-    match &config.database {
-        DatabaseTarget::Sqlite(path) => {
-            let store = SqliteStore::open(SqliteOptions {
-                path: path.clone(),
-                durability: config.durability,
-            })
-            .with_context(|| format!("failed to open the SQLite store at {path:?}"))?;
-            Ok(Arc::new(store))
-        }
-        DatabaseTarget::Postgres(url) => {
-            let store = PostgresStore::open(crate::config::postgres_options(
-                url,
-                config.database_max_connections,
-            ))
-            .await
-            .context("failed to open the PostgreSQL store")?;
-            Ok(Arc::new(store))
-        }
-    }
+/// The monitor with the parts of the context it uses.
+pub fn monitor_for(context: &AppContext) -> Monitor {
+    let config = &context.config;
+    Monitor::new(
+        context.store.clone(),
+        context.clock.clone(),
+        context.wakeups.clone(),
+        Cleaner::new(
+            context.store.clone(),
+            context.clock.clone(),
+            config.files_dir.clone(),
+        )
+        .fanning_out_first(context.dispatcher.clone()),
+        MonitorSettings {
+            policy: config.policy.clone(),
+            monitor_interval: config.monitor_interval,
+            cleanup_interval: config.cleanup_interval,
+            stats_log_interval: config.stats_log_interval,
+        },
+    )
 }
 
 /// Wakes this replica's long-polling workers when the store reports that a job may have

@@ -9,10 +9,8 @@ use serde_json::Value;
 
 use crate::app::{shutdown_signal, App};
 use crate::clock::SystemClock;
-use crate::config::{Config, DatabaseArgs, DatabaseTarget, ServeArgs};
-use crate::store::postgres::PostgresStore;
-use crate::store::sqlite::{SqliteOptions, SqliteStore};
-use crate::store::Store as _;
+use crate::config::{Config, DatabaseArgs, ServeArgs};
+use crate::store::DatabaseTarget;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -45,6 +43,11 @@ pub enum Command {
     Jobs {
         #[command(subcommand)]
         action: JobsAction,
+    },
+    /// List, show or redrive deliveries of job outcomes to the ingestion sinks.
+    Deliveries {
+        #[command(subcommand)]
+        action: DeliveriesAction,
     },
     /// Show job statistics of a running server.
     Stats(ClientArgs),
@@ -85,6 +88,38 @@ pub enum JobsAction {
     },
     Retry {
         job_id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DeliveriesAction {
+    List {
+        /// pending, delivered or dead.
+        #[arg(long)]
+        state: Option<String>,
+        /// webhook, ingestion_callback or celery.
+        #[arg(long)]
+        sink: Option<String>,
+        #[arg(long)]
+        job_id: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[arg(long)]
+        cursor: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// One delivery with its attempts.
+    Show {
+        delivery_id: i64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Makes a dead delivery pending again, with a fresh attempt budget.
+    Redrive {
+        delivery_id: i64,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -172,6 +207,54 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 print(&client, &body, render_status)
             }
         },
+        Command::Deliveries { action } => match action {
+            DeliveriesAction::List {
+                state,
+                sink,
+                job_id,
+                limit,
+                cursor,
+                client,
+            } => {
+                let mut query = vec![("limit".to_owned(), limit.to_string())];
+                query.extend(state.map(|s| ("state".to_owned(), s)));
+                query.extend(sink.map(|s| ("sink".to_owned(), s)));
+                query.extend(job_id.map(|j| ("job_id".to_owned(), j)));
+                query.extend(cursor.map(|c| ("cursor".to_owned(), c)));
+                let body = request(
+                    &client,
+                    reqwest::Method::GET,
+                    "/api/v1/deliveries",
+                    &query,
+                    None,
+                )
+                .await?;
+                print(&client, &body, render_deliveries)
+            }
+            DeliveriesAction::Show {
+                delivery_id,
+                client,
+            } => {
+                let path = format!("/api/v1/deliveries/{delivery_id}");
+                let body = request(&client, reqwest::Method::GET, &path, &[], None).await?;
+                print(&client, &body, render_delivery)
+            }
+            DeliveriesAction::Redrive {
+                delivery_id,
+                client,
+            } => {
+                let path = format!("/api/v1/deliveries/{delivery_id}/redrive");
+                let body = request(&client, reqwest::Method::POST, &path, &[], None).await?;
+                print(&client, &body, |v| {
+                    format!(
+                        "delivery {} is {} again (event {})\n",
+                        text(&v["id"]),
+                        text(&v["state"]),
+                        text(&v["event_id"])
+                    )
+                })
+            }
+        },
         Command::Stats(client) => {
             let body = request(
                 &client,
@@ -211,7 +294,9 @@ async fn import(dir: std::path::PathBuf, serve: ServeArgs) -> anyhow::Result<()>
     } else {
         dir
     };
-    let store = crate::app::open_store(&config).await?;
+    let store = crate::store::open(&config.database, &config.store_settings)
+        .await
+        .with_context(|| format!("failed to open the store ({:?})", config.database))?;
     let result =
         crate::import::import_morag_dir(&*store, &dir, &config.policy.timeouts, SystemClock.now())
             .await;
@@ -230,32 +315,23 @@ async fn import(dir: std::path::PathBuf, serve: ServeArgs) -> anyhow::Result<()>
 }
 
 async fn migrate(storage: &StorageArgs) -> anyhow::Result<()> {
-    match storage.database.target(&storage.data_dir)? {
-        DatabaseTarget::Postgres(url) => {
-            let report = PostgresStore::migrate(&storage.database.postgres_options(&url))
-                .await
-                .context("failed to migrate the PostgreSQL store")?;
-            if report.from_version == report.to_version {
-                println!(
-                    "PostgreSQL schema is up to date (version {})",
-                    report.to_version
-                );
-            } else {
-                println!(
-                    "PostgreSQL schema migrated from version {} to {}",
-                    report.from_version, report.to_version
-                );
-            }
-        }
-        DatabaseTarget::Sqlite(path) => {
-            let store = SqliteStore::open(SqliteOptions {
-                path: path.clone(),
-                durability: Default::default(),
-            })
-            .with_context(|| format!("failed to open the SQLite store at {path:?}"))?;
-            store.close().await?;
-            println!("SQLite store at {} is up to date", path.display());
-        }
+    let target = storage.database.target(&storage.data_dir)?;
+    // The SQLite durability setting does not matter for a migration.
+    let settings = storage.database.settings(Default::default());
+    let report = crate::store::migrate(&target, &settings)
+        .await
+        .with_context(|| format!("failed to migrate the store ({target:?})"))?;
+    let what = match &target {
+        DatabaseTarget::Postgres(_) => "PostgreSQL schema".to_owned(),
+        DatabaseTarget::Sqlite(path) => format!("SQLite store at {}", path.display()),
+    };
+    if report.from_version == report.to_version {
+        println!("{what} is up to date (version {})", report.to_version);
+    } else {
+        println!(
+            "{what} migrated from version {} to {}",
+            report.from_version, report.to_version
+        );
     }
     Ok(())
 }
@@ -458,6 +534,21 @@ fn render_stats(body: &Value) -> String {
         })
         .unwrap_or_default();
     out.push_str(&table(&["CONTENT TYPE", "JOBS", "AVG SECONDS"], &types));
+    let sinks: Vec<Vec<String>> = body["deliveries"]["per_sink"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(sink, c)| vec![sink.clone(), text(&c["pending"]), text(&c["dead"])])
+                .collect()
+        })
+        .unwrap_or_default();
+    if !sinks.is_empty() {
+        out.push('\n');
+        out.push_str(&table(&["SINK", "PENDING", "DEAD"], &sinks));
+        if let Some(age) = body["deliveries"]["oldest_pending_age_seconds"].as_f64() {
+            let _ = writeln!(out, "oldest pending delivery: {age:.0} s");
+        }
+    }
     let _ = writeln!(
         out,
         "\ntotal {}  created in 24h {}  storage {} MB  at {}",
@@ -466,6 +557,60 @@ fn render_stats(body: &Value) -> String {
         text(&body["storage_size_mb"]),
         text(&body["timestamp"])
     );
+    out
+}
+
+fn delivery_row(d: &Value) -> Vec<String> {
+    vec![
+        text(&d["id"]),
+        text(&d["sink"]),
+        text(&d["state"]),
+        text(&d["attempt_count"]),
+        text(&d["job_id"]),
+        text(&d["event_id"]),
+        text(&d["last_error"]),
+    ]
+}
+
+const DELIVERY_HEADERS: [&str; 7] = [
+    "ID", "SINK", "STATE", "ATTEMPTS", "JOB", "EVENT", "LAST ERROR",
+];
+
+fn render_deliveries(body: &Value) -> String {
+    let rows: Vec<Vec<String>> = body["deliveries"]
+        .as_array()
+        .map(|list| list.iter().map(delivery_row).collect())
+        .unwrap_or_default();
+    let mut out = table(&DELIVERY_HEADERS, &rows);
+    if let Some(cursor) = body["next_cursor"].as_str() {
+        let _ = writeln!(out, "more: --cursor {cursor}");
+    }
+    out
+}
+
+fn render_delivery(body: &Value) -> String {
+    let mut out = table(&DELIVERY_HEADERS, &[delivery_row(body)]);
+    if let Some(next) = body["next_attempt_at"].as_str() {
+        let _ = writeln!(out, "next attempt at {next}");
+    }
+    let attempts: Vec<Vec<String>> = body["attempts"]
+        .as_array()
+        .map(|list| {
+            list.iter()
+                .map(|a| {
+                    vec![
+                        text(&a["attempt"]),
+                        text(&a["at"]),
+                        text(&a["outcome"]),
+                        text(&a["http_status"]),
+                        text(&a["error"]),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out.push('\n');
+    out.push_str(&table(&["ATTEMPT", "AT", "OUTCOME", "HTTP", "ERROR"], &attempts));
     out
 }
 

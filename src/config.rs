@@ -10,7 +10,7 @@ use clap::Args;
 
 use crate::delivery::celery::CeleryConfig;
 use crate::domain::{LifecyclePolicy, RetentionPolicy, RetryPolicy, TimeoutPolicy};
-use crate::store::sqlite::Durability;
+use crate::store::{DatabaseTarget, DatabaseUrl, Durability, StoreSettings};
 
 /// `morag-jobs serve` flags. Every flag can also be set through its environment variable.
 #[derive(Args, Debug, Clone)]
@@ -95,6 +95,12 @@ pub struct ServeArgs {
     #[arg(long)]
     pub insecure_no_auth: bool,
 
+    #[command(flatten)]
+    pub delivery: crate::delivery::config::DeliveryArgs,
+    // Request, connection and lease limits (issue 8), kept in their own module.
+    #[command(flatten)]
+    pub limits: crate::limits::LimitArgs,
+
     /// Treat a create whose ingestion task matches an unfinished job with the same source
     /// file and content type as a repeat of that job's create (answer it, make no job).
     #[arg(long, env = "MORAG_CREATE_MATCH_UNFINISHED", default_value_t = true, action = clap::ArgAction::Set)]
@@ -177,44 +183,6 @@ pub struct DatabaseArgs {
     pub database_max_connections: usize,
 }
 
-/// Which backend stores the jobs.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum DatabaseTarget {
-    Sqlite(PathBuf),
-    Postgres(DatabaseUrl),
-}
-
-/// A PostgreSQL URL. Its `Debug` output hides the password, so a logged config never
-/// shows a secret.
-#[derive(Clone, PartialEq, Eq)]
-pub struct DatabaseUrl(String);
-
-impl DatabaseUrl {
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for DatabaseUrl {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // postgres://user:secret@host/db -> postgres://user:***@host/db
-        let text = &self.0;
-        match (text.find("://"), text.rfind('@')) {
-            (Some(scheme), Some(at)) if at > scheme => {
-                let credentials = &text[scheme + 3..at];
-                let user = credentials.split(':').next().unwrap_or("");
-                write!(
-                    f,
-                    "DatabaseUrl({}{user}:***{})",
-                    &text[..scheme + 3],
-                    &text[at..]
-                )
-            }
-            _ => write!(f, "DatabaseUrl({text})"),
-        }
-    }
-}
-
 impl DatabaseArgs {
     /// Reads the URL: PostgreSQL, an explicit SQLite file, or the default SQLite file.
     pub fn target(&self, data_dir: &Path) -> Result<DatabaseTarget, ConfigError> {
@@ -223,7 +191,7 @@ impl DatabaseArgs {
             return Ok(DatabaseTarget::Sqlite(data_dir.join("morag-jobs.sqlite3")));
         }
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            return Ok(DatabaseTarget::Postgres(DatabaseUrl(url.to_owned())));
+            return Ok(DatabaseTarget::Postgres(DatabaseUrl::new(url)));
         }
         if let Some(path) = url.strip_prefix("sqlite://") {
             if path.is_empty() {
@@ -238,18 +206,13 @@ impl DatabaseArgs {
         ))
     }
 
-    pub fn postgres_options(&self, url: &DatabaseUrl) -> crate::store::postgres::PostgresOptions {
-        postgres_options(url, self.database_max_connections)
+    /// The backend settings these flags carry besides the target.
+    pub fn settings(&self, durability: Durability) -> StoreSettings {
+        StoreSettings {
+            durability,
+            max_connections: self.database_max_connections,
+        }
     }
-}
-
-pub fn postgres_options(
-    url: &DatabaseUrl,
-    max_connections: usize,
-) -> crate::store::postgres::PostgresOptions {
-    let mut options = crate::store::postgres::PostgresOptions::new(url.expose());
-    options.max_connections = max_connections.max(1);
-    options
 }
 
 fn parse_durability(text: &str) -> Result<Durability, String> {
@@ -277,13 +240,10 @@ pub enum ConfigError {
 pub struct Config {
     pub addr: SocketAddr,
     pub data_dir: PathBuf,
-    /// The SQLite file, when jobs are stored in SQLite.
-    pub database_path: PathBuf,
-    pub durability: Durability,
     /// Where jobs are stored.
     pub database: DatabaseTarget,
-    /// PostgreSQL connections per replica at most.
-    pub database_max_connections: usize,
+    /// How the store is run (SQLite durability, PostgreSQL connections).
+    pub store_settings: StoreSettings,
     /// The server's own files directory (`DATA_DIR/files`), canonical. Cleanup deletes
     /// source files only in here.
     pub files_dir: PathBuf,
@@ -299,8 +259,11 @@ pub struct Config {
     /// Whether a create repeating an unfinished job's ingestion task, source and type
     /// answers with that job.
     pub create_match_unfinished: bool,
-    /// The Celery sink, when `MORAG_CELERY_BROKER_URL` is set.
-    pub celery: Option<CeleryConfig>,
+    /// Where and how job outcomes are delivered (see `delivery`).
+    pub delivery: std::sync::Arc<crate::delivery::config::DeliveryConfig>,
+
+    /// Request, connection and lease limits (issue 8).
+    pub limits: crate::limits::Limits,
 }
 
 /// An API key. Its `Debug` output is redacted so a logged config never shows a secret.
@@ -411,18 +374,15 @@ impl Config {
                 .collect::<Result<_, _>>()?,
         };
 
+        let limits =
+            crate::limits::Limits::from_args(&args.limits).map_err(ConfigError::Invalid)?;
         let database = args.database.target(&data_dir)?;
-        let database_path = match &database {
-            DatabaseTarget::Sqlite(path) => path.clone(),
-            DatabaseTarget::Postgres(_) => data_dir.join("morag-jobs.sqlite3"),
-        };
+        let store_settings = args.database.settings(args.sqlite_sync);
         Ok(Config {
             addr: args.addr,
-            database_path,
             database,
-            database_max_connections: args.database.database_max_connections,
+            store_settings,
             data_dir,
-            durability: args.sqlite_sync,
             files_dir,
             allowed_roots,
             policy,
@@ -433,7 +393,14 @@ impl Config {
             admin_api_keys,
             insecure_no_auth: args.insecure_no_auth,
             create_match_unfinished: args.create_match_unfinished,
-            celery: args.celery.config()?,
+            delivery: {
+                let mut delivery =
+                    crate::delivery::config::DeliveryConfig::from_args(args.delivery)
+                        .map_err(ConfigError::Invalid)?;
+                delivery.celery = args.celery.config()?;
+                std::sync::Arc::new(delivery)
+            },
+            limits,
         })
     }
 
@@ -514,12 +481,11 @@ mod tests {
             config.database,
             DatabaseTarget::Sqlite(PathBuf::from("/tmp/x.db"))
         );
-        assert_eq!(config.database_path, PathBuf::from("/tmp/x.db"));
         let url = "postgres://jobs:hunter2@db.internal:5432/morag";
         let config = Config::from_args(args(&["--data-dir", data, "--database-url", url])).unwrap();
         assert_eq!(
             config.database,
-            DatabaseTarget::Postgres(DatabaseUrl(url.into()))
+            DatabaseTarget::Postgres(DatabaseUrl::new(url))
         );
         let debug = format!("{config:?}");
         assert!(
@@ -606,7 +572,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().to_str().unwrap();
         let config = Config::from_args(args(&["--data-dir", data])).unwrap();
-        assert!(config.celery.is_none());
+        assert!(config.delivery.celery.is_none());
 
         let config = Config::from_args(args(&[
             "--data-dir",
@@ -617,7 +583,7 @@ mod tests {
             "ingestion",
         ]))
         .unwrap();
-        let celery = config.celery.clone().unwrap();
+        let celery = config.delivery.celery.clone().unwrap();
         assert_eq!((celery.broker.db, celery.queue.as_str()), (2, "ingestion"));
         assert_eq!(
             celery.continue_task,

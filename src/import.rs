@@ -131,7 +131,10 @@ pub fn parse_morag_job(
     let result = match (status, raw.result_data) {
         (JobStatus::Completed, Some(result)) => Some(JobResult {
             content: result.content.unwrap_or_default(),
-            metadata: result.metadata.unwrap_or_else(|| serde_json::json!({})),
+            metadata: serde_json::value::to_raw_value(
+                &result.metadata.unwrap_or_else(|| serde_json::json!({})),
+            )
+            .map_err(|error| format!("result_data.metadata: {error}"))?,
             processing_time: result.processing_time,
         }),
         (JobStatus::Completed, None) => {
@@ -183,10 +186,10 @@ pub fn parse_morag_job(
         progress: None,
         progress_message: None,
         error_message: raw.error_message,
-        result,
     };
     Ok(ImportJobParams {
         job,
+        result,
         deadline_at,
         reason: format!("imported from MoRAG's {source}"),
         now,

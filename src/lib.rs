@@ -3,11 +3,15 @@
 //! A guided tour, in reading order:
 //! - `clock`: time as an injectable value, so timeouts are testable without sleeping.
 //! - `domain`: the job state machine and the timeout, retry and retention policy; no IO.
-//! - `store`: the storage interface and its SQLite backend; the only place with SQL.
+//! - `store`: the storage interface, `store::open`, and the SQLite and PostgreSQL backends;
+//!   the only place with SQL.
 //! - `files`: source paths from requests, confined to the allowed roots.
+//! - `context`: the state request handlers share (config, store, clock, wake-ups).
 //! - `api`: the HTTP routes (MoRAG's wire protocol and the admin API); the only place with JSON.
 //! - `monitor`: the background rescuer (timeouts, due retries) and cleaner (retention).
 //! - `delivery`: the outbox dispatcher and its sinks, which hand outcomes to ingestion.
+//! - `limits`: request, connection and lease limits; `http_server`: the accept loop that
+//!   enforces the connection limits.
 //! - `config` and `app`: one validated configuration, and the wiring that runs it all.
 //! - `cli`: the `morag-jobs` command line, including the admin client subcommands.
 //! - `import`: reading MoRAG's file-based prototype's jobs into the store.
@@ -17,10 +21,13 @@ pub mod app;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod context;
 pub mod delivery;
 pub mod domain;
 pub mod files;
+pub mod http_server;
 pub mod import;
+pub mod limits;
 pub mod monitor;
 pub mod store;
 pub mod wakeups;

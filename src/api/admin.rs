@@ -10,18 +10,18 @@ use axum::Json;
 use serde_json::json;
 
 use super::error::ApiError;
-use super::extract::{JobIdPath, JsonBody, QueryParams};
+use super::extract::{JobIdPath, JsonBody, OptionalJsonBody, QueryParams};
+use super::queries::{CleanupQuery, ListQuery};
 use super::views::*;
-use crate::app::AppContext;
+use crate::context::AppContext;
 use crate::domain::{ContentType, JobId, JobStatus, RetentionPolicy};
 use crate::files;
-use crate::monitor::Monitor;
+use crate::monitor::Cleaner;
 use crate::store::{
     CancelParams, CreateJobParams, CreateOnceOutcome, CreateOnceParams, IdempotencyKeyParams,
-    ListParams, ManualRetryParams,
+    ManualRetryParams,
 };
 
-const MAX_LIST_LIMIT: usize = 500;
 const MAX_INGESTION_TASK_ID_LEN: usize = 256;
 
 pub async fn create_job(
@@ -44,6 +44,27 @@ pub async fn create_job(
             .map_err(|rejection| {
                 ApiError::validation(&["body", "source_file_path"], rejection.to_string())
             })?;
+    // Task options come from the ingestion side: a webhook may only go where the
+    // configuration allows (checked again at delivery, in case the configuration changed).
+    match request.task_options.get("webhook_url") {
+        None | Some(serde_json::Value::Null) => {}
+        Some(serde_json::Value::String(url)) if url.trim().is_empty() => {}
+        Some(serde_json::Value::String(url)) => {
+            context
+                .config
+                .delivery
+                .check_webhook_url(url)
+                .map_err(|why| {
+                    ApiError::validation(&["body", "task_options", "webhook_url"], why)
+                })?;
+        }
+        Some(_) => {
+            return Err(ApiError::validation(
+                &["body", "task_options", "webhook_url"],
+                "must be an http(s) URL",
+            ))
+        }
+    }
     let now = context.clock.now();
     let idempotency_key = idempotency_key.map(|key| IdempotencyKeyParams {
         key,
@@ -156,68 +177,35 @@ pub async fn job_status(
 pub async fn job_detail(
     State(context): State<Arc<AppContext>>,
     JobIdPath(job_id): JobIdPath,
-) -> Result<Json<JobDetailView>, ApiError> {
+) -> Result<Response, ApiError> {
     let detail = context
         .store
         .get_job_detail(job_id)
         .await?
         .ok_or(ApiError::JobNotFound(job_id))?;
-    Ok(Json(JobDetailView::from(&detail)))
+    let deliveries = context
+        .store
+        .list_deliveries(crate::store::deliveries::DeliveryListParams {
+            job_id: Some(job_id),
+            limit: 100,
+            ..Default::default()
+        })
+        .await?;
+    let mut view = JobDetailView::from(&detail);
+    view.deliveries = deliveries
+        .deliveries
+        .iter()
+        .map(super::deliveries::DeliveryView::from)
+        .collect();
+    // Serialized here, while the view borrows the stored result (no copy of it).
+    Ok(Json(view).into_response())
 }
 
 pub async fn list_jobs(
     State(context): State<Arc<AppContext>>,
     QueryParams(query): QueryParams<ListQuery>,
 ) -> Result<Json<JobListView>, ApiError> {
-    let status = match query
-        .status
-        .as_deref()
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-    {
-        None => None,
-        Some(text) => Some(JobStatus::parse(text).ok_or_else(|| {
-            ApiError::validation(&["query", "status"], format!("unknown status {text:?}"))
-        })?),
-    };
-    let content_type = match query
-        .content_type
-        .as_deref()
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-    {
-        None => None,
-        Some(text) => {
-            Some(ContentType::parse(text).map_err(|error| ApiError::invalid("query", error))?)
-        }
-    };
-    let limit = match query.limit.as_deref() {
-        None => 50,
-        Some(text) => match text.trim().parse::<usize>() {
-            Ok(n) if (1..=MAX_LIST_LIMIT).contains(&n) => n,
-            _ => {
-                return Err(ApiError::validation(
-                    &["query", "limit"],
-                    format!("must be from 1 to {MAX_LIST_LIMIT}"),
-                ))
-            }
-        },
-    };
-    let cursor = match query.cursor.as_deref().filter(|s| !s.is_empty()) {
-        None => None,
-        Some(text) => Some(text.parse::<i64>().ok().filter(|n| *n > 0).ok_or_else(|| {
-            ApiError::validation(&["query", "cursor"], "not a cursor from a previous page")
-        })?),
-    };
-    let page = context
-        .store
-        .list_jobs(ListParams {
-            status,
-            content_type,
-            limit,
-            cursor,
-        })
-        .await?;
+    let page = context.store.list_jobs(query.parse()?).await?;
     Ok(Json(JobListView {
         jobs: page.jobs.iter().map(JobSummaryView::from).collect(),
         next_cursor: page.next_cursor.map(|c| c.to_string()),
@@ -227,14 +215,9 @@ pub async fn list_jobs(
 pub async fn cancel_job(
     State(context): State<Arc<AppContext>>,
     JobIdPath(job_id): JobIdPath,
-    body: axum::body::Bytes,
-) -> Result<Json<JobStatusView>, ApiError> {
     // The body is optional: `{"reason": "..."}`.
-    let request: CancelRequest = if body.iter().all(u8::is_ascii_whitespace) {
-        CancelRequest::default()
-    } else {
-        serde_json::from_slice(&body).map_err(|e| ApiError::validation(&["body"], e.to_string()))?
-    };
+    OptionalJsonBody(request): OptionalJsonBody<CancelRequest>,
+) -> Result<Json<JobStatusView>, ApiError> {
     let reason = request
         .reason
         .filter(|r| !r.trim().is_empty())
@@ -278,30 +261,24 @@ pub async fn statistics(
 ) -> Result<Json<StatisticsView>, ApiError> {
     let now = context.clock.now();
     let stats = context.store.statistics(now).await?;
-    Ok(Json(StatisticsView::new(stats, now)))
+    let deliveries = context.store.delivery_statistics().await?;
+    let mut view = StatisticsView::new(stats, now);
+    view.deliveries = super::deliveries::DeliveryStatisticsView::new(deliveries, now);
+    Ok(Json(view))
 }
 
 pub async fn cleanup(
     State(context): State<Arc<AppContext>>,
     QueryParams(query): QueryParams<CleanupQuery>,
 ) -> Result<Json<CleanupResponse>, ApiError> {
-    let days_old = match query.days_old.as_deref() {
-        None => 7,
-        Some(text) => text
-            .trim()
-            .parse::<u32>()
-            .ok()
-            .filter(|d| *d <= 36_500)
-            .ok_or_else(|| {
-                ApiError::validation(
-                    &["query", "days_old"],
-                    "must be a whole number of days from 0 to 36500",
-                )
-            })?,
-    };
-    let summary = Monitor::new(context.clone())
-        .cleanup_with(RetentionPolicy::uniform(days_old))
-        .await?;
+    let days_old = query.parse()?;
+    let cleaner = Cleaner::new(
+        context.store.clone(),
+        context.clock.clone(),
+        context.config.files_dir.clone(),
+    )
+    .fanning_out_first(context.dispatcher.clone());
+    let summary = cleaner.cleanup(RetentionPolicy::uniform(days_old)).await?;
     Ok(Json(CleanupResponse {
         cleaned_jobs: summary.n_jobs_deleted,
         days_old,
@@ -310,17 +287,54 @@ pub async fn cleanup(
 
 pub async fn health(State(context): State<Arc<AppContext>>) -> Response {
     let now = context.clock.now();
-    match context.store.ping().await {
-        Ok(()) => {
-            Json(json!({"status": "healthy", "store": "ok", "timestamp": now})).into_response()
-        }
+    let store = match context.store.ping().await {
+        Ok(()) => match write_probe(&context).await {
+            Ok(()) => "ok",
+            Err(error) => {
+                tracing::warn!(%error, "health check: the store cannot write");
+                "not writable"
+            }
+        },
         Err(error) => {
             tracing::warn!(%error, "health check: store unavailable");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Json(json!({"status": "unhealthy", "store": "unavailable", "timestamp": now})),
-            )
-                .into_response()
+            "unavailable"
+        }
+    };
+    if store == "ok" {
+        Json(json!({"status": "healthy", "store": store, "timestamp": now})).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "unhealthy", "store": store, "timestamp": now})),
+        )
+            .into_response()
+    }
+}
+
+/// How long a write probe's outcome answers `/health`: health checks every second from
+/// several places must not become a stream of writes.
+const WRITE_PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Writes one row through the store, at most every `WRITE_PROBE_INTERVAL`; in between
+/// answers the last outcome. A store that could not write is probed again after the
+/// interval, so health recovers by itself.
+async fn write_probe(context: &AppContext) -> Result<(), String> {
+    let lock = || {
+        context
+            .write_probe
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    };
+    if let Some((at, outcome)) = lock().as_ref() {
+        if at.elapsed() < WRITE_PROBE_INTERVAL {
+            return outcome.clone();
         }
     }
+    let outcome = context
+        .store
+        .probe_write(context.clock.now())
+        .await
+        .map_err(|error| error.to_string());
+    *lock() = Some((tokio::time::Instant::now(), outcome.clone()));
+    outcome
 }

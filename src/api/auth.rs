@@ -10,8 +10,8 @@ use axum::middleware::Next;
 use axum::response::Response;
 
 use super::error::ApiError;
-use crate::app::AppContext;
 use crate::config::ApiKey;
+use crate::context::AppContext;
 
 pub async fn require_worker(
     State(context): State<Arc<AppContext>>,
@@ -46,9 +46,9 @@ fn check(request: &Request, accepted: &[&Vec<ApiKey>], open: bool) -> Result<(),
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| {
-            value
-                .strip_prefix("Bearer ")
-                .or_else(|| value.strip_prefix("bearer "))
+            // Authentication schemes are case-insensitive (RFC 9110, 11.1).
+            let (scheme, key) = value.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then_some(key)
         })
         .map(str::trim)
         .ok_or(ApiError::Unauthorized)?;

@@ -26,7 +26,10 @@ pub enum ApiError {
         message: String,
         current: Option<JobStatus>,
     },
-    PayloadTooLarge,
+    /// 413; the message names the limit and its variable.
+    PayloadTooLarge(String),
+    /// 408: the body did not arrive within its deadline.
+    RequestTimeout(String),
     Unavailable(String),
     Internal(String),
 }
@@ -110,10 +113,12 @@ impl IntoResponse for ApiError {
                 StatusCode::CONFLICT,
                 json!({"detail": message, "current_status": current.map(JobStatus::as_str)}),
             ),
-            ApiError::PayloadTooLarge => (
-                StatusCode::PAYLOAD_TOO_LARGE,
-                json!({"detail": "request body too large"}),
-            ),
+            ApiError::PayloadTooLarge(message) => {
+                (StatusCode::PAYLOAD_TOO_LARGE, json!({"detail": message}))
+            }
+            ApiError::RequestTimeout(message) => {
+                (StatusCode::REQUEST_TIMEOUT, json!({"detail": message}))
+            }
             ApiError::Unavailable(cause) => {
                 tracing::warn!(%cause, "store unavailable");
                 (

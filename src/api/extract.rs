@@ -8,31 +8,93 @@ use axum::http::request::Parts;
 use axum::http::StatusCode;
 use serde::de::DeserializeOwned;
 
+use std::sync::Arc;
+
+use super::bounded_json;
 use super::error::ApiError;
+use crate::context::AppContext;
 use crate::domain::JobId;
+use crate::http_server::BodyDeadline;
 
 pub struct JsonBody<T>(pub T);
 
-impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+impl<T: DeserializeOwned> FromRequest<Arc<AppContext>> for JsonBody<T> {
     type Rejection = ApiError;
 
-    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
-        let bytes =
-            Bytes::from_request(request, state)
-                .await
-                .map_err(|rejection: BytesRejection| {
-                    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                        ApiError::PayloadTooLarge
-                    } else {
-                        ApiError::validation(&["body"], rejection.body_text())
-                    }
-                })?;
+    async fn from_request(request: Request, context: &Arc<AppContext>) -> Result<Self, ApiError> {
+        let bytes = read_body(request, context).await?;
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Err(ApiError::validation(&["body"], "a JSON body is required"));
         }
-        let mut deserializer = serde_json::Deserializer::from_slice(&bytes);
-        let value = serde_path_to_error(&mut deserializer)?;
-        Ok(JsonBody(value))
+        parse_within_limits(&bytes, context).map(JsonBody)
+    }
+}
+
+/// A JSON body that may be absent (empty): then `T::default()`.
+pub struct OptionalJsonBody<T>(pub T);
+
+impl<T: DeserializeOwned + Default> FromRequest<Arc<AppContext>> for OptionalJsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, context: &Arc<AppContext>) -> Result<Self, ApiError> {
+        let bytes = read_body(request, context).await?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(OptionalJsonBody(T::default()));
+        }
+        parse_within_limits(&bytes, context).map(OptionalJsonBody)
+    }
+}
+
+/// Reads the whole body within the route's size limit and the request's body deadline.
+async fn read_body(request: Request, context: &Arc<AppContext>) -> Result<Bytes, ApiError> {
+    let deadline = request.extensions().get::<BodyDeadline>().copied();
+    let is_result = request.method() == axum::http::Method::PUT;
+    let read = Bytes::from_request(request, context);
+    let read = match deadline {
+        Some(BodyDeadline(deadline)) => {
+            tokio::time::timeout_at(deadline, read).await.map_err(|_| {
+                ApiError::RequestTimeout(format!(
+                    "the request body did not arrive within {} s (MORAG_JOBS_HTTP_BODY_TIMEOUT)",
+                    context.config.limits.body_timeout.as_secs()
+                ))
+            })?
+        }
+        None => read.await,
+    };
+    read.map_err(|rejection: BytesRejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            let limits = &context.config.limits;
+            ApiError::PayloadTooLarge(if is_result {
+                format!(
+                    "request body larger than {} bytes (MORAG_REMOTE_MAX_RESULT_BYTES for content plus MORAG_REMOTE_MAX_METADATA_BYTES for metadata plus 64 KiB)",
+                    limits.max_result_body_bytes()
+                )
+            } else {
+                format!(
+                    "request body larger than {} bytes (MORAG_REMOTE_MAX_METADATA_BYTES for task_options plus 64 KiB, at least 2 MiB)",
+                    limits.max_create_body_bytes().max(2 * 1024 * 1024)
+                )
+            })
+        } else {
+            ApiError::validation(&["body"], rejection.body_text())
+        }
+    })
+}
+
+/// Parses with the JSON limits installed; a limit exceeded is a 413 naming it.
+fn parse_within_limits<T: DeserializeOwned>(
+    bytes: &[u8],
+    context: &AppContext,
+) -> Result<T, ApiError> {
+    let limits = &context.config.limits;
+    let (parsed, exceeded) =
+        bounded_json::with_limits(limits.json, limits.max_result_bytes, || {
+            let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+            serde_path_to_error::<T>(&mut deserializer)
+        });
+    match exceeded {
+        Some(message) => Err(ApiError::PayloadTooLarge(message)),
+        None => parsed,
     }
 }
 

@@ -3,8 +3,11 @@
 
 mod admin;
 mod auth;
+pub mod deliveries;
+mod bounded_json;
 mod error;
 mod extract;
+mod queries;
 pub mod views;
 mod worker;
 
@@ -16,19 +19,23 @@ use axum::{middleware, Router};
 
 pub use error::ApiError;
 
-use crate::app::AppContext;
-
-/// Results carry whole transcripts; everything else is small.
-const MAX_RESULT_BODY: usize = 256 * 1024 * 1024;
+use crate::context::AppContext;
 
 pub fn router(context: Arc<AppContext>) -> Router {
     let jobs = "/api/v1/remote-jobs";
+    // Results carry whole transcripts; creates carry task options; everything else is small.
+    let max_result_body = context.config.limits.max_result_body_bytes();
+    let max_create_body = context
+        .config
+        .limits
+        .max_create_body_bytes()
+        .max(2 * 1024 * 1024);
     let worker = Router::new()
         .route(&format!("{jobs}/poll"), get(worker::poll))
         .route(&format!("{jobs}/{{id}}/heartbeat"), post(worker::heartbeat))
         .route(
             &format!("{jobs}/{{id}}/result"),
-            put(worker::submit_result).layer(DefaultBodyLimit::max(MAX_RESULT_BODY)),
+            put(worker::submit_result).layer(DefaultBodyLimit::max(max_result_body)),
         )
         .route(&format!("{jobs}/{{id}}/download"), get(worker::download))
         .route_layer(middleware::from_fn_with_state(
@@ -36,10 +43,17 @@ pub fn router(context: Arc<AppContext>) -> Router {
             auth::require_worker,
         ));
     let admin = Router::new()
-        .route(jobs, post(admin::create_job).get(admin::list_jobs))
+        .route(
+            jobs,
+            post(admin::create_job)
+                .layer(DefaultBodyLimit::max(max_create_body))
+                .get(admin::list_jobs),
+        )
         .route(
             &format!("{jobs}/"),
-            post(admin::create_job).get(admin::list_jobs),
+            post(admin::create_job)
+                .layer(DefaultBodyLimit::max(max_create_body))
+                .get(admin::list_jobs),
         )
         .route(&format!("{jobs}/statistics"), get(admin::statistics))
         .route(&format!("{jobs}/cleanup"), post(admin::cleanup))
@@ -47,6 +61,10 @@ pub fn router(context: Arc<AppContext>) -> Router {
         .route(&format!("{jobs}/{{id}}/status"), get(admin::job_status))
         .route(&format!("{jobs}/{{id}}/cancel"), post(admin::cancel_job))
         .route(&format!("{jobs}/{{id}}/retry"), post(admin::retry_job))
+        .route("/api/v1/deliveries", get(deliveries::list))
+        .route("/api/v1/deliveries/", get(deliveries::list))
+        .route("/api/v1/deliveries/{id}", get(deliveries::detail))
+        .route("/api/v1/deliveries/{id}/redrive", post(deliveries::redrive))
         .route_layer(middleware::from_fn_with_state(
             context.clone(),
             auth::require_admin,
@@ -57,6 +75,9 @@ pub fn router(context: Arc<AppContext>) -> Router {
         .merge(admin)
         .fallback(|| async { ApiError::NotFound("Not Found".into()) })
         .method_not_allowed_fallback(|| async { method_not_allowed() })
+        .layer(middleware::map_response(
+            crate::http_server::json_error_bodies,
+        ))
         .with_state(context)
 }
 

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::clock::Timestamp;
@@ -16,7 +17,7 @@ pub struct CreateJobRequest {
     pub source_file_path: String,
     pub content_type: String,
     /// Absent means `{}`; an explicit `null` is rejected, as MoRAG's model does.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::bounded_json::task_options")]
     pub task_options: Map<String, Value>,
     pub ingestion_task_id: String,
 }
@@ -26,14 +27,6 @@ pub struct CreateJobResponse {
     pub job_id: String,
     pub status: &'static str,
     pub created_at: Timestamp,
-}
-
-#[derive(Deserialize)]
-pub struct PollQuery {
-    pub worker_id: Option<String>,
-    pub content_types: Option<String>,
-    pub max_jobs: Option<String>,
-    pub wait: Option<String>,
 }
 
 /// MoRAG's four fields, all null when no job is due, plus the lease and deadlines.
@@ -78,9 +71,9 @@ pub struct HeartbeatResponse {
 #[derive(Deserialize)]
 pub struct SubmitResultRequest {
     pub success: bool,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::bounded_json::content")]
     pub content: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::bounded_json::metadata")]
     pub metadata: Option<Map<String, Value>>,
     #[serde(default)]
     pub error_message: Option<String>,
@@ -168,10 +161,12 @@ pub struct JobListView {
     pub next_cursor: Option<String>,
 }
 
+/// Borrows the stored result: the content is written into the response as it is, and the
+/// metadata as the JSON text it was stored as, never parsed into a tree.
 #[derive(Serialize)]
-pub struct ResultView {
-    pub content: String,
-    pub metadata: Value,
+pub struct ResultView<'a> {
+    pub content: &'a str,
+    pub metadata: &'a RawValue,
     pub processing_time: Option<f64>,
 }
 
@@ -198,7 +193,7 @@ impl From<&HistoryEntry> for HistoryView {
 
 /// Everything about one job, for operators.
 #[derive(Serialize)]
-pub struct JobDetailView {
+pub struct JobDetailView<'a> {
     #[serde(flatten)]
     pub summary: JobSummaryView,
     pub source_file_path: String,
@@ -210,12 +205,14 @@ pub struct JobDetailView {
     pub progress: Option<f64>,
     pub progress_message: Option<String>,
     pub updated_at: Timestamp,
-    pub result: Option<ResultView>,
+    pub result: Option<ResultView<'a>>,
     pub history: Vec<HistoryView>,
+    /// The job's outcomes on their way to the ingestion sinks (newest first).
+    pub deliveries: Vec<super::deliveries::DeliveryView>,
 }
 
-impl From<&JobDetail> for JobDetailView {
-    fn from(detail: &JobDetail) -> Self {
+impl<'a> From<&'a JobDetail> for JobDetailView<'a> {
+    fn from(detail: &'a JobDetail) -> Self {
         let job = &detail.job;
         JobDetailView {
             summary: job.into(),
@@ -228,27 +225,15 @@ impl From<&JobDetail> for JobDetailView {
             progress: job.progress,
             progress_message: job.progress_message.clone(),
             updated_at: job.updated_at,
-            result: job.result.as_ref().map(|r| ResultView {
-                content: r.content.clone(),
-                metadata: r.metadata.clone(),
+            result: detail.result.as_ref().map(|r| ResultView {
+                content: &r.content,
+                metadata: &r.metadata,
                 processing_time: r.processing_time,
             }),
             history: detail.history.iter().map(HistoryView::from).collect(),
+            deliveries: Vec::new(),
         }
     }
-}
-
-#[derive(Deserialize)]
-pub struct ListQuery {
-    pub status: Option<String>,
-    pub content_type: Option<String>,
-    pub limit: Option<String>,
-    pub cursor: Option<String>,
-}
-
-#[derive(Deserialize)]
-pub struct CleanupQuery {
-    pub days_old: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -267,6 +252,8 @@ pub struct StatisticsView {
     pub avg_processing_times: BTreeMap<String, f64>,
     pub recent_jobs_24h: u64,
     pub timestamp: Timestamp,
+    /// Pending and dead deliveries per sink, and the oldest pending one's age.
+    pub deliveries: super::deliveries::DeliveryStatisticsView,
 }
 
 impl StatisticsView {
@@ -284,6 +271,7 @@ impl StatisticsView {
             avg_processing_times: stats.avg_processing_secs,
             recent_jobs_24h: stats.created_last_24h,
             timestamp: now,
+            deliveries: Default::default(),
         }
     }
 }

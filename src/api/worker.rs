@@ -12,75 +12,38 @@ use axum::Json;
 
 use super::error::ApiError;
 use super::extract::{JobIdPath, JsonBody, QueryParams};
+use super::queries::{PollArgs, PollQuery};
 use super::views::*;
-use crate::app::AppContext;
-use crate::domain::{ContentType, Job, JobStatus, LeaseId, WorkerId};
+use crate::context::AppContext;
+use crate::domain::{Job, JobStatus, LeaseId};
 use crate::files;
 use crate::store::{AttemptOutcome, ClaimParams, HeartbeatParams, SubmitResultParams};
 use crate::wakeups::Woken;
-
-/// The longest a poll may wait for a job.
-const MAX_POLL_WAIT: Duration = Duration::from_secs(30);
-/// The protocol answers one job per poll; larger `max_jobs` values are accepted for
-/// compatibility but still claim one job (the prototype claimed several and lost all but one).
-const MAX_JOBS_LIMIT: u32 = 100;
-/// Each requested type costs one index probe per claim attempt; a worker converts a
-/// handful of types, so a long list is a mistake (or an attack), not a need.
-const MAX_CONTENT_TYPES_PER_POLL: usize = 32;
 
 pub async fn poll(
     State(context): State<Arc<AppContext>>,
     QueryParams(query): QueryParams<PollQuery>,
 ) -> Result<Json<PollResponse>, ApiError> {
-    let worker_id = WorkerId::parse(query.worker_id.as_deref().unwrap_or(""))
-        .map_err(|error| ApiError::invalid("query", error))?;
-    let mut content_types: Vec<ContentType> = Vec::new();
-    for part in query
-        .content_types
-        .as_deref()
-        .unwrap_or("")
-        .split(',')
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-    {
-        let content_type =
-            ContentType::parse(part).map_err(|error| ApiError::invalid("query", error))?;
-        if !content_types.contains(&content_type) {
-            content_types.push(content_type);
-        }
-        if content_types.len() > MAX_CONTENT_TYPES_PER_POLL {
-            return Err(ApiError::validation(
-                &["query", "content_types"],
-                format!("at most {MAX_CONTENT_TYPES_PER_POLL} content types per poll"),
-            ));
-        }
-    }
-    if let Some(max_jobs) = query.max_jobs.as_deref() {
-        match max_jobs.trim().parse::<u32>() {
-            Ok(n) if (1..=MAX_JOBS_LIMIT).contains(&n) => {}
-            _ => {
-                return Err(ApiError::validation(
-                    &["query", "max_jobs"],
-                    format!("must be an integer from 1 to {MAX_JOBS_LIMIT}"),
-                ))
-            }
-        }
-    }
-    let wait = match query.wait.as_deref() {
-        None => Duration::ZERO,
-        Some(text) => match text.trim().parse::<f64>() {
-            Ok(secs) if (0.0..=MAX_POLL_WAIT.as_secs_f64()).contains(&secs) => {
-                Duration::from_secs_f64(secs)
-            }
-            _ => {
-                return Err(ApiError::validation(
-                    &["query", "wait"],
-                    "must be a number of seconds from 0 to 30",
-                ))
-            }
-        },
-    };
+    let PollArgs {
+        worker_id,
+        content_types,
+        mut wait,
+    } = query.parse()?;
 
+    // Each waiting poll holds a connection and a queue entry: past the cap, a long poll is
+    // answered like a short one (a job if one is due, else the empty answer), which every
+    // client already handles by polling again later.
+    let _long_poll_slot = if wait.is_zero() {
+        None
+    } else {
+        match context.long_poll_slots.try_acquire() {
+            Ok(permit) => Some(permit),
+            Err(_) => {
+                wait = Duration::ZERO;
+                None
+            }
+        }
+    };
     let give_up_at = tokio::time::Instant::now() + wait;
     let mut shutting_down = context.shutting_down.clone();
     let waiter = context.wakeups.waiter(&content_types);
@@ -188,6 +151,7 @@ pub async fn submit_result(
         .map(LeaseId::parse)
         .transpose()
         .map_err(|error| ApiError::invalid("body", error))?;
+    require_lease(&context, lease_id.is_some(), "body")?;
     if request
         .processing_time
         .is_some_and(|t| !t.is_finite() || t < 0.0)
@@ -226,8 +190,25 @@ pub async fn submit_result(
         .map_err(|error| ApiError::from_store(job_id, "accept a result", error))?;
     Ok(Json(SubmitResultResponse {
         status: job.status.as_str(),
-        ingestion_continued: matches!(job.status, JobStatus::Completed | JobStatus::Failed),
+        // The hand-off was committed with the result; it continues ingestion only if some
+        // sink will deliver it.
+        ingestion_continued: matches!(job.status, JobStatus::Completed | JobStatus::Failed)
+            && (context.config.delivery.has_global_sink()
+                || crate::store::deliveries::webhook_url_of(&job.task_options).is_some()),
     }))
+}
+
+/// With `MORAG_REMOTE_REQUIRE_LEASE`, results and downloads must name the attempt's lease
+/// (a wrong one is a 409 from the store's check), so a worker key alone cannot complete or
+/// read a job it was not given.
+fn require_lease(context: &AppContext, presented: bool, place: &str) -> Result<(), ApiError> {
+    if context.config.limits.require_lease && !presented {
+        return Err(ApiError::validation(
+            &[place, "lease_id"],
+            "lease_id is required: this server refuses results and downloads without the job's current lease (MORAG_REMOTE_REQUIRE_LEASE)",
+        ));
+    }
+    Ok(())
 }
 
 #[derive(serde::Deserialize)]
@@ -251,6 +232,7 @@ pub async fn download(
             job.status
         )));
     }
+    require_lease(&context, query.lease_id.is_some(), "query")?;
     if let Some(lease) = query.lease_id.as_deref() {
         let lease = LeaseId::parse(lease).map_err(|error| ApiError::invalid("query", error))?;
         if job.lease_id != Some(lease) {

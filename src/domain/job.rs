@@ -4,7 +4,9 @@ use super::ids::{ContentType, JobId, LeaseId, WorkerId};
 use super::status::{Actor, JobStatus};
 use crate::clock::Timestamp;
 
-/// Everything known about one job.
+/// Everything known about one job but its result, which can be hundreds of megabytes:
+/// only the detail read (`JobDetail`) loads it, so listings, status reads and the
+/// answers of transitions never hold results in memory.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Job {
     pub id: JobId,
@@ -39,16 +41,25 @@ pub struct Job {
     pub progress: Option<f64>,
     pub progress_message: Option<String>,
     pub error_message: Option<String>,
-    pub result: Option<JobResult>,
 }
 
 /// What a worker delivered for a successful attempt.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub struct JobResult {
     pub content: String,
-    pub metadata: serde_json::Value,
+    /// The metadata object as JSON text, as stored: readers pass it through without
+    /// parsing it into a tree, which for many small keys costs many times its size.
+    pub metadata: Box<serde_json::value::RawValue>,
     /// Seconds, as measured by the worker.
     pub processing_time: Option<f64>,
+}
+
+impl PartialEq for JobResult {
+    fn eq(&self, other: &JobResult) -> bool {
+        self.content == other.content
+            && self.metadata.get() == other.metadata.get()
+            && self.processing_time == other.processing_time
+    }
 }
 
 /// One transition in a job's life.
@@ -62,10 +73,12 @@ pub struct HistoryEntry {
     pub reason: String,
 }
 
-/// A job with its full history, for the detail endpoint.
+/// A job with its result and full history, for the detail endpoint: the one read that
+/// loads a result.
 #[derive(Clone, Debug, PartialEq)]
 pub struct JobDetail {
     pub job: Job,
+    pub result: Option<JobResult>,
     pub history: Vec<HistoryEntry>,
 }
 

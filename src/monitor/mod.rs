@@ -13,12 +13,12 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::app::AppContext;
-use crate::clock::Timestamp;
-use crate::domain::RetentionPolicy;
-use crate::store::{RescueParams, RescueReport, StoreError};
+use crate::clock::{SharedClock, Timestamp};
+use crate::domain::LifecyclePolicy;
+use crate::store::{RescueParams, RescueReport, Store, StoreError};
+use crate::wakeups::Wakeups;
 
-pub use cleaner::CleanupSummary;
+pub use cleaner::{Cleaner, CleanupSummary};
 
 /// Jobs handled per store call; a pass repeats batches until one comes back short.
 const RESCUE_BATCH: usize = 500;
@@ -26,13 +26,42 @@ const RESCUE_BATCH: usize = 500;
 /// created on another replica (or in the meantime) may bring a nearer one.
 const DEADLINE_RECHECK: Duration = Duration::from_secs(1);
 
+/// The monitor's settings, from the server's configuration.
+#[derive(Clone, Debug)]
+pub struct MonitorSettings {
+    pub policy: LifecyclePolicy,
+    /// Between full rescue passes (deadlines are also handled as they come due).
+    pub monitor_interval: Duration,
+    /// Between retention cleanups.
+    pub cleanup_interval: Duration,
+    /// Between statistics log lines.
+    pub stats_log_interval: Duration,
+}
+
 pub struct Monitor {
-    context: Arc<AppContext>,
+    store: Arc<dyn Store>,
+    clock: SharedClock,
+    /// Long-pollers are woken when due retries become claimable.
+    wakeups: Arc<Wakeups>,
+    cleaner: Cleaner,
+    settings: MonitorSettings,
 }
 
 impl Monitor {
-    pub fn new(context: Arc<AppContext>) -> Self {
-        Monitor { context }
+    pub fn new(
+        store: Arc<dyn Store>,
+        clock: SharedClock,
+        wakeups: Arc<Wakeups>,
+        cleaner: Cleaner,
+        settings: MonitorSettings,
+    ) -> Self {
+        Monitor {
+            store,
+            clock,
+            wakeups,
+            cleaner,
+            settings,
+        }
     }
 
     /// Times out every expired job and makes every due retry claimable.
@@ -40,13 +69,12 @@ impl Monitor {
         let mut total = RescueReport::default();
         loop {
             let report = self
-                .context
                 .store
                 .rescue_expired(RescueParams {
-                    policy: self.context.config.policy.clone(),
+                    policy: self.settings.policy.clone(),
                     limit: RESCUE_BATCH,
                     jitter_seed: fastrand::u64(..),
-                    now: self.context.clock.now(),
+                    now: self.clock.now(),
                 })
                 .await?;
             let handled =
@@ -60,7 +88,7 @@ impl Monitor {
             }
         }
         if total.n_retries_due > 0 {
-            self.context.wakeups.wake_everyone();
+            self.wakeups.wake_everyone();
         }
         if total.changed_anything() {
             tracing::info!(
@@ -76,33 +104,12 @@ impl Monitor {
 
     /// Deletes finished jobs past the configured retention, and their files.
     pub async fn cleanup_once(&self) -> Result<CleanupSummary, StoreError> {
-        self.cleanup_with(self.context.config.policy.retention)
-            .await
-    }
-
-    /// Deletes finished jobs older than `retention`, and their files (the admin endpoint).
-    pub async fn cleanup_with(
-        &self,
-        retention: RetentionPolicy,
-    ) -> Result<CleanupSummary, StoreError> {
-        let summary = cleaner::cleanup(&self.context, retention).await?;
-        if summary.n_jobs_deleted > 0 {
-            tracing::info!(
-                jobs = summary.n_jobs_deleted,
-                files = summary.n_files_deleted,
-                "cleanup deleted finished jobs"
-            );
-        }
-        Ok(summary)
+        self.cleaner.cleanup(self.settings.policy.retention).await
     }
 
     /// Logs the statistics line operators see every ten minutes.
     pub async fn log_statistics(&self) -> Result<(), StoreError> {
-        let stats = self
-            .context
-            .store
-            .statistics(self.context.clock.now())
-            .await?;
+        let stats = self.store.statistics(self.clock.now()).await?;
         let counts: Vec<String> = stats
             .status_counts
             .iter()
@@ -114,7 +121,7 @@ impl Monitor {
 
     /// Runs until `shutdown` turns true.
     pub async fn run(&self, shutdown: &mut watch::Receiver<bool>) {
-        let config = &self.context.config;
+        let config = &self.settings;
         let started = tokio::time::Instant::now();
         let mut next_full_pass = started;
         let mut next_cleanup = started + config.cleanup_interval.min(Duration::from_secs(60));
@@ -124,8 +131,8 @@ impl Monitor {
                 return;
             }
             let now_instant = tokio::time::Instant::now();
-            let deadline_due = match self.context.store.next_deadline().await {
-                Ok(Some(deadline)) => deadline <= self.context.clock.now(),
+            let deadline_due = match self.store.next_deadline().await {
+                Ok(Some(deadline)) => deadline <= self.clock.now(),
                 Ok(None) => false,
                 Err(error) => {
                     tracing::warn!(%error, "monitor cannot read the next deadline");
@@ -172,8 +179,8 @@ impl Monitor {
         for instant in [next_full_pass, next_cleanup, next_stats] {
             sleep = sleep.min(instant.saturating_duration_since(now_instant));
         }
-        if let Ok(Some(deadline)) = self.context.store.next_deadline().await {
-            let now: Timestamp = self.context.clock.now();
+        if let Ok(Some(deadline)) = self.store.next_deadline().await {
+            let now: Timestamp = self.clock.now();
             sleep = sleep.min(deadline.since(now));
         }
         sleep.max(Duration::from_millis(5))

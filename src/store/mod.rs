@@ -3,19 +3,157 @@
 //! the state the operation expects (or the lease does not match) nothing is written and
 //! the method says why. Only the backend files in this folder contain SQL.
 
+pub mod deliveries;
 pub mod postgres;
 pub mod sqlite;
 
+pub use deliveries::DeliveryStore;
+
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use crate::clock::Timestamp;
 use crate::domain::{
     judge_result, AfterFailure, AttemptFacts, ContentType, HandoffKind, Job, JobDetail, JobId,
-    JobStatus, LeaseId, LifecyclePolicy, ResultRefusal, ResultTiming, RetentionPolicy,
+    JobResult, JobStatus, LeaseId, LifecyclePolicy, ResultRefusal, ResultTiming, RetentionPolicy,
     TimeoutPolicy, WorkerId,
 };
+
+/// Which backend stores the jobs, and where; shared by `serve`, `migrate` and
+/// `import-morag-dir`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DatabaseTarget {
+    Sqlite(PathBuf),
+    Postgres(DatabaseUrl),
+}
+
+/// A PostgreSQL URL. Its `Debug` output hides the password, so a logged config never
+/// shows a secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    pub fn new(url: impl Into<String>) -> Self {
+        DatabaseUrl(url.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // postgres://user:secret@host/db -> postgres://user:***@host/db
+        let text = &self.0;
+        match (text.find("://"), text.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                let credentials = &text[scheme + 3..at];
+                let user = credentials.split(':').next().unwrap_or("");
+                write!(
+                    f,
+                    "DatabaseUrl({}{user}:***{})",
+                    &text[..scheme + 3],
+                    &text[at..]
+                )
+            }
+            _ => write!(f, "DatabaseUrl({text})"),
+        }
+    }
+}
+
+/// How hard a SQLite commit is pushed to disk (PostgreSQL uses its own settings).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// `synchronous=NORMAL`: a commit survives the server process being killed (the WAL
+    /// is in the OS page cache); after a power loss the last commits may be lost, but the
+    /// database stays consistent.
+    #[default]
+    Normal,
+    /// `synchronous=FULL`: every commit is fsynced before it is acknowledged, so it
+    /// survives power loss too, at a large cost in write throughput.
+    Full,
+}
+
+/// Backend settings that are not part of the target.
+#[derive(Clone, Copy, Debug)]
+pub struct StoreSettings {
+    /// SQLite only.
+    pub durability: Durability,
+    /// PostgreSQL connections per replica at most.
+    pub max_connections: usize,
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        StoreSettings {
+            durability: Durability::Normal,
+            max_connections: 16,
+        }
+    }
+}
+
+/// What `migrate` found and did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MigrationReport {
+    pub from_version: i64,
+    pub to_version: i64,
+}
+
+fn postgres_options(url: &DatabaseUrl, settings: &StoreSettings) -> postgres::PostgresOptions {
+    let mut options = postgres::PostgresOptions::new(url.expose());
+    options.max_connections = settings.max_connections.max(1);
+    options
+}
+
+/// Opens the store at `target`, running its migrations first. A database whose schema is
+/// newer than this program is refused (`StoreError::SchemaTooNew`). The one way `serve`,
+/// `migrate` and `import-morag-dir` open a store.
+pub async fn open(
+    target: &DatabaseTarget,
+    settings: &StoreSettings,
+) -> Result<Arc<dyn Store>, StoreError> {
+    match target {
+        DatabaseTarget::Sqlite(path) => {
+            let options = sqlite::SqliteOptions {
+                path: path.clone(),
+                durability: settings.durability,
+            };
+            // Opening creates the file and runs migrations: blocking IO.
+            let store = tokio::task::spawn_blocking(move || sqlite::SqliteStore::open(options))
+                .await
+                .map_err(|error| StoreError::Internal(error.to_string()))??;
+            Ok(Arc::new(store))
+        }
+        DatabaseTarget::Postgres(url) => Ok(Arc::new(
+            postgres::PostgresStore::open(postgres_options(url, settings)).await?,
+        )),
+    }
+}
+
+/// Brings the schema at `target` up to date without serving.
+pub async fn migrate(
+    target: &DatabaseTarget,
+    settings: &StoreSettings,
+) -> Result<MigrationReport, StoreError> {
+    match target {
+        DatabaseTarget::Postgres(url) => {
+            postgres::PostgresStore::migrate(&postgres_options(url, settings)).await
+        }
+        DatabaseTarget::Sqlite(path) => {
+            let options = sqlite::SqliteOptions {
+                path: path.clone(),
+                durability: settings.durability,
+            };
+            tokio::task::spawn_blocking(move || sqlite::migrate_file(&options))
+                .await
+                .map_err(|error| StoreError::Internal(error.to_string()))?
+        }
+    }
+}
 
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
@@ -250,6 +388,8 @@ pub struct Handoff {
 pub struct ImportJobParams {
     /// Every field is stored as given; the store decides nothing.
     pub job: Job,
+    /// A completed job's result.
+    pub result: Option<JobResult>,
     /// When the monitor must look at the job (its pending or attempt deadline), if ever.
     pub deadline_at: Option<Timestamp>,
     /// Recorded as the job's first history entry (from nothing to its status).
@@ -267,7 +407,7 @@ pub enum ImportOutcome {
 
 /// The storage interface every backend implements; see the conformance suite in
 /// `tests/it/store_conformance.rs`.
-pub trait Store: Send + Sync + 'static {
+pub trait Store: DeliveryStore + Send + Sync + 'static {
     fn create_job(&self, params: CreateJobParams) -> StoreFuture<'_, Job>;
     /// Creates a job unless the request repeats an earlier create (by its idempotency key,
     /// or as a job of the same ingestion task that is not finished yet). The lookups, the
@@ -296,6 +436,9 @@ pub trait Store: Send + Sync + 'static {
     fn import_job(&self, params: ImportJobParams) -> StoreFuture<'_, ImportOutcome>;
     /// Checks the database answers.
     fn ping(&self) -> StoreFuture<'_, ()>;
+    /// Writes and commits one tiny row, to prove writes still succeed (a database on a
+    /// full or read-only disk still answers reads). Touches no job.
+    fn probe_write(&self, now: Timestamp) -> StoreFuture<'_, ()>;
     /// Wake-ups for long-polling workers from outside this process: the value changes
     /// whenever a job may have become claimable through another replica (or at a periodic
     /// fallback tick). `None` when every write goes through this process, as with SQLite,

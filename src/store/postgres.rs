@@ -21,6 +21,7 @@
 //!   hands out a broken connection again, so the server recovers by itself.
 
 mod batcher;
+mod deliveries;
 mod hot_ops;
 mod idempotent_create;
 mod pool;
@@ -44,6 +45,8 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0001_jobs.sql"),
     include_str!("../../migrations/postgres/0002_batch_friendly.sql"),
     include_str!("../../migrations/postgres/0003_listing_by_type_then_status.sql"),
+    include_str!("../../migrations/postgres/0004_write_probe.sql"),
+    include_str!("../../migrations/postgres/0005_deliveries.sql"),
     include_str!("../../migrations/postgres/0006_idempotent_creates.sql"),
 ];
 
@@ -169,15 +172,12 @@ impl Session {
     }
 }
 
-/// What `migrate` found and did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MigrationReport {
-    pub from_version: i64,
-    pub to_version: i64,
-}
+pub use super::MigrationReport;
 
 pub struct PostgresStore {
     pool: Arc<Pool>,
+    /// Bumped when any replica committed a hand-off (see `deliveries::listen_for_handoffs`).
+    handoff_events: watch::Receiver<u64>,
     /// The longest one store operation may take, connection checkout included.
     operation_timeout: Duration,
     events: watch::Receiver<u64>,
@@ -214,6 +214,12 @@ impl PostgresStore {
             events_sender,
             stop.clone(),
         ));
+        let (handoff_sender, handoff_events) = watch::channel(0u64);
+        tokio::spawn(deliveries::listen_for_handoffs(
+            config.clone(),
+            handoff_sender,
+            stop.clone(),
+        ));
         tokio::spawn(announce_wakeups(
             pool.clone(),
             replica_id,
@@ -226,6 +232,7 @@ impl PostgresStore {
             claims: Batcher::start(batch.clone(), operation_timeout),
             results: Batcher::start(batch, operation_timeout),
             pool,
+            handoff_events,
             operation_timeout,
             events,
             stop_listener,
@@ -515,6 +522,9 @@ const RESCUE_SCAN_SQL: &str =
 const CLEANUP_SQL: &str = "WITH victims AS ( \
          SELECT seq FROM jobs WHERE status = $1 AND completed_at < $2 \
          AND status IN ('completed', 'failed', 'timeout', 'cancelled') \
+         AND NOT EXISTS (SELECT 1 FROM handoffs h WHERE h.job_id = jobs.id AND h.fanned_out_at IS NULL) \
+         AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.job_id = jobs.id \
+             AND (d.state = 'pending' OR (d.state = 'dead' AND jobs.status <> 'cancelled'))) \
          ORDER BY completed_at LIMIT $3 FOR UPDATE SKIP LOCKED), \
      gone AS (DELETE FROM jobs USING victims WHERE jobs.seq = victims.seq AND jobs.status = $1 \
          RETURNING jobs.completed_at, jobs.seq, jobs.source_file_path), \
@@ -527,12 +537,11 @@ const NEXT_DEADLINE_SQL: &str =
 const HANDOFF_PAYLOAD: &str =
     "json_build_object('job_id', u.id, 'ingestion_task_id', u.ingestion_task_id, \
      'content_type', u.content_type, 'status', u.status, 'error_message', u.error_message, \
-     'attempt', u.attempt)::text";
+     'attempt', u.attempt, 'retry_count', u.retry_count)::text";
 
 const JOB_COLUMNS: &str = "seq, id, content_type, source_file_path, task_options, ingestion_task_id, status, \
      worker_id, lease_id, attempt, retry_count, created_at, started_at, completed_at, updated_at, available_at, \
-     execution_deadline, heartbeat_deadline, last_heartbeat_at, progress, progress_message, error_message, \
-     result_content, result_metadata, processing_time";
+     execution_deadline, heartbeat_deadline, last_heartbeat_at, progress, progress_message, error_message";
 
 fn corrupt(what: &str, value: &str) -> StoreError {
     StoreError::Internal(format!("stored {what} {value:?} is invalid"))
@@ -564,8 +573,6 @@ fn job_from_row(row: &Row) -> Result<Job, StoreError> {
     let status: &str = get(row, 6)?;
     let worker_id: Option<&str> = get(row, 7)?;
     let lease_id: Option<&str> = get(row, 8)?;
-    let result_content: Option<String> = get(row, 22)?;
-    let result_metadata: Option<&str> = get(row, 23)?;
     Ok(Job {
         id: JobId::parse(id).map_err(|_| corrupt("job id", id))?,
         content_type: ContentType::parse(content_type)
@@ -593,18 +600,26 @@ fn job_from_row(row: &Row) -> Result<Job, StoreError> {
         progress: get(row, 19)?,
         progress_message: get(row, 20)?,
         error_message: get(row, 21)?,
-        result: match result_content {
-            Some(content) => Some(JobResult {
-                content,
-                metadata: match result_metadata {
-                    Some(text) => parse_json("result metadata", text)?,
-                    None => serde_json::Value::Null,
-                },
-                processing_time: get(row, 24)?,
-            }),
-            None => None,
-        },
     })
+}
+
+/// Reads a result from `result_content, result_metadata, processing_time` starting at
+/// column `first` (only the detail read selects them). The metadata is
+/// checked to be JSON but not parsed into a tree.
+fn result_from_row(row: &Row, first: usize) -> Result<Option<JobResult>, StoreError> {
+    let Some(content) = get::<Option<String>>(row, first)? else {
+        return Ok(None);
+    };
+    let metadata = match get::<Option<String>>(row, first + 1)? {
+        Some(text) => serde_json::value::RawValue::from_string(text)
+            .map_err(|_| corrupt("result metadata", "(not JSON)"))?,
+        None => serde_json::value::to_raw_value(&serde_json::Value::Null).expect("null serializes"),
+    };
+    Ok(Some(JobResult {
+        content,
+        metadata,
+        processing_time: get(row, first + 2)?,
+    }))
 }
 
 /// One history row a transition writes.
@@ -887,12 +902,12 @@ async fn manual_retry(conn: &mut Conn, p: ManualRetryParams) -> Result<Job, Stor
 async fn import(conn: &mut Conn, p: ImportJobParams) -> Result<ImportOutcome, StoreError> {
     let job = &p.job;
     let micros = |t: Option<Timestamp>| t.map(Timestamp::as_micros);
-    let result = job.result.as_ref();
+    let result = p.result.as_ref();
     let id = job.id.to_string();
     let options = job.task_options.to_string();
     let lease = job.lease_id.map(|l| l.to_string());
     let content = result.map(|r| r.content.as_str());
-    let metadata = result.map(|r| r.metadata.to_string());
+    let metadata = result.map(|r| r.metadata.get());
     let processing_time = result.and_then(|r| r.processing_time);
     let (attempt, retry_count) = (job.attempt as i32, job.retry_count as i32);
     let times = [
@@ -1249,10 +1264,15 @@ fn qualified_job_columns(alias: &str) -> String {
 
 async fn get_job_detail(conn: &mut Conn, id: JobId) -> Result<Option<JobDetail>, StoreError> {
     // One statement, so the job and its history come from the same snapshot.
+    // The result is read once, not repeated on every history row.
     let columns = qualified_job_columns("j");
     let sql = format!(
-        "SELECT {columns}, h.from_status, h.to_status, h.at, h.actor, h.reason \
-         FROM jobs j LEFT JOIN job_history h ON h.job_seq = j.seq WHERE j.id = $1 ORDER BY h.id"
+        "SELECT {columns}, CASE WHEN h.id IS NOT DISTINCT FROM first.id THEN j.result_content END, \
+             CASE WHEN h.id IS NOT DISTINCT FROM first.id THEN j.result_metadata END, j.processing_time, \
+             h.from_status, h.to_status, h.at, h.actor, h.reason \
+         FROM jobs j \
+         LEFT JOIN LATERAL (SELECT min(id) AS id FROM job_history WHERE job_seq = j.seq) AS first ON true \
+         LEFT JOIN job_history h ON h.job_seq = j.seq WHERE j.id = $1 ORDER BY h.id"
     );
     let statement = conn.statement(&sql).await?;
     let rows = conn
@@ -1264,6 +1284,7 @@ async fn get_job_detail(conn: &mut Conn, id: JobId) -> Result<Option<JobDetail>,
         return Ok(None);
     };
     let job = job_from_row(first)?;
+    let result = result_from_row(first, 22)?;
     let mut history = Vec::with_capacity(rows.len());
     for row in &rows {
         let Some(to) = get::<Option<&str>>(row, 26)? else {
@@ -1279,7 +1300,11 @@ async fn get_job_detail(conn: &mut Conn, id: JobId) -> Result<Option<JobDetail>,
             reason: get(row, 29)?,
         });
     }
-    Ok(Some(JobDetail { job, history }))
+    Ok(Some(JobDetail {
+        job,
+        result,
+        history,
+    }))
 }
 
 /// Every status a job can have, for listing by type as one index range per status.
@@ -1478,6 +1503,20 @@ async fn ping(conn: &mut Conn) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Rewrites the one row of `write_probe`.
+async fn probe_write(conn: &mut Conn, now: Timestamp) -> Result<(), StoreError> {
+    conn.client
+        .execute(
+            "INSERT INTO write_probe (id, written_at, writes) VALUES (1, $1, 1) \
+             ON CONFLICT (id) DO UPDATE SET written_at = EXCLUDED.written_at, \
+             writes = write_probe.writes + 1",
+            &[&now.as_micros()],
+        )
+        .await
+        .map_err(pg_error)?;
+    Ok(())
+}
+
 impl Store for PostgresStore {
     fn create_job(&self, params: CreateJobParams) -> StoreFuture<'_, Job> {
         Box::pin(async move {
@@ -1568,6 +1607,10 @@ impl Store for PostgresStore {
 
     fn ping(&self) -> StoreFuture<'_, ()> {
         self.run(|c| Box::pin(ping(c)))
+    }
+
+    fn probe_write(&self, now: Timestamp) -> StoreFuture<'_, ()> {
+        self.run(move |c| Box::pin(probe_write(c, now)))
     }
 
     fn close(&self) -> StoreFuture<'_, ()> {

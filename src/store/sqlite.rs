@@ -24,8 +24,13 @@ mod idempotent_create;
 
 const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/sqlite/0001_jobs.sql"),
+    include_str!("../../migrations/sqlite/0002_write_probe.sql"),
+    include_str!("../../migrations/sqlite/0003_deliveries.sql"),
     include_str!("../../migrations/sqlite/0004_idempotent_creates.sql"),
 ];
+
+#[path = "sqlite_deliveries.rs"]
+mod deliveries;
 
 /// Writes committed together at most.
 const MAX_WRITES_PER_COMMIT: usize = 512;
@@ -39,18 +44,7 @@ const WRITER_AUTOCHECKPOINT_PAGES: i64 = 10_000;
 /// The least time between two background checkpoints: each costs two fsyncs.
 const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
 
-/// How hard a commit is pushed to disk.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum Durability {
-    /// `synchronous=NORMAL`: a commit survives the server process being killed (the WAL
-    /// is in the OS page cache); after a power loss the last commits may be lost, but the
-    /// database stays consistent.
-    #[default]
-    Normal,
-    /// `synchronous=FULL`: every commit is fsynced before it is acknowledged, so it
-    /// survives power loss too, at a large cost in write throughput.
-    Full,
-}
+pub use super::Durability;
 
 #[derive(Clone, Debug)]
 pub struct SqliteOptions {
@@ -66,6 +60,8 @@ pub struct SqliteStore {
     writer_thread: Mutex<Option<JoinHandle<()>>>,
     readers: Arc<ReaderPool>,
     path: PathBuf,
+    /// Bumped after a commit that may have recorded a hand-off: wakes the dispatcher.
+    handoffs_committed: tokio::sync::watch::Sender<u64>,
 }
 
 impl SqliteStore {
@@ -95,6 +91,7 @@ impl SqliteStore {
                 idle: Mutex::new(Vec::new()),
             }),
             path: options.path,
+            handoffs_committed: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -135,6 +132,22 @@ impl SqliteStore {
         })
     }
 
+    /// Wakes the dispatcher once `work` committed, when `recorded_handoff` says it may have
+    /// written a hand-off.
+    fn signal_handoffs_after<'s, T: Send + 's>(
+        &'s self,
+        work: StoreFuture<'s, T>,
+        recorded_handoff: fn(&T) -> bool,
+    ) -> StoreFuture<'s, T> {
+        Box::pin(async move {
+            let result = work.await?;
+            if recorded_handoff(&result) {
+                self.handoffs_committed.send_modify(|n| *n += 1);
+            }
+            Ok(result)
+        })
+    }
+
     fn read<T, F>(&self, operation: F) -> StoreFuture<'_, T>
     where
         T: Send + 'static,
@@ -167,7 +180,18 @@ fn configure(conn: &Connection, durability: Durability) -> rusqlite::Result<()> 
     Ok(())
 }
 
-fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+/// Brings the schema of the file at `options.path` up to date without starting a store.
+pub fn migrate_file(options: &SqliteOptions) -> Result<super::MigrationReport, StoreError> {
+    if let Some(parent) = options.path.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| StoreError::Internal(format!("create {parent:?}: {e}")))?;
+    }
+    let mut conn = Connection::open(&options.path).map_err(sql_error)?;
+    configure(&conn, options.durability).map_err(sql_error)?;
+    migrate(&mut conn)
+}
+
+fn migrate(conn: &mut Connection) -> Result<super::MigrationReport, StoreError> {
     let known = MIGRATIONS.len() as i64;
     let found: i64 = conn
         .pragma_query_value(None, "user_version", |row| row.get(0))
@@ -182,7 +206,10 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
             .map_err(sql_error)?;
         tx.commit().map_err(sql_error)?;
     }
-    Ok(())
+    Ok(super::MigrationReport {
+        from_version: found,
+        to_version: known,
+    })
 }
 
 fn writer_loop(conn: Connection, receiver: mpsc::Receiver<WriteJob>, checkpointer: Checkpointer) {
@@ -337,10 +364,18 @@ impl ReaderPool {
 
 fn sql_error(error: rusqlite::Error) -> StoreError {
     match &error {
+        // Busy, and what the disk or the file system refuses (I/O error, disk full,
+        // read-only, cannot open): not the caller's fault, and may pass.
         rusqlite::Error::SqliteFailure(code, _)
             if matches!(
                 code.code,
-                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                rusqlite::ErrorCode::DatabaseBusy
+                    | rusqlite::ErrorCode::DatabaseLocked
+                    | rusqlite::ErrorCode::SystemIoFailure
+                    | rusqlite::ErrorCode::DiskFull
+                    | rusqlite::ErrorCode::ReadOnly
+                    | rusqlite::ErrorCode::CannotOpen
+                    | rusqlite::ErrorCode::PermissionDenied
             ) =>
         {
             StoreError::Unavailable(error.to_string())
@@ -371,12 +406,18 @@ const NEXT_DEADLINE_SQL: &str =
 /// keeps the planner from preferring `jobs_by_status` and sorting every finished job.
 const CLEANUP_SCAN_SQL: &str = "SELECT seq, source_file_path FROM jobs INDEXED BY jobs_finished \
      WHERE status = ?1 AND status IN ('completed', 'failed', 'timeout', 'cancelled') \
-     AND completed_at < ?2 ORDER BY completed_at LIMIT ?3";
+     AND completed_at < ?2 \
+     AND NOT EXISTS (SELECT 1 FROM handoffs h WHERE h.job_id = jobs.id AND h.fanned_out_at IS NULL) \
+     AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.job_id = jobs.id \
+                     AND (d.state = 'pending' OR (d.state = 'dead' AND jobs.status <> 'cancelled'))) \
+     ORDER BY completed_at LIMIT ?3";
 
 const JOB_COLUMNS: &str = "seq, id, content_type, source_file_path, task_options, ingestion_task_id, status, \
      worker_id, lease_id, attempt, retry_count, created_at, started_at, completed_at, updated_at, available_at, \
-     execution_deadline, heartbeat_deadline, last_heartbeat_at, progress, progress_message, error_message, \
-     result_content, result_metadata, processing_time";
+     execution_deadline, heartbeat_deadline, last_heartbeat_at, progress, progress_message, error_message";
+
+/// A result's columns, read only by the detail read (after `JOB_COLUMNS`).
+const RESULT_COLUMNS: &str = "result_content, result_metadata, processing_time";
 
 fn ts(column: Option<i64>) -> Option<Timestamp> {
     column.map(Timestamp::from_micros)
@@ -401,8 +442,6 @@ fn job_from_row(row: &Row<'_>) -> rusqlite::Result<Job> {
     let status: String = row.get(6)?;
     let worker_id: Option<String> = row.get(7)?;
     let lease_id: Option<String> = row.get(8)?;
-    let result_content: Option<String> = row.get(22)?;
-    let result_metadata: Option<String> = row.get(23)?;
     Ok(Job {
         id: JobId::parse(&id).map_err(|_| corrupt("job id", &id))?,
         content_type: ContentType::parse(&content_type)
@@ -431,19 +470,25 @@ fn job_from_row(row: &Row<'_>) -> rusqlite::Result<Job> {
         progress: row.get(19)?,
         progress_message: row.get(20)?,
         error_message: row.get(21)?,
-        result: match result_content {
-            Some(content) => Some(JobResult {
-                content,
-                metadata: match result_metadata {
-                    Some(text) => serde_json::from_str(&text)
-                        .map_err(|_| corrupt("result metadata", &text))?,
-                    None => serde_json::Value::Null,
-                },
-                processing_time: row.get(24)?,
-            }),
-            None => None,
-        },
     })
+}
+
+/// Reads a result from `RESULT_COLUMNS` starting at column `first`. The metadata is
+/// checked to be JSON but not parsed into a tree.
+fn result_from_row(row: &Row<'_>, first: usize) -> rusqlite::Result<Option<JobResult>> {
+    let Some(content) = row.get::<_, Option<String>>(first)? else {
+        return Ok(None);
+    };
+    let metadata = match row.get::<_, Option<String>>(first + 1)? {
+        Some(text) => serde_json::value::RawValue::from_string(text)
+            .map_err(|_| corrupt("result metadata", "(not JSON)"))?,
+        None => serde_json::value::to_raw_value(&serde_json::Value::Null).expect("null serializes"),
+    };
+    Ok(Some(JobResult {
+        content,
+        metadata,
+        processing_time: row.get(first + 2)?,
+    }))
 }
 
 fn select_job_by_seq(conn: &Connection, seq: i64) -> Result<Job, StoreError> {
@@ -457,6 +502,24 @@ fn select_job_by_id(conn: &Connection, id: JobId) -> Result<Option<(i64, Job)>, 
         .prepare_cached(&sql)?
         .query_row([id.to_string()], |row| {
             Ok((row.get::<_, i64>(0)?, job_from_row(row)?))
+        })
+        .optional()?)
+}
+
+/// The job with its result, by id.
+fn select_job_and_result(
+    conn: &Connection,
+    id: JobId,
+) -> Result<Option<(i64, Job, Option<JobResult>)>, StoreError> {
+    let sql = format!("SELECT {JOB_COLUMNS}, {RESULT_COLUMNS} FROM jobs WHERE id = ?1");
+    Ok(conn
+        .prepare_cached(&sql)?
+        .query_row([id.to_string()], |row| {
+            Ok((
+                row.get::<_, i64>(0)?,
+                job_from_row(row)?,
+                result_from_row(row, 22)?,
+            ))
         })
         .optional()?)
 }
@@ -489,6 +552,7 @@ fn record_handoff(conn: &Connection, job: &Job, now: Timestamp) -> Result<(), St
         "status": job.status.as_str(),
         "error_message": job.error_message,
         "attempt": job.attempt,
+        "retry_count": job.retry_count,
     });
     conn.prepare_cached(
         "INSERT INTO handoffs (job_id, kind, payload, created_at) VALUES (?1, ?2, ?3, ?4)",
@@ -835,7 +899,7 @@ fn submit_result(conn: &Connection, p: SubmitResultParams) -> Result<Job, StoreE
 fn import(conn: &Connection, p: ImportJobParams) -> Result<ImportOutcome, StoreError> {
     let job = &p.job;
     let micros = |t: Option<Timestamp>| t.map(Timestamp::as_micros);
-    let result = job.result.as_ref();
+    let result = p.result.as_ref();
     let seq: Option<i64> = conn
         .prepare_cached(
             "INSERT INTO jobs (id, content_type, source_file_path, task_options, ingestion_task_id, status, \
@@ -871,7 +935,7 @@ fn import(conn: &Connection, p: ImportJobParams) -> Result<ImportOutcome, StoreE
                 job.progress_message,
                 job.error_message,
                 result.map(|r| r.content.as_str()),
-                result.map(|r| r.metadata.to_string()),
+                result.map(|r| r.metadata.get()),
                 result.and_then(|r| r.processing_time),
             ],
             |row| row.get(0),
@@ -1259,11 +1323,13 @@ impl Store for SqliteStore {
     }
 
     fn submit_result(&self, params: SubmitResultParams) -> StoreFuture<'_, Job> {
-        self.write(move |conn| submit_result(conn, params))
+        let work = self.write(move |conn| submit_result(conn, params));
+        self.signal_handoffs_after(work, |job| job.status.is_finished())
     }
 
     fn cancel_job(&self, params: CancelParams) -> StoreFuture<'_, Job> {
-        self.write(move |conn| cancel(conn, params))
+        let work = self.write(move |conn| cancel(conn, params));
+        self.signal_handoffs_after(work, |_| true)
     }
 
     fn retry_job(&self, params: ManualRetryParams) -> StoreFuture<'_, Job> {
@@ -1271,7 +1337,11 @@ impl Store for SqliteStore {
     }
 
     fn rescue_expired(&self, params: RescueParams) -> StoreFuture<'_, RescueReport> {
-        self.write(move |conn| rescue(conn, params))
+        let work = self.write(move |conn| rescue(conn, params));
+        self.signal_handoffs_after(work, |report| {
+            report.n_pending_timed_out > 0
+                || report.n_attempts_timed_out > report.n_retries_scheduled
+        })
     }
 
     fn next_deadline(&self) -> StoreFuture<'_, Option<Timestamp>> {
@@ -1297,11 +1367,12 @@ impl Store for SqliteStore {
             // One read transaction, so the job and its history agree.
             conn.execute_batch("BEGIN")?;
             let result = (|| {
-                let Some((seq, job)) = select_job_by_id(conn, id)? else {
+                let Some((seq, job, result)) = select_job_and_result(conn, id)? else {
                     return Ok(None);
                 };
                 Ok(Some(JobDetail {
                     job,
+                    result,
                     history: history_of(conn, seq)?,
                 }))
             })();
@@ -1349,6 +1420,18 @@ impl Store for SqliteStore {
 
     fn ping(&self) -> StoreFuture<'_, ()> {
         self.read(|conn| Ok(conn.query_row("SELECT 1", [], |_| Ok(()))?))
+    }
+
+    fn probe_write(&self, now: Timestamp) -> StoreFuture<'_, ()> {
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO write_probe (id, written_at, writes) VALUES (1, ?1, 1) \
+                 ON CONFLICT (id) DO UPDATE SET written_at = excluded.written_at, \
+                 writes = write_probe.writes + 1",
+            )?
+            .execute([now.as_micros()])?;
+            Ok(())
+        })
     }
 
     fn close(&self) -> StoreFuture<'_, ()> {

@@ -776,9 +776,11 @@ async fn failures_are_retried_unless_marked_not_retryable() {
     assert_eq!(claimed, retried);
     let (status, body) = app.fail(&final_job, Some(&final_lease), false).await;
     assert_eq!(status, 200, "{body}");
+    // No sink is configured (tests/it/delivery.rs configures them): the outcome is
+    // only stored.
     assert_eq!(
         body,
-        json!({"status": "failed", "ingestion_continued": true})
+        json!({"status": "failed", "ingestion_continued": false})
     );
     let view = status_view(&app, &final_job).await;
     assert_eq!(view["status"], "failed");
@@ -828,9 +830,10 @@ async fn status_has_exactly_morags_fields_through_the_lifecycle() {
     app.advance(20);
     let (status, body) = app.succeed(&id, None).await;
     assert_eq!(status, 200, "{body}");
+    // No sink is configured: the outcome is only stored.
     assert_eq!(
         body,
-        json!({"status": "completed", "ingestion_continued": true})
+        json!({"status": "completed", "ingestion_continued": false})
     );
     let completed = status_view(&app, &id).await;
     assert_eq!(
@@ -973,6 +976,7 @@ async fn statistics_count_jobs_by_status_and_type_with_processing_times() {
         [
             "avg_processing_times",
             "content_type_counts",
+            "deliveries",
             "recent_jobs_24h",
             "status_counts",
             "storage_size_mb",

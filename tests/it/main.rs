@@ -4,15 +4,21 @@
 mod support;
 
 mod api;
+mod architecture;
 mod celery;
 mod cli;
 mod crash;
+mod delivery;
+mod delivery_conformance;
+mod hygiene;
 mod idempotency_conformance;
 mod idempotent_create;
 mod import;
 mod lifecycle;
+mod listing_memory;
 mod morag_client;
 mod postgres;
 mod race;
 mod replicas;
 mod store_conformance;
+mod test_script;

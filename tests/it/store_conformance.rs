@@ -526,11 +526,14 @@ pub async fn results_complete_once_and_stale_leases_change_nothing(s: TestStore)
         .await
         .unwrap();
     assert_eq!((job.status, job.completed_at), (Completed, Some(at(5))));
-    let result = job.result.expect("result stored");
+    // Only the detail read loads a result.
+    let detail = store.get_job_detail(id).await.unwrap().unwrap();
+    assert_eq!(detail.job, job);
+    let result = detail.result.expect("result stored");
     assert_eq!(
         (
             result.content.as_str(),
-            result.metadata,
+            serde_json::from_str::<serde_json::Value>(result.metadata.get()).unwrap(),
             result.processing_time
         ),
         ("text", json!({"k": 1}), Some(2.0))
@@ -923,6 +926,17 @@ pub async fn cleanup_deletes_only_finished_jobs_past_retention(s: TestStore) {
             .await
             .unwrap();
     }
+    // A hand-off keeps its job until it is fanned out to the sinks (here: none, so
+    // outcomes are only stored); see delivery_conformance for deliveries keeping jobs.
+    store
+        .fan_out_handoffs(deliveries::FanOutParams {
+            sinks: vec![],
+            webhooks: false,
+            limit: 100,
+            now: at(2),
+        })
+        .await
+        .unwrap();
     let clean = |retention, now| {
         store.cleanup_finished(CleanupParams {
             retention,
@@ -1121,6 +1135,22 @@ pub async fn closing_makes_later_calls_unavailable(s: TestStore) {
     assert!(matches!(error, StoreError::Unavailable(_)), "{error:?}");
 }
 
+pub async fn write_probes_commit_and_change_no_job(s: TestStore) {
+    let store = &*s.store;
+    let id = create(store, "audio", at(0)).await;
+    store.probe_write(at(1)).await.expect("first probe");
+    store
+        .probe_write(at(2))
+        .await
+        .expect("a later probe rewrites the same row");
+    assert_eq!(status(store, id).await, JobStatus::Pending);
+    assert_eq!(transitions(store, id).await.len(), 1);
+    assert_eq!(store.statistics(at(3)).await.unwrap().total_jobs, 1);
+    store.close().await.unwrap();
+    let error = store.probe_write(at(4)).await.unwrap_err();
+    assert!(matches!(error, StoreError::Unavailable(_)), "{error:?}");
+}
+
 pub async fn imported_jobs_are_stored_as_they_are_and_only_once(s: TestStore) {
     use morag_jobs::domain::{Job, JobResult};
     let store = &*s.store;
@@ -1146,15 +1176,17 @@ pub async fn imported_jobs_are_stored_as_they_are_and_only_once(s: TestStore) {
         progress: None,
         progress_message: None,
         error_message: None,
-        result: Some(JobResult {
-            content: "transcript".into(),
-            metadata: json!({"pages": 2}),
-            processing_time: Some(4.5),
-        }),
     };
-    let import = |job, deadline_at| {
+    let done_result = JobResult {
+        content: "transcript".into(),
+        metadata: serde_json::value::to_raw_value(&json!({"pages": 2})).unwrap(),
+        processing_time: Some(4.5),
+    };
+    let import = |job: Job, deadline_at| {
+        let result = (job.status == Completed).then(|| done_result.clone());
         store.import_job(ImportJobParams {
             job,
+            result,
             deadline_at,
             reason: "imported from MoRAG".into(),
             now: at(100),
@@ -1168,6 +1200,11 @@ pub async fn imported_jobs_are_stored_as_they_are_and_only_once(s: TestStore) {
         store.get_job(done.id).await.unwrap().unwrap(),
         done,
         "stored as it is"
+    );
+    assert_eq!(
+        store.get_job_detail(done.id).await.unwrap().unwrap().result,
+        Some(done_result.clone()),
+        "with its result"
     );
     let mut changed = done.clone();
     changed.status = Failed;
@@ -1202,7 +1239,6 @@ pub async fn imported_jobs_are_stored_as_they_are_and_only_once(s: TestStore) {
         completed_at: None,
         updated_at: at(50),
         execution_deadline: Some(at(50 + 1800)),
-        result: None,
         ..done.clone()
     };
     assert_eq!(
@@ -1226,7 +1262,6 @@ pub async fn imported_jobs_are_stored_as_they_are_and_only_once(s: TestStore) {
         attempt: 0,
         started_at: None,
         completed_at: None,
-        result: None,
         ..done.clone()
     };
     import(pending.clone(), None).await.unwrap();
@@ -1292,5 +1327,6 @@ conformance!(
     statistics_come_from_counters,
     listing_filters_and_pages_newest_first,
     closing_makes_later_calls_unavailable,
+    write_probes_commit_and_change_no_job,
     imported_jobs_are_stored_as_they_are_and_only_once,
 );

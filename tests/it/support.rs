@@ -5,9 +5,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use morag_jobs::app::{App, AppContext};
+use morag_jobs::app::App;
 use morag_jobs::clock::ManualClock;
 use morag_jobs::config::{Config, ServeArgs};
+use morag_jobs::context::AppContext;
 use morag_jobs::monitor::Monitor;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
@@ -96,8 +97,13 @@ pub async fn spawn_app_with(extra: &[&str]) -> TestApp {
 }
 
 impl TestApp {
+    /// The PostgreSQL database of a run with `MORAG_TEST_STORE=postgres`.
+    pub fn postgres(&self) -> Option<&PgDatabase> {
+        self._database.as_ref()
+    }
+
     pub fn monitor(&self) -> Monitor {
-        Monitor::new(self.context.clone())
+        morag_jobs::app::monitor_for(&self.context)
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -347,7 +347,7 @@ async fn claim_group(
 
 /// How many columns `JOB_COLUMNS` names; the batch statements return their request's
 /// position after them.
-const JOB_COLUMN_COUNT: usize = 25;
+const JOB_COLUMN_COUNT: usize = 22;
 
 /// One result's planned write: the state it expects, the state it leaves, its history.
 /// The result's text is borrowed from the request: results can be large.
