@@ -573,7 +573,13 @@ fn delivery_row(d: &Value) -> Vec<String> {
 }
 
 const DELIVERY_HEADERS: [&str; 7] = [
-    "ID", "SINK", "STATE", "ATTEMPTS", "JOB", "EVENT", "LAST ERROR",
+    "ID",
+    "SINK",
+    "STATE",
+    "ATTEMPTS",
+    "JOB",
+    "EVENT",
+    "LAST ERROR",
 ];
 
 fn render_deliveries(body: &Value) -> String {
@@ -610,7 +616,10 @@ fn render_delivery(body: &Value) -> String {
         })
         .unwrap_or_default();
     out.push('\n');
-    out.push_str(&table(&["ATTEMPT", "AT", "OUTCOME", "HTTP", "ERROR"], &attempts));
+    out.push_str(&table(
+        &["ATTEMPT", "AT", "OUTCOME", "HTTP", "ERROR"],
+        &attempts,
+    ));
     out
 }
 

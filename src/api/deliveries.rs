@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
 use super::extract::QueryParams;
-use crate::context::AppContext;
 use crate::clock::Timestamp;
+use crate::context::AppContext;
 use crate::delivery::SinkKind;
 use crate::domain::JobId;
 use crate::store::deliveries::{
@@ -231,9 +231,7 @@ impl<S: Send + Sync> FromRequestParts<S> for DeliveryIdPath {
             .ok()
             .filter(|id| *id > 0)
             .map(DeliveryIdPath)
-            .ok_or_else(|| {
-                ApiError::validation(&["path", "delivery_id"], "not a delivery id")
-            })
+            .ok_or_else(|| ApiError::validation(&["path", "delivery_id"], "not a delivery id"))
     }
 }
 

@@ -3,8 +3,8 @@
 
 mod admin;
 mod auth;
-pub mod deliveries;
 mod bounded_json;
+pub mod deliveries;
 mod error;
 mod extract;
 mod queries;

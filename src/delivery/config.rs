@@ -24,13 +24,21 @@ pub struct DeliveryArgs {
     #[arg(long, env = "MORAG_DELIVERY_MAX_ATTEMPTS", default_value_t = 20)]
     pub delivery_max_attempts: u32,
     /// Milliseconds one attempt may take before it counts as failed.
-    #[arg(long, env = "MORAG_DELIVERY_ATTEMPT_TIMEOUT_MS", default_value_t = 10_000)]
+    #[arg(
+        long,
+        env = "MORAG_DELIVERY_ATTEMPT_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
     pub delivery_attempt_timeout_ms: u64,
     /// Milliseconds before the first retry; doubles with each attempt (with jitter).
     #[arg(long, env = "MORAG_DELIVERY_BACKOFF_BASE_MS", default_value_t = 1_000)]
     pub delivery_backoff_base_ms: u64,
     /// Milliseconds between retries at most.
-    #[arg(long, env = "MORAG_DELIVERY_BACKOFF_MAX_MS", default_value_t = 3_600_000)]
+    #[arg(
+        long,
+        env = "MORAG_DELIVERY_BACKOFF_MAX_MS",
+        default_value_t = 3_600_000
+    )]
     pub delivery_backoff_max_ms: u64,
     /// Deliveries attempted at once at most.
     #[arg(long, env = "MORAG_DELIVERY_CONCURRENCY", default_value_t = 32)]
@@ -61,17 +69,18 @@ impl DeliveryConfig {
     /// Checks the flags; the error names the setting that is wrong.
     pub fn from_args(args: DeliveryArgs) -> Result<DeliveryConfig, String> {
         let invalid = |message: String| message;
-        let ingestion_callback_url = match args
-            .ingestion_callback_url
-            .as_deref()
-            .map(str::trim)
-            .filter(|u| !u.is_empty())
-        {
-            None => None,
-            Some(text) => Some(parse_http_url(text).map_err(|why| {
-                invalid(format!("MORAG_INGESTION_CALLBACK_URL {text:?}: {why}"))
-            })?),
-        };
+        let ingestion_callback_url =
+            match args
+                .ingestion_callback_url
+                .as_deref()
+                .map(str::trim)
+                .filter(|u| !u.is_empty())
+            {
+                None => None,
+                Some(text) => Some(parse_http_url(text).map_err(|why| {
+                    invalid(format!("MORAG_INGESTION_CALLBACK_URL {text:?}: {why}"))
+                })?),
+            };
         let webhook_secret = match args
             .webhook_secret
             .as_deref()
@@ -85,10 +94,14 @@ impl DeliveryConfig {
             ),
         };
         if args.delivery_max_attempts == 0 {
-            return Err(invalid("MORAG_DELIVERY_MAX_ATTEMPTS must be at least 1".into()));
+            return Err(invalid(
+                "MORAG_DELIVERY_MAX_ATTEMPTS must be at least 1".into(),
+            ));
         }
         if args.delivery_concurrency == 0 {
-            return Err(invalid("MORAG_DELIVERY_CONCURRENCY must be at least 1".into()));
+            return Err(invalid(
+                "MORAG_DELIVERY_CONCURRENCY must be at least 1".into(),
+            ));
         }
         if args.delivery_attempt_timeout_ms == 0 || args.delivery_poll_interval_ms == 0 {
             return Err(invalid(
@@ -157,7 +170,10 @@ impl DeliveryConfig {
 pub fn parse_http_url(text: &str) -> Result<reqwest::Url, String> {
     let url = reqwest::Url::parse(text).map_err(|e| format!("not a URL ({e})"))?;
     if !matches!(url.scheme(), "http" | "https") {
-        return Err(format!("only http and https URLs are allowed, not {}", url.scheme()));
+        return Err(format!(
+            "only http and https URLs are allowed, not {}",
+            url.scheme()
+        ));
     }
     if url.host_str().is_none_or(str::is_empty) {
         return Err("the URL has no host".into());

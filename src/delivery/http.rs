@@ -87,7 +87,10 @@ async fn post_signed(
             } else if status == reqwest::StatusCode::GONE {
                 Err(DeliveryError::Permanent("HTTP 410 Gone".into()))
             } else {
-                Err(DeliveryError::Retryable(format!("HTTP {}", status.as_u16())))
+                Err(DeliveryError::Retryable(format!(
+                    "HTTP {}",
+                    status.as_u16()
+                )))
             };
             (outcome, detail)
         }
@@ -155,7 +158,9 @@ impl Sink for WebhookSink {
                 Ok(url) => url,
                 Err(why) => {
                     return (
-                        Err(DeliveryError::Permanent(format!("webhook_url refused: {why}"))),
+                        Err(DeliveryError::Permanent(format!(
+                            "webhook_url refused: {why}"
+                        ))),
                         AttemptDetail::default(),
                     )
                 }

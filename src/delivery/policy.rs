@@ -70,7 +70,10 @@ mod tests {
         assert_eq!(s.delay_after(2, 0.0), Duration::from_secs(2));
         assert_eq!(s.delay_after(3, 0.0), Duration::from_secs(3));
         assert_eq!(s.delay_after(60, 0.0), Duration::from_secs(3));
-        assert_eq!(s.delay_after(2, 0.999_999), Duration::from_secs(2).mul_f64(0.5000005));
+        assert_eq!(
+            s.delay_after(2, 0.999_999),
+            Duration::from_secs(2).mul_f64(0.5000005)
+        );
     }
 
     #[test]
@@ -85,9 +88,17 @@ mod tests {
                 error: "HTTP 503".into()
             }
         );
-        assert!(matches!(s.decide(3, retryable(), 0.0, now), AttemptResult::Dead { .. }));
         assert!(matches!(
-            s.decide(1, Err(DeliveryError::Permanent("HTTP 410".into())), 0.0, now),
+            s.decide(3, retryable(), 0.0, now),
+            AttemptResult::Dead { .. }
+        ));
+        assert!(matches!(
+            s.decide(
+                1,
+                Err(DeliveryError::Permanent("HTTP 410".into())),
+                0.0,
+                now
+            ),
             AttemptResult::Dead { .. }
         ));
         assert_eq!(s.decide(3, Ok(()), 0.0, now), AttemptResult::Delivered);

@@ -104,4 +104,3 @@ impl OutboundEvent {
         self.kind == EventKind::Completed
     }
 }
-

@@ -95,7 +95,11 @@ fn fan_out(conn: &Connection, p: FanOutParams) -> Result<FanOutReport, StoreErro
     Ok(report)
 }
 
-fn stored_event(conn: &Connection, handoff_id: i64, event_id: String) -> Result<StoredEvent, StoreError> {
+fn stored_event(
+    conn: &Connection,
+    handoff_id: i64,
+    event_id: String,
+) -> Result<StoredEvent, StoreError> {
     Ok(conn
         .prepare_cached(
             "SELECT h.job_id, h.kind, h.payload, h.created_at, j.ingestion_task_id, j.task_options, \
@@ -206,7 +210,9 @@ fn record(conn: &Connection, p: RecordAttemptParams) -> Result<RecordOutcome, St
     }
     let error = match &p.result {
         AttemptResult::Delivered => None,
-        AttemptResult::RetryAt { error, .. } | AttemptResult::Dead { error } => Some(error.as_str()),
+        AttemptResult::RetryAt { error, .. } | AttemptResult::Dead { error } => {
+            Some(error.as_str())
+        }
     };
     conn.prepare_cached(
         "INSERT INTO delivery_attempts (delivery_id, attempt, at, outcome, http_status, error) \
@@ -291,7 +297,13 @@ fn detail(conn: &Connection, id: i64) -> Result<Option<DeliveryDetail>, StoreErr
              WHERE delivery_id = ?1 ORDER BY id",
         )?
         .query_map([id], |row| {
-            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?))
+            Ok((
+                row.get(0)?,
+                row.get(1)?,
+                row.get(2)?,
+                row.get(3)?,
+                row.get(4)?,
+            ))
         })?
         .collect::<Result<_, _>>()?;
     let attempts = rows

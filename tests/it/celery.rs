@@ -404,3 +404,325 @@ async fn an_unreachable_broker_is_a_retryable_failure_that_names_no_password() {
         other => panic!("expected a retryable failure, got {other:?}"),
     }
 }
+
+/// The deliveries of a job, once they are all delivered.
+async fn delivered(app: &crate::support::TestApp, job_id: &str) -> Vec<Value> {
+    let started = Instant::now();
+    loop {
+        let (status, body) = app
+            .get(&format!("/api/v1/deliveries?job_id={job_id}"))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let deliveries = body["deliveries"].as_array().unwrap().clone();
+        if !deliveries.is_empty() && deliveries.iter().all(|d| d["state"] == "delivered") {
+            return deliveries;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "deliveries of {job_id} not delivered: {deliveries:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Through the real server: a job that completes, one that fails for good and one that
+/// times out for good each make exactly one task run on a stock Celery worker, with the
+/// seed's arguments, under the delivery's event id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completed_failed_and_timed_out_jobs_each_run_one_celery_task() {
+    let broker = TestBroker::new();
+    let prefix = broker.dedup_key_prefix();
+    let url = redis_url();
+    let app = crate::support::spawn_app_with(&[
+        "--celery-broker-url",
+        &url,
+        "--celery-queue",
+        broker.queue(),
+        "--celery-dedup-key-prefix",
+        &prefix,
+        "--max-retries",
+        "0",
+        "--delivery-poll-interval-ms",
+        "60000",
+    ])
+    .await;
+    let mut worker = CeleryWorker::start(broker.queue());
+
+    let create = |task: &'static str| {
+        let app = &app;
+        async move {
+            let path = app.source_file(&format!("{task}.pdf"), b"pdf");
+            let (status, body) = app
+                .post(
+                    "/api/v1/remote-jobs/",
+                    json!({"source_file_path": path, "content_type": "document",
+                           "task_options": {"chunk_size": 2000}, "ingestion_task_id": task}),
+                )
+                .await;
+            assert_eq!(status, 200, "{body}");
+            let id = body["job_id"].as_str().unwrap().to_owned();
+            let (claimed, lease) = app.claim("w1", "document").await;
+            assert_eq!(claimed, id);
+            (id, lease)
+        }
+    };
+    let (completed, lease) = create("e2e-completed").await;
+    let (status, body) = app.succeed(&completed, Some(&lease)).await;
+    assert_eq!(
+        (status, body["ingestion_continued"].clone()),
+        (200, json!(true))
+    );
+    let (failed, lease) = create("e2e-failed").await;
+    let (status, _) = app.fail(&failed, Some(&lease), true).await;
+    assert_eq!(status, 200);
+    assert_eq!(app.status_of(&failed).await, "failed");
+    let (timed_out, _) = create("e2e-timed-out").await;
+    app.advance(601);
+    app.monitor().rescue_once().await.unwrap();
+    assert_eq!(app.status_of(&timed_out).await, "timeout");
+
+    let mut event_ids = Vec::new();
+    for id in [&completed, &failed, &timed_out] {
+        let deliveries = delivered(&app, id).await;
+        assert_eq!(deliveries.len(), 1, "{deliveries:#?}");
+        assert_eq!(deliveries[0]["sink"], "celery");
+        event_ids.push(deliveries[0]["event_id"].as_str().unwrap().to_owned());
+    }
+    // Every delivery is on the queue; a sentinel pushed now runs after them.
+    let sentinel = failure(EventKind::Failed, "sentinel");
+    CelerySink::new(broker.sink_config())
+        .enqueue(&sentinel)
+        .await
+        .unwrap();
+    let records = worker.wait_for_ingestion_task("sentinel").await;
+    assert_eq!(records.len(), 4, "{records:#?}");
+
+    let run = |event_id: &str| {
+        let runs: Vec<&Value> = records
+            .iter()
+            .filter(|r| r["task_id"] == event_id)
+            .collect();
+        assert_eq!(runs.len(), 1, "{event_id}: {records:#?}");
+        runs[0].clone()
+    };
+    let continued = run(&event_ids[0]);
+    assert_eq!(continued["task"], CONTINUE_TASK);
+    assert_eq!(
+        continued["args"],
+        json!(["e2e-completed",
+               {"success": true, "content": "converted text", "metadata": {"pages": 1}, "processing_time": 0.5},
+               {"chunk_size": 2000}])
+    );
+    for (event_id, task, job_id, reason) in [
+        (&event_ids[1], "e2e-failed", &failed, "failed"),
+        (&event_ids[2], "e2e-timed-out", &timed_out, "timed_out"),
+    ] {
+        let handled = run(event_id);
+        assert_eq!(handled["task"], FAILURE_TASK);
+        let args = handled["args"].as_array().unwrap();
+        assert_eq!(args.len(), 2, "{handled}");
+        assert_eq!(args[0], task);
+        let info = &args[1];
+        assert_eq!(info["job_id"], job_id.as_str(), "{info}");
+        assert_eq!(info["reason"], reason, "{info}");
+        assert_eq!(info["retry_count"], 0, "{info}");
+        assert!(
+            info["error_message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{info}"
+        );
+    }
+
+    worker.stop().await;
+    app.stop().await;
+    broker.clean_up().await;
+}
+
+/// A TCP proxy to Redis that forwards everything, but once a connection sent a script
+/// (`EVALSHA`/`EVAL`) it swallows that connection's answers: the script runs on Redis and
+/// the server never hears back, as when it dies between the enqueue and recording it.
+async fn answer_swallowing_proxy() -> (u16, tokio::task::JoinHandle<()>) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let upstream = RedisUrl::parse(&redis_url()).unwrap();
+    let upstream = format!("{}:{}", upstream.host, upstream.port);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let task = tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                    return;
+                };
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                let swallow = Arc::new(AtomicBool::new(false));
+                let sent_script = swallow.clone();
+                tokio::spawn(async move {
+                    let mut buffer = vec![0; 64 * 1024];
+                    while let Ok(n) = client_read.read(&mut buffer).await {
+                        if n == 0 {
+                            break;
+                        }
+                        if buffer[..n].windows(4).any(|w| w == b"EVAL") {
+                            sent_script.store(true, Ordering::SeqCst);
+                        }
+                        if server_write.write_all(&buffer[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+                let mut buffer = vec![0; 64 * 1024];
+                while let Ok(n) = server_read.read(&mut buffer).await {
+                    if n == 0 {
+                        break;
+                    }
+                    if !swallow.load(Ordering::SeqCst)
+                        && client_write.write_all(&buffer[..n]).await.is_err()
+                    {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    (port, task)
+}
+
+/// The real binary is killed with SIGKILL after its Celery enqueue reached Redis but
+/// before it could record the delivery; after a restart it delivers the event again, and
+/// the worker still runs one task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_dash_nine_between_the_enqueue_and_recording_it_still_runs_one_task() {
+    use crate::support::{free_port, ServerProcess};
+
+    let broker = TestBroker::new();
+    let (proxy_port, proxy) = answer_swallowing_proxy().await;
+    let data = tempfile::tempdir().unwrap();
+    let source = data.path().canonicalize().unwrap().join("files/source.pdf");
+    std::fs::create_dir_all(source.parent().unwrap()).unwrap();
+    std::fs::write(&source, b"%PDF").unwrap();
+    let env_with = |broker_url: String| -> Vec<(String, String)> {
+        [
+            ("MORAG_CELERY_BROKER_URL", broker_url),
+            ("MORAG_CELERY_QUEUE", broker.queue().to_owned()),
+            ("MORAG_CELERY_DEDUP_KEY_PREFIX", broker.dedup_key_prefix()),
+            ("MORAG_DELIVERY_ATTEMPT_TIMEOUT_MS", "1000".into()),
+            ("MORAG_DELIVERY_BACKOFF_BASE_MS", "100".into()),
+            ("MORAG_DELIVERY_BACKOFF_MAX_MS", "300".into()),
+            ("MORAG_DELIVERY_POLL_INTERVAL_MS", "200".into()),
+        ]
+        .map(|(k, v)| (k.to_owned(), v))
+        .into()
+    };
+    let client = reqwest::Client::new();
+    let port = free_port();
+
+    // Phase 1: the enqueue reaches Redis, its answer never reaches the server.
+    let env = env_with(format!("redis://127.0.0.1:{proxy_port}/0"));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut server = ServerProcess::start(data.path(), port, &env);
+    server.wait_healthy(&client).await;
+    let created: Value = client
+        .post(format!("{}/api/v1/remote-jobs/", server.base))
+        .json(&json!({"source_file_path": source, "content_type": "document", "ingestion_task_id": "e2e-crash"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let job_id = created["job_id"].as_str().unwrap().to_owned();
+    let polled: Value = client
+        .get(format!(
+            "{}/api/v1/remote-jobs/poll?worker_id=w1&content_types=document",
+            server.base
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(polled["job_id"], job_id.as_str());
+    let answer = client
+        .put(format!(
+            "{}/api/v1/remote-jobs/{job_id}/result",
+            server.base
+        ))
+        .json(
+            &json!({"success": true, "content": "text", "metadata": {}, "processing_time": 1.0,
+                      "lease_id": polled["lease_id"]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let started = Instant::now();
+    while broker.command(&["LLEN", broker.queue()]).await != Reply::Integer(1) {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "nothing was enqueued"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    server.kill_9();
+    proxy.abort();
+
+    // Phase 2: restarted, talking to Redis directly, the server delivers the event again.
+    let env = env_with(redis_url());
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut server = ServerProcess::start(data.path(), port, &env);
+    server.wait_healthy(&client).await;
+    // The attempt in flight at the crash is taken over once its claim lapsed (the attempt
+    // timeout and a 30 s margin).
+    let started = Instant::now();
+    let delivery = loop {
+        let listed: Value = client
+            .get(format!("{}/api/v1/deliveries?job_id={job_id}", server.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let deliveries = listed["deliveries"].as_array().unwrap().clone();
+        if deliveries.len() == 1 && deliveries[0]["state"] == "delivered" {
+            break deliveries[0].clone();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "not delivered after the restart: {deliveries:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        broker.command(&["LLEN", broker.queue()]).await,
+        Reply::Integer(1),
+        "the redelivery pushed nothing"
+    );
+
+    let mut worker = CeleryWorker::start(broker.queue());
+    let sentinel = failure(EventKind::Failed, "sentinel");
+    CelerySink::new(broker.sink_config())
+        .enqueue(&sentinel)
+        .await
+        .unwrap();
+    let records = worker.wait_for_ingestion_task("sentinel").await;
+    let event_id = delivery["event_id"].as_str().unwrap();
+    let runs: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["task_id"] == event_id)
+        .collect();
+    assert_eq!(runs.len(), 1, "{records:#?}");
+    assert_eq!(runs[0]["args"][0], "e2e-crash");
+    assert_eq!(records.len(), 2, "{records:#?}");
+
+    worker.stop().await;
+    server.terminate();
+    broker.clean_up().await;
+}

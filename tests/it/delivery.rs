@@ -86,7 +86,9 @@ impl Receiver {
                 StatusCode::from_u16(answered).unwrap()
             }
         });
-        let listener = tokio::net::TcpListener::bind(addr).await.expect("bind receiver");
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .expect("bind receiver");
         let addr = listener.local_addr().unwrap();
         let server = tokio::spawn(async move {
             axum::serve(listener, app).await.unwrap();
@@ -215,7 +217,11 @@ async fn create_and_claim(app: &TestApp, task_options: Value) -> (String, String
 /// still in flight is not taken over and repeated.
 async fn retry_now(app: &TestApp) {
     app.advance(10);
-    app.context.dispatcher.run_once().await.expect("dispatcher pass");
+    app.context
+        .dispatcher
+        .run_once()
+        .await
+        .expect("dispatcher pass");
 }
 
 async fn deliveries_of(app: &TestApp, job_id: &str) -> Vec<Value> {
@@ -276,17 +282,26 @@ async fn a_failing_receiver_gets_each_outcome_later_signed_under_one_stable_id()
         callbacks.iter().map(|r| r.answered).collect::<Vec<_>>(),
         vec![503, 503, 200]
     );
-    assert_eq!(hooks.iter().map(|r| r.answered).collect::<Vec<_>>(), vec![500, 200]);
+    assert_eq!(
+        hooks.iter().map(|r| r.answered).collect::<Vec<_>>(),
+        vec![500, 200]
+    );
 
     let event_id = &callbacks[0].webhook_id;
     assert!(event_id.starts_with("evt_"), "{event_id}");
     for request in callbacks.iter().chain(&hooks) {
-        assert_eq!(&request.webhook_id, event_id, "one id for every attempt and sink");
+        assert_eq!(
+            &request.webhook_id, event_id,
+            "one id for every attempt and sink"
+        );
         assert!(
             signature_verifies(SECRET, request),
             "signature does not verify: {request:#?}"
         );
-        assert!(!signature_verifies("whsec_AAAAAAAAAAAAAAAAAAAAAAAA", request));
+        assert!(!signature_verifies(
+            "whsec_AAAAAAAAAAAAAAAAAAAAAAAA",
+            request
+        ));
     }
     let completed_at = app.detail(&id).await["completed_at"].clone();
     assert_eq!(
@@ -328,7 +343,12 @@ async fn a_failing_receiver_gets_each_outcome_later_signed_under_one_stable_id()
         .as_array()
         .unwrap()
         .iter()
-        .map(|a| (a["outcome"].as_str().unwrap().to_owned(), a["http_status"].clone()))
+        .map(|a| {
+            (
+                a["outcome"].as_str().unwrap().to_owned(),
+                a["http_status"].clone(),
+            )
+        })
         .collect();
     assert_eq!(
         attempts,
@@ -338,9 +358,18 @@ async fn a_failing_receiver_gets_each_outcome_later_signed_under_one_stable_id()
             ("delivered".into(), json!(200))
         ]
     );
-    assert_eq!(app.detail(&id).await["deliveries"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        app.detail(&id).await["deliveries"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
     let (_, stats) = app.get("/api/v1/remote-jobs/statistics").await;
-    assert_eq!(stats["deliveries"]["oldest_pending_age_seconds"], Value::Null);
+    assert_eq!(
+        stats["deliveries"]["oldest_pending_age_seconds"],
+        Value::Null
+    );
     app.stop().await;
 }
 
@@ -373,7 +402,9 @@ async fn gone_and_exhausted_deliveries_dead_letter_and_redrive_delivers() {
         stats["deliveries"]["per_sink"]["ingestion_callback"],
         json!({"pending": 0, "dead": 2})
     );
-    let (status, listed) = app.get("/api/v1/deliveries?state=dead&sink=ingestion_callback").await;
+    let (status, listed) = app
+        .get("/api/v1/deliveries?state=dead&sink=ingestion_callback")
+        .await;
     assert_eq!(status, 200, "{listed}");
     assert_eq!(listed["deliveries"].as_array().unwrap().len(), 2);
 
@@ -394,7 +425,10 @@ async fn gone_and_exhausted_deliveries_dead_letter_and_redrive_delivers() {
     assert_eq!(redriven["attempt_count"], 0);
     let delivered = receiver.wait_for("/callback", 4).await;
     assert_eq!(delivered[3].answered, 200);
-    assert_eq!(delivered[3].webhook_id, delivered[1].webhook_id, "the same event id");
+    assert_eq!(
+        delivered[3].webhook_id, delivered[1].webhook_id,
+        "the same event id"
+    );
     assert_eq!(delivered[3].body["event"], "job.failed");
     assert_eq!(
         delivered[3].body["failure_info"],
@@ -406,7 +440,9 @@ async fn gone_and_exhausted_deliveries_dead_letter_and_redrive_delivers() {
         .post(&format!("/api/v1/deliveries/{id}/redrive"), json!({}))
         .await;
     assert_eq!(status, 409, "{again}");
-    let (status, _) = app.post("/api/v1/deliveries/999999/redrive", json!({})).await;
+    let (status, _) = app
+        .post("/api/v1/deliveries/999999/redrive", json!({}))
+        .await;
     assert_eq!(status, 404);
     let (status, _) = app.get("/api/v1/deliveries/not-a-number").await;
     assert_eq!(status, 422);
@@ -431,7 +467,10 @@ async fn every_outcome_is_handed_off_once_and_a_manual_retry_is_a_new_outcome() 
     // A final failure, then a duplicate (late) result: one hand-off.
     let (id, lease) = create_and_claim(&app, json!({})).await;
     let (status, body) = app.fail(&id, Some(&lease), false).await;
-    assert_eq!((status, body["ingestion_continued"].clone()), (200, json!(true)));
+    assert_eq!(
+        (status, body["ingestion_continued"].clone()),
+        (200, json!(true))
+    );
     let (status, _) = app.succeed(&id, Some(&lease)).await;
     assert_eq!(status, 409, "a second result is refused");
     let (status, _) = app.fail(&id, None, false).await;
@@ -543,13 +582,20 @@ fn crash_env(callback: &str) -> Vec<(String, String)> {
 
 /// Creates `n` jobs on the real server and completes each through the worker API;
 /// returns their ids once every result was acknowledged.
-async fn complete_jobs(client: &reqwest::Client, base: &str, source: &str, n: usize) -> Vec<String> {
+async fn complete_jobs(
+    client: &reqwest::Client,
+    base: &str,
+    source: &str,
+    n: usize,
+) -> Vec<String> {
     let mut ids = Vec::new();
     for i in 0..n {
         let created: Value = client
             .post(format!("{base}/api/v1/remote-jobs/"))
-            .json(&json!({"source_file_path": source, "content_type": "document",
-                          "ingestion_task_id": format!("crash-{i}")}))
+            .json(
+                &json!({"source_file_path": source, "content_type": "document",
+                          "ingestion_task_id": format!("crash-{i}")}),
+            )
             .send()
             .await
             .unwrap()
@@ -586,7 +632,11 @@ async fn wait_for_jobs(receiver: &Receiver, ids: &[String]) -> BTreeMap<String, 
     let started = Instant::now();
     loop {
         let mut by_job: BTreeMap<String, HashSet<String>> = BTreeMap::new();
-        for request in receiver.received("/callback").iter().filter(|r| r.answered == 200) {
+        for request in receiver
+            .received("/callback")
+            .iter()
+            .filter(|r| r.answered == 200)
+        {
             assert!(signature_verifies(SECRET, request));
             by_job
                 .entry(request.body["job_id"].as_str().unwrap().to_owned())
@@ -644,7 +694,11 @@ async fn kill_dash_nine_while_the_receiver_is_down_delivers_every_outcome_once()
     // Anything still in flight would arrive within a few backoffs.
     tokio::time::sleep(Duration::from_millis(1_000)).await;
     let by_job = wait_for_jobs(&receiver, &all).await;
-    assert_eq!(by_job.len(), 20, "no event for a job that was not completed");
+    assert_eq!(
+        by_job.len(),
+        20,
+        "no event for a job that was not completed"
+    );
     for (job, events) in &by_job {
         assert_eq!(events.len(), 1, "job {job} was handed off as {events:?}");
     }
@@ -656,7 +710,11 @@ async fn kill_dash_nine_while_the_receiver_is_down_delivers_every_outcome_once()
             delivered.len(),
         )
     };
-    assert_eq!(distinct.len(), 20, "every delivery happened once (deduplicated by id)");
+    assert_eq!(
+        distinct.len(),
+        20,
+        "every delivery happened once (deduplicated by id)"
+    );
     // At least once: a crash between the receiver's answer and the server recording it
     // may repeat a delivery, under the same id. Say how often it happened.
     eprintln!("{total} requests answered 200 for 20 events");
@@ -698,14 +756,20 @@ async fn the_cli_lists_shows_and_redrives_deliveries() {
 
     let (ok, out) = cli(&app, &["deliveries", "list", "--state", "dead"]);
     assert!(ok, "{out}");
-    assert!(out.contains("ingestion_callback") && out.contains(&id), "{out}");
+    assert!(
+        out.contains("ingestion_callback") && out.contains(&id),
+        "{out}"
+    );
     assert!(out.contains("HTTP 410 Gone"), "{out}");
     let (ok, out) = cli(&app, &["deliveries", "show", &delivery_id]);
     assert!(ok, "{out}");
     assert!(out.contains("dead") && out.contains("410"), "{out}");
     let (ok, out) = cli(&app, &["stats"]);
     assert!(ok, "{out}");
-    assert!(out.contains("SINK") && out.contains("ingestion_callback"), "{out}");
+    assert!(
+        out.contains("SINK") && out.contains("ingestion_callback"),
+        "{out}"
+    );
     let (ok, out) = cli(&app, &["deliveries", "redrive", &delivery_id]);
     assert!(ok, "{out}");
     assert!(out.contains("pending again"), "{out}");

@@ -300,7 +300,10 @@ pub async fn attempts_are_fenced_by_their_claim_and_retried_until_dead(s: TestSt
         RecordOutcome::ClaimLost,
         "an outcome is recorded once per claim"
     );
-    assert!(claim(store, 10, at(29)).await.is_empty(), "not due before its retry time");
+    assert!(
+        claim(store, 10, at(29)).await.is_empty(),
+        "not due before its retry time"
+    );
     let second = claim(store, 10, at(30)).await;
     assert_eq!(second.len(), 1);
     assert_eq!(second[0].attempt, 2);
@@ -345,7 +348,10 @@ pub async fn attempts_are_fenced_by_their_claim_and_retried_until_dead(s: TestSt
             (3, AttemptOutcomeKind::Dead, Some(500)),
         ]
     );
-    assert!(claim(store, 10, at(1_000)).await.is_empty(), "dead is not claimed");
+    assert!(
+        claim(store, 10, at(1_000)).await.is_empty(),
+        "dead is not claimed"
+    );
     assert_eq!(store.next_delivery_due().await.unwrap(), None);
     assert!(store.get_delivery(999_999).await.unwrap().is_none());
 }
@@ -475,7 +481,10 @@ pub async fn deliveries_list_by_state_sink_and_job_newest_first(s: TestStore) {
     .await
     .unwrap();
     assert_eq!(first.deliveries.len(), 2);
-    assert!(first.deliveries[0].id > first.deliveries[1].id, "newest first");
+    assert!(
+        first.deliveries[0].id > first.deliveries[1].id,
+        "newest first"
+    );
     let second = list(DeliveryListParams {
         limit: 2,
         cursor: first.next_cursor,
@@ -576,7 +585,10 @@ pub async fn cleanup_keeps_jobs_whose_deliveries_are_not_settled(s: TestStore) {
     assert!(store.get_job(pending).await.unwrap().is_some());
     assert!(store.get_job(dead).await.unwrap().is_some());
     assert!(
-        all_deliveries(store).await.iter().all(|d| d.job_id != delivered),
+        all_deliveries(store)
+            .await
+            .iter()
+            .all(|d| d.job_id != delivered),
         "a deleted job's deliveries go with it"
     );
     // An admin cancels the job with the dead delivery: it may go. Whatever the cancel

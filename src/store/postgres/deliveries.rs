@@ -46,7 +46,10 @@ async fn in_transaction<T>(
     conn.client.batch_execute("BEGIN").await.map_err(pg_error)?;
     match body(conn).await {
         Ok(value) => {
-            conn.client.batch_execute("COMMIT").await.map_err(pg_error)?;
+            conn.client
+                .batch_execute("COMMIT")
+                .await
+                .map_err(pg_error)?;
             Ok(value)
         }
         Err(error) => {
@@ -334,7 +337,9 @@ async fn detail(conn: &mut Conn, id: i64) -> Result<Option<DeliveryDetail>, Stor
                 outcome: AttemptOutcomeKind::parse(outcome).ok_or_else(|| {
                     StoreError::Internal(format!("stored attempt outcome {outcome:?} is invalid"))
                 })?,
-                http_status: a["http_status"].as_u64().and_then(|s| u16::try_from(s).ok()),
+                http_status: a["http_status"]
+                    .as_u64()
+                    .and_then(|s| u16::try_from(s).ok()),
                 error: a["error"].as_str().map(str::to_owned),
             })
         })
@@ -377,11 +382,7 @@ async fn statistics(conn: &mut Conn) -> Result<DeliveryStatistics, StoreError> {
              GROUP BY sink, state",
         )
         .await?;
-    let rows = conn
-        .client
-        .query(&statement, &[])
-        .await
-        .map_err(pg_error)?;
+    let rows = conn.client.query(&statement, &[]).await.map_err(pg_error)?;
     let mut stats = DeliveryStatistics::default();
     for row in &rows {
         let sink: String = get(row, 0)?;
