@@ -42,7 +42,7 @@ impl App {
         ));
         if !config.delivery.has_global_sink() {
             tracing::warn!(
-                "no ingestion sink is configured (MORAG_INGESTION_CALLBACK_URL): job outcomes are only \
+                "no ingestion sink is configured (MORAG_INGESTION_CALLBACK_URL, MORAG_CELERY_BROKER_URL): job outcomes are only \
                  stored, except for jobs whose task_options name a webhook_url"
             );
         }

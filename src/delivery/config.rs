@@ -61,6 +61,8 @@ pub struct DeliveryConfig {
     pub backoff_max: Duration,
     pub concurrency: usize,
     pub poll_interval: Duration,
+    /// The Celery sink, when `MORAG_CELERY_BROKER_URL` is set (its flags are in `config`).
+    pub celery: Option<super::celery::CeleryConfig>,
 }
 
 impl DeliveryConfig {
@@ -128,6 +130,7 @@ impl DeliveryConfig {
             backoff_max: Duration::from_millis(args.delivery_backoff_max_ms),
             concurrency: args.delivery_concurrency,
             poll_interval: Duration::from_millis(args.delivery_poll_interval_ms),
+            celery: None,
         })
     }
 
@@ -141,6 +144,9 @@ impl DeliveryConfig {
         let mut sinks = Vec::new();
         if self.ingestion_callback_url.is_some() {
             sinks.push(SinkKind::IngestionCallback);
+        }
+        if self.celery.is_some() {
+            sinks.push(SinkKind::Celery);
         }
         sinks
     }

@@ -12,10 +12,12 @@
 //! (for example `celery`, with `CelerySink`) only implements `Sink` for its type; the
 //! dispatcher owns retries, timeouts and bookkeeping.
 
+pub mod celery;
 pub mod config;
 pub mod dispatcher;
 pub mod http;
 pub mod policy;
+pub mod resp;
 pub mod signing;
 
 use std::future::Future;
@@ -58,7 +60,8 @@ pub trait Sink: Send + Sync + 'static {
 }
 
 /// The sinks `config` enables: the per-job webhook always (it acts only for jobs that
-/// name a `webhook_url`), the ingestion callback when its URL is set.
+/// name a `webhook_url`), the ingestion callback when its URL is set, Celery when its
+/// broker is set.
 pub fn configured_sinks(
     config: &Arc<config::DeliveryConfig>,
     clock: crate::clock::SharedClock,
@@ -76,6 +79,9 @@ pub fn configured_sinks(
             url.clone(),
             config.webhook_secret.clone(),
         )));
+    }
+    if let Some(celery) = &config.celery {
+        sinks.push(Arc::new(celery::CelerySink::new(celery.clone())));
     }
     sinks
 }

@@ -23,6 +23,7 @@
 mod batcher;
 mod deliveries;
 mod hot_ops;
+mod idempotent_create;
 mod listen;
 mod maintenance;
 mod ops;
@@ -49,6 +50,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0003_listing_by_type_then_status.sql"),
     include_str!("../../migrations/postgres/0004_write_probe.sql"),
     include_str!("../../migrations/postgres/0005_deliveries.sql"),
+    include_str!("../../migrations/postgres/0006_idempotent_creates.sql"),
 ];
 
 /// The schema version this program creates and understands.
@@ -387,6 +389,18 @@ impl Store for PostgresStore {
             let job = self.creates.submit(params).await?;
             self.announce.notify_one();
             Ok(job)
+        })
+    }
+
+    fn create_job_once(&self, params: CreateOnceParams) -> StoreFuture<'_, CreateOnceOutcome> {
+        Box::pin(async move {
+            let outcome = self
+                .run(move |c| Box::pin(idempotent_create::create_once(c, params)))
+                .await?;
+            if matches!(outcome, CreateOnceOutcome::Created(_)) {
+                self.announce.notify_one();
+            }
+            Ok(outcome)
         })
     }
 

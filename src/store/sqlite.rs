@@ -23,10 +23,13 @@ use self::readers::ReaderPool;
 use self::writer::{writer_loop, Checkpointer, Finisher, WriteJob};
 use super::*;
 
+mod idempotent_create;
+
 const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/sqlite/0001_jobs.sql"),
     include_str!("../../migrations/sqlite/0002_write_probe.sql"),
     include_str!("../../migrations/sqlite/0003_deliveries.sql"),
+    include_str!("../../migrations/sqlite/0004_idempotent_creates.sql"),
 ];
 
 #[path = "sqlite_deliveries.rs"]
@@ -234,6 +237,10 @@ impl From<rusqlite::Error> for StoreError {
 impl Store for SqliteStore {
     fn create_job(&self, params: CreateJobParams) -> StoreFuture<'_, Job> {
         self.write(move |conn| create(conn, params))
+    }
+
+    fn create_job_once(&self, params: CreateOnceParams) -> StoreFuture<'_, CreateOnceOutcome> {
+        self.write(move |conn| idempotent_create::create_once(conn, params))
     }
 
     fn claim_job(&self, params: ClaimParams) -> StoreFuture<'_, Option<Job>> {
