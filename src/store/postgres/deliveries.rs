@@ -1,6 +1,7 @@
 //! The deliveries tables on PostgreSQL (`migrations/postgres/0005_deliveries.sql`), safe
-//! with several replicas: fan-out locks the hand-offs it handles and claims lock the
-//! deliveries they take, both with `SKIP LOCKED`, so replicas split the work; every outcome
+//! with several replicas: fan-out locks the hand-offs it handles (waiting for another
+//! replica's fan-out, which is short) and claims lock the deliveries they take with
+//! `SKIP LOCKED`, so replicas split the work; every outcome
 //! is recorded only with the claim's token, so an attempt whose claim expired and was taken
 //! over can change nothing.
 
@@ -135,12 +136,17 @@ async fn in_transaction<T>(
 async fn fan_out(conn: &mut Conn, p: FanOutParams) -> Result<FanOutReport, StoreError> {
     in_transaction(conn, move |conn| {
         Box::pin(async move {
+            // Waits for (rather than skips) hand-offs another fan-out holds: after the wait
+            // PostgreSQL re-checks `fanned_out_at IS NULL` and leaves them out, so when this
+            // returns every hand-off committed before it started is fanned out. The cleaner
+            // relies on that: a hand-off still being fanned out would keep its job for a pass.
+            // Locks are taken in `h.id` order, so two fan-outs cannot deadlock.
             let statement = conn
                 .statement(
                     "SELECT h.id, h.job_id, j.task_options FROM handoffs h \
                      LEFT JOIN jobs j ON j.id = h.job_id \
                      WHERE h.fanned_out_at IS NULL ORDER BY h.id LIMIT $1 \
-                     FOR UPDATE OF h SKIP LOCKED",
+                     FOR UPDATE OF h",
                 )
                 .await?;
             let rows = conn
