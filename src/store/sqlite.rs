@@ -225,6 +225,10 @@ impl Store for SqliteStore {
         self.write(move |conn| submit_result(conn, params))
     }
 
+    fn release_job(&self, params: ReleaseParams) -> StoreFuture<'_, Job> {
+        self.write(move |conn| release(conn, params))
+    }
+
     fn cancel_job(&self, params: CancelParams) -> StoreFuture<'_, Job> {
         self.write(move |conn| cancel(conn, params))
     }
