@@ -20,3 +20,4 @@ mod readme;
 mod replicas;
 mod store_conformance;
 mod test_script;
+mod worker;
