@@ -88,11 +88,20 @@ impl ServerClient {
         })
     }
 
+    /// A request to `path` on the server, or to `path` itself when it is a whole URL (a
+    /// server may hand out absolute source URLs).
     fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        let builder = self.http.request(method, format!("{}{path}", self.base));
+        let url = if path.starts_with("http://") || path.starts_with("https://") {
+            path.to_owned()
+        } else {
+            format!("{}{path}", self.base)
+        };
+        // The key goes only to the server itself, never to another host a URL names.
+        let ours = url.starts_with(&format!("{}/", self.base));
+        let builder = self.http.request(method, url);
         match &self.api_key {
-            Some(key) => builder.bearer_auth(key),
-            None => builder,
+            Some(key) if ours => builder.bearer_auth(key),
+            _ => builder,
         }
     }
 
