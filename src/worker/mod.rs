@@ -110,7 +110,9 @@ struct Shared {
     grace_over: watch::Receiver<bool>,
 }
 
-pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
+pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
+    // `--content-types ''` (or an empty variable) means any type, as leaving it out does.
+    args.content_types.retain(|t| !t.trim().is_empty());
     let client = ServerClient::new(&args.url, args.api_key.clone())?;
     let temp_root = args.temp_dir.clone().unwrap_or_else(std::env::temp_dir);
     let (shutdown_tx, shutting_down) = watch::channel(false);
@@ -534,6 +536,19 @@ fn read_metadata(path: &Path) -> Result<Value, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_job_directory_is_private_and_removed_when_dropped() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = std::env::temp_dir();
+        let dir = JobDir::create(&root, "job-1").unwrap();
+        let path = dir.0.clone();
+        std::fs::write(path.join("input"), b"x").unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        drop(dir);
+        assert!(!path.exists());
+    }
 
     #[test]
     fn durations_take_seconds_and_humantime() {

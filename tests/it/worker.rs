@@ -466,6 +466,43 @@ async fn sigterm_releases_the_running_job_to_another_worker_without_a_retry() {
     assert_eq!(setup.temp_entries(), Vec::<String>::new());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_of_a_sigkilled_worker_is_retried_by_the_other_after_the_heartbeat_timeout() {
+    let setup = Setup::start().await;
+    let id = setup.create("video", "slow-once").await;
+    let mut killed = setup.worker("gpu-killed", &[]);
+    let shell = setup.pid_of(&id, "sh").await;
+    let child = setup.pid_of(&id, "child").await;
+    let _other = setup.worker("gpu-other", &[]);
+    killed.0.kill().unwrap(); // SIGKILL: no release, no more heartbeats.
+    killed.0.wait().unwrap();
+    // The killed worker's command lives on in its own process group; end it here.
+    for pid in [shell, child] {
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+    }
+    let done = setup
+        .wait_for(&id, Duration::from_secs(15), is_finished)
+        .await;
+    assert_eq!(done["status"], "completed", "{done:#}");
+    assert_eq!(done["worker_id"], "gpu-other");
+    assert_eq!(
+        (done["retry_count"].as_u64(), done["attempt"].as_u64()),
+        (Some(1), Some(2)),
+        "the lost attempt counts as a timeout"
+    );
+    let history = reasons(&done);
+    assert!(
+        history
+            .iter()
+            .any(|(from, to, actor, _)| from == "processing"
+                && to == "timeout"
+                && actor == "monitor"),
+        "{history:?}"
+    );
+}
+
 /// The release endpoint's refusals: a stale lease is a 409 like a heartbeat's, a released
 /// job is claimable at once, and a bad body is a 422.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
