@@ -101,6 +101,10 @@ test_postgres_as_owner() {
 }
 
 test_postgres_start() {
+  # Only a cluster this shell started is ever stopped: a directory inherited from an outer
+  # run (test.sh running the tests that run this script) belongs to that run.
+  TEST_POSTGRES_OWN_DIR=""
+  unset MORAG_TEST_POSTGRES_DIR
   MORAG_TEST_POSTGRES_URL="${MORAG_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/test}"
   export MORAG_TEST_POSTGRES_URL
   TEST_POSTGRES_STATE=none
@@ -130,6 +134,7 @@ test_postgres_start() {
   fi
   local dir port
   dir="$(mktemp -d "${TMPDIR:-/tmp}/morag-pg.XXXXXX")"
+  TEST_POSTGRES_OWN_DIR="$dir"
   MORAG_TEST_POSTGRES_DIR="$dir"
   export MORAG_TEST_POSTGRES_DIR
   TEST_POSTGRES_BIN_DIR="$bin_dir"
@@ -167,13 +172,14 @@ test_postgres_start() {
 
 # Stops and removes a cluster test_postgres_start created; does nothing otherwise.
 test_postgres_stop() {
-  local dir="${MORAG_TEST_POSTGRES_DIR:-}"
+  local dir="${TEST_POSTGRES_OWN_DIR:-}"
   [[ -n "$dir" && -d "$dir" ]] || return 0
   if [[ -f "$dir/data/postmaster.pid" ]]; then
     test_postgres_as_owner "$TEST_POSTGRES_BIN_DIR/pg_ctl" -D "$dir/data" -m immediate -w stop \
       >/dev/null 2>&1 || true
   fi
   rm -rf "$dir"
+  TEST_POSTGRES_OWN_DIR=""
   unset MORAG_TEST_POSTGRES_DIR
   if [[ "${TEST_POSTGRES_STATE:-}" == own ]]; then
     test_postgres_log "throwaway PostgreSQL removed"

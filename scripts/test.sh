@@ -20,6 +20,25 @@ if ! command -v cargo >/dev/null; then
   exit 1
 fi
 
+# --- Python for the Celery tests --------------------------------------------------------
+# The Celery sink's tests run a real Celery worker (tests/python/celery_app.py) against the
+# Redis at 127.0.0.1:6379 (override with MORAG_TEST_REDIS_URL). Its virtual environment lives
+# outside the checkout and is reused while tests/python/requirements.txt is unchanged.
+celery_venv="${MORAG_TEST_VENV:-$HOME/.cache/morag-jobs-venv}"
+celery_requirements="tests/python/requirements.txt"
+if ! cmp -s "$celery_requirements" "$celery_venv/installed-requirements.txt"; then
+  echo "Creating the Celery test environment in $celery_venv" >&2
+  rm -rf "$celery_venv"
+  "${MORAG_TEST_PYTHON_BASE:-python3}" -m venv "$celery_venv"
+  "$celery_venv/bin/pip" install --quiet --disable-pip-version-check -r "$celery_requirements"
+  cp "$celery_requirements" "$celery_venv/installed-requirements.txt"
+fi
+export MORAG_TEST_PYTHON="$celery_venv/bin/python"
+if command -v redis-cli >/dev/null && ! redis-cli -u "${MORAG_TEST_REDIS_URL:-redis://127.0.0.1:6379/0}" ping >/dev/null 2>&1; then
+  echo "Redis is not reachable at ${MORAG_TEST_REDIS_URL:-redis://127.0.0.1:6379/0}: the Celery tests will fail" >&2
+fi
+# -----------------------------------------------------------------------------------------
+
 source scripts/test-postgres.sh
 logs="$(mktemp -d "${TMPDIR:-/tmp}/morag-test-logs.XXXXXX")"
 cleanup() {

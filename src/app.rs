@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use crate::clock::SharedClock;
 use crate::config::Config;
 use crate::context::AppContext;
+use crate::delivery::dispatcher::Dispatcher;
 use crate::monitor::{Cleaner, Monitor, MonitorSettings};
 use crate::wakeups::Wakeups;
 
@@ -32,6 +33,19 @@ impl App {
             .with_context(|| format!("failed to listen on {}", config.addr))?;
         let (shutdown_sender, shutting_down) = watch::channel(false);
         let config_long_polls = config.limits.max_long_polls;
+        let sinks = crate::delivery::configured_sinks(&config.delivery, clock.clone());
+        let dispatcher = Arc::new(Dispatcher::new(
+            store.clone(),
+            clock.clone(),
+            &config.delivery,
+            sinks,
+        ));
+        if !config.delivery.has_global_sink() {
+            tracing::warn!(
+                "no ingestion sink is configured (MORAG_INGESTION_CALLBACK_URL, MORAG_CELERY_BROKER_URL): job outcomes are only \
+                 stored, except for jobs whose task_options name a webhook_url"
+            );
+        }
         let context = Arc::new(AppContext {
             config,
             store,
@@ -40,6 +54,7 @@ impl App {
             shutting_down,
             long_poll_slots: tokio::sync::Semaphore::new(config_long_polls),
             write_probe: std::sync::Mutex::new(None),
+            dispatcher,
         });
         Ok(App {
             context,
@@ -74,6 +89,10 @@ impl App {
         let monitor = monitor_for(&context);
         let mut monitor_shutdown = context.shutting_down.clone();
         let monitor_task = tokio::spawn(async move { monitor.run(&mut monitor_shutdown).await });
+        let dispatcher = context.dispatcher.clone();
+        let mut dispatcher_shutdown = context.shutting_down.clone();
+        let dispatcher_task =
+            tokio::spawn(async move { dispatcher.run(&mut dispatcher_shutdown).await });
 
         let shutdown_sender = Arc::new(shutdown_sender);
         let trigger_sender = shutdown_sender.clone();
@@ -88,6 +107,7 @@ impl App {
         trigger.abort();
         let _ = shutdown_sender.send(true);
         let monitor_result = monitor_task.await;
+        let dispatcher_result = dispatcher_task.await;
         wakeups.abort();
         context
             .store
@@ -95,6 +115,7 @@ impl App {
             .await
             .context("failed to close the store")?;
         monitor_result.context("the monitor task panicked")?;
+        dispatcher_result.context("the dispatcher task panicked")?;
         tracing::info!("morag-jobs stopped");
         Ok(())
     }
@@ -111,7 +132,8 @@ pub fn monitor_for(context: &AppContext) -> Monitor {
             context.store.clone(),
             context.clock.clone(),
             config.files_dir.clone(),
-        ),
+        )
+        .fanning_out_first(context.dispatcher.clone()),
         MonitorSettings {
             policy: config.policy.clone(),
             monitor_interval: config.monitor_interval,

@@ -45,6 +45,11 @@ pub enum Command {
         #[command(subcommand)]
         action: JobsAction,
     },
+    /// List, show or redrive deliveries of job outcomes to the ingestion sinks.
+    Deliveries {
+        #[command(subcommand)]
+        action: DeliveriesAction,
+    },
     /// Show job statistics of a running server.
     Stats(ClientArgs),
     /// Take jobs from a server and run a converter command on each (see README.md,
@@ -133,6 +138,44 @@ impl StatusChoice {
             StatusChoice::Retrying => JobStatus::Retrying,
         }
     }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DeliveriesAction {
+    /// Deliveries, newest first, filtered by state, sink or job.
+    List {
+        /// pending, delivered or dead.
+        #[arg(long)]
+        state: Option<String>,
+        /// webhook, ingestion_callback or celery.
+        #[arg(long)]
+        sink: Option<String>,
+        /// Only the deliveries of this job.
+        #[arg(long)]
+        job_id: Option<String>,
+        /// Deliveries per page (1 to 500).
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// The `next_cursor` of a previous page.
+        #[arg(long)]
+        cursor: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// One delivery with its attempts.
+    Show {
+        /// The delivery's id (from `deliveries list`).
+        delivery_id: i64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Makes a dead delivery pending again, with a fresh attempt budget.
+    Redrive {
+        /// The delivery's id (from `deliveries list`).
+        delivery_id: i64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 /// The store to work on directly, for subcommands that do not need a running server.
@@ -227,6 +270,54 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 let path = format!("/api/v1/remote-jobs/{job_id}/retry");
                 let body = request(&client, reqwest::Method::POST, &path, &[], None).await;
                 print(&client, body, render_status)
+            }
+        },
+        Command::Deliveries { action } => match action {
+            DeliveriesAction::List {
+                state,
+                sink,
+                job_id,
+                limit,
+                cursor,
+                client,
+            } => {
+                let mut query = vec![("limit".to_owned(), limit.to_string())];
+                query.extend(state.map(|s| ("state".to_owned(), s)));
+                query.extend(sink.map(|s| ("sink".to_owned(), s)));
+                query.extend(job_id.map(|j| ("job_id".to_owned(), j)));
+                query.extend(cursor.map(|c| ("cursor".to_owned(), c)));
+                let body = request(
+                    &client,
+                    reqwest::Method::GET,
+                    "/api/v1/deliveries",
+                    &query,
+                    None,
+                )
+                .await;
+                print(&client, body, render_deliveries)
+            }
+            DeliveriesAction::Show {
+                delivery_id,
+                client,
+            } => {
+                let path = format!("/api/v1/deliveries/{delivery_id}");
+                let body = request(&client, reqwest::Method::GET, &path, &[], None).await;
+                print(&client, body, render_delivery)
+            }
+            DeliveriesAction::Redrive {
+                delivery_id,
+                client,
+            } => {
+                let path = format!("/api/v1/deliveries/{delivery_id}/redrive");
+                let body = request(&client, reqwest::Method::POST, &path, &[], None).await;
+                print(&client, body, |v| {
+                    format!(
+                        "delivery {} is {} again (event {})\n",
+                        text(&v["id"]),
+                        text(&v["state"]),
+                        text(&v["event_id"])
+                    )
+                })
             }
         },
         Command::Stats(client) => {
@@ -337,6 +428,13 @@ fn log_startup_summary(config: &Config, addr: std::net::SocketAddr) {
         .iter()
         .map(|root| root.display().to_string())
         .collect();
+    let mut sinks: Vec<&str> = config
+        .delivery
+        .global_sinks()
+        .into_iter()
+        .map(|sink| sink.as_str())
+        .collect();
+    sinks.push("webhook (per job)");
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         %addr,
@@ -346,6 +444,7 @@ fn log_startup_summary(config: &Config, addr: std::net::SocketAddr) {
         auth,
         monitor_interval = %humantime::format_duration(config.monitor_interval),
         cleanup_interval = %humantime::format_duration(config.cleanup_interval),
+        sinks = sinks.join(", "),
         "morag-jobs starting"
     );
 }
@@ -749,6 +848,21 @@ fn render_stats(body: &Value) -> String {
         })
         .unwrap_or_default();
     out.push_str(&table(&["CONTENT TYPE", "JOBS", "AVG SECONDS"], &types));
+    let sinks: Vec<Vec<String>> = body["deliveries"]["per_sink"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(sink, c)| vec![sink.clone(), text(&c["pending"]), text(&c["dead"])])
+                .collect()
+        })
+        .unwrap_or_default();
+    if !sinks.is_empty() {
+        out.push('\n');
+        out.push_str(&table(&["SINK", "PENDING", "DEAD"], &sinks));
+        if let Some(age) = body["deliveries"]["oldest_pending_age_seconds"].as_f64() {
+            let _ = writeln!(out, "oldest pending delivery: {age:.0} s");
+        }
+    }
     let _ = writeln!(
         out,
         "\ntotal {}  created in 24h {}  storage {} MB  at {}",
@@ -757,6 +871,69 @@ fn render_stats(body: &Value) -> String {
         text(&body["storage_size_mb"]),
         text(&body["timestamp"])
     );
+    out
+}
+
+fn delivery_row(d: &Value) -> Vec<String> {
+    vec![
+        text(&d["id"]),
+        text(&d["sink"]),
+        text(&d["state"]),
+        text(&d["attempt_count"]),
+        text(&d["job_id"]),
+        text(&d["event_id"]),
+        text(&d["last_error"]),
+    ]
+}
+
+const DELIVERY_HEADERS: [&str; 7] = [
+    "ID",
+    "SINK",
+    "STATE",
+    "ATTEMPTS",
+    "JOB",
+    "EVENT",
+    "LAST ERROR",
+];
+
+fn render_deliveries(body: &Value) -> String {
+    let rows: Vec<Vec<String>> = body["deliveries"]
+        .as_array()
+        .map(|list| list.iter().map(delivery_row).collect())
+        .unwrap_or_default();
+    let mut out = table(&DELIVERY_HEADERS, &rows);
+    if let Some(cursor) = body["next_cursor"].as_str() {
+        let _ = writeln!(out, "more: --cursor {cursor}");
+    }
+    out
+}
+
+fn render_delivery(body: &Value) -> String {
+    let mut out = table(&DELIVERY_HEADERS, &[delivery_row(body)]);
+    if let Some(next) = body["next_attempt_at"].as_str() {
+        let _ = writeln!(out, "next attempt at {next}");
+    }
+    let attempts: Vec<Vec<String>> = body["attempts"]
+        .as_array()
+        .map(|list| {
+            list.iter()
+                .map(|a| {
+                    vec![
+                        text(&a["attempt"]),
+                        text(&a["at"]),
+                        text(&a["outcome"]),
+                        text(&a["http_status"]),
+                        text(&a["error"]),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out.push('\n');
+    out.push_str(&table(
+        &["ATTEMPT", "AT", "OUTCOME", "HTTP", "ERROR"],
+        &attempts,
+    ));
     out
 }
 

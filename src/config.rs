@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::Args;
 
+use crate::delivery::celery::CeleryConfig;
 use crate::domain::{LifecyclePolicy, RetentionPolicy, RetryPolicy, TimeoutPolicy};
 use crate::files::HardLinks;
 use crate::store::{DatabaseTarget, DatabaseUrl, Durability, StoreSettings};
@@ -114,9 +115,79 @@ pub struct ServeArgs {
     #[arg(long, env = "MORAG_JOBS_INSECURE_NO_AUTH")]
     pub insecure_no_auth: bool,
 
+    #[command(flatten)]
+    pub delivery: crate::delivery::config::DeliveryArgs,
     // Request, connection and lease limits (issue 8), kept in their own module.
     #[command(flatten)]
     pub limits: crate::limits::LimitArgs,
+
+    /// Treat a create whose ingestion task matches an unfinished job with the same source
+    /// file and content type as a repeat of that job's create (answer it, make no job).
+    #[arg(long, env = "MORAG_CREATE_MATCH_UNFINISHED", default_value_t = true, action = clap::ArgAction::Set)]
+    pub create_match_unfinished: bool,
+
+    #[command(flatten)]
+    pub celery: CeleryArgs,
+}
+
+/// The Celery sink: outcomes become Celery tasks on MoRAG's Redis broker.
+#[derive(Args, Debug, Clone, Default)]
+pub struct CeleryArgs {
+    /// `redis://[[user]:password@]host[:port][/db]` of MoRAG's Celery broker; enables the
+    /// Celery sink.
+    #[arg(long, env = "MORAG_CELERY_BROKER_URL", hide_env_values = true)]
+    pub celery_broker_url: Option<String>,
+    /// Task called with `(ingestion_task_id, processing_result, task_options)` on completion.
+    #[arg(long, env = "MORAG_CELERY_CONTINUE_TASK", default_value = crate::delivery::celery::DEFAULT_CONTINUE_TASK)]
+    pub celery_continue_task: String,
+    /// Task called with `(ingestion_task_id, failure_info)` on a final failure, timeout or
+    /// cancellation.
+    #[arg(long, env = "MORAG_CELERY_FAILURE_TASK", default_value = crate::delivery::celery::DEFAULT_FAILURE_TASK)]
+    pub celery_failure_task: String,
+    /// The Celery queue the tasks go to.
+    #[arg(long, env = "MORAG_CELERY_QUEUE", default_value = crate::delivery::celery::DEFAULT_QUEUE)]
+    pub celery_queue: String,
+    /// Prefix of the Redis keys that mark an event as enqueued.
+    #[arg(long, env = "MORAG_CELERY_DEDUP_KEY_PREFIX", default_value = crate::delivery::celery::DEFAULT_DEDUP_KEY_PREFIX)]
+    pub celery_dedup_key_prefix: String,
+    /// Days an event's marker keeps it from being enqueued twice.
+    #[arg(long, env = "MORAG_CELERY_DEDUP_DAYS", default_value_t = crate::delivery::celery::DEFAULT_DEDUP_DAYS)]
+    pub celery_dedup_days: u32,
+}
+
+impl CeleryArgs {
+    /// The sink's configuration, or `None` when no broker is set.
+    pub fn config(&self) -> Result<Option<CeleryConfig>, ConfigError> {
+        let Some(url) = self
+            .celery_broker_url
+            .as_deref()
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+        else {
+            return Ok(None);
+        };
+        let invalid = |message: String| ConfigError::Invalid(message);
+        let mut config =
+            CeleryConfig::new(url).map_err(|e| invalid(format!("MORAG_CELERY_BROKER_URL: {e}")))?;
+        for (name, value) in [
+            ("MORAG_CELERY_CONTINUE_TASK", &self.celery_continue_task),
+            ("MORAG_CELERY_FAILURE_TASK", &self.celery_failure_task),
+            ("MORAG_CELERY_QUEUE", &self.celery_queue),
+        ] {
+            if value.trim().is_empty() {
+                return Err(invalid(format!("{name} must not be empty")));
+            }
+        }
+        if self.celery_dedup_days == 0 {
+            return Err(invalid("MORAG_CELERY_DEDUP_DAYS must be at least 1".into()));
+        }
+        config.continue_task = self.celery_continue_task.trim().to_owned();
+        config.failure_task = self.celery_failure_task.trim().to_owned();
+        config.queue = self.celery_queue.trim().to_owned();
+        config.dedup_key_prefix = self.celery_dedup_key_prefix.clone();
+        config.dedup_ttl = Duration::from_secs(u64::from(self.celery_dedup_days) * 86_400);
+        Ok(Some(config))
+    }
 }
 
 /// Where jobs are stored; shared by `serve`, `migrate` and `import-morag-dir`.
@@ -212,6 +283,11 @@ pub struct Config {
     pub worker_api_keys: Vec<ApiKey>,
     pub admin_api_keys: Vec<ApiKey>,
     pub insecure_no_auth: bool,
+    /// Whether a create repeating an unfinished job's ingestion task, source and type
+    /// answers with that job.
+    pub create_match_unfinished: bool,
+    /// Where and how job outcomes are delivered (see `delivery`).
+    pub delivery: std::sync::Arc<crate::delivery::config::DeliveryConfig>,
 
     /// Request, connection and lease limits (issue 8).
     pub limits: crate::limits::Limits,
@@ -349,6 +425,14 @@ impl Config {
             worker_api_keys,
             admin_api_keys,
             insecure_no_auth: args.insecure_no_auth,
+            create_match_unfinished: args.create_match_unfinished,
+            delivery: {
+                let mut delivery =
+                    crate::delivery::config::DeliveryConfig::from_args(args.delivery)
+                        .map_err(ConfigError::Invalid)?;
+                delivery.celery = args.celery.config()?;
+                std::sync::Arc::new(delivery)
+            },
             limits,
         })
     }
@@ -464,6 +548,7 @@ mod tests {
         assert!(config.files_dir.is_dir());
         assert!(config.is_open());
         assert_eq!(config.hard_links, HardLinks::Allow);
+        assert!(config.create_match_unfinished);
     }
 
     #[test]
@@ -578,5 +663,47 @@ mod tests {
         ]))
         .unwrap_err();
         assert!(error.to_string().contains("allowed root"), "{error}");
+    }
+
+    #[test]
+    fn the_celery_sink_is_configured_only_with_a_broker_and_never_shows_its_password() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().to_str().unwrap();
+        let config = Config::from_args(args(&["--data-dir", data])).unwrap();
+        assert!(config.delivery.celery.is_none());
+
+        let config = Config::from_args(args(&[
+            "--data-dir",
+            data,
+            "--celery-broker-url",
+            "redis://:hunter2@127.0.0.1:6379/2",
+            "--celery-queue",
+            "ingestion",
+        ]))
+        .unwrap();
+        let celery = config.delivery.celery.clone().unwrap();
+        assert_eq!((celery.broker.db, celery.queue.as_str()), (2, "ingestion"));
+        assert_eq!(
+            celery.continue_task,
+            "morag.ingest_tasks.continue_ingestion_after_remote_processing"
+        );
+        assert_eq!(celery.dedup_ttl, std::time::Duration::from_secs(7 * 86_400));
+        assert!(!format!("{config:?}").contains("hunter2"));
+
+        for bad in [
+            &["--celery-broker-url", "rediss://host"][..],
+            &["--celery-broker-url", "redis://host", "--celery-queue", " "],
+            &[
+                "--celery-broker-url",
+                "redis://host",
+                "--celery-dedup-days",
+                "0",
+            ],
+        ] {
+            let mut flags = vec!["--data-dir", data];
+            flags.extend_from_slice(bad);
+            let error = Config::from_args(args(&flags)).unwrap_err();
+            assert!(error.to_string().contains("MORAG_CELERY_"), "{error}");
+        }
     }
 }

@@ -24,4 +24,7 @@ pub struct AppContext {
     pub long_poll_slots: tokio::sync::Semaphore,
     /// The last write probe's outcome, so `/health` probes at most every few seconds.
     pub write_probe: std::sync::Mutex<Option<(tokio::time::Instant, Result<(), String>)>>,
+    /// Delivers job outcomes to the configured sinks (runs in the background; cleanup, a
+    /// redrive and tests also call it).
+    pub dispatcher: Arc<crate::delivery::dispatcher::Dispatcher>,
 }

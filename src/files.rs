@@ -157,7 +157,7 @@ pub fn remove_beneath(root: &Path, path: &Path) -> io::Result<Removal> {
     match rustix::fs::unlinkat(&parent_handle, name, AtFlags::empty()) {
         Ok(()) => Ok(Removal::Removed),
         Err(Errno::NOENT) => Ok(Removal::Missing),
-        Err(Errno::ISDIR | Errno::PERM) => Ok(Removal::Refused),
+        Err(Errno::ISDIR) => Ok(Removal::Refused),
         Err(error) => Err(error.into()),
     }
 }

@@ -10,6 +10,7 @@
 //! - `context`: the state request handlers share (config, store, clock, wake-ups).
 //! - `api`: the HTTP routes (MoRAG's wire protocol and the admin API); the only place with JSON.
 //! - `monitor`: the background rescuer (timeouts, due retries) and cleaner (retention).
+//! - `delivery`: the outbox dispatcher and its sinks, which hand outcomes to ingestion.
 //! - `limits`: request, connection and lease limits; `http_server`: the accept loop that
 //!   enforces the connection limits.
 //! - `config` and `app`: one validated configuration (its flags read by `value_parsers`),
@@ -25,6 +26,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod context;
+pub mod delivery;
 pub mod domain;
 pub mod files;
 pub mod http_server;

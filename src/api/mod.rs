@@ -4,6 +4,7 @@
 mod admin;
 mod auth;
 mod bounded_json;
+pub mod deliveries;
 mod error;
 mod extract;
 mod queries;
@@ -47,6 +48,10 @@ pub fn router(context: Arc<AppContext>) -> Router {
         .route(&format!("{jobs}/{{id}}/status"), get(admin::job_status))
         .route(&format!("{jobs}/{{id}}/cancel"), post(admin::cancel_job))
         .route(&format!("{jobs}/{{id}}/retry"), post(admin::retry_job))
+        .route("/api/v1/deliveries", get(deliveries::list))
+        .route("/api/v1/deliveries/", get(deliveries::list))
+        .route("/api/v1/deliveries/{id}", get(deliveries::detail))
+        .route("/api/v1/deliveries/{id}/redrive", post(deliveries::redrive))
         .route_layer(middleware::from_fn_with_state(
             context.clone(),
             auth::require_admin,

@@ -216,6 +216,8 @@ pub struct JobDetailView<'a> {
     pub updated_at: Timestamp,
     pub result: Option<ResultView<'a>>,
     pub history: Vec<HistoryView>,
+    /// The job's outcomes on their way to the ingestion sinks (newest first).
+    pub deliveries: Vec<super::deliveries::DeliveryView>,
 }
 
 impl<'a> From<&'a JobDetail> for JobDetailView<'a> {
@@ -238,6 +240,7 @@ impl<'a> From<&'a JobDetail> for JobDetailView<'a> {
                 processing_time: r.processing_time,
             }),
             history: detail.history.iter().map(HistoryView::from).collect(),
+            deliveries: Vec::new(),
         }
     }
 }
@@ -266,6 +269,8 @@ pub struct StatisticsView {
     pub avg_processing_times: BTreeMap<String, f64>,
     pub recent_jobs_24h: u64,
     pub timestamp: Timestamp,
+    /// Pending and dead deliveries per sink, and the oldest pending one's age.
+    pub deliveries: super::deliveries::DeliveryStatisticsView,
 }
 
 impl StatisticsView {
@@ -283,6 +288,7 @@ impl StatisticsView {
             avg_processing_times: stats.avg_processing_secs,
             recent_jobs_24h: stats.created_last_24h,
             timestamp: now,
+            deliveries: Default::default(),
         }
     }
 }

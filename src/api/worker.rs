@@ -224,7 +224,11 @@ pub async fn submit_result(
         .map_err(|error| ApiError::from_store(job_id, "accept a result", error))?;
     Ok(Json(SubmitResultResponse {
         status: job.status.as_str(),
-        ingestion_continued: matches!(job.status, JobStatus::Completed | JobStatus::Failed),
+        // The hand-off was committed with the result; it continues ingestion only if some
+        // sink will deliver it.
+        ingestion_continued: matches!(job.status, JobStatus::Completed | JobStatus::Failed)
+            && (context.config.delivery.has_global_sink()
+                || crate::store::deliveries::webhook_url_of(&job.task_options).is_some()),
     }))
 }
 

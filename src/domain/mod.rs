@@ -4,6 +4,7 @@
 pub mod attempt;
 pub mod ids;
 pub mod job;
+pub mod outcome;
 pub mod policy;
 pub mod status;
 

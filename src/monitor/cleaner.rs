@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::clock::SharedClock;
+use crate::delivery::dispatcher::Dispatcher;
 use crate::domain::RetentionPolicy;
 use crate::files::{self, Removal};
 use crate::store::{CleanupParams, Store, StoreError};
@@ -26,6 +27,9 @@ pub struct Cleaner {
     clock: SharedClock,
     /// The server's own files directory (canonical): the only place files are deleted from.
     files_dir: PathBuf,
+    /// Fans out waiting hand-offs before each cleanup: a hand-off not yet fanned out keeps
+    /// its job, and cleanup should not wait for the dispatcher's next pass.
+    dispatcher: Option<Arc<Dispatcher>>,
 }
 
 impl Cleaner {
@@ -34,12 +38,22 @@ impl Cleaner {
             store,
             clock,
             files_dir,
+            dispatcher: None,
         }
+    }
+
+    /// Fans out hand-offs through `dispatcher` before each cleanup.
+    pub fn fanning_out_first(mut self, dispatcher: Arc<Dispatcher>) -> Self {
+        self.dispatcher = Some(dispatcher);
+        self
     }
 
     /// Deletes finished jobs older than `retention`, in bounded batches, and their files.
     pub async fn cleanup(&self, retention: RetentionPolicy) -> Result<CleanupSummary, StoreError> {
         let mut summary = CleanupSummary::default();
+        if let Some(dispatcher) = &self.dispatcher {
+            dispatcher.fan_out_once().await?;
+        }
         loop {
             let report = self
                 .store

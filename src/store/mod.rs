@@ -3,9 +3,12 @@
 //! the state the operation expects (or the lease does not match) nothing is written and
 //! the method says why. Only the backend files in this folder contain SQL.
 
+pub mod deliveries;
 pub mod plan;
 pub mod postgres;
 pub mod sqlite;
+
+pub use deliveries::DeliveryStore;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -188,6 +191,43 @@ pub struct CreateJobParams {
     pub ingestion_task_id: String,
     pub pending_deadline: Option<Timestamp>,
     pub now: Timestamp,
+}
+
+/// A create that may repeat an earlier one whose answer the client lost; see
+/// `Store::create_job_once`.
+#[derive(Clone, Debug)]
+pub struct CreateOnceParams {
+    pub create: CreateJobParams,
+    /// The request's `Idempotency-Key`, if it sent one.
+    pub idempotency_key: Option<IdempotencyKeyParams>,
+    /// Whether an unfinished job (pending, processing or retrying) of the same ingestion
+    /// task, source file and content type counts as this create.
+    pub match_unfinished_job: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct IdempotencyKeyParams {
+    pub key: String,
+    /// A digest of the request, to tell a repeat from a different request with the same key.
+    pub request_digest: String,
+    /// Until when the key answers with the job it created.
+    pub expires_at: Timestamp,
+}
+
+/// What `create_job_once` did.
+#[derive(Clone, Debug, PartialEq)]
+pub enum CreateOnceOutcome {
+    /// Nothing matched: a new job.
+    Created(Job),
+    /// The key was used before with the same request: its original answer.
+    KeyReplayed {
+        job_id: JobId,
+        created_at: Timestamp,
+    },
+    /// An unfinished job of the same ingestion task, source and type.
+    MatchedUnfinished(Job),
+    /// The key was used before with a different request; nothing was written.
+    KeyReusedForOtherRequest,
 }
 
 /// A worker asking for the oldest due job of some content types.
@@ -385,8 +425,13 @@ pub enum ImportOutcome {
 
 /// The storage interface every backend implements; see the conformance suite in
 /// `tests/it/store_conformance.rs`.
-pub trait Store: Send + Sync + 'static {
+pub trait Store: DeliveryStore + Send + Sync + 'static {
     fn create_job(&self, params: CreateJobParams) -> StoreFuture<'_, Job>;
+    /// Creates a job unless the request repeats an earlier create (by its idempotency key,
+    /// or as a job of the same ingestion task that is not finished yet). The lookups, the
+    /// insert and the key's record are one transaction, so two identical requests racing
+    /// make one job.
+    fn create_job_once(&self, params: CreateOnceParams) -> StoreFuture<'_, CreateOnceOutcome>;
     /// Claims the oldest due job (by the time it became claimable) of the given types.
     fn claim_job(&self, params: ClaimParams) -> StoreFuture<'_, Option<Job>>;
     fn heartbeat(&self, params: HeartbeatParams) -> StoreFuture<'_, HeartbeatOutcome>;

@@ -764,6 +764,18 @@ const CLEANUP_ORDER: [JobStatus; 4] = [
     JobStatus::Timeout,
 ];
 
+/// Whether a result that left the job in `status` recorded a hand-off (the dispatcher is
+/// woken after the commit): only a final outcome is handed off.
+pub fn result_hands_off(status: JobStatus) -> bool {
+    status.is_finished()
+}
+
+/// Whether a rescue pass recorded hand-offs: pending timeouts are final, and so is every
+/// timed-out attempt that was not scheduled for a retry.
+pub fn rescue_hands_off(report: &RescueReport) -> bool {
+    report.n_pending_timed_out > 0 || report.n_attempts_timed_out > report.n_retries_scheduled
+}
+
 /// The statuses and cutoffs a cleanup with `retention` at `now` deletes from, in order; a
 /// dry run counts the same rows.
 pub fn cleanup_targets(retention: RetentionPolicy, now: Timestamp) -> Vec<(JobStatus, Timestamp)> {

@@ -21,7 +21,9 @@
 //!   hands out a broken connection again, so the server recovers by itself.
 
 mod batcher;
+mod deliveries;
 mod hot_ops;
+mod idempotent_create;
 mod listen;
 mod maintenance;
 mod ops;
@@ -47,6 +49,8 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0002_batch_friendly.sql"),
     include_str!("../../migrations/postgres/0003_listing_by_type_then_status.sql"),
     include_str!("../../migrations/postgres/0004_write_probe.sql"),
+    include_str!("../../migrations/postgres/0005_deliveries.sql"),
+    include_str!("../../migrations/postgres/0006_idempotent_creates.sql"),
 ];
 
 /// The schema version this program creates and understands.
@@ -170,6 +174,8 @@ pub use super::MigrationReport;
 
 pub struct PostgresStore {
     pool: Arc<Pool>,
+    /// Wakes dispatchers after a hand-off committed (this replica's and the others').
+    handoffs: deliveries::HandoffSignal,
     /// The longest one store operation may take, connection checkout included.
     operation_timeout: Duration,
     events: watch::Receiver<u64>,
@@ -206,6 +212,12 @@ impl PostgresStore {
             events_sender,
             stop.clone(),
         ));
+        let handoffs = deliveries::HandoffSignal::start(
+            config.clone(),
+            pool.clone(),
+            replica_id.clone(),
+            stop.clone(),
+        );
         tokio::spawn(announce_wakeups(
             pool.clone(),
             replica_id,
@@ -218,6 +230,7 @@ impl PostgresStore {
             claims: Batcher::start(batch.clone(), operation_timeout),
             results: Batcher::start(batch, operation_timeout),
             pool,
+            handoffs,
             operation_timeout,
             events,
             stop_listener,
@@ -379,6 +392,18 @@ impl Store for PostgresStore {
         })
     }
 
+    fn create_job_once(&self, params: CreateOnceParams) -> StoreFuture<'_, CreateOnceOutcome> {
+        Box::pin(async move {
+            let outcome = self
+                .run(move |c| Box::pin(idempotent_create::create_once(c, params)))
+                .await?;
+            if matches!(outcome, CreateOnceOutcome::Created(_)) {
+                self.announce.notify_one();
+            }
+            Ok(outcome)
+        })
+    }
+
     fn claim_job(&self, params: ClaimParams) -> StoreFuture<'_, Option<Job>> {
         Box::pin(self.claims.submit(params))
     }
@@ -388,7 +413,13 @@ impl Store for PostgresStore {
     }
 
     fn submit_result(&self, params: SubmitResultParams) -> StoreFuture<'_, Job> {
-        Box::pin(self.results.submit(params))
+        Box::pin(async move {
+            let job = self.results.submit(params).await?;
+            if plan::result_hands_off(job.status) {
+                self.handoffs.committed();
+            }
+            Ok(job)
+        })
     }
 
     fn release_job(&self, params: ReleaseParams) -> StoreFuture<'_, Job> {
@@ -397,7 +428,12 @@ impl Store for PostgresStore {
     }
 
     fn cancel_job(&self, params: CancelParams) -> StoreFuture<'_, Job> {
-        self.run(move |c| Box::pin(cancel(c, params)))
+        let work = self.run(move |c| Box::pin(cancel(c, params)));
+        Box::pin(async move {
+            let job = work.await?;
+            self.handoffs.committed();
+            Ok(job)
+        })
     }
 
     fn retry_job(&self, params: ManualRetryParams) -> StoreFuture<'_, Job> {
@@ -405,10 +441,17 @@ impl Store for PostgresStore {
     }
 
     fn rescue_expired(&self, params: RescueParams) -> StoreFuture<'_, RescueReport> {
-        self.run_and_announce(
+        let work = self.run_and_announce(
             move |c| Box::pin(rescue(c, params)),
             |report| report.n_retries_due > 0,
-        )
+        );
+        Box::pin(async move {
+            let report = work.await?;
+            if plan::rescue_hands_off(&report) {
+                self.handoffs.committed();
+            }
+            Ok(report)
+        })
     }
 
     fn next_deadline(&self) -> StoreFuture<'_, Option<Timestamp>> {

@@ -23,10 +23,17 @@ use self::readers::ReaderPool;
 use self::writer::{writer_loop, Checkpointer, Finisher, WriteJob};
 use super::*;
 
+mod idempotent_create;
+
 const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/sqlite/0001_jobs.sql"),
     include_str!("../../migrations/sqlite/0002_write_probe.sql"),
+    include_str!("../../migrations/sqlite/0003_deliveries.sql"),
+    include_str!("../../migrations/sqlite/0004_idempotent_creates.sql"),
 ];
+
+#[path = "sqlite_deliveries.rs"]
+mod deliveries;
 
 /// WAL pages after which the writer checkpoints inside its own commit, as SQLite's
 /// automatic checkpoint does (its default is 1,000). The checkpointer thread normally keeps
@@ -47,6 +54,8 @@ pub struct SqliteStore {
     writer_thread: Mutex<Option<JoinHandle<()>>>,
     readers: Arc<ReaderPool>,
     path: PathBuf,
+    /// Bumped after a commit that may have recorded a hand-off: wakes the dispatcher.
+    handoffs_committed: tokio::sync::watch::Sender<u64>,
 }
 
 impl SqliteStore {
@@ -76,6 +85,7 @@ impl SqliteStore {
                 idle: Mutex::new(Vec::new()),
             }),
             path: options.path,
+            handoffs_committed: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -113,6 +123,22 @@ impl SqliteStore {
             answer
                 .await
                 .map_err(|_| StoreError::Unavailable("the store writer stopped".into()))?
+        })
+    }
+
+    /// Wakes the dispatcher once `work` committed, when `recorded_handoff` says it may have
+    /// written a hand-off.
+    fn signal_handoffs_after<'s, T: Send + 's>(
+        &'s self,
+        work: StoreFuture<'s, T>,
+        recorded_handoff: fn(&T) -> bool,
+    ) -> StoreFuture<'s, T> {
+        Box::pin(async move {
+            let result = work.await?;
+            if recorded_handoff(&result) {
+                self.handoffs_committed.send_modify(|n| *n += 1);
+            }
+            Ok(result)
         })
     }
 
@@ -213,6 +239,10 @@ impl Store for SqliteStore {
         self.write(move |conn| create(conn, params))
     }
 
+    fn create_job_once(&self, params: CreateOnceParams) -> StoreFuture<'_, CreateOnceOutcome> {
+        self.write(move |conn| idempotent_create::create_once(conn, params))
+    }
+
     fn claim_job(&self, params: ClaimParams) -> StoreFuture<'_, Option<Job>> {
         self.write(move |conn| claim(conn, params))
     }
@@ -222,7 +252,8 @@ impl Store for SqliteStore {
     }
 
     fn submit_result(&self, params: SubmitResultParams) -> StoreFuture<'_, Job> {
-        self.write(move |conn| submit_result(conn, params))
+        let work = self.write(move |conn| submit_result(conn, params));
+        self.signal_handoffs_after(work, |job| plan::result_hands_off(job.status))
     }
 
     fn release_job(&self, params: ReleaseParams) -> StoreFuture<'_, Job> {
@@ -230,7 +261,8 @@ impl Store for SqliteStore {
     }
 
     fn cancel_job(&self, params: CancelParams) -> StoreFuture<'_, Job> {
-        self.write(move |conn| cancel(conn, params))
+        let work = self.write(move |conn| cancel(conn, params));
+        self.signal_handoffs_after(work, |_| true)
     }
 
     fn retry_job(&self, params: ManualRetryParams) -> StoreFuture<'_, Job> {
@@ -238,7 +270,8 @@ impl Store for SqliteStore {
     }
 
     fn rescue_expired(&self, params: RescueParams) -> StoreFuture<'_, RescueReport> {
-        self.write(move |conn| rescue(conn, params))
+        let work = self.write(move |conn| rescue(conn, params));
+        self.signal_handoffs_after(work, plan::rescue_hands_off)
     }
 
     fn next_deadline(&self) -> StoreFuture<'_, Option<Timestamp>> {

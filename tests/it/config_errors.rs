@@ -196,6 +196,11 @@ fn humane_durations_host_names_and_the_insecure_variable_are_accepted() {
             ("MORAG_REMOTE_JOB_TIMEOUT_VIDEO", "1h"),
             ("MORAG_ADMIN_API_KEYS", "admin"),
             ("MORAG_WORKER_API_KEYS", "worker"),
+            // Outcomes go somewhere (nothing is delivered in this test).
+            (
+                "MORAG_INGESTION_CALLBACK_URL",
+                "http://127.0.0.1:9/callback",
+            ),
         ],
         &format!("http://localhost:{port}/health"),
     );
@@ -210,6 +215,7 @@ fn humane_durations_host_names_and_the_insecure_variable_are_accepted() {
         "allowed_roots=",
         "auth=\"API keys (1 worker, 1 admin)\"",
         "monitor_interval=5m",
+        "sinks=\"ingestion_callback, webhook (per job)\"",
     ] {
         assert!(summary.contains(field), "{field} in {summary}");
     }

@@ -557,10 +557,11 @@ async fn memory_stays_bounded_for_results_of_many_small_keys() {
     let source = data_dir.path().join("files").join("source.bin");
     std::fs::write(&source, b"x").unwrap();
     let mut jobs = Vec::new();
-    for _ in 0..3 {
+    for n in 0..3 {
+        // Separate ingestion tasks: a repeat of one task's create would be answered with its job.
         let created: Value = client
             .post(format!("{}/api/v1/remote-jobs/", server.base))
-            .json(&json!({"source_file_path": source, "content_type": "audio", "ingestion_task_id": "i"}))
+            .json(&json!({"source_file_path": source, "content_type": "audio", "ingestion_task_id": format!("i-{n}")}))
             .send()
             .await
             .unwrap()

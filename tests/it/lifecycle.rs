@@ -176,7 +176,8 @@ async fn worker_failures_retry_until_the_budget_is_spent_and_a_manual_retry_rese
             body["status"].as_str(),
             body["ingestion_continued"].as_bool()
         ),
-        (Some("failed"), Some(true))
+        (Some("failed"), Some(false)),
+        "final, but no sink is configured: the outcome is only stored"
     );
     // Manual retry: claimable at once with a fresh budget.
     let (status, body) = app

@@ -5,11 +5,16 @@ mod support;
 
 mod api;
 mod architecture;
+mod celery;
 mod cli;
 mod config_errors;
 mod crash;
+mod delivery;
+mod delivery_conformance;
 mod file_races;
 mod hygiene;
+mod idempotency_conformance;
+mod idempotent_create;
 mod import;
 mod lifecycle;
 mod listing_memory;

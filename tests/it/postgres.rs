@@ -420,8 +420,18 @@ async fn monitors_of_several_replicas_apply_each_timeout_and_deletion_once() {
         assert_eq!(timeouts, 2, "{:?}", history);
     }
 
-    // Three cleaners at once delete every job once and report each file once.
+    // Three cleaners at once delete every job once and report each file once. A hand-off
+    // keeps its job until fanned out (here to no sink: outcomes are only stored).
     let cleanup_at = at(3 * 86_400);
+    stores[0]
+        .fan_out_handoffs(morag_jobs::store::deliveries::FanOutParams {
+            sinks: vec![],
+            webhooks: false,
+            limit: 10_000,
+            now: cleanup_at,
+        })
+        .await
+        .unwrap();
     let cleaners: Vec<_> = stores
         .iter()
         .cloned()
@@ -671,7 +681,19 @@ async fn upgrading_from_schema_1_keeps_the_statistics_exact() {
     assert_eq!(stats.created_last_24h, 6);
     assert_eq!(created.status, JobStatus::Pending);
 
-    // History has no foreign key since version 2: cleanup deletes it with its jobs.
+    // History has no foreign key since version 2: cleanup deletes it with its jobs. A
+    // hand-off keeps its job until fanned out (here to no sink: outcomes are only stored).
+    morag_jobs::store::DeliveryStore::fan_out_handoffs(
+        &store,
+        morag_jobs::store::deliveries::FanOutParams {
+            sinks: vec![],
+            webhooks: false,
+            limit: 100,
+            now,
+        },
+    )
+    .await
+    .unwrap();
     let report = store
         .cleanup_finished(CleanupParams {
             retention: RetentionPolicy::from_days(1, None),

@@ -292,8 +292,13 @@ async fn run(kill_one: bool) {
             let source = source.to_str().unwrap().to_owned();
             tokio::spawn(async move {
                 let mut ids = Vec::new();
-                while created.fetch_add(1, Ordering::SeqCst) < N_JOBS {
-                    let body = json!({"source_file_path": source, "content_type": "document", "ingestion_task_id": "load"});
+                loop {
+                    let n = created.fetch_add(1, Ordering::SeqCst);
+                    if n >= N_JOBS {
+                        break;
+                    }
+                    // One ingestion task per job: repeats of one task's create are one job.
+                    let body = json!({"source_file_path": source, "content_type": "document", "ingestion_task_id": format!("load-{n}")});
                     let (status, body) = cluster.send(reqwest::Method::POST, "/api/v1/remote-jobs/", Some(&body)).await;
                     assert_eq!(status, 200, "create: {body}");
                     ids.push(body["job_id"].as_str().unwrap().to_owned());

@@ -1096,6 +1096,17 @@ pub async fn cleanup_deletes_only_finished_jobs_past_retention(s: TestStore) {
             .await
             .unwrap();
     }
+    // A hand-off keeps its job until it is fanned out to the sinks (here: none, so
+    // outcomes are only stored); see delivery_conformance for deliveries keeping jobs.
+    store
+        .fan_out_handoffs(deliveries::FanOutParams {
+            sinks: vec![],
+            webhooks: false,
+            limit: 100,
+            now: at(2),
+        })
+        .await
+        .unwrap();
     let clean = |retention, now| {
         store.cleanup_finished(CleanupParams {
             retention,

@@ -93,9 +93,14 @@ async fn with_no_server_answering_the_discovery_runs_a_throwaway_cluster_and_rem
 fn without_postgresql_binaries_the_discovery_says_so_and_fails_under_ci() {
     let empty = tempfile::tempdir().unwrap();
     let search = empty.path().to_str().unwrap();
+    // Under scripts/test.sh this names the outer run's throwaway cluster: the script must
+    // leave a directory it did not create alone.
+    let outer_cluster = tempfile::tempdir().unwrap();
+    std::fs::write(outer_cluster.path().join("PG_VERSION"), b"15").unwrap();
 
     let output = discovery(r#"echo "state=$TEST_POSTGRES_STATE""#)
         .env("MORAG_TEST_POSTGRES_SEARCH", search)
+        .env("MORAG_TEST_POSTGRES_DIR", outer_cluster.path())
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -104,6 +109,10 @@ fn without_postgresql_binaries_the_discovery_says_so_and_fails_under_ci() {
     assert!(
         stderr.contains("no initdb/pg_ctl was found") && stderr.contains("!!!"),
         "loud: {stderr}"
+    );
+    assert!(
+        outer_cluster.path().join("PG_VERSION").exists(),
+        "an inherited cluster directory is not this run's to remove"
     );
 
     let output = discovery(r#"echo "the command ran""#)

@@ -114,7 +114,10 @@ static CREATE_SQL: LazyLock<String> = LazyLock::new(|| {
 });
 
 /// Inserts every job with its `created` history row.
-async fn create_all(conn: &mut Conn, requests: Arc<Vec<CreateJobParams>>) -> Answers<Job> {
+pub(super) async fn create_all(
+    conn: &mut Conn,
+    requests: Arc<Vec<CreateJobParams>>,
+) -> Answers<Job> {
     let sql: &str = &CREATE_SQL;
     let created = plan::created_step();
     let ids: Vec<String> = requests.iter().map(|p| p.id.to_string()).collect();

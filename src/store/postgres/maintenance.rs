@@ -22,6 +22,9 @@ pub(super) const RESCUE_SCAN_SQL: &str =
 pub(super) const CLEANUP_SQL: &str = "WITH victims AS ( \
          SELECT seq FROM jobs WHERE status = $1 AND completed_at < $2 \
          AND status IN ('completed', 'failed', 'timeout', 'cancelled') \
+         AND NOT EXISTS (SELECT 1 FROM handoffs h WHERE h.job_id = jobs.id AND h.fanned_out_at IS NULL) \
+         AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.job_id = jobs.id \
+             AND (d.state = 'pending' OR (d.state = 'dead' AND jobs.status <> 'cancelled'))) \
          ORDER BY completed_at LIMIT $3 FOR UPDATE SKIP LOCKED), \
      gone AS (DELETE FROM jobs USING victims WHERE jobs.seq = victims.seq AND jobs.status = $1 \
          RETURNING jobs.completed_at, jobs.seq, jobs.source_file_path), \
@@ -205,7 +208,10 @@ pub(super) async fn compact_counters_batch(conn: &mut Conn) -> Result<u64, Store
 /// The rows `CLEANUP_SQL` would delete, counted (without locking them).
 const COUNT_CLEANABLE_SQL: &str =
     "SELECT count(*) FROM jobs WHERE status = $1 AND completed_at < $2 \
-     AND status IN ('completed', 'failed', 'timeout', 'cancelled')";
+     AND status IN ('completed', 'failed', 'timeout', 'cancelled') \
+     AND NOT EXISTS (SELECT 1 FROM handoffs h WHERE h.job_id = jobs.id AND h.fanned_out_at IS NULL) \
+     AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.job_id = jobs.id \
+         AND (d.state = 'pending' OR (d.state = 'dead' AND jobs.status <> 'cancelled')))";
 
 pub(super) async fn count_cleanable(
     conn: &mut Conn,

@@ -18,7 +18,7 @@ pub(super) const NEXT_DEADLINE_SQL: &str =
 pub(super) const HANDOFF_PAYLOAD: &str =
     "json_build_object('job_id', u.id, 'ingestion_task_id', u.ingestion_task_id, \
      'content_type', u.content_type, 'status', u.status, 'error_message', u.error_message, \
-     'attempt', u.attempt)::text";
+     'attempt', u.attempt, 'retry_count', u.retry_count)::text";
 
 pub(super) const JOB_COLUMNS: &str = "seq, id, content_type, source_file_path, task_options, ingestion_task_id, status, \
      worker_id, lease_id, attempt, retry_count, created_at, started_at, completed_at, updated_at, available_at, \

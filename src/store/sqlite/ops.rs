@@ -26,12 +26,19 @@ pub(super) const NEXT_DEADLINE_SQL: &str =
 pub(super) const CLEANUP_SCAN_SQL: &str =
     "SELECT seq, source_file_path FROM jobs INDEXED BY jobs_finished \
      WHERE status = ?1 AND status IN ('completed', 'failed', 'timeout', 'cancelled') \
-     AND completed_at < ?2 ORDER BY completed_at LIMIT ?3";
+     AND completed_at < ?2 \
+     AND NOT EXISTS (SELECT 1 FROM handoffs h WHERE h.job_id = jobs.id AND h.fanned_out_at IS NULL) \
+     AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.job_id = jobs.id \
+                     AND (d.state = 'pending' OR (d.state = 'dead' AND jobs.status <> 'cancelled'))) \
+     ORDER BY completed_at LIMIT ?3";
 
-/// `CLEANUP_SCAN_SQL`'s rows, counted.
+/// `CLEANUP_SCAN_SQL`'s rows, counted: jobs whose outcome is still to be delivered stay.
 pub(super) const COUNT_CLEANABLE_SQL: &str = "SELECT count(*) FROM jobs INDEXED BY jobs_finished \
      WHERE status = ?1 AND status IN ('completed', 'failed', 'timeout', 'cancelled') \
-     AND completed_at < ?2";
+     AND completed_at < ?2 \
+     AND NOT EXISTS (SELECT 1 FROM handoffs h WHERE h.job_id = jobs.id AND h.fanned_out_at IS NULL) \
+     AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.job_id = jobs.id \
+                     AND (d.state = 'pending' OR (d.state = 'dead' AND jobs.status <> 'cancelled')))";
 
 pub(super) const JOB_COLUMNS: &str = "seq, id, content_type, source_file_path, task_options, ingestion_task_id, status, \
      worker_id, lease_id, attempt, retry_count, created_at, started_at, completed_at, updated_at, available_at, \
@@ -185,6 +192,7 @@ pub(super) fn record_handoff(
         "status": job.status.as_str(),
         "error_message": job.error_message,
         "attempt": job.attempt,
+        "retry_count": job.retry_count,
     });
     conn.prepare_cached(
         "INSERT INTO handoffs (job_id, kind, payload, created_at) VALUES (?1, ?2, ?3, ?4)",

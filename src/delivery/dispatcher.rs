@@ -1,0 +1,307 @@
+//! The dispatcher: a background service (like the monitor) that fans recorded hand-offs
+//! out into deliveries and attempts every due delivery, several at once.
+//!
+//! `run_once` does everything due now and reports it; tests call it directly with a
+//! manual clock. `run` loops around it: it wakes when a hand-off commits (the store's
+//! `handoff_events`: SQLite signals after its commit, PostgreSQL by NOTIFY from every
+//! replica), when the next retry comes due, or at the fallback interval. Every replica
+//! may run one: claims never hand a delivery to two dispatchers, and an attempt's outcome
+//! is recorded only with its claim.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use super::config::DeliveryConfig;
+use super::policy::RetrySchedule;
+use super::{AttemptDetail, DeliveryError, Sink, SinkKind};
+use crate::clock::{SharedClock, Timestamp};
+use crate::store::deliveries::{
+    AttemptResult, ClaimDeliveriesParams, ClaimedDelivery, FanOutParams, RecordAttemptParams,
+    RecordOutcome,
+};
+use crate::store::{Store, StoreError};
+
+/// Hand-offs fanned out per store call.
+const FAN_OUT_BATCH: usize = 500;
+/// Added to the attempt timeout for a claim's lifetime: an attempt's outcome must be
+/// recorded before another dispatcher may take the delivery over (if it is not, the
+/// delivery is repeated, under the same id). It is also how long a delivery whose attempt
+/// died with its process waits beyond the attempt timeout before it is tried again.
+const CLAIM_MARGIN: Duration = Duration::from_secs(10);
+/// The shortest sleep between passes when a pass seemed to leave work behind (hand-offs
+/// another replica is fanning out), so the loop never spins.
+const MIN_PAUSE: Duration = Duration::from_millis(20);
+
+/// The least time between the starts of two passes.
+const PASS_SPACING: Duration = Duration::from_millis(5);
+
+/// What one pass did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DispatchReport {
+    pub n_handoffs_fanned_out: usize,
+    pub n_deliveries_created: usize,
+    pub n_delivered: usize,
+    pub n_retries_scheduled: usize,
+    pub n_dead: usize,
+    /// Attempts whose claim was taken over before their outcome could be recorded.
+    pub n_claims_lost: usize,
+}
+
+impl DispatchReport {
+    pub fn changed_anything(&self) -> bool {
+        *self != DispatchReport::default()
+    }
+}
+
+struct Shared {
+    store: Arc<dyn Store>,
+    clock: SharedClock,
+    sinks: BTreeMap<SinkKind, Arc<dyn Sink>>,
+    schedule: RetrySchedule,
+    attempt_timeout: Duration,
+}
+
+pub struct Dispatcher {
+    shared: Arc<Shared>,
+    /// Wakes the loop for work made due outside a hand-off commit (a redrive).
+    woken: tokio::sync::Notify,
+    concurrency: usize,
+    poll_interval: Duration,
+}
+
+impl Dispatcher {
+    pub fn new(
+        store: Arc<dyn Store>,
+        clock: SharedClock,
+        config: &DeliveryConfig,
+        sinks: Vec<Arc<dyn Sink>>,
+    ) -> Dispatcher {
+        Dispatcher {
+            shared: Arc::new(Shared {
+                store,
+                clock,
+                sinks: sinks.into_iter().map(|sink| (sink.kind(), sink)).collect(),
+                schedule: RetrySchedule {
+                    max_attempts: config.max_attempts,
+                    backoff_base: config.backoff_base,
+                    backoff_max: config.backoff_max,
+                },
+                attempt_timeout: config.attempt_timeout,
+            }),
+            woken: tokio::sync::Notify::new(),
+            concurrency: config.concurrency,
+            poll_interval: config.poll_interval,
+        }
+    }
+
+    /// Makes the loop run a pass now (or right after the current one).
+    pub fn wake(&self) {
+        self.woken.notify_one();
+    }
+
+    /// The sinks this dispatcher delivers to.
+    pub fn sink_kinds(&self) -> Vec<SinkKind> {
+        self.shared.sinks.keys().copied().collect()
+    }
+
+    /// How hand-offs are fanned out: to every configured sink but the webhook, and to the
+    /// webhook when a job names one.
+    pub fn fan_out_params(&self, now: Timestamp) -> FanOutParams {
+        FanOutParams {
+            sinks: self
+                .shared
+                .sinks
+                .keys()
+                .copied()
+                .filter(|kind| *kind != SinkKind::Webhook)
+                .collect(),
+            webhooks: self.shared.sinks.contains_key(&SinkKind::Webhook),
+            limit: FAN_OUT_BATCH,
+            now,
+        }
+    }
+
+    /// Fans out every waiting hand-off. Cleanup calls this first, so a job is never
+    /// deleted before its outcome has deliveries.
+    pub async fn fan_out_once(&self) -> Result<(usize, usize), StoreError> {
+        let (mut handoffs, mut deliveries) = (0, 0);
+        loop {
+            let report = self
+                .shared
+                .store
+                .fan_out_handoffs(self.fan_out_params(self.shared.clock.now()))
+                .await?;
+            handoffs += report.n_handoffs;
+            deliveries += report.n_deliveries;
+            if report.n_handoffs < FAN_OUT_BATCH {
+                return Ok((handoffs, deliveries));
+            }
+        }
+    }
+
+    /// Fans out waiting hand-offs, then attempts every delivery due now, at most
+    /// `concurrency` at once, and returns when none is due and none is running.
+    pub async fn run_once(&self) -> Result<DispatchReport, StoreError> {
+        let mut report = DispatchReport::default();
+        (report.n_handoffs_fanned_out, report.n_deliveries_created) = self.fan_out_once().await?;
+        let mut running: JoinSet<Result<(AttemptResult, RecordOutcome), StoreError>> =
+            JoinSet::new();
+        let mut exhausted = false;
+        loop {
+            let free = self.concurrency.saturating_sub(running.len());
+            if !exhausted && free > 0 {
+                let claimed = self
+                    .shared
+                    .store
+                    .claim_deliveries(ClaimDeliveriesParams {
+                        limit: free,
+                        claim_for: self.shared.attempt_timeout + CLAIM_MARGIN,
+                        now: self.shared.clock.now(),
+                    })
+                    .await?;
+                exhausted = claimed.len() < free;
+                for delivery in claimed {
+                    running.spawn(attempt(self.shared.clone(), delivery));
+                }
+            }
+            match running.join_next().await {
+                None if exhausted => return Ok(report),
+                None => continue,
+                Some(joined) => {
+                    let (result, recorded) = joined.map_err(|error| {
+                        StoreError::Internal(format!("a delivery attempt panicked: {error}"))
+                    })??;
+                    match (recorded, result) {
+                        (RecordOutcome::ClaimLost, _) => report.n_claims_lost += 1,
+                        (_, AttemptResult::Delivered) => report.n_delivered += 1,
+                        (_, AttemptResult::RetryAt { .. }) => report.n_retries_scheduled += 1,
+                        (_, AttemptResult::Dead { .. }) => report.n_dead += 1,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs passes until `shutdown` turns true: after a hand-off commits, when the next
+    /// delivery comes due, or every poll interval. Attempts in flight at shutdown are
+    /// dropped; their claims expire and another pass (or replica) repeats them.
+    pub async fn run(&self, shutdown: &mut watch::Receiver<bool>) {
+        let mut committed = self.shared.store.handoff_events();
+        let mut last_pass: Option<tokio::time::Instant> = None;
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            // Under load commits come faster than passes are worth: passes start at most
+            // every PASS_SPACING, so hand-offs committed meanwhile are taken together. An
+            // idle dispatcher starts at once.
+            if let Some(last) = last_pass {
+                tokio::time::sleep_until(last + PASS_SPACING).await;
+            }
+            last_pass = Some(tokio::time::Instant::now());
+            committed.mark_unchanged();
+            let pass = tokio::select! {
+                pass = self.run_once() => pass,
+                _ = shutdown.changed() => continue,
+            };
+            let mut pause = self.poll_interval;
+            match pass {
+                Ok(report) => {
+                    if report.n_dead > 0 || report.n_claims_lost > 0 {
+                        tracing::warn!(?report, "deliveries dead-lettered or taken over");
+                    } else if report.changed_anything() {
+                        tracing::debug!(?report, "dispatcher pass");
+                    }
+                    match self.shared.store.next_delivery_due().await {
+                        Ok(Some(due)) => {
+                            let wait = due
+                                .to_system_time()
+                                .duration_since(self.shared.clock.now().to_system_time())
+                                .unwrap_or_default();
+                            pause = wait.clamp(MIN_PAUSE, self.poll_interval);
+                        }
+                        Ok(None) => {}
+                        Err(error) => tracing::warn!(%error, "cannot read the next delivery time"),
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "dispatcher pass failed; trying again"),
+            }
+            let signal_closed = tokio::select! {
+                _ = tokio::time::sleep(pause) => false,
+                changed = committed.changed() => changed.is_err(),
+                _ = self.woken.notified() => false,
+                _ = shutdown.changed() => false,
+            };
+            if signal_closed {
+                // The store closed its signal: fall back to the interval.
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = shutdown.changed() => {}
+                }
+            }
+        }
+    }
+}
+
+/// One attempt: deliver under the timeout, decide, record.
+async fn attempt(
+    shared: Arc<Shared>,
+    claimed: ClaimedDelivery,
+) -> Result<(AttemptResult, RecordOutcome), StoreError> {
+    let (outcome, detail) = match &claimed.event {
+        Err(why) => (
+            Err(DeliveryError::Permanent(why.clone())),
+            AttemptDetail::default(),
+        ),
+        Ok(event) => match shared.sinks.get(&claimed.sink) {
+            // Another replica, or this one before a configuration change, fanned it out.
+            None => (
+                Err(DeliveryError::Retryable(format!(
+                    "the {} sink is not configured on this server",
+                    claimed.sink
+                ))),
+                AttemptDetail::default(),
+            ),
+            Some(sink) => {
+                match tokio::time::timeout(shared.attempt_timeout, sink.deliver(event)).await {
+                    Ok(answer) => answer,
+                    Err(_) => (
+                        Err(DeliveryError::Retryable(format!(
+                            "no answer within {:?}",
+                            shared.attempt_timeout
+                        ))),
+                        AttemptDetail::default(),
+                    ),
+                }
+            }
+        },
+    };
+    let now = shared.clock.now();
+    let result = shared
+        .schedule
+        .decide(claimed.attempt, outcome, fastrand::f64(), now);
+    if let AttemptResult::Dead { error } = &result {
+        tracing::warn!(
+            delivery_id = claimed.delivery_id,
+            sink = %claimed.sink,
+            attempt = claimed.attempt,
+            %error,
+            "delivery dead-lettered"
+        );
+    }
+    let recorded = shared
+        .store
+        .record_delivery_attempt(RecordAttemptParams {
+            delivery_id: claimed.delivery_id,
+            claim_token: claimed.claim_token,
+            result: result.clone(),
+            http_status: detail.http_status,
+            now,
+        })
+        .await?;
+    Ok((result, recorded))
+}

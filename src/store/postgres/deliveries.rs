@@ -1,0 +1,618 @@
+//! The deliveries tables on PostgreSQL (`migrations/postgres/0005_deliveries.sql`), safe
+//! with several replicas: fan-out locks the hand-offs it handles and claims lock the
+//! deliveries they take, both with `SKIP LOCKED`, so replicas split the work; every outcome
+//! is recorded only with the claim's token, so an attempt whose claim expired and was taken
+//! over can change nothing.
+
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{AsyncMessage, NoTls, Row};
+
+use super::pool::Conn;
+use super::{get, pg_error, PostgresStore};
+use crate::clock::Timestamp;
+use crate::store::deliveries::*;
+use crate::store::{StoreError, StoreFuture};
+
+/// The channel replicas announce committed hand-offs on.
+const HANDOFFS_CHANNEL: &str = "morag_handoffs_recorded";
+
+/// Tells dispatchers that a hand-off committed: this replica's at once, the others' by a
+/// NOTIFY sent after the commit (coalesced, by `announce_handoffs`).
+pub(super) struct HandoffSignal {
+    local: watch::Sender<u64>,
+    announce: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl HandoffSignal {
+    /// Starts the listener and the announcer; both stop when `stop` turns true.
+    pub(super) fn start(
+        config: tokio_postgres::Config,
+        pool: std::sync::Arc<super::pool::Pool>,
+        replica_id: String,
+        stop: watch::Receiver<bool>,
+    ) -> HandoffSignal {
+        let (local, _) = watch::channel(0u64);
+        let announce = std::sync::Arc::new(tokio::sync::Notify::new());
+        tokio::spawn(listen_for_handoffs(
+            config,
+            replica_id.clone(),
+            local.clone(),
+            stop.clone(),
+        ));
+        tokio::spawn(announce_handoffs(pool, replica_id, announce.clone(), stop));
+        HandoffSignal { local, announce }
+    }
+
+    pub(super) fn committed(&self) {
+        self.local.send_modify(|n| *n += 1);
+        self.announce.notify_one();
+    }
+
+    pub(super) fn subscribe(&self) -> watch::Receiver<u64> {
+        self.local.subscribe()
+    }
+}
+
+/// Sends one NOTIFY per burst of committed hand-offs, outside any job's transaction.
+async fn announce_handoffs(
+    pool: std::sync::Arc<super::pool::Pool>,
+    replica_id: String,
+    announce: std::sync::Arc<tokio::sync::Notify>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = announce.notified() => {}
+            _ = stop.changed() => return,
+        }
+        let sent = async {
+            let mut pooled = pool.get().await?;
+            let conn = pooled.conn();
+            let statement = conn.statement("SELECT pg_notify($1, $2)").await?;
+            let result = conn
+                .client
+                .execute(&statement, &[&HANDOFFS_CHANNEL, &replica_id])
+                .await
+                .map_err(pg_error);
+            pooled.finish(result.is_ok());
+            result
+        };
+        // The other replicas' dispatchers poll as a fallback: a lost announcement delays.
+        match tokio::time::timeout(Duration::from_secs(5), sent).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => tracing::debug!(%error, "cannot announce committed hand-offs"),
+            Err(_) => tracing::debug!("announcing committed hand-offs timed out"),
+        }
+    }
+}
+
+const DELIVERY_COLUMNS: &str = "id, event_id, sink, job_id, state, attempts, next_attempt_at, \
+     last_error, created_at, updated_at, delivered_at";
+
+fn delivery_from_row(row: &Row) -> Result<Delivery, StoreError> {
+    Ok(Delivery {
+        id: get(row, 0)?,
+        event_id: get(row, 1)?,
+        sink: parse_sink(get(row, 2)?)?,
+        job_id: parse_job_id(get(row, 3)?)?,
+        state: parse_state(get(row, 4)?)?,
+        attempts: get::<i32>(row, 5)?.max(0) as u32,
+        next_attempt_at: Timestamp::from_micros(get(row, 6)?),
+        last_error: get(row, 7)?,
+        created_at: Timestamp::from_micros(get(row, 8)?),
+        updated_at: Timestamp::from_micros(get(row, 9)?),
+        delivered_at: get::<Option<i64>>(row, 10)?.map(Timestamp::from_micros),
+    })
+}
+
+/// Runs `body` between BEGIN and COMMIT, rolling back when it fails.
+async fn in_transaction<T>(
+    conn: &mut Conn,
+    body: impl for<'c> FnOnce(&'c mut Conn) -> StoreFuture<'c, T>,
+) -> Result<T, StoreError> {
+    conn.client.batch_execute("BEGIN").await.map_err(pg_error)?;
+    match body(conn).await {
+        Ok(value) => {
+            conn.client
+                .batch_execute("COMMIT")
+                .await
+                .map_err(pg_error)?;
+            Ok(value)
+        }
+        Err(error) => {
+            conn.client
+                .batch_execute("ROLLBACK")
+                .await
+                .map_err(pg_error)?;
+            Err(error)
+        }
+    }
+}
+
+async fn fan_out(conn: &mut Conn, p: FanOutParams) -> Result<FanOutReport, StoreError> {
+    in_transaction(conn, move |conn| {
+        Box::pin(async move {
+            let statement = conn
+                .statement(
+                    "SELECT h.id, h.job_id, j.task_options FROM handoffs h \
+                     LEFT JOIN jobs j ON j.id = h.job_id \
+                     WHERE h.fanned_out_at IS NULL ORDER BY h.id LIMIT $1 \
+                     FOR UPDATE OF h SKIP LOCKED",
+                )
+                .await?;
+            let rows = conn
+                .client
+                .query(&statement, &[&(p.limit as i64)])
+                .await
+                .map_err(pg_error)?;
+            let mut report = FanOutReport::default();
+            let (mut handoff_ids, mut event_ids) = (Vec::new(), Vec::new());
+            let (mut d_handoffs, mut d_events, mut d_sinks, mut d_jobs) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for row in &rows {
+                let handoff_id: i64 = get(row, 0)?;
+                let job_id: String = get(row, 1)?;
+                let task_options: Option<&str> = get(row, 2)?;
+                let event_id = new_event_id();
+                // A job deleted before its hand-off was fanned out has nothing to deliver.
+                for sink in task_options.map(|o| sinks_for(o, &p)).unwrap_or_default() {
+                    d_handoffs.push(handoff_id);
+                    d_events.push(event_id.clone());
+                    d_sinks.push(sink.as_str());
+                    d_jobs.push(job_id.clone());
+                }
+                handoff_ids.push(handoff_id);
+                event_ids.push(event_id);
+            }
+            if handoff_ids.is_empty() {
+                return Ok(report);
+            }
+            let now = p.now.as_micros();
+            let statement = conn
+                .statement(
+                    "INSERT INTO deliveries (handoff_id, event_id, sink, job_id, state, attempts, \
+                     next_attempt_at, created_at, updated_at) \
+                     SELECT x.h, x.e, x.s, x.j, 'pending', 0, $5, $5, $5 \
+                     FROM unnest($1::int8[], $2::text[], $3::text[], $4::text[]) AS x(h, e, s, j) \
+                     ON CONFLICT (handoff_id, sink) DO NOTHING",
+                )
+                .await?;
+            report.n_deliveries = conn
+                .client
+                .execute(
+                    &statement,
+                    &[&d_handoffs, &d_events, &d_sinks, &d_jobs, &now],
+                )
+                .await
+                .map_err(pg_error)? as usize;
+            let statement = conn
+                .statement(
+                    "UPDATE handoffs SET fanned_out_at = $3, event_id = x.e \
+                     FROM unnest($1::int8[], $2::text[]) AS x(id, e) \
+                     WHERE handoffs.id = x.id AND handoffs.fanned_out_at IS NULL",
+                )
+                .await?;
+            report.n_handoffs = conn
+                .client
+                .execute(&statement, &[&handoff_ids, &event_ids, &now])
+                .await
+                .map_err(pg_error)? as usize;
+            Ok(report)
+        })
+    })
+    .await
+}
+
+async fn claim(
+    conn: &mut Conn,
+    p: ClaimDeliveriesParams,
+) -> Result<Vec<ClaimedDelivery>, StoreError> {
+    let token = new_claim_token();
+    let statement = conn
+        .statement(
+            "WITH picked AS (SELECT id FROM deliveries WHERE state = 'pending' AND next_attempt_at <= $3 \
+                             ORDER BY next_attempt_at LIMIT $4 FOR UPDATE SKIP LOCKED), \
+                  c AS (UPDATE deliveries d SET claim_token = $1, attempts = d.attempts + 1, \
+                        next_attempt_at = $2, updated_at = $3 FROM picked WHERE d.id = picked.id \
+                        RETURNING d.id, d.attempts, d.sink, d.handoff_id, d.event_id) \
+             SELECT c.id, c.attempts, c.sink, c.event_id, h.job_id, h.kind, h.payload, h.created_at, \
+                    j.ingestion_task_id, j.task_options, j.retry_count::int8, j.result_content, \
+                    j.result_metadata, j.processing_time, j.id IS NOT NULL \
+             FROM c JOIN handoffs h ON h.id = c.handoff_id LEFT JOIN jobs j ON j.id = h.job_id \
+             ORDER BY c.id",
+        )
+        .await?;
+    let rows = conn
+        .client
+        .query(
+            &statement,
+            &[
+                &token,
+                &p.now.plus(p.claim_for).as_micros(),
+                &p.now.as_micros(),
+                &(p.limit as i64),
+            ],
+        )
+        .await
+        .map_err(pg_error)?;
+    rows.iter()
+        .map(|row| {
+            let job_exists: bool = get(row, 14)?;
+            let stored = StoredEvent {
+                event_id: get(row, 3)?,
+                job_id: get(row, 4)?,
+                handoff_kind: get(row, 5)?,
+                handoff_payload: get(row, 6)?,
+                handoff_created_at: get(row, 7)?,
+                job: if job_exists {
+                    Some(StoredEventJob {
+                        ingestion_task_id: get(row, 8)?,
+                        task_options: get(row, 9)?,
+                        retry_count: get(row, 10)?,
+                        result_content: get(row, 11)?,
+                        result_metadata: get(row, 12)?,
+                        processing_time: get(row, 13)?,
+                    })
+                } else {
+                    None
+                },
+            };
+            Ok(ClaimedDelivery {
+                delivery_id: get(row, 0)?,
+                claim_token: token.clone(),
+                attempt: get::<i32>(row, 1)?.max(0) as u32,
+                sink: parse_sink(get(row, 2)?)?,
+                event: build_event(stored),
+            })
+        })
+        .collect()
+}
+
+async fn record(conn: &mut Conn, p: RecordAttemptParams) -> Result<RecordOutcome, StoreError> {
+    // The current due time is kept unless the outcome sets a new one.
+    let (outcome, state, _, last_error, delivered_at) = after_attempt(&p.result, 0, p.now);
+    let next_attempt_at: Option<i64> = match &p.result {
+        AttemptResult::RetryAt { at, .. } => Some(at.as_micros()),
+        _ => None,
+    };
+    let error: Option<&str> = match &p.result {
+        AttemptResult::Delivered => None,
+        AttemptResult::RetryAt { error, .. } | AttemptResult::Dead { error } => Some(error),
+    };
+    let http_status: Option<i32> = p.http_status.map(i32::from);
+    let statement = conn
+        .statement(
+            "WITH u AS (UPDATE deliveries SET state = $3, next_attempt_at = COALESCE($4, next_attempt_at), \
+                        last_error = COALESCE($5, last_error), delivered_at = $6, claim_token = NULL, \
+                        updated_at = $7 \
+                        WHERE id = $1 AND claim_token = $2 AND state = 'pending' \
+                        RETURNING id, attempts, handoff_id), \
+                  a AS (INSERT INTO delivery_attempts (delivery_id, attempt, at, outcome, http_status, error) \
+                        SELECT u.id, u.attempts, $7, $8, $9, $10 FROM u), \
+                  h AS (UPDATE handoffs SET delivered_at = $7 FROM u \
+                        WHERE handoffs.id = u.handoff_id AND $3 = 'delivered' \
+                        AND handoffs.delivered_at IS NULL \
+                        AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.handoff_id = u.handoff_id \
+                                        AND d.id <> u.id AND d.state <> 'delivered')) \
+             SELECT count(*) FROM u",
+        )
+        .await?;
+    let params: [&(dyn ToSql + Sync); 10] = [
+        &p.delivery_id,
+        &p.claim_token,
+        &state.as_str(),
+        &next_attempt_at,
+        &last_error,
+        &delivered_at,
+        &p.now.as_micros(),
+        &outcome.as_str(),
+        &http_status,
+        &error,
+    ];
+    let changed: i64 = get(
+        &conn
+            .client
+            .query_one(&statement, &params)
+            .await
+            .map_err(pg_error)?,
+        0,
+    )?;
+    Ok(if changed == 1 {
+        RecordOutcome::Recorded
+    } else {
+        RecordOutcome::ClaimLost
+    })
+}
+
+async fn list(conn: &mut Conn, p: DeliveryListParams) -> Result<DeliveryPage, StoreError> {
+    let cursor = p.cursor.unwrap_or(i64::MAX);
+    let state = p.state.map(DeliveryState::as_str);
+    let sink = p.sink.map(|s| s.as_str());
+    let job_id = p.job_id.map(|j| j.to_string());
+    let limit = (p.limit + 1) as i64;
+    let mut conditions = vec!["id < $1".to_owned()];
+    let mut params: Vec<&(dyn ToSql + Sync)> = vec![&cursor];
+    if let Some(state) = &state {
+        params.push(state);
+        conditions.push(format!("state = ${}", params.len()));
+    }
+    if let Some(sink) = &sink {
+        params.push(sink);
+        conditions.push(format!("sink = ${}", params.len()));
+    }
+    if let Some(job_id) = &job_id {
+        params.push(job_id);
+        conditions.push(format!("job_id = ${}", params.len()));
+    }
+    params.push(&limit);
+    let sql = format!(
+        "SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE {} ORDER BY id DESC LIMIT ${}",
+        conditions.join(" AND "),
+        params.len()
+    );
+    let statement = conn.statement(&sql).await?;
+    let rows = conn
+        .client
+        .query(&statement, &params)
+        .await
+        .map_err(pg_error)?;
+    let mut deliveries = rows
+        .iter()
+        .map(delivery_from_row)
+        .collect::<Result<Vec<_>, _>>()?;
+    let next_cursor = if deliveries.len() > p.limit {
+        deliveries.truncate(p.limit);
+        deliveries.last().map(|d| d.id)
+    } else {
+        None
+    };
+    Ok(DeliveryPage {
+        deliveries,
+        next_cursor,
+    })
+}
+
+async fn detail(conn: &mut Conn, id: i64) -> Result<Option<DeliveryDetail>, StoreError> {
+    // One statement, so the delivery and its attempts agree.
+    let sql = format!(
+        "SELECT {DELIVERY_COLUMNS}, \
+         (SELECT coalesce(json_agg(json_build_object('attempt', a.attempt, 'at', a.at, \
+                 'outcome', a.outcome, 'http_status', a.http_status, 'error', a.error) ORDER BY a.id), '[]')::text \
+          FROM delivery_attempts a WHERE a.delivery_id = deliveries.id) \
+         FROM deliveries WHERE id = $1"
+    );
+    let statement = conn.statement(&sql).await?;
+    let Some(row) = conn
+        .client
+        .query_opt(&statement, &[&id])
+        .await
+        .map_err(pg_error)?
+    else {
+        return Ok(None);
+    };
+    let delivery = delivery_from_row(&row)?;
+    let attempts_text: String = get(&row, 11)?;
+    let attempts_json: Vec<serde_json::Value> = serde_json::from_str(&attempts_text)
+        .map_err(|e| StoreError::Internal(format!("attempts of delivery {id}: {e}")))?;
+    let attempts = attempts_json
+        .into_iter()
+        .map(|a| {
+            let outcome = a["outcome"].as_str().unwrap_or_default();
+            Ok(DeliveryAttempt {
+                attempt: a["attempt"].as_u64().unwrap_or(0) as u32,
+                at: Timestamp::from_micros(a["at"].as_i64().unwrap_or(0)),
+                outcome: AttemptOutcomeKind::parse(outcome).ok_or_else(|| {
+                    StoreError::Internal(format!("stored attempt outcome {outcome:?} is invalid"))
+                })?,
+                http_status: a["http_status"]
+                    .as_u64()
+                    .and_then(|s| u16::try_from(s).ok()),
+                error: a["error"].as_str().map(str::to_owned),
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    Ok(Some(DeliveryDetail { delivery, attempts }))
+}
+
+async fn redrive(conn: &mut Conn, p: RedriveParams) -> Result<RedriveOutcome, StoreError> {
+    let sql = format!(
+        "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = $2, claim_token = NULL, \
+         updated_at = $2 WHERE id = $1 AND state = 'dead' RETURNING {DELIVERY_COLUMNS}"
+    );
+    let statement = conn.statement(&sql).await?;
+    if let Some(row) = conn
+        .client
+        .query_opt(&statement, &[&p.delivery_id, &p.now.as_micros()])
+        .await
+        .map_err(pg_error)?
+    {
+        return Ok(RedriveOutcome::Redriven(delivery_from_row(&row)?));
+    }
+    let statement = conn
+        .statement("SELECT state FROM deliveries WHERE id = $1")
+        .await?;
+    match conn
+        .client
+        .query_opt(&statement, &[&p.delivery_id])
+        .await
+        .map_err(pg_error)?
+    {
+        Some(row) => Ok(RedriveOutcome::NotDead(parse_state(get(&row, 0)?)?)),
+        None => Err(StoreError::NotFound),
+    }
+}
+
+async fn statistics(conn: &mut Conn) -> Result<DeliveryStatistics, StoreError> {
+    let statement = conn
+        .statement(
+            "SELECT sink, state, count(*)::int8 FROM deliveries WHERE state IN ('pending', 'dead') \
+             GROUP BY sink, state",
+        )
+        .await?;
+    let rows = conn.client.query(&statement, &[]).await.map_err(pg_error)?;
+    let mut stats = DeliveryStatistics::default();
+    for row in &rows {
+        let sink: String = get(row, 0)?;
+        let state: &str = get(row, 1)?;
+        let n: i64 = get(row, 2)?;
+        let counts = stats.per_sink.entry(sink).or_default();
+        match state {
+            "pending" => counts.pending = n.max(0) as u64,
+            _ => counts.dead = n.max(0) as u64,
+        }
+    }
+    let statement = conn
+        .statement("SELECT min(created_at) FROM deliveries WHERE state = 'pending'")
+        .await?;
+    let oldest: Option<i64> = get(
+        &conn
+            .client
+            .query_one(&statement, &[])
+            .await
+            .map_err(pg_error)?,
+        0,
+    )?;
+    stats.oldest_pending_created_at = oldest.map(Timestamp::from_micros);
+    Ok(stats)
+}
+
+async fn next_due(conn: &mut Conn) -> Result<Option<Timestamp>, StoreError> {
+    let statement = conn
+        .statement(
+            "SELECT CASE WHEN EXISTS (SELECT 1 FROM handoffs WHERE fanned_out_at IS NULL) THEN 0::int8 \
+             ELSE (SELECT next_attempt_at FROM deliveries WHERE state = 'pending' \
+                   ORDER BY next_attempt_at LIMIT 1) END",
+        )
+        .await?;
+    let due: Option<i64> = get(
+        &conn
+            .client
+            .query_one(&statement, &[])
+            .await
+            .map_err(pg_error)?,
+        0,
+    )?;
+    Ok(due.map(Timestamp::from_micros))
+}
+
+impl DeliveryStore for PostgresStore {
+    fn fan_out_handoffs(&self, params: FanOutParams) -> StoreFuture<'_, FanOutReport> {
+        self.run(move |c| Box::pin(fan_out(c, params)))
+    }
+
+    fn claim_deliveries(
+        &self,
+        params: ClaimDeliveriesParams,
+    ) -> StoreFuture<'_, Vec<ClaimedDelivery>> {
+        self.run(move |c| Box::pin(claim(c, params)))
+    }
+
+    fn record_delivery_attempt(
+        &self,
+        params: RecordAttemptParams,
+    ) -> StoreFuture<'_, RecordOutcome> {
+        self.run(move |c| Box::pin(record(c, params)))
+    }
+
+    fn list_deliveries(&self, params: DeliveryListParams) -> StoreFuture<'_, DeliveryPage> {
+        self.run(move |c| Box::pin(list(c, params)))
+    }
+
+    fn get_delivery(&self, id: i64) -> StoreFuture<'_, Option<DeliveryDetail>> {
+        self.run(move |c| Box::pin(detail(c, id)))
+    }
+
+    fn redrive_delivery(&self, params: RedriveParams) -> StoreFuture<'_, RedriveOutcome> {
+        self.run(move |c| Box::pin(redrive(c, params)))
+    }
+
+    fn delivery_statistics(&self) -> StoreFuture<'_, DeliveryStatistics> {
+        self.run(|c| Box::pin(statistics(c)))
+    }
+
+    fn next_delivery_due(&self) -> StoreFuture<'_, Option<Timestamp>> {
+        self.run(|c| Box::pin(next_due(c)))
+    }
+
+    fn handoff_events(&self) -> watch::Receiver<u64> {
+        self.handoffs.subscribe()
+    }
+}
+
+/// Keeps one connection LISTENing for hand-offs other replicas committed and bumps
+/// `events` for each burst. Reconnects after a second when the connection is lost; the
+/// dispatcher's fallback tick covers notifications lost meanwhile.
+async fn listen_for_handoffs(
+    config: tokio_postgres::Config,
+    replica_id: String,
+    events: watch::Sender<u64>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        match listen_once(&config, &replica_id, &events, &mut stop).await {
+            Ok(()) => return,
+            Err(error) => {
+                tracing::warn!(%error, "lost the PostgreSQL hand-off listener; reconnecting")
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+async fn listen_once(
+    config: &tokio_postgres::Config,
+    replica_id: &str,
+    events: &watch::Sender<u64>,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<(), String> {
+    let (client, mut connection) = config.connect(NoTls).await.map_err(|e| e.to_string())?;
+    let (notified, mut notifications) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let own_id = replica_id.to_owned();
+    let driver = tokio::spawn(async move {
+        while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            match message {
+                // This replica woke its own dispatcher already.
+                Ok(AsyncMessage::Notification(note)) if note.payload() == own_id => {}
+                Ok(AsyncMessage::Notification(_)) => {
+                    if notified.send(()).is_err() {
+                        break;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    });
+    let outcome = async {
+        client
+            .batch_execute(&format!("LISTEN {HANDOFFS_CHANNEL}"))
+            .await
+            .map_err(|e| e.to_string())?;
+        // Hand-offs committed while we were not listening: look once now.
+        events.send_modify(|n| *n += 1);
+        loop {
+            tokio::select! {
+                received = notifications.recv() => match received {
+                    Some(()) => {
+                        while notifications.try_recv().is_ok() {}
+                        events.send_modify(|n| *n += 1);
+                    }
+                    None => return Err("the hand-off listener connection closed".to_owned()),
+                },
+                _ = stop.changed() => return Ok(()),
+            }
+        }
+    }
+    .await;
+    driver.abort();
+    outcome
+}

@@ -1,0 +1,438 @@
+//! The deliveries tables on SQLite (`migrations/sqlite/0003_deliveries.sql`). Writes go
+//! through the store's single writer, so a claim needs no row locks: the writer is the
+//! only one changing deliveries.
+
+use rusqlite::{params, Connection, OptionalExtension, Row};
+
+use super::SqliteStore;
+use crate::clock::Timestamp;
+use crate::store::deliveries::*;
+use crate::store::{StoreError, StoreFuture};
+
+const DELIVERY_COLUMNS: &str = "id, event_id, sink, job_id, state, attempts, next_attempt_at, \
+     last_error, created_at, updated_at, delivered_at";
+
+/// A delivery row as stored; `into_delivery` checks its names.
+struct DeliveryRow {
+    id: i64,
+    event_id: String,
+    sink: String,
+    job_id: String,
+    state: String,
+    attempts: i64,
+    next_attempt_at: i64,
+    last_error: Option<String>,
+    created_at: i64,
+    updated_at: i64,
+    delivered_at: Option<i64>,
+}
+
+fn delivery_row(row: &Row<'_>) -> rusqlite::Result<DeliveryRow> {
+    Ok(DeliveryRow {
+        id: row.get(0)?,
+        event_id: row.get(1)?,
+        sink: row.get(2)?,
+        job_id: row.get(3)?,
+        state: row.get(4)?,
+        attempts: row.get(5)?,
+        next_attempt_at: row.get(6)?,
+        last_error: row.get(7)?,
+        created_at: row.get(8)?,
+        updated_at: row.get(9)?,
+        delivered_at: row.get(10)?,
+    })
+}
+
+impl DeliveryRow {
+    fn into_delivery(self) -> Result<Delivery, StoreError> {
+        Ok(Delivery {
+            id: self.id,
+            event_id: self.event_id,
+            sink: parse_sink(&self.sink)?,
+            job_id: parse_job_id(&self.job_id)?,
+            state: parse_state(&self.state)?,
+            attempts: self.attempts.max(0) as u32,
+            next_attempt_at: Timestamp::from_micros(self.next_attempt_at),
+            last_error: self.last_error,
+            created_at: Timestamp::from_micros(self.created_at),
+            updated_at: Timestamp::from_micros(self.updated_at),
+            delivered_at: self.delivered_at.map(Timestamp::from_micros),
+        })
+    }
+}
+
+fn fan_out(conn: &Connection, p: FanOutParams) -> Result<FanOutReport, StoreError> {
+    let waiting: Vec<(i64, String, Option<String>)> = conn
+        .prepare_cached(
+            "SELECT h.id, h.job_id, j.task_options FROM handoffs h LEFT JOIN jobs j ON j.id = h.job_id \
+             WHERE h.fanned_out_at IS NULL ORDER BY h.id LIMIT ?1",
+        )?
+        .query_map([p.limit as i64], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+        .collect::<Result<_, _>>()?;
+    let mut report = FanOutReport::default();
+    let now = p.now.as_micros();
+    for (handoff_id, job_id, task_options) in waiting {
+        let event_id = new_event_id();
+        // A job deleted before its hand-off was fanned out has nothing left to deliver.
+        let sinks = match &task_options {
+            Some(options) => sinks_for(options, &p),
+            None => Vec::new(),
+        };
+        for sink in sinks {
+            report.n_deliveries += conn
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO deliveries (handoff_id, event_id, sink, job_id, state, attempts, \
+                     next_attempt_at, created_at, updated_at) VALUES (?1, ?2, ?3, ?4, 'pending', 0, ?5, ?5, ?5)",
+                )?
+                .execute(params![handoff_id, event_id, sink.as_str(), job_id, now])?;
+        }
+        conn.prepare_cached(
+            "UPDATE handoffs SET fanned_out_at = ?2, event_id = ?3 WHERE id = ?1 AND fanned_out_at IS NULL",
+        )?
+        .execute(params![handoff_id, now, event_id])?;
+        report.n_handoffs += 1;
+    }
+    Ok(report)
+}
+
+fn stored_event(
+    conn: &Connection,
+    handoff_id: i64,
+    event_id: String,
+) -> Result<StoredEvent, StoreError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT h.job_id, h.kind, h.payload, h.created_at, j.ingestion_task_id, j.task_options, \
+             j.retry_count, j.result_content, j.result_metadata, j.processing_time, j.id IS NOT NULL \
+             FROM handoffs h LEFT JOIN jobs j ON j.id = h.job_id WHERE h.id = ?1",
+        )?
+        .query_row([handoff_id], |row| {
+            let job_exists: bool = row.get(10)?;
+            Ok(StoredEvent {
+                event_id,
+                job_id: row.get(0)?,
+                handoff_kind: row.get(1)?,
+                handoff_payload: row.get(2)?,
+                handoff_created_at: row.get(3)?,
+                job: if job_exists {
+                    Some(StoredEventJob {
+                        ingestion_task_id: row.get(4)?,
+                        task_options: row.get(5)?,
+                        retry_count: row.get(6)?,
+                        result_content: row.get(7)?,
+                        result_metadata: row.get(8)?,
+                        processing_time: row.get(9)?,
+                    })
+                } else {
+                    None
+                },
+            })
+        })?)
+}
+
+/// A claimed delivery before its event is read: `(id, attempt, sink, handoff id, event id)`.
+type Claim = (i64, i64, String, i64, String);
+
+/// Claims on the writer; the events (results can be large) are read afterwards on a
+/// reader connection, so the writer is not held up by reading them.
+fn claim(conn: &Connection, p: ClaimDeliveriesParams) -> Result<(String, Vec<Claim>), StoreError> {
+    let token = new_claim_token();
+    let claimed: Vec<Claim> = conn
+        .prepare_cached(
+            "UPDATE deliveries SET claim_token = ?1, attempts = attempts + 1, next_attempt_at = ?2, updated_at = ?3 \
+             WHERE id IN (SELECT id FROM deliveries WHERE state = 'pending' AND next_attempt_at <= ?3 \
+                          ORDER BY next_attempt_at LIMIT ?4) \
+             RETURNING id, attempts, sink, handoff_id, event_id",
+        )?
+        .query_map(
+            params![
+                token,
+                p.now.plus(p.claim_for).as_micros(),
+                p.now.as_micros(),
+                p.limit as i64
+            ],
+            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?)),
+        )?
+        .collect::<Result<_, _>>()?;
+    Ok((token, claimed))
+}
+
+fn claimed_events(
+    conn: &Connection,
+    token: String,
+    claimed: Vec<Claim>,
+) -> Result<Vec<ClaimedDelivery>, StoreError> {
+    let mut out = Vec::with_capacity(claimed.len());
+    for (delivery_id, attempt, sink, handoff_id, event_id) in claimed {
+        out.push(ClaimedDelivery {
+            delivery_id,
+            claim_token: token.clone(),
+            attempt: attempt.max(0) as u32,
+            sink: parse_sink(&sink)?,
+            event: build_event(stored_event(conn, handoff_id, event_id)?),
+        });
+    }
+    Ok(out)
+}
+
+fn record(conn: &Connection, p: RecordAttemptParams) -> Result<RecordOutcome, StoreError> {
+    let current: Option<(i64, i64, i64)> = conn
+        .prepare_cached(
+            "SELECT next_attempt_at, attempts, handoff_id FROM deliveries \
+             WHERE id = ?1 AND claim_token = ?2 AND state = 'pending'",
+        )?
+        .query_row(params![p.delivery_id, p.claim_token], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+        })
+        .optional()?;
+    let Some((next_attempt_at, attempts, handoff_id)) = current else {
+        return Ok(RecordOutcome::ClaimLost);
+    };
+    let (outcome, state, next_attempt_at, last_error, delivered_at) =
+        after_attempt(&p.result, next_attempt_at, p.now);
+    let changed = conn
+        .prepare_cached(
+            "UPDATE deliveries SET state = ?3, next_attempt_at = ?4, last_error = COALESCE(?5, last_error), \
+             delivered_at = ?6, claim_token = NULL, updated_at = ?7 \
+             WHERE id = ?1 AND claim_token = ?2 AND state = 'pending'",
+        )?
+        .execute(params![
+            p.delivery_id,
+            p.claim_token,
+            state.as_str(),
+            next_attempt_at,
+            last_error,
+            delivered_at,
+            p.now.as_micros()
+        ])?;
+    if changed == 0 {
+        return Ok(RecordOutcome::ClaimLost);
+    }
+    let error = match &p.result {
+        AttemptResult::Delivered => None,
+        AttemptResult::RetryAt { error, .. } | AttemptResult::Dead { error } => {
+            Some(error.as_str())
+        }
+    };
+    conn.prepare_cached(
+        "INSERT INTO delivery_attempts (delivery_id, attempt, at, outcome, http_status, error) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![
+        p.delivery_id,
+        attempts,
+        p.now.as_micros(),
+        outcome.as_str(),
+        p.http_status,
+        error
+    ])?;
+    if state == DeliveryState::Delivered {
+        // The hand-off counts as delivered once every one of its deliveries is.
+        conn.prepare_cached(
+            "UPDATE handoffs SET delivered_at = ?2 WHERE id = ?1 AND delivered_at IS NULL \
+             AND NOT EXISTS (SELECT 1 FROM deliveries WHERE handoff_id = ?1 AND state <> 'delivered')",
+        )?
+        .execute(params![handoff_id, p.now.as_micros()])?;
+    }
+    Ok(RecordOutcome::Recorded)
+}
+
+fn list(conn: &Connection, p: DeliveryListParams) -> Result<DeliveryPage, StoreError> {
+    let mut conditions = vec!["id < ?1".to_owned()];
+    let mut values: Vec<rusqlite::types::Value> = vec![p.cursor.unwrap_or(i64::MAX).into()];
+    if let Some(state) = p.state {
+        values.push(state.as_str().to_owned().into());
+        conditions.push(format!("state = ?{}", values.len()));
+    }
+    if let Some(sink) = p.sink {
+        values.push(sink.as_str().to_owned().into());
+        conditions.push(format!("sink = ?{}", values.len()));
+    }
+    if let Some(job_id) = p.job_id {
+        values.push(job_id.to_string().into());
+        conditions.push(format!("job_id = ?{}", values.len()));
+    }
+    values.push(((p.limit + 1) as i64).into());
+    let sql = format!(
+        "SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE {} ORDER BY id DESC LIMIT ?{}",
+        conditions.join(" AND "),
+        values.len()
+    );
+    let rows: Vec<DeliveryRow> = conn
+        .prepare_cached(&sql)?
+        .query_map(rusqlite::params_from_iter(values), delivery_row)?
+        .collect::<Result<_, _>>()?;
+    let mut deliveries = rows
+        .into_iter()
+        .map(DeliveryRow::into_delivery)
+        .collect::<Result<Vec<_>, _>>()?;
+    let next_cursor = if deliveries.len() > p.limit {
+        deliveries.truncate(p.limit);
+        deliveries.last().map(|d| d.id)
+    } else {
+        None
+    };
+    Ok(DeliveryPage {
+        deliveries,
+        next_cursor,
+    })
+}
+
+fn select_delivery(conn: &Connection, id: i64) -> Result<Option<Delivery>, StoreError> {
+    let sql = format!("SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE id = ?1");
+    conn.prepare_cached(&sql)?
+        .query_row([id], delivery_row)
+        .optional()?
+        .map(DeliveryRow::into_delivery)
+        .transpose()
+}
+
+fn detail(conn: &Connection, id: i64) -> Result<Option<DeliveryDetail>, StoreError> {
+    let Some(delivery) = select_delivery(conn, id)? else {
+        return Ok(None);
+    };
+    let rows: Vec<(i64, i64, String, Option<i64>, Option<String>)> = conn
+        .prepare_cached(
+            "SELECT attempt, at, outcome, http_status, error FROM delivery_attempts \
+             WHERE delivery_id = ?1 ORDER BY id",
+        )?
+        .query_map([id], |row| {
+            Ok((
+                row.get(0)?,
+                row.get(1)?,
+                row.get(2)?,
+                row.get(3)?,
+                row.get(4)?,
+            ))
+        })?
+        .collect::<Result<_, _>>()?;
+    let attempts = rows
+        .into_iter()
+        .map(|(attempt, at, outcome, http_status, error)| {
+            Ok(DeliveryAttempt {
+                attempt: attempt.max(0) as u32,
+                at: Timestamp::from_micros(at),
+                outcome: AttemptOutcomeKind::parse(&outcome).ok_or_else(|| {
+                    StoreError::Internal(format!("stored attempt outcome {outcome:?} is invalid"))
+                })?,
+                http_status: http_status.and_then(|s| u16::try_from(s).ok()),
+                error,
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    Ok(Some(DeliveryDetail { delivery, attempts }))
+}
+
+fn redrive(conn: &Connection, p: RedriveParams) -> Result<RedriveOutcome, StoreError> {
+    let changed = conn
+        .prepare_cached(
+            "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?2, claim_token = NULL, \
+             updated_at = ?2 WHERE id = ?1 AND state = 'dead'",
+        )?
+        .execute(params![p.delivery_id, p.now.as_micros()])?;
+    let delivery = select_delivery(conn, p.delivery_id)?.ok_or(StoreError::NotFound)?;
+    Ok(if changed == 1 {
+        RedriveOutcome::Redriven(delivery)
+    } else {
+        RedriveOutcome::NotDead(delivery.state)
+    })
+}
+
+fn statistics(conn: &Connection) -> Result<DeliveryStatistics, StoreError> {
+    let mut stats = DeliveryStatistics::default();
+    let rows: Vec<(String, String, i64)> = conn
+        .prepare_cached(
+            "SELECT sink, state, count(*) FROM deliveries WHERE state IN ('pending', 'dead') \
+             GROUP BY sink, state",
+        )?
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+        .collect::<Result<_, _>>()?;
+    for (sink, state, n) in rows {
+        let counts = stats.per_sink.entry(sink).or_default();
+        match state.as_str() {
+            "pending" => counts.pending = n.max(0) as u64,
+            _ => counts.dead = n.max(0) as u64,
+        }
+    }
+    stats.oldest_pending_created_at = conn
+        .prepare_cached("SELECT min(created_at) FROM deliveries WHERE state = 'pending'")?
+        .query_row([], |row| row.get::<_, Option<i64>>(0))?
+        .map(Timestamp::from_micros);
+    Ok(stats)
+}
+
+fn next_due(conn: &Connection) -> Result<Option<Timestamp>, StoreError> {
+    let waiting = conn
+        .prepare_cached("SELECT 1 FROM handoffs WHERE fanned_out_at IS NULL LIMIT 1")?
+        .query_row([], |_| Ok(()))
+        .optional()?
+        .is_some();
+    if waiting {
+        return Ok(Some(Timestamp::from_micros(0)));
+    }
+    Ok(conn
+        .prepare_cached(
+            "SELECT next_attempt_at FROM deliveries WHERE state = 'pending' ORDER BY next_attempt_at LIMIT 1",
+        )?
+        .query_row([], |row| row.get::<_, i64>(0))
+        .optional()?
+        .map(Timestamp::from_micros))
+}
+
+impl DeliveryStore for SqliteStore {
+    fn fan_out_handoffs(&self, params: FanOutParams) -> StoreFuture<'_, FanOutReport> {
+        self.write(move |conn| fan_out(conn, params))
+    }
+
+    fn claim_deliveries(
+        &self,
+        params: ClaimDeliveriesParams,
+    ) -> StoreFuture<'_, Vec<ClaimedDelivery>> {
+        let claiming = self.write(move |conn| claim(conn, params));
+        Box::pin(async move {
+            let (token, claimed) = claiming.await?;
+            if claimed.is_empty() {
+                return Ok(Vec::new());
+            }
+            self.read(move |conn| claimed_events(conn, token, claimed))
+                .await
+        })
+    }
+
+    fn record_delivery_attempt(
+        &self,
+        params: RecordAttemptParams,
+    ) -> StoreFuture<'_, RecordOutcome> {
+        self.write(move |conn| record(conn, params))
+    }
+
+    fn list_deliveries(&self, params: DeliveryListParams) -> StoreFuture<'_, DeliveryPage> {
+        self.read(move |conn| list(conn, params))
+    }
+
+    fn get_delivery(&self, id: i64) -> StoreFuture<'_, Option<DeliveryDetail>> {
+        self.read(move |conn| {
+            // One read transaction, so the delivery and its attempts agree.
+            conn.execute_batch("BEGIN")?;
+            let result = detail(conn, id);
+            conn.execute_batch("COMMIT")?;
+            result
+        })
+    }
+
+    fn redrive_delivery(&self, params: RedriveParams) -> StoreFuture<'_, RedriveOutcome> {
+        self.write(move |conn| redrive(conn, params))
+    }
+
+    fn delivery_statistics(&self) -> StoreFuture<'_, DeliveryStatistics> {
+        self.read(statistics)
+    }
+
+    fn next_delivery_due(&self) -> StoreFuture<'_, Option<Timestamp>> {
+        self.read(next_due)
+    }
+
+    fn handoff_events(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.handoffs_committed.subscribe()
+    }
+}
