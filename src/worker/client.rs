@@ -12,6 +12,8 @@ use tokio::io::AsyncWriteExt;
 /// The first wait before a retry; each further one doubles, up to `RETRY_MAX_DELAY`.
 const RETRY_FIRST_DELAY: Duration = Duration::from_millis(200);
 const RETRY_MAX_DELAY: Duration = Duration::from_secs(5);
+/// The longest `wait` a poll may ask for.
+const MAX_POLL_WAIT: Duration = Duration::from_secs(30);
 /// How long a request other than a poll or a download may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -112,9 +114,11 @@ impl ServerClient {
         content_types: &[String],
         wait: Duration,
     ) -> Result<Option<ClaimedJob>, ClientError> {
+        // The protocol's longest wait; a longer one would be refused (422).
+        let wait = wait.min(MAX_POLL_WAIT);
         let mut query = vec![
             ("worker_id", worker_id.to_owned()),
-            ("wait", wait.as_secs().to_string()),
+            ("wait", format!("{:.3}", wait.as_secs_f64())),
         ];
         if !content_types.is_empty() {
             query.push(("content_types", content_types.join(",")));

@@ -77,7 +77,7 @@ pub struct WorkerArgs {
     #[arg(long, env = "MORAG_WORKER_SHUTDOWN_GRACE", default_value = "60s",
           value_parser = parse_duration)]
     pub shutdown_grace: Duration,
-    /// How long one poll waits for a job (the server caps it).
+    /// How long one poll waits for a job (at most 30s, the protocol's limit).
     #[arg(long, env = "MORAG_WORKER_POLL_WAIT", default_value = "30s",
           value_parser = parse_duration)]
     pub poll_wait: Duration,
