@@ -25,6 +25,7 @@ pub fn router(context: Arc<AppContext>) -> Router {
     let worker = Router::new()
         .route(&format!("{jobs}/poll"), get(worker::poll))
         .route(&format!("{jobs}/{{id}}/heartbeat"), post(worker::heartbeat))
+        .route(&format!("{jobs}/{{id}}/release"), post(worker::release))
         .route(
             &format!("{jobs}/{{id}}/result"),
             // Bodies are read by `extract`, within limits set by the configuration.

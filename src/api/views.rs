@@ -58,6 +58,15 @@ pub struct HeartbeatRequest {
     pub message: Option<String>,
 }
 
+/// A worker handing its attempt back (for instance because it is shutting down).
+#[derive(Deserialize)]
+pub struct ReleaseRequest {
+    pub lease_id: String,
+    /// Recorded in the job's history.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
 #[derive(Serialize)]
 pub struct HeartbeatResponse {
     pub job_id: String,

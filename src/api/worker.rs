@@ -16,7 +16,9 @@ use super::views::*;
 use crate::context::AppContext;
 use crate::domain::{Job, JobStatus, LeaseId};
 use crate::files;
-use crate::store::{AttemptOutcome, ClaimParams, HeartbeatParams, SubmitResultParams};
+use crate::store::{
+    AttemptOutcome, ClaimParams, HeartbeatParams, ReleaseParams, SubmitResultParams,
+};
 use crate::wakeups::Woken;
 
 pub async fn poll(
@@ -137,6 +139,39 @@ pub async fn heartbeat(
         execution_deadline: outcome.execution_deadline,
         heartbeat_deadline: outcome.heartbeat_deadline,
     }))
+}
+
+/// Hands the caller's attempt back: the job is pending again at once, with no retry spent,
+/// and long-polling workers of its type are woken. A stale lease is a 409, as for heartbeats.
+pub async fn release(
+    State(context): State<Arc<AppContext>>,
+    JobIdPath(job_id): JobIdPath,
+    JsonBody(request): JsonBody<ReleaseRequest>,
+) -> Result<Json<JobStatusView>, ApiError> {
+    let lease_id =
+        LeaseId::parse(&request.lease_id).map_err(|error| ApiError::invalid("body", error))?;
+    if request
+        .reason
+        .as_ref()
+        .is_some_and(|r| r.chars().count() > 1000)
+    {
+        return Err(ApiError::validation(
+            &["body", "reason"],
+            "must be at most 1000 characters",
+        ));
+    }
+    let job = context
+        .store
+        .release_job(ReleaseParams {
+            job_id,
+            lease_id,
+            reason: request.reason,
+            now: context.clock.now(),
+        })
+        .await
+        .map_err(|error| ApiError::from_store(job_id, "release", error))?;
+    context.wakeups.job_available(&job.content_type);
+    Ok(Json(JobStatusView::from(&job)))
 }
 
 pub async fn submit_result(

@@ -6,11 +6,11 @@ use std::fmt;
 /// Where a job is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum JobStatus {
-    /// Created, waiting for a worker. Left by a claim (worker), a cancel (admin) or the
+    /// Created (or released by its worker), waiting for a worker. Left by a claim (worker), a cancel (admin) or the
     /// pending timeout (monitor).
     Pending,
-    /// Claimed by a worker under a lease. Left by the worker's result, a cancel (admin),
-    /// or the execution / heartbeat timeout (monitor).
+    /// Claimed by a worker under a lease. Left by the worker's result or release, a cancel
+    /// (admin), or the execution / heartbeat timeout (monitor).
     Processing,
     /// The worker delivered a result. Left only by a cancel (admin).
     Completed,
@@ -71,13 +71,17 @@ impl JobStatus {
     }
 
     /// Whether `self -> to` is allowed. This is the whole transition table; see
-    /// ARCHITECTURE.md for why it differs from MoRAG's in one place (`Retrying -> Completed`).
+    /// ARCHITECTURE.md for why it differs from MoRAG's in two places (`Retrying -> Completed`,
+    /// `Processing -> Pending`).
     pub fn can_move_to(self, to: JobStatus) -> bool {
         use JobStatus::*;
         matches!(
             (self, to),
             (Pending, Processing | Cancelled | Timeout)
-                | (Processing, Completed | Failed | Timeout | Cancelled)
+                | (
+                    Processing,
+                    Completed | Failed | Timeout | Cancelled | Pending
+                )
                 | (Failed, Retrying | Cancelled)
                 | (Timeout, Retrying | Cancelled)
                 | (Retrying, Processing | Failed | Cancelled | Completed)
@@ -138,7 +142,10 @@ mod tests {
     fn transition_table_is_exactly_the_documented_one() {
         let allowed: &[(JobStatus, &[JobStatus])] = &[
             (Pending, &[Processing, Cancelled, Timeout]),
-            (Processing, &[Completed, Failed, Timeout, Cancelled]),
+            (
+                Processing,
+                &[Completed, Failed, Timeout, Cancelled, Pending],
+            ),
             (Completed, &[Cancelled]),
             (Failed, &[Retrying, Cancelled]),
             (Timeout, &[Retrying, Cancelled]),
@@ -153,10 +160,10 @@ mod tests {
     }
 
     #[test]
-    fn no_state_moves_to_itself_or_back_to_pending() {
+    fn no_state_moves_to_itself_and_only_a_release_moves_back_to_pending() {
         for s in JobStatus::ALL {
             assert!(!s.can_move_to(s), "{s}");
-            assert!(!s.can_move_to(Pending), "{s}");
+            assert_eq!(s.can_move_to(Pending), s == Processing, "{s}");
         }
     }
 

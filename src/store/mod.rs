@@ -287,6 +287,17 @@ pub struct SubmitResultParams {
     pub now: Timestamp,
 }
 
+/// A worker handing its attempt back (it is shutting down): the job becomes claimable at
+/// once without spending a retry.
+#[derive(Clone, Debug)]
+pub struct ReleaseParams {
+    pub job_id: JobId,
+    pub lease_id: LeaseId,
+    /// The worker's own words, recorded in the history.
+    pub reason: Option<String>,
+    pub now: Timestamp,
+}
+
 #[derive(Clone, Debug)]
 pub struct CancelParams {
     pub job_id: JobId,
@@ -425,6 +436,8 @@ pub trait Store: DeliveryStore + Send + Sync + 'static {
     fn claim_job(&self, params: ClaimParams) -> StoreFuture<'_, Option<Job>>;
     fn heartbeat(&self, params: HeartbeatParams) -> StoreFuture<'_, HeartbeatOutcome>;
     fn submit_result(&self, params: SubmitResultParams) -> StoreFuture<'_, Job>;
+    /// Hands a processing attempt back: pending again at once, retry count unchanged.
+    fn release_job(&self, params: ReleaseParams) -> StoreFuture<'_, Job>;
     fn cancel_job(&self, params: CancelParams) -> StoreFuture<'_, Job>;
     fn retry_job(&self, params: ManualRetryParams) -> StoreFuture<'_, Job>;
     /// Times out expired jobs and makes due retries claimable, at most `limit` jobs.

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use super::{
     AttemptOutcome, CancelParams, CleanupParams, CleanupReport, HeartbeatOutcome, HeartbeatParams,
-    ManualRetryParams, RescueParams, RescueReport, StoreError, SubmitResultParams,
+    ManualRetryParams, ReleaseParams, RescueParams, RescueReport, StoreError, SubmitResultParams,
 };
 use crate::clock::Timestamp;
 use crate::domain::{
@@ -33,6 +33,8 @@ pub mod reasons {
     pub const WORKER_SUCCESS: &str = "worker reported success";
     pub const LATE_SUCCESS: &str = "late result of a timed-out attempt";
     pub const MANUAL_RETRY: &str = "manual retry: retry budget reset";
+    /// A worker handed its attempt back (shutting down): claimable at once, no retry spent.
+    pub const RELEASE: &str = "released by its worker: claimable again, no retry spent";
     /// Appended to a worker's error message when it said retrying cannot help.
     pub const NOT_RETRYABLE_SUFFIX: &str = " (not retryable)";
     /// A claim's reason, with `{worker}` and `{attempt}` filled in by `claim_reason` (or,
@@ -486,6 +488,67 @@ pub fn heartbeat_not_applied(current: Option<JobStatus>) -> StoreError {
         // Still processing: its deadline passed and the monitor is about to act.
         Some(JobStatus::Processing) => StoreError::DeadlinePassed,
         Some(current) => StoreError::InvalidTransition { current },
+        None => StoreError::NotFound,
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Release: a worker hands its attempt back.
+
+/// A released attempt: the job is claimable again at once, with its retry count kept.
+/// The write applies only while the job still runs this attempt (status and lease).
+/// It clears the lease, the attempt's deadlines and the monitor's `deadline_at` (a
+/// released job has no pending deadline any more: it was claimed in time once), and the
+/// progress the attempt reported. `available_at` is kept, so the job keeps its place at
+/// the front of the queue.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReleasePlan {
+    pub expected_status: JobStatus,
+    pub expected_lease: String,
+    pub status: JobStatus,
+    pub history: HistoryStep,
+}
+
+/// The history reason of a release, with the worker's own words when it gave any.
+pub fn release_reason(worker_reason: Option<&str>) -> String {
+    match worker_reason.map(str::trim).filter(|r| !r.is_empty()) {
+        Some(said) => format!("{} ({said})", reasons::RELEASE),
+        None => reasons::RELEASE.to_owned(),
+    }
+}
+
+/// Only the current attempt's worker may release it, only while it is processing (a
+/// cancelled job stays cancelled; a finished one keeps its outcome).
+pub fn plan_release(row: &Row, p: &ReleaseParams) -> Result<ReleasePlan, StoreError> {
+    let lease = p.lease_id.to_string();
+    if row.lease_id.as_deref() != Some(lease.as_str()) {
+        return Err(StoreError::LeaseMismatch {
+            current: row.status,
+        });
+    }
+    if !row.status.can_move_to(JobStatus::Pending) || row.result_received {
+        return Err(StoreError::InvalidTransition {
+            current: row.status,
+        });
+    }
+    Ok(ReleasePlan {
+        expected_status: row.status,
+        expected_lease: lease,
+        status: JobStatus::Pending,
+        history: HistoryStep::new(
+            Some(row.status),
+            JobStatus::Pending,
+            Actor::Worker,
+            release_reason(p.reason.as_deref()),
+        ),
+    })
+}
+
+/// Why a planned release matched nothing, given the job's status now.
+pub fn release_not_applied(current: Option<JobStatus>) -> StoreError {
+    match current {
+        // Someone moved the attempt on (a timeout and a new claim) since it was read.
+        Some(current) => StoreError::LeaseMismatch { current },
         None => StoreError::NotFound,
     }
 }

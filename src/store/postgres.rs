@@ -422,6 +422,11 @@ impl Store for PostgresStore {
         })
     }
 
+    fn release_job(&self, params: ReleaseParams) -> StoreFuture<'_, Job> {
+        // Other replicas' long-polling workers may take the released job at once.
+        self.run_and_announce(move |c| Box::pin(release(c, params)), |_| true)
+    }
+
     fn cancel_job(&self, params: CancelParams) -> StoreFuture<'_, Job> {
         let work = self.run(move |c| Box::pin(cancel(c, params)));
         Box::pin(async move {

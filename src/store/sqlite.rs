@@ -256,6 +256,10 @@ impl Store for SqliteStore {
         self.signal_handoffs_after(work, |job| plan::result_hands_off(job.status))
     }
 
+    fn release_job(&self, params: ReleaseParams) -> StoreFuture<'_, Job> {
+        self.write(move |conn| release(conn, params))
+    }
+
     fn cancel_job(&self, params: CancelParams) -> StoreFuture<'_, Job> {
         let work = self.write(move |conn| cancel(conn, params));
         self.signal_handoffs_after(work, |_| true)

@@ -1185,6 +1185,7 @@ async fn api_keys_separate_workers_from_admins_and_health_stays_open() {
             post(job(id, "/cancel")),
             post(job(id, "/retry")),
             post(job(id, "/heartbeat")).json(json!({"lease_id": random_uuid()})),
+            post(job(id, "/release")).json(json!({"lease_id": random_uuid()})),
             put(job(id, "/result")).json(json!({"success": true})),
             get(job(id, "/download")),
         ]

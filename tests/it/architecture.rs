@@ -118,4 +118,11 @@ fn top_level_modules_import_each_other_without_cycles() {
             assert!(!uses.contains("app"), "{module} imports app");
         }
     }
+    // The worker talks to the server over HTTP only, so it can become a client crate of
+    // its own: it imports none of the server's modules.
+    let worker_uses = &graph["worker"];
+    assert!(
+        worker_uses.is_empty(),
+        "the worker imports server modules: {worker_uses:?}"
+    );
 }

@@ -25,3 +25,4 @@ mod readme;
 mod replicas;
 mod store_conformance;
 mod test_script;
+mod worker;

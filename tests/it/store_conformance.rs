@@ -504,6 +504,113 @@ pub async fn heartbeats_extend_the_attempt_and_fence_stale_leases(s: TestStore) 
     );
 }
 
+pub async fn a_release_makes_the_job_claimable_at_once_without_spending_a_retry(s: TestStore) {
+    let store = &*s.store;
+    let release = |id, lease, now| {
+        store.release_job(ReleaseParams {
+            job_id: id,
+            lease_id: lease,
+            reason: Some("worker shutting down".into()),
+            now,
+        })
+    };
+    // A pending deadline, to see that a release does not bring it back.
+    let id = create_with(store, "audio", at(0), Some(at(60)), "/data/files/a.mp3").await;
+    let (_, lease) = claim(store, &["audio"], at(1)).await.unwrap();
+    store
+        .heartbeat(HeartbeatParams {
+            job_id: id,
+            lease_id: lease,
+            progress: Some(30.0),
+            message: Some("decoding".into()),
+            timeouts: policy().timeouts,
+            now: at(5),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        release(id, LeaseId::new_random(), at(6)).await,
+        Err(StoreError::LeaseMismatch {
+            current: Processing
+        })
+    );
+    assert_eq!(
+        release(JobId::new_random(), lease, at(6)).await,
+        Err(StoreError::NotFound)
+    );
+    let job = release(id, lease, at(7)).await.unwrap();
+    assert_eq!((job.status, job.retry_count, job.attempt), (Pending, 0, 1));
+    assert!(job.lease_id.is_none());
+    assert_eq!(
+        (job.execution_deadline, job.heartbeat_deadline, job.progress),
+        (None, None, None)
+    );
+    assert_eq!(store.next_deadline().await.unwrap(), None);
+    let detail = store.get_job_detail(id).await.unwrap().unwrap();
+    let last = detail.history.last().unwrap();
+    assert_eq!(
+        (last.from, last.to, last.at),
+        (Some(Processing), Pending, at(7))
+    );
+    assert_eq!(last.actor, morag_jobs::domain::Actor::Worker);
+    assert!(
+        last.reason.contains("released") && last.reason.contains("worker shutting down"),
+        "{}",
+        last.reason
+    );
+    let stats = store.statistics(at(7)).await.unwrap();
+    assert_eq!(stats.status_counts[&Pending], 1);
+    assert_eq!(stats.status_counts[&Processing], 0);
+    // The old lease is spent: a second release, a heartbeat or a result with it is refused.
+    assert_eq!(
+        release(id, lease, at(8)).await,
+        Err(StoreError::LeaseMismatch { current: Pending })
+    );
+    assert!(submit(store, id, Some(lease), success(), at(8))
+        .await
+        .is_err());
+    // Claimable at once, ahead of a job created later; past the old pending deadline the
+    // monitor leaves it alone.
+    let later = create(store, "audio", at(7)).await;
+    assert_eq!(rescue(store, at(100)).await, RescueReport::default());
+    let (again, second) = claim(store, &["audio"], at(100)).await.unwrap();
+    assert_eq!(again, id);
+    assert_ne!(second, lease);
+    let job = store.get_job(id).await.unwrap().unwrap();
+    assert_eq!((job.attempt, job.retry_count), (2, 0));
+    submit(store, id, Some(second), success(), at(101))
+        .await
+        .unwrap();
+    assert_eq!(
+        transitions(store, id).await,
+        vec![
+            (None, Pending),
+            (Some(Pending), Processing),
+            (Some(Processing), Pending),
+            (Some(Pending), Processing),
+            (Some(Processing), Completed),
+        ]
+    );
+    // Only a processing attempt can be released.
+    assert_eq!(
+        release(id, second, at(102)).await,
+        Err(StoreError::InvalidTransition { current: Completed })
+    );
+    let (_, third) = claim(store, &["audio"], at(102)).await.unwrap();
+    store
+        .cancel_job(CancelParams {
+            job_id: later,
+            reason: "no longer needed".into(),
+            now: at(103),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        release(later, third, at(104)).await,
+        Err(StoreError::InvalidTransition { current: Cancelled })
+    );
+}
+
 pub async fn results_complete_once_and_stale_leases_change_nothing(s: TestStore) {
     let store = &*s.store;
     let id = create(store, "web", at(0)).await;
@@ -1397,6 +1504,7 @@ conformance!(
     concurrent_creates_claims_and_results_each_get_their_own_answer,
     a_failing_create_does_not_fail_its_neighbours,
     heartbeats_extend_the_attempt_and_fence_stale_leases,
+    a_release_makes_the_job_claimable_at_once_without_spending_a_retry,
     results_complete_once_and_stale_leases_change_nothing,
     failures_retry_with_backoff_until_exhausted,
     a_failure_marked_not_retryable_is_final_at_once,

@@ -305,6 +305,55 @@ fn heartbeats_move_the_heartbeat_deadline_only_for_the_running_attempt() {
 }
 
 #[test]
+fn a_release_needs_the_current_lease_of_a_processing_attempt() {
+    let lease = LeaseId::new_random();
+    let params = |lease: LeaseId, reason: Option<&str>| ReleaseParams {
+        job_id: JobId::new_random(),
+        lease_id: lease,
+        reason: reason.map(str::to_owned),
+        now: at(100),
+    };
+    let plan = plan_release(&row(Processing, Some(lease)), &params(lease, None)).unwrap();
+    assert_eq!(plan.expected_status, Processing);
+    assert_eq!(plan.expected_lease, lease.to_string());
+    assert_eq!(plan.status, Pending);
+    assert_eq!(
+        plan.history,
+        HistoryStep::new(Some(Processing), Pending, Actor::Worker, reasons::RELEASE)
+    );
+    let said = plan_release(
+        &row(Processing, Some(lease)),
+        &params(lease, Some(" shutting down ")),
+    )
+    .unwrap();
+    assert_eq!(
+        said.history.reason,
+        format!("{} (shutting down)", reasons::RELEASE)
+    );
+    assert_eq!(
+        plan_release(
+            &row(Processing, Some(lease)),
+            &params(LeaseId::new_random(), None)
+        ),
+        Err(StoreError::LeaseMismatch {
+            current: Processing
+        })
+    );
+    for status in [Cancelled, Completed, Failed, Timeout, Retrying, Pending] {
+        assert_eq!(
+            plan_release(&row(status, Some(lease)), &params(lease, None)),
+            Err(StoreError::InvalidTransition { current: status }),
+            "{status}"
+        );
+    }
+    assert_eq!(
+        release_not_applied(Some(Timeout)),
+        StoreError::LeaseMismatch { current: Timeout }
+    );
+    assert_eq!(release_not_applied(None), StoreError::NotFound);
+}
+
+#[test]
 fn cancelling_a_live_job_hands_off_and_a_finished_one_keeps_its_outcome() {
     let params = CancelParams {
         job_id: JobId::new_random(),
@@ -657,6 +706,7 @@ fn backends_contain_no_lifecycle_policy() {
         reasons::WORKER_SUCCESS,
         reasons::LATE_SUCCESS,
         reasons::MANUAL_RETRY,
+        reasons::RELEASE,
         reasons::NOT_RETRYABLE_SUFFIX.trim(),
         "claimed by worker",
         "automatic retry",

@@ -259,6 +259,35 @@ pub(super) async fn heartbeat(
     Ok(planned.outcome())
 }
 
+pub(super) async fn release(conn: &mut Conn, p: ReleaseParams) -> Result<Job, StoreError> {
+    let (seq, row) = current_state(conn, p.job_id).await?;
+    let planned = plan::plan_release(&row, &p)?;
+    let job = transition(
+        conn,
+        "UPDATE jobs SET status = $4, lease_id = NULL, execution_deadline = NULL, \
+         heartbeat_deadline = NULL, deadline_at = NULL, progress = NULL, progress_message = NULL, \
+         updated_at = $5 WHERE seq = $1 AND status = $2 AND lease_id = $3 RETURNING *",
+        &[
+            &seq,
+            &planned.expected_status.as_str(),
+            &planned.expected_lease,
+            &planned.status.as_str(),
+            &p.now.as_micros(),
+        ],
+        &[&planned.history],
+        None,
+        p.now,
+    )
+    .await?;
+    match job {
+        Some(job) => Ok(job),
+        None => Err(match status_now(conn, seq).await {
+            Ok(now) => plan::release_not_applied(now),
+            Err(_) => plan::release_not_applied(Some(row.status)),
+        }),
+    }
+}
+
 pub(super) async fn cancel(conn: &mut Conn, p: CancelParams) -> Result<Job, StoreError> {
     let (seq, row) = current_state(conn, p.job_id).await?;
     let planned = plan::plan_cancel(&row, &p)?;

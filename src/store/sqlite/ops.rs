@@ -548,6 +548,29 @@ pub(super) fn import(conn: &Connection, p: ImportJobParams) -> Result<ImportOutc
     Ok(ImportOutcome::Imported)
 }
 
+pub(super) fn release(conn: &Connection, p: ReleaseParams) -> Result<Job, StoreError> {
+    let (seq, row) = current_row(conn, p.job_id)?;
+    let planned = plan::plan_release(&row, &p)?;
+    let changed = conn
+        .prepare_cached(
+            "UPDATE jobs SET status = ?4, lease_id = NULL, execution_deadline = NULL, \
+             heartbeat_deadline = NULL, deadline_at = NULL, progress = NULL, progress_message = NULL, \
+             updated_at = ?5 WHERE seq = ?1 AND status = ?2 AND lease_id = ?3",
+        )?
+        .execute(params![
+            seq,
+            planned.expected_status.as_str(),
+            planned.expected_lease,
+            planned.status.as_str(),
+            p.now.as_micros(),
+        ])?;
+    if changed != 1 {
+        return Err(plan::release_not_applied(Some(row.status)));
+    }
+    record_history(conn, seq, p.now, &planned.history)?;
+    select_job_by_seq(conn, seq)
+}
+
 pub(super) fn cancel(conn: &Connection, p: CancelParams) -> Result<Job, StoreError> {
     let (seq, row) = current_row(conn, p.job_id)?;
     let planned = plan::plan_cancel(&row, &p)?;
