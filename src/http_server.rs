@@ -163,6 +163,7 @@ async fn serve_connection(
         inner: stream,
         activity: activity.clone(),
         refusal: None,
+        shut_down_while_unscanned: false,
     });
     let service_activity = activity.clone();
     let body_timeout = limits.body_timeout;
@@ -465,6 +466,8 @@ struct WatchedStream {
     inner: TcpStream,
     activity: Arc<Activity>,
     refusal: Option<Refusal>,
+    /// Our side was shut down while the rest of a refused body may still arrive.
+    shut_down_while_unscanned: bool,
 }
 
 struct Refusal {
@@ -570,6 +573,28 @@ impl AsyncWrite for WatchedStream {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        if !matches!(this.activity.lock().phase, Phase::Unscanned { .. }) {
+            return Pin::new(&mut this.inner).poll_shutdown(cx);
+        }
+        // A request was answered before its body was read to the end (an early 413): the
+        // client may still be sending it. Closing with those bytes unread would reset the
+        // connection and could destroy the answer before the client reads it, so close our
+        // side and drop what arrives until the client closes (the watchdog ends this at the
+        // header timeout).
+        if !this.shut_down_while_unscanned {
+            ready!(Pin::new(&mut this.inner).poll_shutdown(cx))?;
+            this.shut_down_while_unscanned = true;
+        }
+        let mut scratch = [0u8; 4096];
+        for _ in 0..16 {
+            let mut discard = ReadBuf::new(&mut scratch);
+            ready!(Pin::new(&mut this.inner).poll_read(cx, &mut discard))?;
+            if discard.filled().is_empty() {
+                return Poll::Ready(Ok(()));
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 }
