@@ -36,7 +36,7 @@ use tokio::sync::watch;
 
 use self::batcher::Batcher;
 use self::hot_ops::{Claims, Creates, Results};
-use self::listen::{announce_wakeups, listen_for_wakeups};
+use self::listen::{announce_wakeups, listen_for_wakeups, JOBS_AVAILABLE_CHANNEL};
 use self::maintenance::*;
 use self::ops::*;
 use self::pool::{Conn, Pool};
@@ -207,7 +207,8 @@ impl PostgresStore {
         let announce = Arc::new(tokio::sync::Notify::new());
         tokio::spawn(listen_for_wakeups(
             config.clone(),
-            options.wakeup_fallback,
+            JOBS_AVAILABLE_CHANNEL,
+            Some(options.wakeup_fallback),
             replica_id.clone(),
             events_sender,
             stop.clone(),
@@ -220,6 +221,7 @@ impl PostgresStore {
         );
         tokio::spawn(announce_wakeups(
             pool.clone(),
+            JOBS_AVAILABLE_CHANNEL,
             replica_id,
             announce.clone(),
             stop,

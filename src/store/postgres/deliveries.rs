@@ -5,12 +5,11 @@
 //! is recorded only with the claim's token, so an attempt whose claim expired and was taken
 //! over can change nothing.
 
-use std::time::Duration;
-
 use tokio::sync::watch;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{AsyncMessage, NoTls, Row};
+use tokio_postgres::Row;
 
+use super::listen::{announce_wakeups, listen_for_wakeups};
 use super::pool::Conn;
 use super::{get, pg_error, PostgresStore};
 use crate::clock::Timestamp;
@@ -21,7 +20,7 @@ use crate::store::{StoreError, StoreFuture};
 const HANDOFFS_CHANNEL: &str = "morag_handoffs_recorded";
 
 /// Tells dispatchers that a hand-off committed: this replica's at once, the others' by a
-/// NOTIFY sent after the commit (coalesced, by `announce_handoffs`).
+/// NOTIFY sent after the commit (coalesced, by `listen::announce_wakeups`).
 pub(super) struct HandoffSignal {
     local: watch::Sender<u64>,
     announce: std::sync::Arc<tokio::sync::Notify>,
@@ -37,13 +36,22 @@ impl HandoffSignal {
     ) -> HandoffSignal {
         let (local, _) = watch::channel(0u64);
         let announce = std::sync::Arc::new(tokio::sync::Notify::new());
-        tokio::spawn(listen_for_handoffs(
+        // No fallback tick here: the dispatcher polls the store on its own interval.
+        tokio::spawn(listen_for_wakeups(
             config,
+            HANDOFFS_CHANNEL,
+            None,
             replica_id.clone(),
             local.clone(),
             stop.clone(),
         ));
-        tokio::spawn(announce_handoffs(pool, replica_id, announce.clone(), stop));
+        tokio::spawn(announce_wakeups(
+            pool,
+            HANDOFFS_CHANNEL,
+            replica_id,
+            announce.clone(),
+            stop,
+        ));
         HandoffSignal { local, announce }
     }
 
@@ -54,39 +62,6 @@ impl HandoffSignal {
 
     pub(super) fn subscribe(&self) -> watch::Receiver<u64> {
         self.local.subscribe()
-    }
-}
-
-/// Sends one NOTIFY per burst of committed hand-offs, outside any job's transaction.
-async fn announce_handoffs(
-    pool: std::sync::Arc<super::pool::Pool>,
-    replica_id: String,
-    announce: std::sync::Arc<tokio::sync::Notify>,
-    mut stop: watch::Receiver<bool>,
-) {
-    loop {
-        tokio::select! {
-            _ = announce.notified() => {}
-            _ = stop.changed() => return,
-        }
-        let sent = async {
-            let mut pooled = pool.get().await?;
-            let conn = pooled.conn();
-            let statement = conn.statement("SELECT pg_notify($1, $2)").await?;
-            let result = conn
-                .client
-                .execute(&statement, &[&HANDOFFS_CHANNEL, &replica_id])
-                .await
-                .map_err(pg_error);
-            pooled.finish(result.is_ok());
-            result
-        };
-        // The other replicas' dispatchers poll as a fallback: a lost announcement delays.
-        match tokio::time::timeout(Duration::from_secs(5), sent).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(error)) => tracing::debug!(%error, "cannot announce committed hand-offs"),
-            Err(_) => tracing::debug!("announcing committed hand-offs timed out"),
-        }
     }
 }
 
@@ -546,79 +521,4 @@ impl DeliveryStore for PostgresStore {
     fn handoff_events(&self) -> watch::Receiver<u64> {
         self.handoffs.subscribe()
     }
-}
-
-/// Keeps one connection LISTENing for hand-offs other replicas committed and bumps
-/// `events` for each burst. Reconnects after a second when the connection is lost; the
-/// dispatcher's fallback tick covers notifications lost meanwhile.
-async fn listen_for_handoffs(
-    config: tokio_postgres::Config,
-    replica_id: String,
-    events: watch::Sender<u64>,
-    mut stop: watch::Receiver<bool>,
-) {
-    loop {
-        if *stop.borrow() {
-            return;
-        }
-        match listen_once(&config, &replica_id, &events, &mut stop).await {
-            Ok(()) => return,
-            Err(error) => {
-                tracing::warn!(%error, "lost the PostgreSQL hand-off listener; reconnecting")
-            }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = stop.changed() => return,
-        }
-    }
-}
-
-async fn listen_once(
-    config: &tokio_postgres::Config,
-    replica_id: &str,
-    events: &watch::Sender<u64>,
-    stop: &mut watch::Receiver<bool>,
-) -> Result<(), String> {
-    let (client, mut connection) = config.connect(NoTls).await.map_err(|e| e.to_string())?;
-    let (notified, mut notifications) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let own_id = replica_id.to_owned();
-    let driver = tokio::spawn(async move {
-        while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
-            match message {
-                // This replica woke its own dispatcher already.
-                Ok(AsyncMessage::Notification(note)) if note.payload() == own_id => {}
-                Ok(AsyncMessage::Notification(_)) => {
-                    if notified.send(()).is_err() {
-                        break;
-                    }
-                }
-                Ok(_) => {}
-                Err(_) => break,
-            }
-        }
-    });
-    let outcome = async {
-        client
-            .batch_execute(&format!("LISTEN {HANDOFFS_CHANNEL}"))
-            .await
-            .map_err(|e| e.to_string())?;
-        // Hand-offs committed while we were not listening: look once now.
-        events.send_modify(|n| *n += 1);
-        loop {
-            tokio::select! {
-                received = notifications.recv() => match received {
-                    Some(()) => {
-                        while notifications.try_recv().is_ok() {}
-                        events.send_modify(|n| *n += 1);
-                    }
-                    None => return Err("the hand-off listener connection closed".to_owned()),
-                },
-                _ = stop.changed() => return Ok(()),
-            }
-        }
-    }
-    .await;
-    driver.abort();
-    outcome
 }

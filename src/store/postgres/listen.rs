@@ -1,5 +1,6 @@
-//! Wake-ups across replicas: one connection LISTENs for the other replicas'
-//! announcements (and ticks as a fallback); announcements are sent after commits.
+//! Wake-ups across replicas: for each channel (claimable jobs, committed hand-offs) one
+//! connection LISTENs for the other replicas' announcements (optionally ticking as a
+//! fallback), and announcements are sent after commits.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,11 +13,13 @@ use super::pool::Pool;
 
 /// The channel long-polling replicas listen on (see the migration's `jobs_available` trigger).
 pub(super) const JOBS_AVAILABLE_CHANNEL: &str = "morag_jobs_available";
-/// Keeps one connection LISTENing and turns notifications (and a periodic tick) into
-/// changes of `events`. Reconnects after a second when the connection is lost.
+/// Keeps one connection LISTENing on `channel` and turns the other replicas'
+/// notifications (and, with `fallback`, a periodic tick) into changes of `events`.
+/// Reconnects after a second when the connection is lost.
 pub(super) async fn listen_for_wakeups(
     config: tokio_postgres::Config,
-    fallback: Duration,
+    channel: &'static str,
+    fallback: Option<Duration>,
     replica_id: String,
     events: watch::Sender<u64>,
     mut stop: watch::Receiver<bool>,
@@ -25,10 +28,10 @@ pub(super) async fn listen_for_wakeups(
         if *stop.borrow() {
             return;
         }
-        match listen_once(&config, fallback, &replica_id, &events, &mut stop).await {
+        match listen_once(&config, channel, fallback, &replica_id, &events, &mut stop).await {
             Ok(()) => return,
             Err(error) => {
-                tracing::warn!(%error, "lost the PostgreSQL wake-up listener; reconnecting")
+                tracing::warn!(%error, channel, "lost a PostgreSQL LISTEN connection; reconnecting")
             }
         }
         tokio::select! {
@@ -39,9 +42,10 @@ pub(super) async fn listen_for_wakeups(
 }
 
 /// Returns `Ok` when told to stop, `Err` when the connection failed.
-pub(super) async fn listen_once(
+async fn listen_once(
     config: &tokio_postgres::Config,
-    fallback: Duration,
+    channel: &str,
+    fallback: Option<Duration>,
     replica_id: &str,
     events: &watch::Sender<u64>,
     stop: &mut watch::Receiver<bool>,
@@ -53,7 +57,7 @@ pub(super) async fn listen_once(
     let driver = tokio::spawn(async move {
         while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
             match message {
-                // This replica already woke its own pollers.
+                // This replica already woke its own waiters.
                 Ok(AsyncMessage::Notification(note)) if note.payload() == own_id => {}
                 Ok(AsyncMessage::Notification(_)) => {
                     if notified.send(()).is_err() {
@@ -70,12 +74,13 @@ pub(super) async fn listen_once(
     });
     let outcome = async {
         client
-            .batch_execute(&format!("LISTEN {JOBS_AVAILABLE_CHANNEL}"))
+            .batch_execute(&format!("LISTEN {channel}"))
             .await
             .map_err(|e| e.to_string())?;
         // Notifications sent while we were not listening are lost: look once now.
         events.send_modify(|n| *n += 1);
-        let mut tick = tokio::time::interval(fallback);
+        // Without a fallback the tick branch is off (the interval is never polled).
+        let mut tick = tokio::time::interval(fallback.unwrap_or(Duration::from_secs(3600)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -86,7 +91,7 @@ pub(super) async fn listen_once(
                     }
                     None => return Err("the listener connection closed".to_owned()),
                 },
-                _ = tick.tick() => {
+                _ = tick.tick(), if fallback.is_some() => {
                     if client.is_closed() {
                         return Err("the listener connection closed".to_owned());
                     }
@@ -108,6 +113,7 @@ pub(super) async fn listen_once(
 /// is being sent are folded into the next one.
 pub(super) async fn announce_wakeups(
     pool: Arc<Pool>,
+    channel: &'static str,
     replica_id: String,
     announce: Arc<tokio::sync::Notify>,
     mut stop: watch::Receiver<bool>,
@@ -123,7 +129,7 @@ pub(super) async fn announce_wakeups(
             let statement = conn.statement("SELECT pg_notify($1, $2)").await?;
             let result = conn
                 .client
-                .execute(&statement, &[&JOBS_AVAILABLE_CHANNEL, &replica_id])
+                .execute(&statement, &[&channel, &replica_id])
                 .await
                 .map_err(pg_error);
             pooled.finish(result.is_ok());
@@ -131,9 +137,10 @@ pub(super) async fn announce_wakeups(
         };
         match tokio::time::timeout(Duration::from_secs(5), sent).await {
             Ok(Ok(_)) => {}
-            // The other replicas' fallback tick covers a lost announcement.
-            Ok(Err(error)) => tracing::debug!(%error, "cannot announce claimable jobs"),
-            Err(_) => tracing::debug!("announcing claimable jobs timed out"),
+            // The other replicas' fallbacks (a tick, the dispatcher's poll) cover a lost
+            // announcement.
+            Ok(Err(error)) => tracing::debug!(%error, channel, "cannot announce"),
+            Err(_) => tracing::debug!(channel, "announcing timed out"),
         }
     }
 }
