@@ -220,12 +220,7 @@ impl<S: Send + Sync> FromRequestParts<S> for DeliveryIdPath {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let axum::extract::Path(raw) =
-            axum::extract::Path::<String>::from_request_parts(parts, state)
-                .await
-                .map_err(|rejection| {
-                    ApiError::validation(&["path", "delivery_id"], rejection.body_text())
-                })?;
+        let raw = super::extract::path_segment(parts, state, "delivery_id").await?;
         raw.trim()
             .parse::<i64>()
             .ok()

@@ -165,6 +165,18 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for QueryParams<T>
     }
 }
 
+/// The route's one `{id}` path segment as text; a 422 names it `field`.
+pub async fn path_segment<S: Send + Sync>(
+    parts: &mut Parts,
+    state: &S,
+    field: &str,
+) -> Result<String, ApiError> {
+    axum::extract::Path::<String>::from_request_parts(parts, state)
+        .await
+        .map(|axum::extract::Path(raw)| raw)
+        .map_err(|rejection| ApiError::validation(&["path", field], rejection.body_text()))
+}
+
 /// The `{id}` path segment, checked to be a UUID.
 pub struct JobIdPath(pub JobId);
 
@@ -172,12 +184,7 @@ impl<S: Send + Sync> FromRequestParts<S> for JobIdPath {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let axum::extract::Path(raw) =
-            axum::extract::Path::<String>::from_request_parts(parts, state)
-                .await
-                .map_err(|rejection| {
-                    ApiError::validation(&["path", "job_id"], rejection.body_text())
-                })?;
+        let raw = path_segment(parts, state, "job_id").await?;
         JobId::parse(&raw)
             .map(JobIdPath)
             .map_err(|error| ApiError::invalid("path", error))
