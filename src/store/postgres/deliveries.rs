@@ -445,37 +445,25 @@ async fn statistics(conn: &mut Conn) -> Result<DeliveryStatistics, StoreError> {
             _ => counts.dead = n.max(0) as u64,
         }
     }
-    let statement = conn
-        .statement("SELECT min(created_at) FROM deliveries WHERE state = 'pending'")
+    let oldest: Option<i64> = conn
+        .query_value(
+            "SELECT min(created_at) FROM deliveries WHERE state = 'pending'",
+            &[],
+        )
         .await?;
-    let oldest: Option<i64> = get(
-        &conn
-            .client
-            .query_one(&statement, &[])
-            .await
-            .map_err(pg_error)?,
-        0,
-    )?;
     stats.oldest_pending_created_at = oldest.map(Timestamp::from_micros);
     Ok(stats)
 }
 
 async fn next_due(conn: &mut Conn) -> Result<Option<Timestamp>, StoreError> {
-    let statement = conn
-        .statement(
+    let due: Option<i64> = conn
+        .query_value(
             "SELECT CASE WHEN EXISTS (SELECT 1 FROM handoffs WHERE fanned_out_at IS NULL) THEN 0::int8 \
              ELSE (SELECT next_attempt_at FROM deliveries WHERE state = 'pending' \
                    ORDER BY next_attempt_at LIMIT 1) END",
+            &[],
         )
         .await?;
-    let due: Option<i64> = get(
-        &conn
-            .client
-            .query_one(&statement, &[])
-            .await
-            .map_err(pg_error)?,
-        0,
-    )?;
     Ok(due.map(Timestamp::from_micros))
 }
 

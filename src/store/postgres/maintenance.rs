@@ -219,13 +219,13 @@ pub(super) async fn count_cleanable(
 ) -> Result<u64, StoreError> {
     let mut total = 0u64;
     for (status, cutoff) in plan::cleanup_targets(p.retention, p.now) {
-        let statement = conn.statement(COUNT_CLEANABLE_SQL).await?;
-        let row = conn
-            .client
-            .query_one(&statement, &[&status.as_str(), &cutoff.as_micros()])
-            .await
-            .map_err(pg_error)?;
-        total += get::<i64>(&row, 0)? as u64;
+        let count: i64 = conn
+            .query_value(
+                COUNT_CLEANABLE_SQL,
+                &[&status.as_str(), &cutoff.as_micros()],
+            )
+            .await?;
+        total += count as u64;
     }
     Ok(total)
 }
