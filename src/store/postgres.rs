@@ -20,6 +20,34 @@
 //!   connection errors become `StoreError::Unavailable` (HTTP 503), and the pool never
 //!   hands out a broken connection again, so the server recovers by itself.
 
+/// Runs `body` inside `begin` (BEGIN, or BEGIN with options) and COMMIT on `conn`, rolling
+/// back when it fails; `pg_error` must be in scope where it is used. (When the future is
+/// dropped half-way, the pool discards the connection, which rolls back too.) Defined
+/// before the submodules so that every one of them can use it.
+macro_rules! in_transaction {
+    ($conn:expr, $begin:expr, $body:expr) => {{
+        $conn.client.batch_execute($begin).await.map_err(pg_error)?;
+        match $body.await {
+            Ok(value) => {
+                $conn
+                    .client
+                    .batch_execute("COMMIT")
+                    .await
+                    .map_err(pg_error)?;
+                Ok(value)
+            }
+            Err(error) => {
+                $conn
+                    .client
+                    .batch_execute("ROLLBACK")
+                    .await
+                    .map_err(pg_error)?;
+                Err(error)
+            }
+        }
+    }};
+}
+
 mod batcher;
 mod deliveries;
 mod hot_ops;

@@ -84,107 +84,80 @@ fn delivery_from_row(row: &Row) -> Result<Delivery, StoreError> {
     })
 }
 
-/// Runs `body` between BEGIN and COMMIT, rolling back when it fails.
-async fn in_transaction<T>(
-    conn: &mut Conn,
-    body: impl for<'c> FnOnce(&'c mut Conn) -> StoreFuture<'c, T>,
-) -> Result<T, StoreError> {
-    conn.client.batch_execute("BEGIN").await.map_err(pg_error)?;
-    match body(conn).await {
-        Ok(value) => {
-            conn.client
-                .batch_execute("COMMIT")
-                .await
-                .map_err(pg_error)?;
-            Ok(value)
-        }
-        Err(error) => {
-            conn.client
-                .batch_execute("ROLLBACK")
-                .await
-                .map_err(pg_error)?;
-            Err(error)
-        }
-    }
-}
-
 async fn fan_out(conn: &mut Conn, p: FanOutParams) -> Result<FanOutReport, StoreError> {
-    in_transaction(conn, move |conn| {
-        Box::pin(async move {
-            // Waits for (rather than skips) hand-offs another fan-out holds: after the wait
-            // PostgreSQL re-checks `fanned_out_at IS NULL` and leaves them out, so when this
-            // returns every hand-off committed before it started is fanned out. The cleaner
-            // relies on that: a hand-off still being fanned out would keep its job for a pass.
-            // Locks are taken in `h.id` order, so two fan-outs cannot deadlock.
-            let statement = conn
-                .statement(
-                    "SELECT h.id, h.job_id, j.task_options FROM handoffs h \
+    in_transaction!(conn, "BEGIN", async {
+        // Waits for (rather than skips) hand-offs another fan-out holds: after the wait
+        // PostgreSQL re-checks `fanned_out_at IS NULL` and leaves them out, so when this
+        // returns every hand-off committed before it started is fanned out. The cleaner
+        // relies on that: a hand-off still being fanned out would keep its job for a pass.
+        // Locks are taken in `h.id` order, so two fan-outs cannot deadlock.
+        let statement = conn
+            .statement(
+                "SELECT h.id, h.job_id, j.task_options FROM handoffs h \
                      LEFT JOIN jobs j ON j.id = h.job_id \
                      WHERE h.fanned_out_at IS NULL ORDER BY h.id LIMIT $1 \
                      FOR UPDATE OF h",
-                )
-                .await?;
-            let rows = conn
-                .client
-                .query(&statement, &[&(p.limit as i64)])
-                .await
-                .map_err(pg_error)?;
-            let mut report = FanOutReport::default();
-            let (mut handoff_ids, mut event_ids) = (Vec::new(), Vec::new());
-            let (mut d_handoffs, mut d_events, mut d_sinks, mut d_jobs) =
-                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-            for row in &rows {
-                let handoff_id: i64 = get(row, 0)?;
-                let job_id: String = get(row, 1)?;
-                let task_options: Option<&str> = get(row, 2)?;
-                let event_id = new_event_id();
-                // A job deleted before its hand-off was fanned out has nothing to deliver.
-                for sink in task_options.map(|o| sinks_for(o, &p)).unwrap_or_default() {
-                    d_handoffs.push(handoff_id);
-                    d_events.push(event_id.clone());
-                    d_sinks.push(sink.as_str());
-                    d_jobs.push(job_id.clone());
-                }
-                handoff_ids.push(handoff_id);
-                event_ids.push(event_id);
+            )
+            .await?;
+        let rows = conn
+            .client
+            .query(&statement, &[&(p.limit as i64)])
+            .await
+            .map_err(pg_error)?;
+        let mut report = FanOutReport::default();
+        let (mut handoff_ids, mut event_ids) = (Vec::new(), Vec::new());
+        let (mut d_handoffs, mut d_events, mut d_sinks, mut d_jobs) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for row in &rows {
+            let handoff_id: i64 = get(row, 0)?;
+            let job_id: String = get(row, 1)?;
+            let task_options: Option<&str> = get(row, 2)?;
+            let event_id = new_event_id();
+            // A job deleted before its hand-off was fanned out has nothing to deliver.
+            for sink in task_options.map(|o| sinks_for(o, &p)).unwrap_or_default() {
+                d_handoffs.push(handoff_id);
+                d_events.push(event_id.clone());
+                d_sinks.push(sink.as_str());
+                d_jobs.push(job_id.clone());
             }
-            if handoff_ids.is_empty() {
-                return Ok(report);
-            }
-            let now = p.now.as_micros();
-            let statement = conn
-                .statement(
-                    "INSERT INTO deliveries (handoff_id, event_id, sink, job_id, state, attempts, \
+            handoff_ids.push(handoff_id);
+            event_ids.push(event_id);
+        }
+        if handoff_ids.is_empty() {
+            return Ok(report);
+        }
+        let now = p.now.as_micros();
+        let statement = conn
+            .statement(
+                "INSERT INTO deliveries (handoff_id, event_id, sink, job_id, state, attempts, \
                      next_attempt_at, created_at, updated_at) \
                      SELECT x.h, x.e, x.s, x.j, 'pending', 0, $5, $5, $5 \
                      FROM unnest($1::int8[], $2::text[], $3::text[], $4::text[]) AS x(h, e, s, j) \
                      ON CONFLICT (handoff_id, sink) DO NOTHING",
-                )
-                .await?;
-            report.n_deliveries = conn
-                .client
-                .execute(
-                    &statement,
-                    &[&d_handoffs, &d_events, &d_sinks, &d_jobs, &now],
-                )
-                .await
-                .map_err(pg_error)? as usize;
-            let statement = conn
-                .statement(
-                    "UPDATE handoffs SET fanned_out_at = $3, event_id = x.e \
+            )
+            .await?;
+        report.n_deliveries = conn
+            .client
+            .execute(
+                &statement,
+                &[&d_handoffs, &d_events, &d_sinks, &d_jobs, &now],
+            )
+            .await
+            .map_err(pg_error)? as usize;
+        let statement = conn
+            .statement(
+                "UPDATE handoffs SET fanned_out_at = $3, event_id = x.e \
                      FROM unnest($1::int8[], $2::text[]) AS x(id, e) \
                      WHERE handoffs.id = x.id AND handoffs.fanned_out_at IS NULL",
-                )
-                .await?;
-            report.n_handoffs = conn
-                .client
-                .execute(&statement, &[&handoff_ids, &event_ids, &now])
-                .await
-                .map_err(pg_error)? as usize;
-            Ok(report)
-        })
+            )
+            .await?;
+        report.n_handoffs = conn
+            .client
+            .execute(&statement, &[&handoff_ids, &event_ids, &now])
+            .await
+            .map_err(pg_error)? as usize;
+        Ok(report)
     })
-    .await
 }
 
 async fn claim(

@@ -21,15 +21,7 @@ pub(super) async fn create_once(
     conn: &mut Conn,
     p: CreateOnceParams,
 ) -> Result<CreateOnceOutcome, StoreError> {
-    conn.client.batch_execute("BEGIN").await.map_err(pg_error)?;
-    let outcome = create_once_in_transaction(conn, p).await;
-    let end = if outcome.is_ok() {
-        "COMMIT"
-    } else {
-        "ROLLBACK"
-    };
-    conn.client.batch_execute(end).await.map_err(pg_error)?;
-    outcome
+    in_transaction!(conn, "BEGIN", create_once_in_transaction(conn, p))
 }
 
 async fn create_once_in_transaction(

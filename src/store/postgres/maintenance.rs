@@ -30,32 +30,6 @@ pub(super) const CLEANUP_SQL: &str = "WITH victims AS ( \
          RETURNING jobs.completed_at, jobs.seq, jobs.source_file_path), \
      history AS (DELETE FROM job_history USING gone WHERE job_history.job_seq = gone.seq) \
      SELECT completed_at, seq, source_file_path FROM gone";
-/// Runs `body` inside BEGIN/COMMIT on `conn`, rolling back when it fails. (When the
-/// future is dropped half-way, the pool discards the connection, which rolls back too.)
-macro_rules! in_transaction {
-    ($conn:expr, $begin:expr, $body:expr) => {{
-        $conn.client.batch_execute($begin).await.map_err(pg_error)?;
-        match $body.await {
-            Ok(value) => {
-                $conn
-                    .client
-                    .batch_execute("COMMIT")
-                    .await
-                    .map_err(pg_error)?;
-                Ok(value)
-            }
-            Err(error) => {
-                $conn
-                    .client
-                    .batch_execute("ROLLBACK")
-                    .await
-                    .map_err(pg_error)?;
-                Err(error)
-            }
-        }
-    }};
-}
-
 pub(super) async fn rescue(conn: &mut Conn, p: RescueParams) -> Result<RescueReport, StoreError> {
     let report: RescueReport = in_transaction!(conn, "BEGIN", rescue_batch(conn, &p))?;
     // Folding counter deltas rides along the monitor's passes. The batch above is
