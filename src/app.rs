@@ -101,7 +101,6 @@ impl App {
             let _ = trigger_sender.send(true);
         });
         let wakeups = tokio::spawn(forward_wakeups(context.clone()));
-        tracing::info!(addr = %listener.local_addr()?, open = context.config.is_open(), "morag-jobs listening");
         crate::http_server::serve(listener, router, limits, context.shutting_down.clone()).await;
         // However the server stopped, everything else stops with it.
         trigger.abort();

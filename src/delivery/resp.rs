@@ -49,10 +49,8 @@ impl RedisUrl {
                 .map(|(_, value)| value.into_owned())
                 .unwrap_or_default()
         };
-        let username = Some(url.username())
-            .filter(|u| !u.is_empty())
-            .map(|u| decode(u));
-        let password = url.password().map(|p| decode(p));
+        let username = Some(url.username()).filter(|u| !u.is_empty()).map(decode);
+        let password = url.password().map(decode);
         Ok(RedisUrl {
             host,
             port,

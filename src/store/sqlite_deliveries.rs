@@ -287,11 +287,14 @@ fn select_delivery(conn: &Connection, id: i64) -> Result<Option<Delivery>, Store
         .transpose()
 }
 
+/// One stored attempt as read: attempt, at, outcome, HTTP status, error.
+type AttemptRow = (i64, i64, String, Option<i64>, Option<String>);
+
 fn detail(conn: &Connection, id: i64) -> Result<Option<DeliveryDetail>, StoreError> {
     let Some(delivery) = select_delivery(conn, id)? else {
         return Ok(None);
     };
-    let rows: Vec<(i64, i64, String, Option<i64>, Option<String>)> = conn
+    let rows: Vec<AttemptRow> = conn
         .prepare_cached(
             "SELECT attempt, at, outcome, http_status, error FROM delivery_attempts \
              WHERE delivery_id = ?1 ORDER BY id",

@@ -14,6 +14,9 @@ use crate::support::spawn_app_with;
 const JOBS: usize = 2_000;
 const WORKERS: usize = 16;
 
+/// (job, attempt) -> the workers that were handed it.
+type ClaimsByAttempt = HashMap<(String, u64), Vec<usize>>;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_attempt_is_claimed_once_and_every_job_completed_once() {
     let app = Arc::new(
@@ -44,7 +47,7 @@ async fn every_attempt_is_claimed_once_and_every_job_completed_once() {
     }
 
     // (job, attempt) -> workers that were handed it; job -> successful result answers.
-    let claims: Arc<Mutex<HashMap<(String, u64), Vec<usize>>>> = Arc::default();
+    let claims: Arc<Mutex<ClaimsByAttempt>> = Arc::default();
     let completions: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
     let mut workers = Vec::new();
     for worker in 0..WORKERS {
