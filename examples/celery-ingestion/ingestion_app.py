@@ -14,7 +14,13 @@ Settings (environment):
   the same as the server's ``MORAG_CELERY_BROKER_URL``;
 - ``MORAG_EXAMPLE_QUEUE``: the queue (default ``celery``), the same as the server's
   ``MORAG_CELERY_QUEUE``;
-- ``MORAG_EXAMPLE_RECORD``: the JSON-lines file (default ``ingestion-record.jsonl``).
+- ``MORAG_EXAMPLE_RECORD``: the JSON-lines file (default ``ingestion-record.jsonl``);
+- ``MORAG_EXAMPLE_RESULT_PREFIX``: a prefix for the result backend's Redis keys (default
+  none), so a run can clean up after itself.
+
+Like MoRAG, the app keeps task results in Redis: the continuation finds the remote job id in
+the result of the ingest task that created the job, and reads the job back with
+``RemoteJobService().get_job_status``, as MoRAG's continuation does.
 
 Run it: ``celery -A ingestion_app worker --pool solo -Q "$MORAG_EXAMPLE_QUEUE"``.
 """
@@ -32,13 +38,14 @@ from morag_jobs_client.morag import CreateRemoteJobRequest, RemoteJobService
 BROKER_URL = os.environ.get("MORAG_EXAMPLE_BROKER_URL", "redis://127.0.0.1:6379/0")
 QUEUE = os.environ.get("MORAG_EXAMPLE_QUEUE", "celery")
 RECORD_PATH = os.environ.get("MORAG_EXAMPLE_RECORD", "ingestion-record.jsonl")
+RESULT_PREFIX = os.environ.get("MORAG_EXAMPLE_RESULT_PREFIX", "")
 #: The content types MoRAG hands to remote workers.
 REMOTE_CONTENT_TYPES = ("audio", "video")
 
-app = Celery("ingestion_example", broker=BROKER_URL)
+app = Celery("ingestion_example", broker=BROKER_URL, backend=BROKER_URL)
 app.conf.update(
     task_default_queue=QUEUE,
-    task_ignore_result=True,
+    result_backend_transport_options={"global_keyprefix": RESULT_PREFIX} if RESULT_PREFIX else {},
     # morag-jobs sends JSON task messages; accept nothing else.
     accept_content=["json"],
     task_serializer="json",
@@ -88,21 +95,43 @@ def ingest_file_task(
     return {"success": True, "content": "", "metadata": {"remote_processing": False}, "processing_time": 0.0, "error_message": None}
 
 
-@app.task(bind=True, name="morag.ingest_tasks.continue_ingestion_after_remote_processing")
+@app.task(
+    bind=True,
+    name="morag.ingest_tasks.continue_ingestion_after_remote_processing",
+    ignore_result=True,
+    max_retries=12,
+)
 def continue_ingestion_after_remote_processing(
     self: Any, ingestion_task_id: str, processing_result: Dict[str, Any], task_options: Dict[str, Any]
 ) -> None:
+    # The outcome names the ingestion task; the ingest task's result names its remote job.
+    ingest = app.AsyncResult(ingestion_task_id)
+    if not ingest.ready():
+        # With several worker processes, the job can finish before the ingest task that
+        # created it has stored its result: come back shortly.
+        raise self.retry(countdown=2)
+    remote_job_id = ingest.result["metadata"]["remote_job_id"]
+    remote_job = RemoteJobService().get_job_status(remote_job_id)
     # MoRAG chunks, embeds and stores processing_result["content"] here.
-    record(self.name, self.request.id, [ingestion_task_id, processing_result, task_options])
+    read_back = None
+    if remote_job is not None:
+        read_back = {
+            "id": remote_job.id,
+            "status": remote_job.status,
+            "content_type": remote_job.content_type,
+            "source_file_path": remote_job.source_file_path,
+            "result_content": (remote_job.result_data or {}).get("content"),
+        }
+    record(self.name, self.request.id, [ingestion_task_id, processing_result, task_options, read_back])
 
 
-@app.task(bind=True, name="morag.ingest_tasks.handle_remote_job_failure")
+@app.task(bind=True, name="morag.ingest_tasks.handle_remote_job_failure", ignore_result=True)
 def handle_remote_job_failure(self: Any, ingestion_task_id: str, failure_info: Dict[str, Any]) -> None:
     # MoRAG marks the ingestion failed here (or falls back to local processing).
     record(self.name, self.request.id, [ingestion_task_id, failure_info])
 
 
-@app.task(bind=True, name="ingestion_example.mark")
+@app.task(bind=True, name="ingestion_example.mark", ignore_result=True)
 def mark(self: Any, label: str) -> None:
     """Records a label: sent last, it shows that everything queued before it has run."""
     record(self.name, self.request.id, [label])

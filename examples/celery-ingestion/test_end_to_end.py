@@ -129,6 +129,7 @@ def test_twenty_ingests_convert_continue_once_each_across_a_server_kill(tmp_path
         MORAG_EXAMPLE_BROKER_URL=REDIS_URL,
         MORAG_EXAMPLE_QUEUE=stem,
         MORAG_EXAMPLE_RECORD=str(record_path),
+        MORAG_EXAMPLE_RESULT_PREFIX=f"{stem}:",
         PYTHONDONTWRITEBYTECODE="1",
         # The Celery worker imports the client package from this checkout.
         PYTHONPATH=os.pathsep.join(filter(None, [str(EXAMPLE.parents[1] / "clients/python/src"), os.environ.get("PYTHONPATH")])),
@@ -221,6 +222,7 @@ def test_twenty_ingests_convert_continue_once_each_across_a_server_kill(tmp_path
         wait_for(lambda: any(r["args"] == [label] for r in records(MARK)), "the mark", 30, watched)
 
         ingests = records(INGEST)
+        job_of = {r["task_id"]: r["args"][3]["remote_job_id"] for r in ingests}
         assert Counter(r["task_id"] for r in ingests) == Counter({t: 1 for t in texts}), "each ingest ran once"
         remote_jobs = [r["args"][3]["remote_job_id"] for r in ingests]
         assert len(set(remote_jobs)) == len(texts) == 23, "one job per ingest"
@@ -232,12 +234,18 @@ def test_twenty_ingests_convert_continue_once_each_across_a_server_kill(tmp_path
         assert all(count == 1 for count in ran_for.values()), f"a task ran twice: {ran_for}"
         assert set(r["args"][0] for r in continued) == set(audio_tasks) | {video_ok}
         for run in continued:
-            ingestion_task_id, processing_result, task_options = run["args"]
+            ingestion_task_id, processing_result, task_options, read_back = run["args"]
             text = texts[ingestion_task_id]
             expected = "transcript of audio: " + text.upper() if ingestion_task_id != video_ok else text.upper()
             assert processing_result["success"] is True
             assert processing_result["content"] == expected
             assert task_options == OPTIONS
+            # The continuation read its job back through the adapter, as MoRAG's does.
+            assert read_back["id"] == job_of[ingestion_task_id]
+            assert read_back["status"] == "completed"
+            assert read_back["result_content"] == expected
+            assert Path(read_back["source_file_path"]).parent == uploads.resolve()
+            assert read_back["content_type"] == ("video" if ingestion_task_id == video_ok else "audio")
         assert len(continued) == 21
 
         assert sorted(r["args"][0] for r in failed) == sorted([failing_task, video_bad])
