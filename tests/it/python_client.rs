@@ -33,7 +33,15 @@ async fn pytest(target: &str, servers: usize) {
     .join(":");
     let mut command = Command::new(crate::celery::python());
     command
-        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "console_output_style=classic"])
+        .args([
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-o",
+            "console_output_style=classic",
+        ])
         .arg(repository.join(target))
         .current_dir(repository)
         .env("MORAG_JOBS_BIN", env!("CARGO_BIN_EXE_morag-jobs"))

@@ -57,13 +57,14 @@ def normalize_base_url(url: str) -> str:
 class RetryPolicy:
     """How often and how patiently calls are retried.
 
-    ``attempts`` counts the first try. The delay before try n+1 is
+    ``attempts`` counts the first try; the default waits about 8 seconds in all, enough
+    to ride out a server restart. The delay before try n+1 is
     ``min(backoff_base * 2**(n-1), backoff_max)``, less a random part of up to a quarter
     (so many clients that failed together do not come back together), and at least the
     server's ``Retry-After`` (capped at ``backoff_max``).
     """
 
-    def __init__(self, attempts: int = 4, backoff_base: float = 0.25, backoff_max: float = 5.0) -> None:
+    def __init__(self, attempts: int = 6, backoff_base: float = 0.25, backoff_max: float = 5.0) -> None:
         if attempts < 1:
             raise ValueError("attempts must be at least 1")
         self.attempts = attempts
@@ -71,7 +72,7 @@ class RetryPolicy:
         self.backoff_max = backoff_max
 
     def delay(self, tries_made: int, retry_after: Optional[float] = None) -> float:
-        delay = min(self.backoff_base * (2 ** (tries_made - 1)), self.backoff_max)
+        delay: float = min(self.backoff_base * (2.0 ** (tries_made - 1)), self.backoff_max)
         delay -= random.uniform(0, delay / 4)
         if retry_after is not None:
             delay = max(delay, min(retry_after, self.backoff_max))
@@ -386,13 +387,10 @@ class MoragJobsClient:
             status = response.status_code
             if 200 <= status < 300 or status in accept_statuses:
                 return response
-            error = errors.error_for_answer(
-                status, _decode(response), response.headers, method=method, path=path
-            )
             if idempotent and status in RETRYABLE_STATUSES and not last_try:
                 self._sleep(self.retry.delay(tries, errors.parse_retry_after(response.headers.get("retry-after"))))
                 continue
-            raise error
+            raise errors.error_for_answer(status, _decode(response), response.headers, method=method, path=path)
 
     @staticmethod
     def _json(response: httpx.Response) -> Dict[str, Any]:
