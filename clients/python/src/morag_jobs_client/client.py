@@ -84,7 +84,7 @@ class MoragJobsClient:
 
     ``base_url`` defaults to ``MORAG_JOBS_URL`` (else ``http://127.0.0.1:8700``),
     ``api_key`` to ``MORAG_JOBS_API_KEY`` (admin calls need an admin key, worker calls a
-    worker or admin key). Use it as a context manager, or call :meth:`close`.
+    worker or admin key; ``""`` sends none). Use it as a context manager, or call :meth:`close`.
     """
 
     def __init__(
