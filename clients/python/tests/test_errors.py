@@ -121,14 +121,39 @@ def test_no_server_is_a_transport_error_after_the_retries() -> None:
     assert len(sleeps) == 2
 
 
+def probe_is_refused(port: int, held: List[socket.socket]) -> bool:
+    """Opens a connection: a refused one is answered 503 at once; an accepted one stays
+    silent and is kept in ``held``, where it takes a slot."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.settimeout(0.5)
+    try:
+        answer = sock.recv(64)
+    except socket.timeout:
+        held.append(sock)
+        return False
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 503"), answer
+    return True
+
+
+def fill_connection_slots(port: int, held: List[socket.socket]) -> None:
+    """Holds idle connections until two probes in a row are refused: every slot is ours
+    (a connection the server still counted, say the health check's, has gone by then)."""
+    deadline = time.monotonic() + 20
+    while True:
+        if probe_is_refused(port, held):
+            time.sleep(0.2)
+            if probe_is_refused(port, held):
+                return
+        assert time.monotonic() < deadline, "the server never refused a connection"
+
+
 def test_over_the_connection_cap_is_503_and_retried_until_a_slot_frees(tmp_path: Any) -> None:
     server = ServerProcess(tmp_path, args=["--admin-api-keys", ADMIN_KEY, "--http-max-connections", "2"]).start()
     held: List[socket.socket] = []
     try:
-        # Two idle connections take every slot the server has.
-        for _ in range(2):
-            held.append(socket.create_connection(("127.0.0.1", server.port)))
-        time.sleep(0.2)
+        fill_connection_slots(server.port, held)
+        assert len(held) >= 2
         sleeps: List[float] = []
         with MoragJobsClient(server.url, ADMIN_KEY, retry=RetryPolicy(attempts=2), sleep=sleeps.append) as client:
             with pytest.raises(ServiceUnavailableError) as unavailable:
@@ -143,10 +168,9 @@ def test_over_the_connection_cap_is_503_and_retried_until_a_slot_frees(tmp_path:
             time.sleep(0.3)
 
         with MoragJobsClient(server.url, ADMIN_KEY, retry=RetryPolicy(attempts=3), sleep=free_the_slots) as client:
-            for _ in range(2):
-                held.append(socket.create_connection(("127.0.0.1", server.port)))
-            time.sleep(0.2)
+            fill_connection_slots(server.port, held)
             assert client.statistics().total_jobs == 0
+            assert not held, "the call succeeded only after the slots were freed"
     finally:
         for sock in held:
             sock.close()
