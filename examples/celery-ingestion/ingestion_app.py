@@ -33,6 +33,7 @@ from typing import Any, Dict, List, Optional
 
 from celery import Celery
 
+from morag_jobs_client import ServiceUnavailableError, TransportError
 from morag_jobs_client.morag import CreateRemoteJobRequest, RemoteJobService
 
 BROKER_URL = os.environ.get("MORAG_EXAMPLE_BROKER_URL", "redis://127.0.0.1:6379/0")
@@ -66,7 +67,16 @@ def record(task: str, task_id: Optional[str], args: List[Any]) -> None:
         os.fsync(record_file.fileno())
 
 
-@app.task(bind=True, name="morag.ingest_tasks.ingest_file_task")
+# The client already retries for about 8 seconds; a server down for longer (a slow
+# restart) makes Celery run the task again later. That is safe: the adapter's
+# Idempotency-Key is derived from the task id, so a rerun gets the job the first run made.
+@app.task(
+    bind=True,
+    name="morag.ingest_tasks.ingest_file_task",
+    autoretry_for=(TransportError, ServiceUnavailableError),
+    retry_backoff=2,
+    max_retries=6,
+)
 def ingest_file_task(
     self: Any, file_path: str, content_type: Optional[str] = None, task_options: Optional[Dict[str, Any]] = None
 ) -> Dict[str, Any]:
