@@ -20,18 +20,30 @@ if ! command -v cargo >/dev/null; then
   exit 1
 fi
 
-# --- Python for the Celery tests --------------------------------------------------------
+# --- Python for the Celery and client tests -----------------------------------------------
 # The Celery sink's tests run a real Celery worker (tests/python/celery_app.py) against the
-# Redis at 127.0.0.1:6379 (override with MORAG_TEST_REDIS_URL). Its virtual environment lives
+# Redis at 127.0.0.1:6379 (override with MORAG_TEST_REDIS_URL); the Python client's tests and
+# the Celery example (tests/it/python_client.rs) run pytest. Their virtual environment lives
 # outside the checkout and is reused while tests/python/requirements.txt is unchanged.
 celery_venv="${MORAG_TEST_VENV:-$HOME/.cache/morag-jobs-venv}"
 celery_requirements="tests/python/requirements.txt"
 if ! cmp -s "$celery_requirements" "$celery_venv/installed-requirements.txt"; then
-  echo "Creating the Celery test environment in $celery_venv" >&2
+  echo "Creating the Python test environment in $celery_venv" >&2
   rm -rf "$celery_venv"
   "${MORAG_TEST_PYTHON_BASE:-python3}" -m venv "$celery_venv"
   "$celery_venv/bin/pip" install --quiet --disable-pip-version-check -r "$celery_requirements"
   cp "$celery_requirements" "$celery_venv/installed-requirements.txt"
+fi
+# The client package is installed too (which checks that it builds), again whenever a file
+# of it differs from what was installed: the environment is shared by every clone. The
+# tests themselves import the package from the checkout they run in (PYTHONPATH).
+client_stamp="$(cd clients/python && find pyproject.toml README.md src -type f -not -name '*.pyc' -print0 \
+  | sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)"
+if [[ "$client_stamp" != "$(cat "$celery_venv/installed-client-package" 2>/dev/null)" ]]; then
+  echo "Installing clients/python into $celery_venv" >&2
+  "$celery_venv/bin/pip" install --quiet --disable-pip-version-check --no-deps --no-build-isolation \
+    --force-reinstall ./clients/python
+  echo "$client_stamp" > "$celery_venv/installed-client-package"
 fi
 export MORAG_TEST_PYTHON="$celery_venv/bin/python"
 if command -v redis-cli >/dev/null && ! redis-cli -u "${MORAG_TEST_REDIS_URL:-redis://127.0.0.1:6379/0}" ping >/dev/null 2>&1; then

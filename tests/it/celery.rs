@@ -25,7 +25,7 @@ pub fn redis_url() -> String {
 
 /// The Python with Celery installed: `MORAG_TEST_PYTHON`, else the virtual environment
 /// `scripts/test.sh` keeps in `~/.cache/morag-jobs-venv`.
-fn python() -> PathBuf {
+pub fn python() -> PathBuf {
     if let Ok(path) = std::env::var("MORAG_TEST_PYTHON") {
         return PathBuf::from(path);
     }

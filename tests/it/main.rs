@@ -20,6 +20,7 @@ mod lifecycle;
 mod listing_memory;
 mod morag_client;
 mod postgres;
+mod python_client;
 mod race;
 mod readme;
 mod replicas;

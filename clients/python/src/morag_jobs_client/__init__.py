@@ -1,0 +1,83 @@
+"""morag-jobs-client: a typed Python client for the morag-jobs server, a drop-in
+``RemoteJobService`` for MoRAG's ingestion (:mod:`morag_jobs_client.morag`) and a Standard
+Webhooks verifier (:mod:`morag_jobs_client.webhooks`)."""
+
+from .client import MoragJobsClient, RetryPolicy
+from .errors import (
+    ApiError,
+    AuthenticationError,
+    BadRequestError,
+    ConflictError,
+    IdempotencyKeyReusedError,
+    MoragJobsError,
+    NotFoundError,
+    PayloadTooLargeError,
+    PermissionDeniedError,
+    RequestTimeoutError,
+    RequestTooLargeError,
+    ServerError,
+    ServiceUnavailableError,
+    TransportError,
+    ValidationError,
+)
+from .models import (
+    CleanupResult,
+    ClaimedJob,
+    CreatedJob,
+    Delivery,
+    DeliveryAttempt,
+    DeliveryDetail,
+    DeliveryPage,
+    Health,
+    HeartbeatAnswer,
+    HistoryEntry,
+    JobDetail,
+    JobPage,
+    JobResult,
+    JobStatus,
+    JobSummary,
+    Statistics,
+    SubmitAnswer,
+)
+from .webhooks import WebhookVerificationError, WebhookVerifier
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ApiError",
+    "AuthenticationError",
+    "BadRequestError",
+    "CleanupResult",
+    "ClaimedJob",
+    "ConflictError",
+    "CreatedJob",
+    "Delivery",
+    "DeliveryAttempt",
+    "DeliveryDetail",
+    "DeliveryPage",
+    "Health",
+    "HeartbeatAnswer",
+    "HistoryEntry",
+    "IdempotencyKeyReusedError",
+    "JobDetail",
+    "JobPage",
+    "JobResult",
+    "JobStatus",
+    "JobSummary",
+    "MoragJobsClient",
+    "MoragJobsError",
+    "NotFoundError",
+    "PayloadTooLargeError",
+    "PermissionDeniedError",
+    "RequestTimeoutError",
+    "RequestTooLargeError",
+    "RetryPolicy",
+    "ServerError",
+    "ServiceUnavailableError",
+    "Statistics",
+    "SubmitAnswer",
+    "TransportError",
+    "ValidationError",
+    "WebhookVerificationError",
+    "WebhookVerifier",
+]
