@@ -7,8 +7,10 @@ pub mod deliveries;
 pub mod plan;
 pub mod postgres;
 pub mod sqlite;
+pub mod workers;
 
 pub use deliveries::DeliveryStore;
+pub use workers::WorkerRegistryStore;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -425,7 +427,7 @@ pub enum ImportOutcome {
 
 /// The storage interface every backend implements; see the conformance suite in
 /// `tests/it/store_conformance.rs`.
-pub trait Store: DeliveryStore + Send + Sync + 'static {
+pub trait Store: DeliveryStore + WorkerRegistryStore + Send + Sync + 'static {
     fn create_job(&self, params: CreateJobParams) -> StoreFuture<'_, Job>;
     /// Creates a job unless the request repeats an earlier create (by its idempotency key,
     /// or as a job of the same ingestion task that is not finished yet). The lookups, the
