@@ -304,6 +304,7 @@ fn attempt_settled(error: &StoreError) -> bool {
             | StoreError::InvalidTransition { .. }
             | StoreError::LeaseMismatch { .. }
             | StoreError::DeadlinePassed
+            | StoreError::ReleaseLimitReached { .. }
     )
 }
 

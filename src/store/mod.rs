@@ -173,6 +173,9 @@ pub enum StoreError {
     /// cannot revive it.
     #[error("the attempt's deadline has passed")]
     DeadlinePassed,
+    /// The job was released as often as a job may be (`plan::MAX_RELEASES_PER_JOB`).
+    #[error("the job was released {limit} times already, the most a job may be")]
+    ReleaseLimitReached { limit: u32 },
     /// The database cannot be reached or is shutting down; the caller may try again.
     #[error("store unavailable: {0}")]
     Unavailable(String),

@@ -729,4 +729,27 @@ async fn the_release_endpoint_fences_stale_leases() {
     let again = poll().await;
     assert_eq!(again["job_id"].as_str(), Some(id.as_str()));
     assert_eq!(again["attempt"], 2);
+
+    // A job is released at most ten times (`MAX_RELEASES_PER_JOB`): a worker releasing it
+    // forever would keep it from ever failing. Past that, the attempt stays the worker's
+    // and ends at its timeout like an abandoned one.
+    let mut lease = again["lease_id"].clone();
+    for n in 2..=10 {
+        let (status, body) = release(lease).await;
+        assert_eq!(status, 200, "release {n}: {body}");
+        let claimed = poll().await;
+        assert_eq!(claimed["job_id"].as_str(), Some(id.as_str()));
+        lease = claimed["lease_id"].clone();
+    }
+    let (status, body) = release(lease).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("released 10 times already"),
+        "{body}"
+    );
+    assert_eq!(body["current_status"], "processing");
+    assert_eq!(setup.detail(&id).await["retry_count"], 0);
 }
