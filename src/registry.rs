@@ -108,8 +108,8 @@ impl WorkerRegistry {
         });
     }
 
-    /// A heartbeat; `still_held` is false when the answer told the worker to stop (the job
-    /// was cancelled, or its attempt is no longer the worker's).
+    /// A heartbeat; `still_held` is false when the answer told the worker the job was
+    /// cancelled.
     pub fn heartbeat(&self, caller: &WorkerCaller, still_held: bool, now: Timestamp) {
         self.note(caller, now, |activity| {
             activity.sent_heartbeat = true;

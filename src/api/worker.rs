@@ -161,13 +161,14 @@ pub async fn heartbeat(
     // Heartbeats carry no worker id: only a worker that names itself in the headers is
     // counted (MoRAG's client never heartbeats).
     if let Some(caller) = worker_headers.caller(None) {
-        let still_held = match &outcome {
-            Ok(outcome) => Some(!outcome.cancelled),
-            Err(error) => attempt_settled(error).then_some(false),
-        };
+        // Only a "cancelled" answer ends the job in flight. A refused heartbeat does not:
+        // it may be one that crossed the worker's own result on the wire, and the result
+        // already counted the job's end (an attempt that timed out stays counted, which
+        // errs towards calling a busy worker healthy).
+        let still_held = !matches!(&outcome, Ok(outcome) if outcome.cancelled);
         context
             .worker_registry
-            .heartbeat(&caller, still_held.unwrap_or(true), context.clock.now());
+            .heartbeat(&caller, still_held, context.clock.now());
     }
     let outcome = outcome.map_err(|error| ApiError::from_store(job_id, "heartbeat", error))?;
     Ok(Json(HeartbeatResponse {

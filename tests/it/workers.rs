@@ -286,3 +286,46 @@ async fn bad_registry_headers_are_refused_and_the_listing_is_an_admin_endpoint()
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["workers"][0]["worker_id"], "w");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_lists_workers_as_a_table_and_as_json() {
+    let app = spawn_app().await;
+    let (status, _) = as_worker(
+        &app,
+        ("gpu-cli", "life-9"),
+        reqwest::Method::GET,
+        "/api/v1/remote-jobs/poll?worker_id=gpu-cli&content_types=audio,video",
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let cli = |args: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_morag-jobs"))
+            .args(args)
+            .args(["--url", &app.base])
+            .output()
+            .expect("cli runs");
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let table = cli(&["workers"]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(
+        lines[0].starts_with("WORKER") && lines[0].contains("IN FLIGHT"),
+        "{table}"
+    );
+    let row: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(
+        row[..6],
+        ["gpu-cli", "life-9", "healthy", "audio,video", "0", "0"],
+        "{table}"
+    );
+    assert!(table.contains("healthy 1  stale 0"), "{table}");
+    let json: Value = serde_json::from_str(&cli(&["workers", "--json"])).unwrap();
+    assert_eq!(json["workers"][0]["instance"], "life-9");
+    let stats = cli(&["stats"]);
+    assert!(
+        stats.contains("HEALTHY WORKERS") && stats.contains("video"),
+        "{stats}"
+    );
+}
