@@ -75,11 +75,8 @@ impl FromRequestParts<Arc<AppContext>> for WorkerHeaders {
         let headers = &parts.headers;
         let worker_id = header_text(headers, WORKER_ID_HEADER)?
             .map(|text| {
-                WorkerId::parse(&text).map_err(|_| {
-                    ApiError::validation(
-                        &["header", WORKER_ID_HEADER],
-                        "must be 1 to 128 characters",
-                    )
+                WorkerId::parse(&text).map_err(|error| {
+                    ApiError::validation(&["header", WORKER_ID_HEADER], error.message)
                 })
             })
             .transpose()?;
