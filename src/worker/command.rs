@@ -112,110 +112,47 @@ pub struct Finished {
 /// A started converter command.
 pub struct Running {
     child: Child,
+    /// Kills the group if the worker dies (`spawn_guard`); stopped with the command.
+    guard: Option<Child>,
     group: Pid,
     stdout: JoinHandle<Vec<u8>>,
     stderr: JoinHandle<()>,
     pub tail: Arc<StderrTail>,
 }
 
-/// The worker's lifeline: a pipe whose write end only this process keeps open (both ends
-/// are close-on-exec, and every guard closes its copy). When the worker dies, however it
-/// dies, the kernel closes the write end and the guards reading the other end see it.
-fn lifeline() -> Option<std::os::fd::RawFd> {
-    use std::os::fd::AsRawFd;
+/// The worker's lifeline: a pipe whose write end only this process holds (both ends are
+/// close-on-exec, so no command inherits the write end). When the worker dies, however it
+/// dies, the kernel closes the write end, and the guards reading the other end see it.
+fn lifeline() -> Option<std::io::PipeReader> {
     static LIFELINE: std::sync::OnceLock<Option<(std::io::PipeReader, std::io::PipeWriter)>> =
         std::sync::OnceLock::new();
     LIFELINE
         .get_or_init(|| std::io::pipe().ok())
         .as_ref()
-        .map(|(read, _write)| read.as_raw_fd())
+        .and_then(|(read, _write)| read.try_clone().ok())
 }
 
-/// Makes the command's process group die with the worker, even when the worker is killed
-/// with SIGKILL and can stop nothing itself.
-///
-/// Linux's parent-death signal alone would not do: it would reach only the shell, as
-/// `sh -c` forks the commands it runs, and it fires when the spawning *thread* exits, which
-/// under SIGKILL can come before the rest of the process. So the shell, before it becomes
-/// the shell, forks a guard into its process group. The guard closes every file it
-/// inherited but the lifeline's read end, and waits for one of two things: the lifeline's
-/// end (the whole worker process is gone: it kills the group, itself included) or the
-/// shell's exit (the worker, alive, handles what the shell left: the guard exits). Where
-/// the kernel has no `pidfd_open` (before 5.3) the guard exits at once, unarmed.
-fn die_with_this_process(command: &mut Command) {
-    let Some(lifeline) = lifeline() else {
-        return;
-    };
-    // SAFETY: the closure runs in the child between fork and exec (after `process_group`
-    // made it a group leader). It makes only async-signal-safe system calls and allocates
-    // nothing; the guard it forks never returns from `guard_process_group`.
-    unsafe {
-        command.pre_exec(move || {
-            let shell = libc::getpid();
-            // A failed fork only means no guard.
-            if libc::fork() == 0 {
-                guard_process_group(lifeline, shell);
-            }
-            Ok(())
-        });
-    }
-}
-
-/// The guard's whole life (see `die_with_this_process`). Runs in a forked child of a
-/// forked child of a multi-threaded process: system calls only.
-///
-/// # Safety
-/// Must be called only in a freshly forked child, and never returns.
-unsafe fn guard_process_group(lifeline: libc::c_int, shell: libc::pid_t) -> ! {
-    let shell_fd = libc::syscall(libc::SYS_pidfd_open, shell, 0) as libc::c_int;
-    // Still the shell's child? (If the shell already exited, there is nothing to guard.)
-    if shell_fd < 0 || libc::getppid() != shell {
-        libc::_exit(0);
-    }
-    // Hold nothing of anyone else's: not the command's output pipes (the worker reads
-    // them to their end), not another job's, not the lifeline's write end.
-    let low = lifeline.min(shell_fd) as libc::c_uint;
-    let high = lifeline.max(shell_fd) as libc::c_uint;
-    if low > 0 {
-        libc::syscall(
-            libc::SYS_close_range,
-            0 as libc::c_uint,
-            low - 1,
-            0 as libc::c_uint,
-        );
-    }
-    if high > low + 1 {
-        libc::syscall(libc::SYS_close_range, low + 1, high - 1, 0 as libc::c_uint);
-    }
-    libc::syscall(
-        libc::SYS_close_range,
-        high + 1,
-        libc::c_uint::MAX,
-        0 as libc::c_uint,
-    );
-    let mut watched = [
-        libc::pollfd {
-            fd: lifeline,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: shell_fd,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    while libc::poll(watched.as_mut_ptr(), 2, -1) < 0 {
-        if *libc::__errno_location() != libc::EINTR {
-            libc::_exit(0);
-        }
-    }
-    // Nothing is ever written to the lifeline: any event on it is its end. The group is
-    // the shell's own (it leads it), never the worker's.
-    if watched[0].revents != 0 && libc::getpgrp() == shell {
-        libc::kill(-shell, libc::SIGKILL);
-    }
-    libc::_exit(0)
+/// Starts a guard in the command's process group that kills the group when the worker dies,
+/// even by SIGKILL, which lets the worker stop nothing itself. The guard is a shell reading
+/// the lifeline: the read ends only when the worker is gone (nothing is ever written), and
+/// then it kills the group, itself included. It is the worker's own child, so the worker
+/// reaps it (a guard forked by the command's shell would be left to PID 1 to reap, which a
+/// worker running as a container's PID 1 never does). Linux's parent-death signal would
+/// reach only the command's shell: `sh -c` forks the programs it runs.
+fn spawn_guard(group: Pid) -> Option<Child> {
+    let lifeline = lifeline()?;
+    Command::new("sh")
+        .arg("-c")
+        .arg(r#"read _ || kill -KILL -"$1""#)
+        .arg("morag-job-guard")
+        .arg(group.as_raw_nonzero().to_string())
+        .stdin(Stdio::from(lifeline))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(group.as_raw_nonzero().get())
+        .kill_on_drop(true)
+        .spawn()
+        .ok()
 }
 
 impl Running {
@@ -239,12 +176,13 @@ impl Running {
         for (name, value) in env {
             command.env(name, value);
         }
-        die_with_this_process(&mut command);
         let mut child = command.spawn()?;
         let pid = child
             .id()
             .and_then(|id| Pid::from_raw(id as i32))
             .ok_or_else(|| std::io::Error::other("the command exited before it started"))?;
+        // A command that already ended has no group left to guard (`None`).
+        let guard = spawn_guard(pid);
         let mut stdout = child.stdout.take().expect("stdout is piped");
         let stderr = child.stderr.take().expect("stderr is piped");
         let tail = Arc::new(StderrTail::default());
@@ -279,6 +217,7 @@ impl Running {
         };
         Ok(Running {
             child,
+            guard,
             group: pid,
             stdout,
             stderr,
@@ -314,6 +253,7 @@ impl Running {
                 .unwrap_or_default()
             }
         };
+        self.stop_guard().await;
         if test_kill_process_group(self.group).is_ok() {
             self.kill_group(Signal::KILL);
         }
@@ -338,8 +278,16 @@ impl Running {
             tokio::time::sleep(grace.min(Duration::from_millis(200))).await;
             self.kill_group(Signal::KILL);
         }
+        self.stop_guard().await;
         self.stdout.abort();
         self.stderr.abort();
+    }
+
+    /// Ends and reaps the guard: the worker is alive and handles the group itself.
+    async fn stop_guard(&mut self) {
+        if let Some(mut guard) = self.guard.take() {
+            let _ = guard.kill().await;
+        }
     }
 
     fn kill_group(&self, signal: Signal) {

@@ -627,8 +627,8 @@ async fn a_job_of_a_sigkilled_worker_is_retried_by_the_other_after_the_heartbeat
 
     killed.0.kill().unwrap(); // SIGKILL: no release, no more heartbeats.
     killed.0.wait().unwrap();
-    // The command and its child die with their worker (the shell's parent-death signal and
-    // the guard that takes its process group down, see `worker::command`).
+    // The command and its child die with their worker: the guard in the command's process
+    // group sees the worker's lifeline end and kills the group (see `worker::command`).
     assert!(
         gone_within(shell, Duration::from_secs(5)).await,
         "the killed worker's command still runs"
