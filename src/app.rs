@@ -15,6 +15,7 @@ use crate::config::Config;
 use crate::context::AppContext;
 use crate::delivery::dispatcher::Dispatcher;
 use crate::monitor::{Cleaner, Monitor, MonitorSettings};
+use crate::registry::WorkerRegistry;
 use crate::wakeups::Wakeups;
 
 pub struct App {
@@ -55,6 +56,7 @@ impl App {
             long_poll_slots: tokio::sync::Semaphore::new(config_long_polls),
             write_probe: std::sync::Mutex::new(None),
             dispatcher,
+            worker_registry: Arc::new(WorkerRegistry::default()),
         });
         Ok(App {
             context,
@@ -94,6 +96,12 @@ impl App {
         let dispatcher_task =
             tokio::spawn(async move { dispatcher.run(&mut dispatcher_shutdown).await });
 
+        let registry = context.worker_registry.clone();
+        let registry_store = context.store.clone();
+        let mut registry_shutdown = context.shutting_down.clone();
+        let registry_task =
+            tokio::spawn(async move { registry.run(registry_store, &mut registry_shutdown).await });
+
         let shutdown_sender = Arc::new(shutdown_sender);
         let trigger_sender = shutdown_sender.clone();
         let trigger = tokio::spawn(async move {
@@ -108,6 +116,11 @@ impl App {
         let monitor_result = monitor_task.await;
         let dispatcher_result = dispatcher_task.await;
         wakeups.abort();
+        let registry_result = registry_task.await;
+        // Requests that finished after the flusher's last pass noted activity too.
+        if let Err(error) = context.worker_registry.flush(context.store.as_ref()).await {
+            tracing::warn!(%error, "cannot write the worker registry at shutdown");
+        }
         context
             .store
             .close()
@@ -115,6 +128,7 @@ impl App {
             .context("failed to close the store")?;
         monitor_result.context("the monitor task panicked")?;
         dispatcher_result.context("the dispatcher task panicked")?;
+        registry_result.context("the worker registry task panicked")?;
         tracing::info!("morag-jobs stopped");
         Ok(())
     }
@@ -138,6 +152,7 @@ pub fn monitor_for(context: &AppContext) -> Monitor {
             monitor_interval: config.monitor_interval,
             cleanup_interval: config.cleanup_interval,
             stats_log_interval: config.stats_log_interval,
+            worker_retention: config.worker_retention,
         },
     )
 }

@@ -52,6 +52,8 @@ pub enum Command {
     },
     /// Show job statistics of a running server.
     Stats(ClientArgs),
+    /// List the workers a running server has heard from, healthy or stale.
+    Workers(ClientArgs),
     /// Take jobs from a server and run a converter command on each (see README.md,
     /// "Running a worker").
     Worker(crate::worker::WorkerArgs),
@@ -320,6 +322,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 })
             }
         },
+        Command::Workers(client) => {
+            let body = request(&client, reqwest::Method::GET, "/api/v1/workers", &[], None).await;
+            print(&client, body, render_workers)
+        }
         Command::Stats(client) => {
             let body = request(
                 &client,
@@ -825,6 +831,63 @@ fn render_detail(body: &Value) -> String {
     out
 }
 
+fn render_workers(body: &Value) -> String {
+    let rows: Vec<Vec<String>> = body["workers"]
+        .as_array()
+        .map(|workers| {
+            workers
+                .iter()
+                .map(|w| {
+                    let types = match w["content_types"].as_array() {
+                        Some(types) if types.is_empty() => "*".to_owned(),
+                        Some(types) => types.iter().map(text).collect::<Vec<_>>().join(","),
+                        None => "-".to_owned(),
+                    };
+                    let silent = w["seconds_since_last_seen"]
+                        .as_f64()
+                        .map(|s| format!("{s:.0}s ago"))
+                        .unwrap_or_else(|| "-".into());
+                    vec![
+                        text(&w["worker_id"]),
+                        text(&w["instance"]),
+                        text(&w["status"]),
+                        types,
+                        text(&w["jobs_in_flight"]),
+                        text(&w["completed"]),
+                        text(&w["failed"]),
+                        silent,
+                        text(&w["address"]),
+                        text(&w["version"]),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut out = table(
+        &[
+            "WORKER",
+            "INSTANCE",
+            "STATUS",
+            "TYPES",
+            "IN FLIGHT",
+            "COMPLETED",
+            "FAILED",
+            "LAST SEEN",
+            "ADDRESS",
+            "VERSION",
+        ],
+        &rows,
+    );
+    let _ = writeln!(
+        out,
+        "\nhealthy {}  stale {}  at {}",
+        text(&body["healthy"]),
+        text(&body["stale"]),
+        text(&body["timestamp"])
+    );
+    out
+}
+
 fn render_stats(body: &Value) -> String {
     let mut out = String::new();
     let counts: Vec<Vec<String>> = body["status_counts"]
@@ -862,6 +925,14 @@ fn render_stats(body: &Value) -> String {
         if let Some(age) = body["deliveries"]["oldest_pending_age_seconds"].as_f64() {
             let _ = writeln!(out, "oldest pending delivery: {age:.0} s");
         }
+    }
+    let healthy_types: Vec<Vec<String>> = body["workers"]["healthy_by_content_type"]
+        .as_object()
+        .map(|m| m.iter().map(|(k, v)| vec![k.clone(), text(v)]).collect())
+        .unwrap_or_default();
+    if !healthy_types.is_empty() {
+        out.push('\n');
+        out.push_str(&table(&["CONTENT TYPE", "HEALTHY WORKERS"], &healthy_types));
     }
     let _ = writeln!(
         out,

@@ -81,6 +81,9 @@ pub struct ServeArgs {
     /// Days failed and timed-out jobs are kept (default: twice the retention days).
     #[arg(long, env = "MORAG_JOB_RETENTION_DAYS_FAILED", value_parser = parse_days)]
     pub retention_days_failed: Option<u32>,
+    /// Days the worker registry keeps the record of a worker it no longer hears from.
+    #[arg(long, env = "MORAG_WORKER_RETENTION_DAYS", default_value_t = 7, value_parser = parse_days)]
+    pub worker_retention_days: u32,
 
     /// Colon-separated directories a job's source file must be inside (default: DATA_DIR/files).
     #[arg(long, env = "MORAG_REMOTE_ALLOWED_ROOTS")]
@@ -280,6 +283,8 @@ pub struct Config {
     pub monitor_interval: Duration,
     pub cleanup_interval: Duration,
     pub stats_log_interval: Duration,
+    /// How long the record of a worker no longer heard from is kept (the cleaner deletes it).
+    pub worker_retention: Duration,
     pub worker_api_keys: Vec<ApiKey>,
     pub admin_api_keys: Vec<ApiKey>,
     pub insecure_no_auth: bool,
@@ -422,6 +427,15 @@ impl Config {
             monitor_interval: positive("MORAG_JOB_MONITOR_INTERVAL", args.monitor_interval)?,
             cleanup_interval: positive("MORAG_JOB_CLEANUP_INTERVAL", args.cleanup_interval)?,
             stats_log_interval: secs(600),
+            worker_retention: if args.worker_retention_days == 0 {
+                let name = "MORAG_WORKER_RETENTION_DAYS";
+                return Err(ConfigError::Invalid(format!(
+                    "{name} (or {}) is 0: expected at least 1 day, e.g. 7",
+                    flag_of(name)
+                )));
+            } else {
+                secs(u64::from(args.worker_retention_days) * 86_400)
+            },
             worker_api_keys,
             admin_api_keys,
             insecure_no_auth: args.insecure_no_auth,

@@ -8,6 +8,7 @@ use tokio::sync::watch;
 
 use crate::clock::SharedClock;
 use crate::config::Config;
+use crate::registry::WorkerRegistry;
 use crate::store::Store;
 use crate::wakeups::Wakeups;
 
@@ -27,4 +28,6 @@ pub struct AppContext {
     /// Delivers job outcomes to the configured sinks (runs in the background; cleanup, a
     /// redrive and tests also call it).
     pub dispatcher: Arc<crate::delivery::dispatcher::Dispatcher>,
+    /// Worker activity gathered in memory until the next flush to the store.
+    pub worker_registry: Arc<WorkerRegistry>,
 }

@@ -66,8 +66,8 @@ pub async fn serve(
             accepted = listener.accept() => accepted,
             _ = shutdown.wait_for(|stop| *stop) => break,
         };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(error) => {
                 // Out of file descriptors and the like: wait instead of spinning.
                 tracing::warn!(%error, "accepting a connection failed");
@@ -86,6 +86,7 @@ pub async fn serve(
         };
         tokio::spawn(serve_connection(
             stream,
+            peer,
             router.clone(),
             limits.clone(),
             shutdown.clone(),
@@ -152,6 +153,7 @@ fn refuse_over_capacity(stream: TcpStream, lingering: &Arc<AtomicUsize>) {
 
 async fn serve_connection(
     stream: TcpStream,
+    peer: std::net::SocketAddr,
     router: Router,
     limits: Arc<Limits>,
     mut shutdown: watch::Receiver<bool>,
@@ -179,6 +181,10 @@ async fn serve_connection(
         request
             .extensions_mut()
             .insert(BodyDeadline(Instant::now() + body_timeout));
+        // The worker registry records where workers call from.
+        request
+            .extensions_mut()
+            .insert(axum::extract::ConnectInfo(peer));
         let mut router = router.clone();
         async move {
             let response = match tower_service::Service::call(&mut router, request).await {

@@ -9,6 +9,7 @@
 //! - `files`: source paths from requests, confined to the allowed roots.
 //! - `context`: the state request handlers share (config, store, clock, wake-ups).
 //! - `api`: the HTTP routes (MoRAG's wire protocol and the admin API); the only place with JSON.
+//! - `registry`: the worker registry's in-memory side, flushed to the store in batches.
 //! - `monitor`: the background rescuer (timeouts, due retries) and cleaner (retention).
 //! - `delivery`: the outbox dispatcher and its sinks, which hand outcomes to ingestion.
 //! - `limits`: request, connection and lease limits; `http_server`: the accept loop that
@@ -33,6 +34,7 @@ pub mod http_server;
 pub mod import;
 pub mod limits;
 pub mod monitor;
+pub mod registry;
 pub mod store;
 pub mod value_parsers;
 pub mod wakeups;

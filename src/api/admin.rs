@@ -285,6 +285,7 @@ pub async fn statistics(
     let deliveries = context.store.delivery_statistics().await?;
     let mut view = StatisticsView::new(stats, now);
     view.deliveries = super::deliveries::DeliveryStatisticsView::new(deliveries, now);
+    view.workers = super::workers::statistics(&context).await?;
     Ok(Json(view))
 }
 

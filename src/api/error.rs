@@ -64,6 +64,12 @@ impl ApiError {
                 message: format!("Job {job_id}: the attempt's deadline has passed; it is being timed out"),
                 current: Some(JobStatus::Processing),
             },
+            StoreError::ReleaseLimitReached { limit } => ApiError::Conflict {
+                message: format!(
+                    "Job {job_id} was released {limit} times already, the most a job may be: finish it, or let it time out (which counts a retry)"
+                ),
+                current: Some(JobStatus::Processing),
+            },
             other => other.into(),
         }
     }

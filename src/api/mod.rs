@@ -10,6 +10,7 @@ mod extract;
 mod queries;
 pub mod views;
 mod worker;
+mod workers;
 
 use std::sync::Arc;
 
@@ -48,6 +49,8 @@ pub fn router(context: Arc<AppContext>) -> Router {
         .route(&format!("{jobs}/{{id}}/status"), get(admin::job_status))
         .route(&format!("{jobs}/{{id}}/cancel"), post(admin::cancel_job))
         .route(&format!("{jobs}/{{id}}/retry"), post(admin::retry_job))
+        .route("/api/v1/workers", get(workers::list))
+        .route("/api/v1/workers/", get(workers::list))
         .route("/api/v1/deliveries", get(deliveries::list))
         .route("/api/v1/deliveries/", get(deliveries::list))
         .route("/api/v1/deliveries/{id}", get(deliveries::detail))

@@ -271,6 +271,8 @@ pub struct StatisticsView {
     pub timestamp: Timestamp,
     /// Pending and dead deliveries per sink, and the oldest pending one's age.
     pub deliveries: super::deliveries::DeliveryStatisticsView,
+    /// Healthy and stale workers, and the healthy ones per content type.
+    pub workers: super::workers::WorkerStatisticsView,
 }
 
 impl StatisticsView {
@@ -289,6 +291,7 @@ impl StatisticsView {
             recent_jobs_24h: stats.created_last_24h,
             timestamp: now,
             deliveries: Default::default(),
+            workers: Default::default(),
         }
     }
 }

@@ -13,9 +13,12 @@ use super::error::ApiError;
 use super::extract::{JobIdPath, JsonBody, QueryParams};
 use super::queries::{PollArgs, PollQuery};
 use super::views::*;
+use super::workers::WorkerHeaders;
 use crate::context::AppContext;
 use crate::domain::{Job, JobStatus, LeaseId};
 use crate::files;
+use crate::registry::ResultSeen;
+use crate::store::StoreError;
 use crate::store::{
     AttemptOutcome, ClaimParams, HeartbeatParams, ReleaseParams, SubmitResultParams,
 };
@@ -23,6 +26,7 @@ use crate::wakeups::Woken;
 
 pub async fn poll(
     State(context): State<Arc<AppContext>>,
+    worker_headers: WorkerHeaders,
     QueryParams(query): QueryParams<PollQuery>,
 ) -> Result<Json<PollResponse>, ApiError> {
     let PollArgs {
@@ -30,6 +34,19 @@ pub async fn poll(
         content_types,
         mut wait,
     } = query.parse()?;
+    // Noted when the poll arrives (a long-polling worker is in contact while it waits),
+    // and again when it takes a job.
+    let caller = worker_headers.caller(Some(&worker_id));
+    let requested_wait = wait;
+    if let Some(caller) = &caller {
+        context.worker_registry.polled(
+            caller,
+            &content_types,
+            requested_wait,
+            false,
+            context.clock.now(),
+        );
+    }
 
     // Each waiting poll holds a connection and a queue entry: past the cap, a long poll is
     // answered like a short one (a job if one is due, else the empty answer), which every
@@ -63,6 +80,15 @@ pub async fn poll(
             })
             .await?;
         if let Some(job) = claimed {
+            if let Some(caller) = &caller {
+                context.worker_registry.polled(
+                    caller,
+                    &content_types,
+                    requested_wait,
+                    true,
+                    context.clock.now(),
+                );
+            }
             if woken_for_a_job {
                 // The wake-up taken may have been for another job of these types.
                 waiter.pass_on();
@@ -97,6 +123,7 @@ fn poll_response(context: &AppContext, job: &Job) -> PollResponse {
 
 pub async fn heartbeat(
     State(context): State<Arc<AppContext>>,
+    worker_headers: WorkerHeaders,
     JobIdPath(job_id): JobIdPath,
     JsonBody(request): JsonBody<HeartbeatRequest>,
 ) -> Result<Json<HeartbeatResponse>, ApiError> {
@@ -130,8 +157,20 @@ pub async fn heartbeat(
             timeouts: context.config.policy.timeouts.clone(),
             now: context.clock.now(),
         })
-        .await
-        .map_err(|error| ApiError::from_store(job_id, "heartbeat", error))?;
+        .await;
+    // Heartbeats carry no worker id: only a worker that names itself in the headers is
+    // counted (MoRAG's client never heartbeats).
+    if let Some(caller) = worker_headers.caller(None) {
+        // Only a "cancelled" answer ends the job in flight. A refused heartbeat does not:
+        // it may be one that crossed the worker's own result on the wire, and the result
+        // already counted the job's end (an attempt that timed out stays counted, which
+        // errs towards calling a busy worker healthy).
+        let still_held = !matches!(&outcome, Ok(outcome) if outcome.cancelled);
+        context
+            .worker_registry
+            .heartbeat(&caller, still_held, context.clock.now());
+    }
+    let outcome = outcome.map_err(|error| ApiError::from_store(job_id, "heartbeat", error))?;
     Ok(Json(HeartbeatResponse {
         job_id: job_id.to_string(),
         status: outcome.status.as_str(),
@@ -145,6 +184,7 @@ pub async fn heartbeat(
 /// and long-polling workers of its type are woken. A stale lease is a 409, as for heartbeats.
 pub async fn release(
     State(context): State<Arc<AppContext>>,
+    worker_headers: WorkerHeaders,
     JobIdPath(job_id): JobIdPath,
     JsonBody(request): JsonBody<ReleaseRequest>,
 ) -> Result<Json<JobStatusView>, ApiError> {
@@ -168,14 +208,22 @@ pub async fn release(
             reason: request.reason,
             now: context.clock.now(),
         })
-        .await
-        .map_err(|error| ApiError::from_store(job_id, "release", error))?;
+        .await;
+    if let Some(caller) = worker_headers.caller(None) {
+        if job.as_ref().err().is_none_or(attempt_settled) {
+            context
+                .worker_registry
+                .released(&caller, context.clock.now());
+        }
+    }
+    let job = job.map_err(|error| ApiError::from_store(job_id, "release", error))?;
     context.wakeups.job_available(&job.content_type);
     Ok(Json(JobStatusView::from(&job)))
 }
 
 pub async fn submit_result(
     State(context): State<Arc<AppContext>>,
+    worker_headers: WorkerHeaders,
     JobIdPath(job_id): JobIdPath,
     JsonBody(request): JsonBody<SubmitResultRequest>,
 ) -> Result<Json<SubmitResultResponse>, ApiError> {
@@ -195,6 +243,7 @@ pub async fn submit_result(
             "must be a non-negative number of seconds",
         ));
     }
+    let succeeded = request.success;
     let outcome = if request.success {
         AttemptOutcome::Success {
             content: request.content.unwrap_or_default(),
@@ -220,8 +269,23 @@ pub async fn submit_result(
             jitter: fastrand::f64(),
             now: context.clock.now(),
         })
-        .await
-        .map_err(|error| ApiError::from_store(job_id, "accept a result", error))?;
+        .await;
+    // MoRAG's client names itself only in its polls: an accepted result is counted for
+    // the job's worker.
+    let seen = match &job {
+        Ok(_) if succeeded => Some(ResultSeen::Completed),
+        Ok(_) => Some(ResultSeen::Failed),
+        Err(error) => attempt_settled(error).then_some(ResultSeen::NotHeld),
+    };
+    let caller = worker_headers.caller(None).or_else(|| {
+        worker_headers.caller(job.as_ref().ok().and_then(|job| job.worker_id.as_ref()))
+    });
+    if let (Some(caller), Some(seen)) = (caller, seen) {
+        context
+            .worker_registry
+            .result(&caller, seen, context.clock.now());
+    }
+    let job = job.map_err(|error| ApiError::from_store(job_id, "accept a result", error))?;
     Ok(Json(SubmitResultResponse {
         status: job.status.as_str(),
         // The hand-off was committed with the result; it continues ingestion only if some
@@ -230,6 +294,19 @@ pub async fn submit_result(
             && (context.config.delivery.has_global_sink()
                 || crate::store::deliveries::webhook_url_of(&job.task_options).is_some()),
     }))
+}
+
+/// Whether a refused heartbeat, result or release means the worker no longer holds the
+/// job (as opposed to a store outage, after which it may try again).
+fn attempt_settled(error: &StoreError) -> bool {
+    matches!(
+        error,
+        StoreError::NotFound
+            | StoreError::InvalidTransition { .. }
+            | StoreError::LeaseMismatch { .. }
+            | StoreError::DeadlinePassed
+            | StoreError::ReleaseLimitReached { .. }
+    )
 }
 
 /// With `MORAG_REMOTE_REQUIRE_LEASE`, results and downloads must name the attempt's lease

@@ -7,6 +7,7 @@ pub mod job;
 pub mod outcome;
 pub mod policy;
 pub mod status;
+pub mod worker_health;
 
 pub use attempt::{judge_result, AttemptFacts, ResultRefusal, ResultTiming};
 pub use ids::{ContentType, InvalidValue, JobId, LeaseId, WorkerId};
@@ -16,3 +17,4 @@ pub use policy::{
     TimeoutPolicy,
 };
 pub use status::{Actor, JobStatus};
+pub use worker_health::{judge_worker_health, WorkerContact, WorkerHealth, WorkerHealthPolicy};

@@ -15,6 +15,7 @@ use tokio::sync::watch;
 
 use crate::clock::{SharedClock, Timestamp};
 use crate::domain::LifecyclePolicy;
+use crate::store::workers::DeleteGoneWorkersParams;
 use crate::store::{RescueParams, RescueReport, Store, StoreError};
 use crate::wakeups::Wakeups;
 
@@ -25,6 +26,8 @@ const RESCUE_BATCH: usize = 500;
 /// The longest the rescuer sleeps before it looks at the nearest deadline again; jobs
 /// created on another replica (or in the meantime) may bring a nearer one.
 const DEADLINE_RECHECK: Duration = Duration::from_secs(1);
+/// Worker records deleted per store call.
+const WORKER_CLEANUP_BATCH: usize = 500;
 
 /// The monitor's settings, from the server's configuration.
 #[derive(Clone, Debug)]
@@ -36,6 +39,8 @@ pub struct MonitorSettings {
     pub cleanup_interval: Duration,
     /// Between statistics log lines.
     pub stats_log_interval: Duration,
+    /// How long the record of a worker no longer heard from is kept.
+    pub worker_retention: Duration,
 }
 
 pub struct Monitor {
@@ -102,9 +107,39 @@ impl Monitor {
         Ok(total)
     }
 
-    /// Deletes finished jobs past the configured retention, and their files.
+    /// Deletes finished jobs past the configured retention, and their files; then the
+    /// records of workers gone for longer than the worker retention.
     pub async fn cleanup_once(&self) -> Result<CleanupSummary, StoreError> {
-        self.cleaner.cleanup(self.settings.policy.retention).await
+        let summary = self.cleaner.cleanup(self.settings.policy.retention).await?;
+        self.cleanup_worker_records().await?;
+        Ok(summary)
+    }
+
+    /// Deletes the records of workers not heard from for longer than the worker
+    /// retention, in bounded batches; returns how many.
+    pub async fn cleanup_worker_records(&self) -> Result<u64, StoreError> {
+        let last_seen_before = self.clock.now().minus(self.settings.worker_retention);
+        let mut n_deleted = 0;
+        loop {
+            let deleted = self
+                .store
+                .delete_gone_workers(DeleteGoneWorkersParams {
+                    last_seen_before,
+                    limit: WORKER_CLEANUP_BATCH,
+                })
+                .await?;
+            n_deleted += deleted;
+            if deleted < WORKER_CLEANUP_BATCH as u64 {
+                break;
+            }
+        }
+        if n_deleted > 0 {
+            tracing::info!(
+                workers = n_deleted,
+                "cleanup deleted the records of workers gone past retention"
+            );
+        }
+        Ok(n_deleted)
     }
 
     /// Logs the statistics line operators see every ten minutes.

@@ -7,8 +7,10 @@ pub mod deliveries;
 pub mod plan;
 pub mod postgres;
 pub mod sqlite;
+pub mod workers;
 
 pub use deliveries::DeliveryStore;
+pub use workers::WorkerRegistryStore;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -171,6 +173,9 @@ pub enum StoreError {
     /// cannot revive it.
     #[error("the attempt's deadline has passed")]
     DeadlinePassed,
+    /// The job was released as often as a job may be (`plan::MAX_RELEASES_PER_JOB`).
+    #[error("the job was released {limit} times already, the most a job may be")]
+    ReleaseLimitReached { limit: u32 },
     /// The database cannot be reached or is shutting down; the caller may try again.
     #[error("store unavailable: {0}")]
     Unavailable(String),
@@ -425,7 +430,7 @@ pub enum ImportOutcome {
 
 /// The storage interface every backend implements; see the conformance suite in
 /// `tests/it/store_conformance.rs`.
-pub trait Store: DeliveryStore + Send + Sync + 'static {
+pub trait Store: DeliveryStore + WorkerRegistryStore + Send + Sync + 'static {
     fn create_job(&self, params: CreateJobParams) -> StoreFuture<'_, Job>;
     /// Creates a job unless the request repeats an earlier create (by its idempotency key,
     /// or as a job of the same ingestion task that is not finished yet). The lookups, the

@@ -509,6 +509,15 @@ pub struct ReleasePlan {
     pub history: HistoryStep,
 }
 
+/// The most times one job may be released. A worker that claims and releases in a loop (a
+/// crash loop, or a misbehaving client holding the worker key) would otherwise keep the job
+/// from ever failing: past the limit a release is refused, so the attempt ends as an
+/// abandoned one does, at its heartbeat or execution timeout, which spends a retry.
+pub const MAX_RELEASES_PER_JOB: u32 = 10;
+
+/// The history step every release records (and only a release): how releases are counted.
+pub const RELEASE_STEP: (JobStatus, JobStatus) = (JobStatus::Processing, JobStatus::Pending);
+
 /// The history reason of a release, with the worker's own words when it gave any.
 pub fn release_reason(worker_reason: Option<&str>) -> String {
     match worker_reason.map(str::trim).filter(|r| !r.is_empty()) {
@@ -518,8 +527,14 @@ pub fn release_reason(worker_reason: Option<&str>) -> String {
 }
 
 /// Only the current attempt's worker may release it, only while it is processing (a
-/// cancelled job stays cancelled; a finished one keeps its outcome).
-pub fn plan_release(row: &Row, p: &ReleaseParams) -> Result<ReleasePlan, StoreError> {
+/// cancelled job stays cancelled; a finished one keeps its outcome), and only while the job
+/// was released fewer than `MAX_RELEASES_PER_JOB` times (`n_released`, counted from its
+/// history by `RELEASE_STEP`).
+pub fn plan_release(
+    row: &Row,
+    p: &ReleaseParams,
+    n_released: u32,
+) -> Result<ReleasePlan, StoreError> {
     let lease = p.lease_id.to_string();
     if row.lease_id.as_deref() != Some(lease.as_str()) {
         return Err(StoreError::LeaseMismatch {
@@ -529,6 +544,11 @@ pub fn plan_release(row: &Row, p: &ReleaseParams) -> Result<ReleasePlan, StoreEr
     if !row.status.can_move_to(JobStatus::Pending) || row.result_received {
         return Err(StoreError::InvalidTransition {
             current: row.status,
+        });
+    }
+    if n_released >= MAX_RELEASES_PER_JOB {
+        return Err(StoreError::ReleaseLimitReached {
+            limit: MAX_RELEASES_PER_JOB,
         });
     }
     Ok(ReleasePlan {

@@ -56,6 +56,7 @@ mod listen;
 mod maintenance;
 mod ops;
 mod pool;
+mod workers;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -79,6 +80,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0004_write_probe.sql"),
     include_str!("../../migrations/postgres/0005_deliveries.sql"),
     include_str!("../../migrations/postgres/0006_idempotent_creates.sql"),
+    include_str!("../../migrations/postgres/0007_workers.sql"),
 ];
 
 /// The schema version this program creates and understands.

@@ -16,6 +16,7 @@ use tokio::sync::oneshot;
 
 mod ops;
 mod readers;
+mod workers;
 mod writer;
 
 use self::ops::*;
@@ -30,6 +31,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/sqlite/0002_write_probe.sql"),
     include_str!("../../migrations/sqlite/0003_deliveries.sql"),
     include_str!("../../migrations/sqlite/0004_idempotent_creates.sql"),
+    include_str!("../../migrations/sqlite/0005_workers.sql"),
 ];
 
 #[path = "sqlite_deliveries.rs"]

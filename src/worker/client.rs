@@ -17,6 +17,15 @@ const MAX_POLL_WAIT: Duration = Duration::from_secs(30);
 /// How long a request other than a poll or a download may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Headers sent with every request to the server, so that its worker registry can tell
+/// worker processes apart (MoRAG's client sends none of them, and need not): the worker's
+/// name (heartbeats and results carry none otherwise), an instance id new at each process
+/// start (a restarted worker never hides what its previous life left behind), and the
+/// version of this program.
+pub const WORKER_ID_HEADER: &str = "x-morag-worker-id";
+pub const WORKER_INSTANCE_HEADER: &str = "x-morag-worker-instance";
+pub const WORKER_VERSION_HEADER: &str = "x-morag-worker-version";
+
 /// A job the server handed out.
 #[derive(Clone, Debug, Deserialize)]
 pub struct ClaimedJob {
@@ -71,6 +80,8 @@ pub struct ServerClient {
     http: reqwest::Client,
     base: String,
     api_key: Option<String>,
+    /// The registry headers' values: worker id and instance id, once `identify` was called.
+    identity: Option<(String, String)>,
 }
 
 impl ServerClient {
@@ -87,7 +98,14 @@ impl ServerClient {
             http,
             base,
             api_key,
+            identity: None,
         })
+    }
+
+    /// Sends `worker_id` and a fresh instance id with every request from now on.
+    pub fn identify(mut self, worker_id: &str) -> Self {
+        self.identity = Some((worker_id.to_owned(), uuid::Uuid::new_v4().to_string()));
+        self
     }
 
     /// A request to `path` on the server, or to `path` itself when it is a whole URL (a
@@ -100,7 +118,13 @@ impl ServerClient {
         };
         // The key goes only to the server itself, never to another host a URL names.
         let ours = url.starts_with(&format!("{}/", self.base));
-        let builder = self.http.request(method, url);
+        let mut builder = self.http.request(method, url);
+        if let (Some((worker_id, instance)), true) = (&self.identity, ours) {
+            builder = builder
+                .header(WORKER_ID_HEADER, worker_id)
+                .header(WORKER_INSTANCE_HEADER, instance)
+                .header(WORKER_VERSION_HEADER, env!("CARGO_PKG_VERSION"));
+        }
         match &self.api_key {
             Some(key) if ours => builder.bearer_auth(key),
             _ => builder,

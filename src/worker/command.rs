@@ -112,10 +112,47 @@ pub struct Finished {
 /// A started converter command.
 pub struct Running {
     child: Child,
+    /// Kills the group if the worker dies (`spawn_guard`); stopped with the command.
+    guard: Option<Child>,
     group: Pid,
     stdout: JoinHandle<Vec<u8>>,
     stderr: JoinHandle<()>,
     pub tail: Arc<StderrTail>,
+}
+
+/// The worker's lifeline: a pipe whose write end only this process holds (both ends are
+/// close-on-exec, so no command inherits the write end). When the worker dies, however it
+/// dies, the kernel closes the write end, and the guards reading the other end see it.
+fn lifeline() -> Option<std::io::PipeReader> {
+    static LIFELINE: std::sync::OnceLock<Option<(std::io::PipeReader, std::io::PipeWriter)>> =
+        std::sync::OnceLock::new();
+    LIFELINE
+        .get_or_init(|| std::io::pipe().ok())
+        .as_ref()
+        .and_then(|(read, _write)| read.try_clone().ok())
+}
+
+/// Starts a guard in the command's process group that kills the group when the worker dies,
+/// even by SIGKILL, which lets the worker stop nothing itself. The guard is a shell reading
+/// the lifeline: the read ends only when the worker is gone (nothing is ever written), and
+/// then it kills the group, itself included. It is the worker's own child, so the worker
+/// reaps it (a guard forked by the command's shell would be left to PID 1 to reap, which a
+/// worker running as a container's PID 1 never does). Linux's parent-death signal would
+/// reach only the command's shell: `sh -c` forks the programs it runs.
+fn spawn_guard(group: Pid) -> Option<Child> {
+    let lifeline = lifeline()?;
+    Command::new("sh")
+        .arg("-c")
+        .arg(r#"read _ || kill -KILL -"$1""#)
+        .arg("morag-job-guard")
+        .arg(group.as_raw_nonzero().to_string())
+        .stdin(Stdio::from(lifeline))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(group.as_raw_nonzero().get())
+        .kill_on_drop(true)
+        .spawn()
+        .ok()
 }
 
 impl Running {
@@ -144,6 +181,8 @@ impl Running {
             .id()
             .and_then(|id| Pid::from_raw(id as i32))
             .ok_or_else(|| std::io::Error::other("the command exited before it started"))?;
+        // A command that already ended has no group left to guard (`None`).
+        let guard = spawn_guard(pid);
         let mut stdout = child.stdout.take().expect("stdout is piped");
         let stderr = child.stderr.take().expect("stderr is piped");
         let tail = Arc::new(StderrTail::default());
@@ -178,6 +217,7 @@ impl Running {
         };
         Ok(Running {
             child,
+            guard,
             group: pid,
             stdout,
             stderr,
@@ -213,6 +253,7 @@ impl Running {
                 .unwrap_or_default()
             }
         };
+        self.stop_guard().await;
         if test_kill_process_group(self.group).is_ok() {
             self.kill_group(Signal::KILL);
         }
@@ -237,8 +278,16 @@ impl Running {
             tokio::time::sleep(grace.min(Duration::from_millis(200))).await;
             self.kill_group(Signal::KILL);
         }
+        self.stop_guard().await;
         self.stdout.abort();
         self.stderr.abort();
+    }
+
+    /// Ends and reaps the guard: the worker is alive and handles the group itself.
+    async fn stop_guard(&mut self) {
+        if let Some(mut guard) = self.guard.take() {
+            let _ = guard.kill().await;
+        }
     }
 
     fn kill_group(&self, signal: Signal) {

@@ -25,6 +25,7 @@ use tokio::sync::watch;
 use client::{ClaimedJob, ClientError, ServerClient};
 use command::{ProgressReport, Running};
 
+pub use client::{WORKER_ID_HEADER, WORKER_INSTANCE_HEADER, WORKER_VERSION_HEADER};
 pub use command::{parse_progress, render_command, shell_quote};
 
 /// How long results and releases are retried through network trouble.
@@ -113,7 +114,7 @@ struct Shared {
 pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
     // `--content-types ''` (or an empty variable) means any type, as leaving it out does.
     args.content_types.retain(|t| !t.trim().is_empty());
-    let client = ServerClient::new(&args.url, args.api_key.clone())?;
+    let client = ServerClient::new(&args.url, args.api_key.clone())?.identify(&args.worker_id);
     let temp_root = args.temp_dir.clone().unwrap_or_else(std::env::temp_dir);
     let (shutdown_tx, shutting_down) = watch::channel(false);
     let (grace_tx, grace_over) = watch::channel(false);

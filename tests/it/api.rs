@@ -981,10 +981,16 @@ async fn statistics_count_jobs_by_status_and_type_with_processing_times() {
             "status_counts",
             "storage_size_mb",
             "timestamp",
-            "total_jobs"
+            "total_jobs",
+            "workers"
         ]
         .map(String::from)
         .into()
+    );
+    // Worker "w" polled last for video: one healthy worker, of that type.
+    assert_eq!(
+        stats["workers"],
+        json!({"healthy": 1, "stale": 0, "healthy_by_content_type": {"video": 1}})
     );
     assert_eq!(
         stats["status_counts"],

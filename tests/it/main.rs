@@ -27,3 +27,5 @@ mod replicas;
 mod store_conformance;
 mod test_script;
 mod worker;
+mod worker_registry_conformance;
+mod workers;

@@ -185,6 +185,35 @@ impl Setup {
         }
     }
 
+    /// The server's worker registry (`GET /api/v1/workers`).
+    async fn workers(&self) -> Value {
+        self.client
+            .get(format!("{}/api/v1/workers", self.server.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// The one record of `worker` in a registry listing.
+    fn worker_record<'a>(&self, registry: &'a Value, worker: &str) -> &'a Value {
+        let mut records = registry["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|w| w["worker_id"] == worker);
+        let record = records
+            .next()
+            .unwrap_or_else(|| panic!("no {worker} in {registry:#}"));
+        assert!(
+            records.next().is_none(),
+            "two records of {worker}: {registry:#}"
+        );
+        record
+    }
+
     fn temp_entries(&self) -> Vec<String> {
         std::fs::read_dir(&self.temp)
             .unwrap()
@@ -283,15 +312,16 @@ fn is_finished(detail: &Value) -> bool {
     )
 }
 
-/// 48 jobs of four types (not the 200, to keep the suite quick on a shared
-/// machine), plus a failing, a permanently failing and a progress-reporting one, taken by
-/// two workers of two slots each.
+/// The 200 jobs of five types, plus a failing, a permanently failing and a
+/// progress-reporting one, taken by two workers of three slots each and, beside them, by
+/// MoRAG's remote-converter request sequence (`morag_converter_replay`: no heartbeats, no
+/// lease, no release) for the types it asks for. Every job ends with the script's output.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_convert_mixed_jobs_with_real_output_metadata_failures_and_progress() {
     let setup = Setup::start().await;
-    let types = ["audio", "video", "document", "image"];
+    let types = ["audio", "video", "document", "image", "web"];
     let mut jobs = Vec::new();
-    for n in 0..48 {
+    for n in 0..200 {
         let content_type = types[n % types.len()];
         let item = format!("item-{n}");
         let id = setup.create(content_type, &format!("ok {item}")).await;
@@ -300,21 +330,27 @@ async fn two_workers_convert_mixed_jobs_with_real_output_metadata_failures_and_p
     let failing = setup.create("document", "fail").await;
     let permanent = setup.create("document", "permanent").await;
     let progress = setup.create("audio", "progress").await;
+    // MoRAG's client starts first, so it surely gets some of its types' jobs.
+    let all_done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let morag = tokio::spawn(morag_converter_replay(
+        setup.server.base.clone(),
+        all_done.clone(),
+    ));
     let _first = setup.worker(
         "gpu-a",
         &[
             "--concurrency",
-            "2",
+            "3",
             "--content-types",
-            "audio,video,document,image",
+            "audio,video,document,image,web",
         ],
     );
-    let _second = setup.worker("gpu-b", &["--concurrency", "2"]);
+    let _second = setup.worker("gpu-b", &["--concurrency", "3"]);
 
     let mut workers_seen = std::collections::BTreeSet::new();
     for (id, content_type, item) in &jobs {
         let detail = setup
-            .wait_for(id, Duration::from_secs(30), is_finished)
+            .wait_for(id, Duration::from_secs(60), is_finished)
             .await;
         assert_eq!(detail["status"], "completed", "{detail:#}");
         assert_eq!(
@@ -331,10 +367,13 @@ async fn two_workers_convert_mixed_jobs_with_real_output_metadata_failures_and_p
         );
         workers_seen.insert(detail["worker_id"].as_str().unwrap().to_owned());
     }
+    all_done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let morag_jobs = morag.await.unwrap();
+    assert!(morag_jobs > 0, "MoRAG's client took no job");
     assert_eq!(
         workers_seen.into_iter().collect::<Vec<_>>(),
-        vec!["gpu-a", "gpu-b"],
-        "both workers took jobs"
+        vec!["gpu-a", "gpu-b", "morag-box"],
+        "both workers and MoRAG's client took jobs"
     );
 
     let failed = setup
@@ -371,9 +410,99 @@ async fn two_workers_convert_mixed_jobs_with_real_output_metadata_failures_and_p
     assert_eq!(reported["progress_message"], "halfway there");
     assert_eq!(reported["result"]["content"], "done with progress\n");
 
+    // The registry counted every result: 201 successes and 4 failures (three attempts of
+    // the failing job, one of the permanent one), across our two workers' processes and
+    // MoRAG's client, none of them holding a job now.
+    let registry = setup.workers().await;
+    let records = registry["workers"].as_array().unwrap();
+    let total = |field: &str| {
+        records
+            .iter()
+            .map(|w| w[field].as_u64().unwrap())
+            .sum::<u64>()
+    };
+    assert_eq!(
+        (total("completed"), total("failed"), total("jobs_in_flight")),
+        (201, 4, 0),
+        "{registry:#}"
+    );
+    let morag_record = setup.worker_record(&registry, "morag-box");
+    assert_eq!(morag_record["instance"], Value::Null);
+    assert_eq!(morag_record["completed"].as_u64(), Some(morag_jobs));
+    for worker in ["gpu-a", "gpu-b"] {
+        let record = setup.worker_record(&registry, worker);
+        assert_eq!(record["status"], "healthy", "{record:#}");
+        assert!(
+            record["instance"].as_str().is_some_and(|i| i.len() == 36),
+            "{record:#}"
+        );
+    }
+
     // Each job's temporary directory went with it.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(setup.temp_entries(), Vec::<String>::new());
+}
+
+/// MoRAG's remote-converter, request by request as `tests/it/morag_client.rs` replays it
+/// (`content_types` comma as `%2C`, `max_jobs=1`, no wait, the download at the base URL
+/// plus `source_file_url`, a result without a lease), converting as the script does. It
+/// asks for web and image jobs only, which are all plain conversions. Returns how many
+/// jobs it completed.
+async fn morag_converter_replay(
+    base: String,
+    all_done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> u64 {
+    let client = reqwest::Client::new();
+    let health = client.get(format!("{base}/health")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    let mut completed = 0;
+    while !all_done.load(std::sync::atomic::Ordering::SeqCst) {
+        let job: Value = client
+            .get(format!(
+                "{base}/api/v1/remote-jobs/poll?worker_id=morag-box&content_types=web%2Cimage&max_jobs=1"
+            ))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let Some(job_id) = job["job_id"].as_str() else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let source = client
+            .get(format!(
+                "{base}{}",
+                job["source_file_url"].as_str().unwrap()
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(source.status(), 200);
+        let text = source.text().await.unwrap();
+        let item = text
+            .trim()
+            .strip_prefix("ok ")
+            .expect("only plain conversions");
+        let content_type = job["content_type"].as_str().unwrap();
+        let payload = json!({
+            "success": true,
+            "content": format!("converted {item} ({content_type})\n"),
+            "metadata": {"job": job_id, "item": item, "options": job["task_options"]},
+            "processing_time": 0.01,
+        });
+        let result = client
+            .put(format!("{base}/api/v1/remote-jobs/{job_id}/result"))
+            .header("Content-Type", "application/json")
+            .body(payload.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(result.status(), 200, "the client only checks for 200");
+        completed += 1;
+    }
+    completed
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -474,13 +603,60 @@ async fn a_job_of_a_sigkilled_worker_is_retried_by_the_other_after_the_heartbeat
     let shell = setup.pid_of(&id, "sh").await;
     let child = setup.pid_of(&id, "child").await;
     let _other = setup.worker("gpu-other", &[]);
+
+    // The registry shows both workers healthy, the first one holding the job.
+    let started = Instant::now();
+    let registry = loop {
+        let registry = setup.workers().await;
+        let listed = registry["workers"].as_array().unwrap().len();
+        if listed == 2 || started.elapsed() > Duration::from_secs(10) {
+            break registry;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let holder = setup.worker_record(&registry, "gpu-killed");
+    assert_eq!(
+        (holder["status"].as_str(), holder["jobs_in_flight"].as_u64()),
+        (Some("healthy"), Some(1)),
+        "{registry:#}"
+    );
+    assert_eq!(
+        setup.worker_record(&registry, "gpu-other")["status"],
+        "healthy"
+    );
+
     killed.0.kill().unwrap(); // SIGKILL: no release, no more heartbeats.
     killed.0.wait().unwrap();
-    // The killed worker's command lives on in its own process group; end it here.
-    for pid in [shell, child] {
-        let _ = Command::new("kill")
-            .args(["-KILL", &pid.to_string()])
-            .status();
+    // The command and its child die with their worker: the guard in the command's process
+    // group sees the worker's lifeline end and kills the group (see `worker::command`).
+    assert!(
+        gone_within(shell, Duration::from_secs(5)).await,
+        "the killed worker's command still runs"
+    );
+    assert!(
+        gone_within(child, Duration::from_secs(5)).await,
+        "the killed worker's command's child still runs"
+    );
+
+    // Silent past the heartbeat timeout (3 s) while holding a job: stale; the other stays
+    // healthy (it long-polls every 2 s).
+    let started = Instant::now();
+    loop {
+        let registry = setup.workers().await;
+        let holder = setup.worker_record(&registry, "gpu-killed");
+        if holder["status"] == "stale" {
+            assert_eq!(holder["jobs_in_flight"], 1, "{registry:#}");
+            assert_eq!(
+                setup.worker_record(&registry, "gpu-other")["status"],
+                "healthy"
+            );
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the killed worker is still healthy: {registry:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let done = setup
         .wait_for(&id, Duration::from_secs(15), is_finished)
@@ -553,4 +729,27 @@ async fn the_release_endpoint_fences_stale_leases() {
     let again = poll().await;
     assert_eq!(again["job_id"].as_str(), Some(id.as_str()));
     assert_eq!(again["attempt"], 2);
+
+    // A job is released at most ten times (`MAX_RELEASES_PER_JOB`): a worker releasing it
+    // forever would keep it from ever failing. Past that, the attempt stays the worker's
+    // and ends at its timeout like an abandoned one.
+    let mut lease = again["lease_id"].clone();
+    for n in 2..=10 {
+        let (status, body) = release(lease).await;
+        assert_eq!(status, 200, "release {n}: {body}");
+        let claimed = poll().await;
+        assert_eq!(claimed["job_id"].as_str(), Some(id.as_str()));
+        lease = claimed["lease_id"].clone();
+    }
+    let (status, body) = release(lease).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("released 10 times already"),
+        "{body}"
+    );
+    assert_eq!(body["current_status"], "processing");
+    assert_eq!(setup.detail(&id).await["retry_count"], 0);
 }

@@ -313,7 +313,7 @@ fn a_release_needs_the_current_lease_of_a_processing_attempt() {
         reason: reason.map(str::to_owned),
         now: at(100),
     };
-    let plan = plan_release(&row(Processing, Some(lease)), &params(lease, None)).unwrap();
+    let plan = plan_release(&row(Processing, Some(lease)), &params(lease, None), 0).unwrap();
     assert_eq!(plan.expected_status, Processing);
     assert_eq!(plan.expected_lease, lease.to_string());
     assert_eq!(plan.status, Pending);
@@ -324,6 +324,7 @@ fn a_release_needs_the_current_lease_of_a_processing_attempt() {
     let said = plan_release(
         &row(Processing, Some(lease)),
         &params(lease, Some(" shutting down ")),
+        MAX_RELEASES_PER_JOB - 1,
     )
     .unwrap();
     assert_eq!(
@@ -333,15 +334,26 @@ fn a_release_needs_the_current_lease_of_a_processing_attempt() {
     assert_eq!(
         plan_release(
             &row(Processing, Some(lease)),
-            &params(LeaseId::new_random(), None)
+            &params(LeaseId::new_random(), None),
+            0
         ),
         Err(StoreError::LeaseMismatch {
             current: Processing
         })
     );
+    assert_eq!(
+        plan_release(
+            &row(Processing, Some(lease)),
+            &params(lease, None),
+            MAX_RELEASES_PER_JOB
+        ),
+        Err(StoreError::ReleaseLimitReached {
+            limit: MAX_RELEASES_PER_JOB
+        })
+    );
     for status in [Cancelled, Completed, Failed, Timeout, Retrying, Pending] {
         assert_eq!(
-            plan_release(&row(status, Some(lease)), &params(lease, None)),
+            plan_release(&row(status, Some(lease)), &params(lease, None), 0),
             Err(StoreError::InvalidTransition { current: status }),
             "{status}"
         );

@@ -261,7 +261,14 @@ pub(super) async fn heartbeat(
 
 pub(super) async fn release(conn: &mut Conn, p: ReleaseParams) -> Result<Job, StoreError> {
     let (seq, row) = current_state(conn, p.job_id).await?;
-    let planned = plan::plan_release(&row, &p)?;
+    let (from, to) = plan::RELEASE_STEP;
+    let n_released: i64 = conn
+        .query_value(
+            "SELECT count(*) FROM job_history WHERE job_seq = $1 AND from_status = $2 AND to_status = $3",
+            &[&seq, &from.as_str(), &to.as_str()],
+        )
+        .await?;
+    let planned = plan::plan_release(&row, &p, n_released.max(0) as u32)?;
     let job = transition(
         conn,
         "UPDATE jobs SET status = $4, lease_id = NULL, execution_deadline = NULL, \

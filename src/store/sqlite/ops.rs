@@ -550,7 +550,13 @@ pub(super) fn import(conn: &Connection, p: ImportJobParams) -> Result<ImportOutc
 
 pub(super) fn release(conn: &Connection, p: ReleaseParams) -> Result<Job, StoreError> {
     let (seq, row) = current_row(conn, p.job_id)?;
-    let planned = plan::plan_release(&row, &p)?;
+    let (from, to) = plan::RELEASE_STEP;
+    let n_released: u32 = conn
+        .prepare_cached(
+            "SELECT count(*) FROM job_history WHERE job_seq = ?1 AND from_status = ?2 AND to_status = ?3",
+        )?
+        .query_row(params![seq, from.as_str(), to.as_str()], |r| r.get(0))?;
+    let planned = plan::plan_release(&row, &p, n_released)?;
     let changed = conn
         .prepare_cached(
             "UPDATE jobs SET status = ?4, lease_id = NULL, execution_deadline = NULL, \
