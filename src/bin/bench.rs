@@ -14,6 +14,9 @@
 //!   and a replacement create, so the backlog stays at K); poll latency at each K.
 //! - `longpoll`: workers wait in long polls; a producer creates jobs one at a time; the
 //!   figure is the time from the create to the worker's poll returning the job.
+//! - `worker-overhead`: a real `morag-jobs worker` process works through a backlog with a
+//!   trivial command (`--exec true`); the figure is the time from each job's claim to its
+//!   result (`bench/worker_overhead.rs`).
 //! - `wakeup`: `longpoll` across replicas (PostgreSQL, `--replicas 2` or more): the workers
 //!   wait on the second replica, the jobs are created on the first, so every pickup
 //!   needs the cross-replica notification.
@@ -45,6 +48,10 @@ use hyper::{Method, StatusCode};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::watch;
+
+// In a folder of its own: a file beside this one would be taken for another binary.
+#[path = "bench/worker_overhead.rs"]
+mod worker_overhead;
 
 #[derive(Parser, Debug, Clone)]
 #[command(
@@ -135,6 +142,16 @@ struct Args {
     #[arg(long, default_value_t = 30.0)]
     longpoll_wait: f64,
 
+    /// worker-overhead: jobs the worker works through.
+    #[arg(long, default_value_t = 1_000)]
+    overhead_jobs: usize,
+    /// worker-overhead: the worker's `--exec` command.
+    #[arg(long, default_value = "true")]
+    overhead_exec: String,
+    /// worker-overhead: the worker's `--concurrency`.
+    #[arg(long, default_value_t = 1)]
+    overhead_concurrency: usize,
+
     /// Threads of the load generator's runtime (1: a current-thread runtime).
     #[arg(long, default_value_t = 1)]
     client_threads: usize,
@@ -154,6 +171,7 @@ enum Scenario {
     ClaimLatency,
     Longpoll,
     Wakeup,
+    WorkerOverhead,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -323,6 +341,9 @@ fn validate(args: &Args) -> anyhow::Result<()> {
     if !(0.0..=30.0).contains(&args.worker_wait) || !(0.0..=30.0).contains(&args.longpoll_wait) {
         bail!("--worker-wait and --longpoll-wait must be from 0 to 30 seconds");
     }
+    if args.overhead_jobs == 0 || args.overhead_concurrency == 0 {
+        bail!("--overhead-jobs and --overhead-concurrency must be at least 1");
+    }
     if args.replicas == 0 {
         bail!("--replicas must be at least 1");
     }
@@ -348,6 +369,7 @@ fn scenario_name(scenario: Scenario) -> &'static str {
         Scenario::ClaimLatency => "claim-latency",
         Scenario::Longpoll => "longpoll",
         Scenario::Wakeup => "wakeup",
+        Scenario::WorkerOverhead => "worker-overhead",
     }
 }
 
@@ -408,6 +430,12 @@ async fn run_scenario(scenario: Scenario, args: &Args) -> anyhow::Result<Vec<Met
             let target = Target::open(args).await?;
             // Workers wait on the second replica; jobs are created on the first.
             let metrics = longpoll(&target, args, 1, 0).await;
+            target.close().await;
+            metrics
+        }
+        Scenario::WorkerOverhead => {
+            let target = Target::open(args).await?;
+            let metrics = worker_overhead::worker_overhead(&target, args).await;
             target.close().await;
             metrics
         }
@@ -530,6 +558,27 @@ impl Target {
         } else {
             self.servers.iter().map(|s| s.child.id()).collect()
         }
+    }
+
+    /// A memory figure of the servers' (`VmRSS`, `VmHWM` in /proc/PID/status), summed, in
+    /// MiB; `None` when no server process is known.
+    fn server_memory_mib(&self, field: &str) -> Option<f64> {
+        let pids = self.server_pids();
+        if pids.is_empty() {
+            return None;
+        }
+        let mut kib = 0.0;
+        for pid in pids {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+            let line = status
+                .lines()
+                .find(|l| l.starts_with(&format!("{field}:")))?;
+            kib += line
+                .split_whitespace()
+                .nth(1)
+                .and_then(|n| n.parse::<f64>().ok())?;
+        }
+        Some(kib / 1024.0)
     }
 
     /// CPU use so far of the servers, this process, PostgreSQL (when the run uses it)
@@ -1465,8 +1514,10 @@ async fn longpoll(
         })));
     }
 
-    // Let every worker reach its long poll before the first job exists.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Let every worker reach its long poll before the first job exists (connecting takes
+    // longer with a thousand of them).
+    tokio::time::sleep(Duration::from_millis(300 + args.longpoll_workers as u64)).await;
+    let memory_waiting = target.server_memory_mib("VmRSS");
     let cpu_before = target.cpu();
     let started = Instant::now();
     let create_url = api.create_url();
@@ -1534,6 +1585,22 @@ async fn longpoll(
         "jobs",
     ));
     metrics.extend(creates.metrics("create", "create"));
+    if let Some(mib) = memory_waiting {
+        metrics.push(Metric::new(
+            "server_rss_waiting_mib",
+            "server memory (RSS) with every worker in a long poll",
+            mib,
+            "MiB",
+        ));
+    }
+    if let Some(mib) = target.server_memory_mib("VmHWM") {
+        metrics.push(Metric::new(
+            "server_peak_rss_mib",
+            "server memory peak (RSS high-water mark) over the run",
+            mib,
+            "MiB",
+        ));
+    }
     metrics.push(cpu.other_metric());
     Ok(metrics)
 }
@@ -1868,6 +1935,10 @@ impl ScenarioReport {
             Scenario::Longpoll | Scenario::Wakeup => json!({
                 "workers": args.longpoll_workers, "jobs": args.longpoll_jobs,
                 "pause_ms": args.longpoll_pause_ms, "wait_secs": args.longpoll_wait,
+            }),
+            Scenario::WorkerOverhead => json!({
+                "jobs": args.overhead_jobs, "exec": args.overhead_exec,
+                "concurrency": args.overhead_concurrency,
             }),
             Scenario::All => Value::Null,
         };

@@ -7,10 +7,9 @@
 //! stops polling, lets running jobs finish within the shutdown grace and releases the
 //! rest, so another worker takes them at once without a retry spent.
 //!
-//! Talks to the server only over HTTP (`client`), and imports nothing of the server's
-//! own modules: it is meant to move into a client crate of its own.
+//! Talks to the server only over HTTP (`crate::client`). `morag-jobs worker` runs it with
+//! the process's signals (`run`); a program embedding it chooses when to stop (`run_until`).
 
-mod client;
 mod command;
 
 use std::collections::BTreeSet;
@@ -19,10 +18,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use serde_json::{json, Value};
+use serde_json::{Map, Value};
 use tokio::sync::watch;
 
-use client::{ClaimedJob, ClientError, ServerClient};
+use crate::client::{self, ClaimedJob, ClientError, ServerClient};
+use crate::wire::SubmitResultRequest;
 use command::{ProgressReport, Running};
 
 pub use command::{parse_progress, render_command, shell_quote};
@@ -110,7 +110,17 @@ struct Shared {
     grace_over: watch::Receiver<bool>,
 }
 
-pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
+/// Runs the worker until SIGTERM or SIGINT, then shuts down as described above.
+pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
+    run_until(args, shutdown_signal()).await
+}
+
+/// Runs the worker until `shutdown` completes: then it takes no more jobs, lets running
+/// ones finish within the shutdown grace, releases the rest and returns.
+pub async fn run_until(
+    mut args: WorkerArgs,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     // `--content-types ''` (or an empty variable) means any type, as leaving it out does.
     args.content_types.retain(|t| !t.trim().is_empty());
     let client = ServerClient::new(&args.url, args.api_key.clone())?;
@@ -138,7 +148,7 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
     }
     let grace = shared.args.shutdown_grace;
     let signals = tokio::spawn(async move {
-        shutdown_signal().await;
+        shutdown.await;
         let _ = shutdown_tx.send(true);
         tokio::time::sleep(grace).await;
         let _ = grace_tx.send(true);
@@ -247,7 +257,10 @@ enum Interrupted {
 
 /// What a job came to: a result for the server, or an interruption.
 enum JobEnd {
-    Submit { body: Value, outcome: String },
+    Submit {
+        body: SubmitResultRequest,
+        outcome: String,
+    },
     Interrupted(Interrupted),
 }
 
@@ -266,14 +279,13 @@ async fn run_job(shared: &Shared, job: ClaimedJob) {
     let worker = &shared.args.worker_id;
     match end {
         JobEnd::Submit { mut body, outcome } => {
-            body["lease_id"] = json!(job.lease_id);
-            body["processing_time"] = json!(seconds);
+            body.processing_time = Some(seconds);
             match shared
                 .client
                 .submit_result(&job, body, SUBMIT_PATIENCE)
                 .await
             {
-                Ok(()) => {
+                Ok(_) => {
                     tracing::info!(job_id = %job.job_id, content_type = %job.content_type, %worker, seconds, "job {outcome}")
                 }
                 Err(error) => {
@@ -297,7 +309,7 @@ async fn run_job(shared: &Shared, job: ClaimedJob) {
                 )
                 .await
             {
-                Ok(()) => {
+                Ok(_) => {
                     tracing::info!(job_id = %job.job_id, content_type = %job.content_type, %worker, seconds, "job released: the worker is shutting down")
                 }
                 Err(error) => {
@@ -445,17 +457,18 @@ async fn work_on(
                 Ok(metadata) => metadata,
                 Err(problem) => {
                     return JobEnd::Submit {
-                        body: json!({"success": false, "error_message": problem, "retryable": false}),
+                        body: failure(problem, false),
                         outcome: "failed (bad metadata)".into(),
                     }
                 }
             };
             JobEnd::Submit {
-                body: json!({
-                    "success": true,
-                    "content": String::from_utf8_lossy(&finished.stdout),
-                    "metadata": metadata,
-                }),
+                body: SubmitResultRequest {
+                    success: true,
+                    content: Some(String::from_utf8_lossy(&finished.stdout).into_owned()),
+                    metadata: Some(metadata),
+                    ..Default::default()
+                },
                 outcome: "completed".into(),
             }
         }
@@ -485,7 +498,7 @@ async fn became_true(flag: &mut watch::Receiver<bool>) {
 /// job may go to another worker.
 fn local_failure(message: String) -> JobEnd {
     JobEnd::Submit {
-        body: json!({"success": false, "error_message": message, "retryable": true}),
+        body: failure(message, true),
         outcome: "failed on this worker".into(),
     }
 }
@@ -511,7 +524,7 @@ fn judge_exit(
         format!("the command failed ({how}): {stderr_tail}")
     };
     Err(JobEnd::Submit {
-        body: json!({"success": false, "error_message": message, "retryable": retryable}),
+        body: failure(message, retryable),
         outcome: format!(
             "failed ({how}{})",
             if retryable { "" } else { ", permanent" }
@@ -519,15 +532,25 @@ fn judge_exit(
     })
 }
 
+/// A failure to submit, retryable or final.
+fn failure(message: String, retryable: bool) -> SubmitResultRequest {
+    SubmitResultRequest {
+        success: false,
+        error_message: Some(message),
+        retryable: Some(retryable),
+        ..Default::default()
+    }
+}
+
 /// The metadata the command wrote, or an empty object when it wrote none.
-fn read_metadata(path: &Path) -> Result<Value, String> {
+fn read_metadata(path: &Path) -> Result<Map<String, Value>, String> {
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(json!({})),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Map::new()),
         Err(error) => return Err(format!("cannot read the command's metadata file: {error}")),
     };
     match serde_json::from_str::<Value>(&text) {
-        Ok(Value::Object(map)) => Ok(Value::Object(map)),
+        Ok(Value::Object(map)) => Ok(map),
         Ok(_) => Err("the command's metadata file is JSON but not an object".into()),
         Err(error) => Err(format!("the command's metadata file is not JSON: {error}")),
     }
@@ -571,9 +594,9 @@ mod tests {
         ) else {
             panic!("exit 1 is a failure")
         };
-        assert_eq!(body["retryable"], json!(true));
-        assert!(body["error_message"]
-            .as_str()
+        assert_eq!(body.retryable, Some(true));
+        assert!(body
+            .error_message
             .unwrap()
             .contains("exit code 1): bad input"));
         let Err(JobEnd::Submit { body, .. }) = judge_exit(
@@ -583,6 +606,6 @@ mod tests {
         ) else {
             panic!("exit 3 is a failure")
         };
-        assert_eq!(body["retryable"], json!(false));
+        assert_eq!(body.retryable, Some(false));
     }
 }
