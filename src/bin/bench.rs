@@ -1585,6 +1585,32 @@ async fn longpoll(
         "jobs",
     ));
     metrics.extend(creates.metrics("create", "create"));
+    // The same pickup as the server saw it: from the create's arrival (`created_at`) to the
+    // claim (`started_at`), both stamped by the server's clock, so the load generator's own
+    // scheduling (a thousand connections on one thread) is not in it.
+    let mut server_side = Latencies::default();
+    for (job_id, _, _) in &created {
+        let status: Value = api
+            .send(
+                Method::GET,
+                &format!("/api/v1/remote-jobs/{job_id}/status"),
+                None,
+                "status",
+            )
+            .await?;
+        let (Some(created_at), Some(started_at)) =
+            (status["created_at"].as_str(), status["started_at"].as_str())
+        else {
+            bail!("job {job_id} has no claim time: {status}");
+        };
+        let created_at = humantime::parse_rfc3339_weak(created_at)?;
+        let started_at = humantime::parse_rfc3339_weak(started_at)?;
+        server_side.push(started_at.duration_since(created_at).unwrap_or_default());
+    }
+    metrics.extend(server_side.metrics(
+        "pickup_server_side",
+        "pickup on the server's clock (created_at to started_at)",
+    ));
     if let Some(mib) = memory_waiting {
         metrics.push(Metric::new(
             "server_rss_waiting_mib",
@@ -1601,7 +1627,7 @@ async fn longpoll(
             "MiB",
         ));
     }
-    metrics.push(cpu.other_metric());
+    metrics.extend(cpu.metrics(total));
     Ok(metrics)
 }
 

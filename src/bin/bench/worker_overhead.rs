@@ -129,7 +129,15 @@ pub(super) async fn worker_overhead(target: &Target, args: &Args) -> anyhow::Res
             "cores",
         ));
     }
-    metrics.extend(cpu.metrics(total));
+    // The worker is neither the server nor the load generator: count it out of "other
+    // processes", which should show only load that is not part of the run.
+    let worker_seconds = worker_cpu.unwrap_or(0.0);
+    for mut metric in cpu.metrics(total) {
+        if metric.key == "other_cpu_cores" {
+            metric.value = (metric.value - worker_seconds / cpu.elapsed).max(0.0);
+        }
+        metrics.push(metric);
+    }
     Ok(metrics)
 }
 

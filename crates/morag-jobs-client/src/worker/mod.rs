@@ -199,6 +199,7 @@ async fn slot_loop(shared: Arc<Shared>) -> anyhow::Result<()> {
             &shared.args.content_types,
             shared.args.poll_wait,
         );
+        let poll_sent = Instant::now();
         // Dropping a waiting poll claims nothing: the server claims only when it answers.
         let polled = tokio::select! {
             polled = poll => polled,
@@ -208,6 +209,16 @@ async fn slot_loop(shared: Arc<Shared>) -> anyhow::Result<()> {
             Ok(Some(job)) => {
                 delay = client::first_delay();
                 run_job(&shared, job).await;
+            }
+            Ok(None) if answered_early(poll_sent.elapsed(), shared.args.poll_wait) => {
+                // The server did not hold the poll: it has no long polls (MoRAG's own
+                // server) or had as many waiting as it allows (MORAG_REMOTE_MAX_LONG_POLLS).
+                // Polling again at once would spin; wait, longer each time in a row.
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = became_true(&mut shutting_down) => return Ok(()),
+                }
+                delay = client::next_delay(delay);
             }
             Ok(None) => delay = client::first_delay(),
             Err(ClientError::Refused { status, detail }) => {
@@ -223,6 +234,12 @@ async fn slot_loop(shared: Arc<Shared>) -> anyhow::Result<()> {
             }
         }
     }
+}
+
+/// True when an empty poll answer came back well before the wait it asked for (always,
+/// when it asked for none).
+fn answered_early(took: Duration, asked: Duration) -> bool {
+    took < asked.min(client::MAX_POLL_WAIT) / 2 || asked.is_zero()
 }
 
 /// A private directory for one job, removed when dropped, whatever happened.
@@ -338,6 +355,10 @@ async fn heartbeat_loop(
         .heartbeat_interval_seconds
         .map(Duration::from_secs)
         .unwrap_or(DEFAULT_HEARTBEAT_INTERVAL);
+    // The first heartbeat goes out at once: a claim does not arm the heartbeat deadline
+    // (MoRAG's client never heartbeats), the first heartbeat does, and until then a worker
+    // that dies leaves its job to the execution timeout. It costs one write per job
+    // (BENCHMARKS.md, worker-overhead) and runs beside the work, not before it.
     let mut last_beat: Option<tokio::time::Instant> = None;
     loop {
         if let Some(last) = last_beat {
@@ -571,6 +592,20 @@ mod tests {
         assert_eq!(mode & 0o777, 0o700);
         drop(dir);
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn an_empty_answer_long_before_the_wait_is_early() {
+        let wait = Duration::from_secs(30);
+        assert!(answered_early(Duration::from_millis(3), wait));
+        assert!(!answered_early(Duration::from_secs(29), wait));
+        // A wait past the protocol's limit is cut to it before it is sent.
+        assert!(!answered_early(
+            Duration::from_secs(20),
+            Duration::from_secs(120)
+        ));
+        // Without a wait every empty answer is early: the next poll comes after a pause.
+        assert!(answered_early(Duration::from_millis(1), Duration::ZERO));
     }
 
     #[test]
