@@ -16,7 +16,7 @@
 //!   figure is the time from the create to the worker's poll returning the job.
 //! - `worker-overhead`: a real `morag-jobs worker` process works through a backlog with a
 //!   trivial command (`--exec true`); the figure is the time from each job's claim to its
-//!   result (`bench/worker_overhead.rs`).
+//!   result (`worker_overhead.rs`).
 //! - `wakeup`: `longpoll` across replicas (PostgreSQL, `--replicas 2` or more): the workers
 //!   wait on the second replica, the jobs are created on the first, so every pickup
 //!   needs the cross-replica notification.
@@ -49,8 +49,6 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
-// In a folder of its own: a file beside this one would be taken for another binary.
-#[path = "bench/worker_overhead.rs"]
 mod worker_overhead;
 
 #[derive(Parser, Debug, Clone)]
@@ -209,7 +207,7 @@ fn main() -> std::process::ExitCode {
         // server guard, which kills the server and removes its data directory and database.
         tokio::select! {
             result = run(args) => result,
-            _ = morag_jobs::app::shutdown_signal() => Err(anyhow::anyhow!("interrupted")),
+            _ = shutdown_signal() => Err(anyhow::anyhow!("interrupted")),
         }
     });
     match outcome {
@@ -218,6 +216,21 @@ fn main() -> std::process::ExitCode {
             eprintln!("error: {error:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut interrupt)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = interrupt.recv() => {}
     }
 }
 
@@ -834,7 +847,7 @@ impl SpawnedServer {
     fn start(binary: &Path, extra_args: &[String]) -> anyhow::Result<SpawnedServer> {
         if !binary.is_file() {
             bail!(
-                "server binary {binary:?} not found: build it with `cargo build --release --bins`, or pass --server-bin"
+                "server binary {binary:?} not found: build it with `cargo build --release --workspace`, or pass --server-bin"
             );
         }
         let data_dir = std::env::temp_dir().join(format!("morag-jobs-bench-{}", unique_suffix()));
