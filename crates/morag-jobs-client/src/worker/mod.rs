@@ -525,6 +525,9 @@ fn local_failure(message: String) -> JobEnd {
 }
 
 /// Success, or the failure to submit for a non-zero exit or a signal.
+// The failure is the request the caller submits as it is, once per job: boxing it to make
+// the `Err` small would buy nothing.
+#[allow(clippy::result_large_err)]
 fn judge_exit(
     status: std::process::ExitStatus,
     stderr_tail: &str,
