@@ -102,8 +102,9 @@ if [[ "$TEST_POSTGRES_STATE" == none ]]; then
   fi
 fi
 
-# Everything once on the embedded default (the conformance suite runs on both backends)...
-run_tests --all-targets "${embedded_filter[@]}" 2>&1 | tee "$logs/embedded.log" || status=1
+# Everything once on the embedded default (the conformance suite runs on both backends),
+# in every crate of the workspace (the client library's unit tests too)...
+run_tests --workspace --all-targets "${embedded_filter[@]}" 2>&1 | tee "$logs/embedded.log" || status=1
 read -r embedded_passed embedded_failed < <(count_results "$logs/embedded.log")
 
 # ...then the whole HTTP suite again with the server on PostgreSQL.

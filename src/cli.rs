@@ -56,7 +56,7 @@ pub enum Command {
     Workers(ClientArgs),
     /// Take jobs from a server and run a converter command on each (see README.md,
     /// "Running a worker").
-    Worker(crate::worker::WorkerArgs),
+    Worker(morag_jobs_client::worker::WorkerArgs),
     /// Delete finished jobs older than N days on a running server.
     Cleanup {
         /// Delete jobs that finished more than this many days ago (0: every finished job).
@@ -222,7 +222,7 @@ pub struct ClientError {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
-        Command::Worker(args) => crate::worker::run(args).await,
+        Command::Worker(args) => morag_jobs_client::worker::run(args).await,
         Command::Migrate(storage) => migrate(&storage).await,
         Command::ImportMoragDir { dir, serve } => import(dir, serve).await,
         Command::Jobs { action } => match action {

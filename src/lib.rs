@@ -18,8 +18,9 @@
 //!   and the wiring that runs it all.
 //! - `cli`: the `morag-jobs` command line, including the admin client subcommands.
 //! - `import`: reading MoRAG's file-based prototype's jobs into the store.
-//! - `worker`: `morag-jobs worker`, which runs a converter command on a server's jobs; it
-//!   talks to the server only over HTTP and imports none of the modules above.
+//!
+//! The wire types and `morag-jobs worker` live in the `morag-jobs-client` crate
+//! (`crates/morag-jobs-client`), which knows nothing of this one.
 
 pub mod api;
 pub mod app;
@@ -38,4 +39,3 @@ pub mod registry;
 pub mod store;
 pub mod value_parsers;
 pub mod wakeups;
-pub mod worker;

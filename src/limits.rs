@@ -47,13 +47,9 @@ pub struct LimitArgs {
     pub max_long_polls: usize,
 }
 
-/// Limits on one JSON value from a request (`metadata`, `task_options`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct JsonLimits {
-    pub max_bytes: u64,
-    pub max_depth: u32,
-    pub max_entries: u64,
-}
+/// Limits on one JSON value from a request (`metadata`, `task_options`), enforced while
+/// the wire types parse (`morag_jobs_client::wire::bounded_json`).
+pub use morag_jobs_client::wire::bounded_json::JsonLimits;
 
 /// The validated limits.
 #[derive(Clone, Debug)]

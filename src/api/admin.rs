@@ -103,7 +103,7 @@ pub async fn create_job(
     };
     let answer = |job_id: JobId, status: JobStatus, created_at| CreateJobResponse {
         job_id: job_id.to_string(),
-        status: status.as_str(),
+        status: status.into(),
         created_at,
     };
     // A repeat is answered like the original create, and says so in a header.

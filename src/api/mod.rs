@@ -3,7 +3,7 @@
 
 mod admin;
 mod auth;
-mod bounded_json;
+use morag_jobs_client::wire::bounded_json;
 pub mod deliveries;
 mod error;
 mod extract;

@@ -1,142 +1,55 @@
-//! The JSON shapes of requests and responses. Field names follow MoRAG's pydantic models
+//! The JSON shapes of requests and responses. The bodies that cross between the server and
+//! its clients (create, poll, heartbeat, release, result, cancel, the status answer) are
+//! defined once in the client crate (`morag_jobs_client::wire`) and re-exported here; this
+//! module adds the operator-only views (listings, detail, statistics, cleanup) and the
+//! conversions from the domain. Field names follow MoRAG's pydantic models
 //! (`models/remote_job_api.py`) exactly; fields added by this server are extra and ignored
 //! by MoRAG's clients.
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::value::RawValue;
-use serde_json::{Map, Value};
+use serde_json::Value;
+
+pub use morag_jobs_client::wire::{
+    CancelRequest, CreateJobRequest, CreateJobResponse, HeartbeatRequest, HeartbeatResponse,
+    JobStatus as WireJobStatus, JobStatusView, PollResponse, ReleaseRequest, SubmitResultRequest,
+    SubmitResultResponse,
+};
 
 use crate::clock::Timestamp;
-use crate::domain::{HistoryEntry, Job, JobDetail};
+use crate::domain::{HistoryEntry, Job, JobDetail, JobStatus};
 use crate::store::Statistics;
 
-#[derive(Deserialize)]
-pub struct CreateJobRequest {
-    pub source_file_path: String,
-    pub content_type: String,
-    /// Absent means `{}`; an explicit `null` is rejected, as MoRAG's model does.
-    #[serde(default, deserialize_with = "super::bounded_json::task_options")]
-    pub task_options: Map<String, Value>,
-    pub ingestion_task_id: String,
-}
-
-#[derive(Serialize)]
-pub struct CreateJobResponse {
-    pub job_id: String,
-    pub status: &'static str,
-    pub created_at: Timestamp,
-}
-
-/// MoRAG's four fields, all null when no job is due, plus the lease and deadlines.
-#[derive(Serialize, Default)]
-pub struct PollResponse {
-    pub job_id: Option<String>,
-    pub source_file_url: Option<String>,
-    pub content_type: Option<String>,
-    pub task_options: Option<Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub lease_id: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub attempt: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub execution_deadline: Option<Timestamp>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub heartbeat_timeout_seconds: Option<u64>,
-    /// How often the worker should heartbeat: a third of the heartbeat timeout.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub heartbeat_interval_seconds: Option<u64>,
-}
-
-#[derive(Deserialize)]
-pub struct HeartbeatRequest {
-    pub lease_id: String,
-    #[serde(default)]
-    pub progress: Option<f64>,
-    #[serde(default)]
-    pub message: Option<String>,
-}
-
-/// A worker handing its attempt back (for instance because it is shutting down).
-#[derive(Deserialize)]
-pub struct ReleaseRequest {
-    pub lease_id: String,
-    /// Recorded in the job's history.
-    #[serde(default)]
-    pub reason: Option<String>,
-}
-
-#[derive(Serialize)]
-pub struct HeartbeatResponse {
-    pub job_id: String,
-    pub status: &'static str,
-    /// True when the job was cancelled: the worker should stop working on it.
-    pub cancelled: bool,
-    pub execution_deadline: Option<Timestamp>,
-    pub heartbeat_deadline: Option<Timestamp>,
-}
-
-#[derive(Deserialize)]
-pub struct SubmitResultRequest {
-    pub success: bool,
-    #[serde(default, deserialize_with = "super::bounded_json::content")]
-    pub content: Option<String>,
-    #[serde(default, deserialize_with = "super::bounded_json::metadata")]
-    pub metadata: Option<Map<String, Value>>,
-    #[serde(default)]
-    pub error_message: Option<String>,
-    #[serde(default)]
-    pub processing_time: Option<f64>,
-    /// The fencing token from the poll; MoRAG's client sends none.
-    #[serde(default)]
-    pub lease_id: Option<String>,
-    /// `false` makes a failure final at once (retrying cannot help).
-    #[serde(default)]
-    pub retryable: Option<bool>,
-}
-
-#[derive(Serialize)]
-pub struct SubmitResultResponse {
-    pub status: &'static str,
-    /// True when the outcome was durably queued for the ingestion pipeline (a completion
-    /// or a final failure); false while a retry is pending.
-    pub ingestion_continued: bool,
-}
-
-#[derive(Deserialize, Default)]
-pub struct CancelRequest {
-    #[serde(default)]
-    pub reason: Option<String>,
-}
-
-/// MoRAG's `JobStatusResponse`.
-#[derive(Serialize)]
-pub struct JobStatusView {
-    pub job_id: String,
-    pub status: &'static str,
-    pub worker_id: Option<String>,
-    pub created_at: Timestamp,
-    pub started_at: Option<Timestamp>,
-    pub completed_at: Option<Timestamp>,
-    pub error_message: Option<String>,
-    pub retry_count: u32,
-    /// While processing: the attempt's execution deadline, the latest it can end.
-    pub estimated_completion: Option<Timestamp>,
+/// Maps the domain's status onto the protocol's name for it. The two enums are kept apart
+/// so that the wire crate knows nothing of the state machine.
+impl From<JobStatus> for WireJobStatus {
+    fn from(status: JobStatus) -> Self {
+        match status {
+            JobStatus::Pending => WireJobStatus::Pending,
+            JobStatus::Processing => WireJobStatus::Processing,
+            JobStatus::Completed => WireJobStatus::Completed,
+            JobStatus::Failed => WireJobStatus::Failed,
+            JobStatus::Timeout => WireJobStatus::Timeout,
+            JobStatus::Cancelled => WireJobStatus::Cancelled,
+            JobStatus::Retrying => WireJobStatus::Retrying,
+        }
+    }
 }
 
 impl From<&Job> for JobStatusView {
     fn from(job: &Job) -> Self {
         JobStatusView {
             job_id: job.id.to_string(),
-            status: job.status.as_str(),
+            status: job.status.into(),
             worker_id: job.worker_id.as_ref().map(|w| w.to_string()),
             created_at: job.created_at,
             started_at: job.started_at,
             completed_at: job.completed_at,
             error_message: job.error_message.clone(),
             retry_count: job.retry_count,
-            estimated_completion: (job.status == crate::domain::JobStatus::Processing)
+            estimated_completion: (job.status == JobStatus::Processing)
                 .then_some(job.execution_deadline)
                 .flatten(),
         }

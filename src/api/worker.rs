@@ -173,7 +173,7 @@ pub async fn heartbeat(
     let outcome = outcome.map_err(|error| ApiError::from_store(job_id, "heartbeat", error))?;
     Ok(Json(HeartbeatResponse {
         job_id: job_id.to_string(),
-        status: outcome.status.as_str(),
+        status: outcome.status.into(),
         cancelled: outcome.cancelled,
         execution_deadline: outcome.execution_deadline,
         heartbeat_deadline: outcome.heartbeat_deadline,
@@ -287,7 +287,7 @@ pub async fn submit_result(
     }
     let job = job.map_err(|error| ApiError::from_store(job_id, "accept a result", error))?;
     Ok(Json(SubmitResultResponse {
-        status: job.status.as_str(),
+        status: job.status.into(),
         // The hand-off was committed with the result; it continues ingestion only if some
         // sink will deliver it.
         ingestion_continued: matches!(job.status, JobStatus::Completed | JobStatus::Failed)

@@ -18,7 +18,7 @@ use crate::context::AppContext;
 use crate::domain::{judge_worker_health, WorkerHealth, WorkerHealthPolicy, WorkerId};
 use crate::registry::WorkerCaller;
 use crate::store::workers::{ListWorkersParams, WorkerRecord};
-use crate::worker::{WORKER_ID_HEADER, WORKER_INSTANCE_HEADER, WORKER_VERSION_HEADER};
+use morag_jobs_client::wire::{WORKER_ID_HEADER, WORKER_INSTANCE_HEADER, WORKER_VERSION_HEADER};
 
 /// The most worker records one listing returns (most recently seen first).
 const MAX_LISTED_WORKERS: usize = 1000;

@@ -1,5 +1,6 @@
 //! The module layering, checked from the sources: no cycles between the crate's top-level
-//! modules, so wiring (`app`, `cli`) stays on top and nothing imports upward.
+//! modules, so wiring (`app`, `cli`) stays on top and nothing imports upward; and the
+//! client crate stays free of the server.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -118,11 +119,46 @@ fn top_level_modules_import_each_other_without_cycles() {
             assert!(!uses.contains("app"), "{module} imports app");
         }
     }
-    // The worker talks to the server over HTTP only, so it can become a client crate of
-    // its own: it imports none of the server's modules.
-    let worker_uses = &graph["worker"];
-    assert!(
-        worker_uses.is_empty(),
-        "the worker imports server modules: {worker_uses:?}"
-    );
+}
+
+/// The client crate (`crates/morag-jobs-client`) is what a worker machine or another Rust
+/// program builds: it must not reach into the server, nor bring a database or an HTTP
+/// server along.
+#[test]
+fn the_client_crate_depends_on_nothing_of_the_server() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("crates/morag-jobs-client");
+    let mut files = Vec::new();
+    rust_files(&root.join("src"), &mut files);
+    assert!(files.len() >= 3, "the client crate's sources: {files:?}");
+    for file in &files {
+        let text = std::fs::read_to_string(file).unwrap();
+        assert!(
+            !text.contains("morag_jobs::"),
+            "{} names the server crate",
+            file.display()
+        );
+    }
+    let manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
+    let dependencies = &manifest[manifest.find("[dependencies]").expect("a dependency table")..];
+    let names: Vec<&str> = dependencies
+        .lines()
+        .skip(1)
+        .take_while(|line| !line.starts_with('['))
+        .filter_map(|line| line.split_once('=').map(|(name, _)| name.trim()))
+        .filter(|name| !name.starts_with('#'))
+        .collect();
+    assert!(names.contains(&"reqwest"), "{names:?}");
+    for server_only in [
+        "morag-jobs",
+        "rusqlite",
+        "tokio-postgres",
+        "axum",
+        "hyper",
+        "mimalloc",
+    ] {
+        assert!(
+            !names.contains(&server_only),
+            "the client crate depends on {server_only}: {names:?}"
+        );
+    }
 }

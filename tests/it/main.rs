@@ -7,6 +7,7 @@ mod api;
 mod architecture;
 mod celery;
 mod cli;
+mod client_library;
 mod config_errors;
 mod crash;
 mod delivery;

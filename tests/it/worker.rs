@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use morag_jobs_client::wire::CreateJobRequest;
+use morag_jobs_client::ServerClient;
 use serde_json::{json, Value};
 
 use crate::support::{free_port, PgDatabase, ServerProcess};
@@ -143,19 +145,19 @@ impl Setup {
             .join("files")
             .join(format!("{}.src", crate::support::uuid_like()));
         std::fs::write(&path, format!("{input}\n")).unwrap();
-        let body = json!({"source_file_path": path, "content_type": content_type,
-            "task_options": {"language": "en"}, "ingestion_task_id": "ingest-w"});
-        let answer: Value = self
-            .client
-            .post(format!("{}/api/v1/remote-jobs/", self.server.base))
-            .json(&body)
-            .send()
-            .await
+        // Created through the client library's typed API, as a Rust ingestion would.
+        let request = CreateJobRequest {
+            source_file_path: path.to_string_lossy().into_owned(),
+            content_type: content_type.to_owned(),
+            task_options: [("language".to_owned(), json!("en"))].into_iter().collect(),
+            ingestion_task_id: "ingest-w".into(),
+        };
+        ServerClient::new(&self.server.base, None)
             .unwrap()
-            .json()
+            .create_job(&request)
             .await
-            .unwrap();
-        answer["job_id"].as_str().expect("created").to_owned()
+            .expect("created")
+            .job_id
     }
 
     async fn detail(&self, id: &str) -> Value {

@@ -7,6 +7,9 @@
 //! Field deserializers cannot take arguments, so the request extractor installs the
 //! limits for the duration of one (synchronous) parse in a thread-local, and reads back
 //! which limit, if any, was exceeded; outside such a parse the default limits apply.
+//!
+//! It lives with the wire types because their derived parsers name these field
+//! deserializers; the server installs its configured limits around each request's parse.
 
 use std::cell::RefCell;
 use std::fmt;
@@ -14,7 +17,13 @@ use std::fmt;
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 
-use crate::limits::JsonLimits;
+/// Limits on one JSON value from a request (`metadata`, `task_options`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JsonLimits {
+    pub max_bytes: u64,
+    pub max_depth: u32,
+    pub max_entries: u64,
+}
 
 /// The limits of the parse in progress on this thread, and the first one exceeded.
 struct ActiveParse {

@@ -14,6 +14,9 @@
 //!   and a replacement create, so the backlog stays at K); poll latency at each K.
 //! - `longpoll`: workers wait in long polls; a producer creates jobs one at a time; the
 //!   figure is the time from the create to the worker's poll returning the job.
+//! - `worker-overhead`: a real `morag-jobs worker` process works through a backlog with a
+//!   trivial command (`--exec true`); the figure is the time from each job's claim to its
+//!   result (`worker_overhead.rs`).
 //! - `wakeup`: `longpoll` across replicas (PostgreSQL, `--replicas 2` or more): the workers
 //!   wait on the second replica, the jobs are created on the first, so every pickup
 //!   needs the cross-replica notification.
@@ -45,6 +48,8 @@ use hyper::{Method, StatusCode};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::watch;
+
+mod worker_overhead;
 
 #[derive(Parser, Debug, Clone)]
 #[command(
@@ -135,6 +140,16 @@ struct Args {
     #[arg(long, default_value_t = 30.0)]
     longpoll_wait: f64,
 
+    /// worker-overhead: jobs the worker works through.
+    #[arg(long, default_value_t = 1_000)]
+    overhead_jobs: usize,
+    /// worker-overhead: the worker's `--exec` command.
+    #[arg(long, default_value = "true")]
+    overhead_exec: String,
+    /// worker-overhead: the worker's `--concurrency`.
+    #[arg(long, default_value_t = 1)]
+    overhead_concurrency: usize,
+
     /// Threads of the load generator's runtime (1: a current-thread runtime).
     #[arg(long, default_value_t = 1)]
     client_threads: usize,
@@ -154,6 +169,7 @@ enum Scenario {
     ClaimLatency,
     Longpoll,
     Wakeup,
+    WorkerOverhead,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -191,7 +207,7 @@ fn main() -> std::process::ExitCode {
         // server guard, which kills the server and removes its data directory and database.
         tokio::select! {
             result = run(args) => result,
-            _ = morag_jobs::app::shutdown_signal() => Err(anyhow::anyhow!("interrupted")),
+            _ = shutdown_signal() => Err(anyhow::anyhow!("interrupted")),
         }
     });
     match outcome {
@@ -200,6 +216,21 @@ fn main() -> std::process::ExitCode {
             eprintln!("error: {error:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut interrupt)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = interrupt.recv() => {}
     }
 }
 
@@ -323,6 +354,9 @@ fn validate(args: &Args) -> anyhow::Result<()> {
     if !(0.0..=30.0).contains(&args.worker_wait) || !(0.0..=30.0).contains(&args.longpoll_wait) {
         bail!("--worker-wait and --longpoll-wait must be from 0 to 30 seconds");
     }
+    if args.overhead_jobs == 0 || args.overhead_concurrency == 0 {
+        bail!("--overhead-jobs and --overhead-concurrency must be at least 1");
+    }
     if args.replicas == 0 {
         bail!("--replicas must be at least 1");
     }
@@ -348,6 +382,7 @@ fn scenario_name(scenario: Scenario) -> &'static str {
         Scenario::ClaimLatency => "claim-latency",
         Scenario::Longpoll => "longpoll",
         Scenario::Wakeup => "wakeup",
+        Scenario::WorkerOverhead => "worker-overhead",
     }
 }
 
@@ -408,6 +443,12 @@ async fn run_scenario(scenario: Scenario, args: &Args) -> anyhow::Result<Vec<Met
             let target = Target::open(args).await?;
             // Workers wait on the second replica; jobs are created on the first.
             let metrics = longpoll(&target, args, 1, 0).await;
+            target.close().await;
+            metrics
+        }
+        Scenario::WorkerOverhead => {
+            let target = Target::open(args).await?;
+            let metrics = worker_overhead::worker_overhead(&target, args).await;
             target.close().await;
             metrics
         }
@@ -530,6 +571,27 @@ impl Target {
         } else {
             self.servers.iter().map(|s| s.child.id()).collect()
         }
+    }
+
+    /// A memory figure of the servers' (`VmRSS`, `VmHWM` in /proc/PID/status), summed, in
+    /// MiB; `None` when no server process is known.
+    fn server_memory_mib(&self, field: &str) -> Option<f64> {
+        let pids = self.server_pids();
+        if pids.is_empty() {
+            return None;
+        }
+        let mut kib = 0.0;
+        for pid in pids {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+            let line = status
+                .lines()
+                .find(|l| l.starts_with(&format!("{field}:")))?;
+            kib += line
+                .split_whitespace()
+                .nth(1)
+                .and_then(|n| n.parse::<f64>().ok())?;
+        }
+        Some(kib / 1024.0)
     }
 
     /// CPU use so far of the servers, this process, PostgreSQL (when the run uses it)
@@ -785,7 +847,7 @@ impl SpawnedServer {
     fn start(binary: &Path, extra_args: &[String]) -> anyhow::Result<SpawnedServer> {
         if !binary.is_file() {
             bail!(
-                "server binary {binary:?} not found: build it with `cargo build --release --bins`, or pass --server-bin"
+                "server binary {binary:?} not found: build it with `cargo build --release --workspace`, or pass --server-bin"
             );
         }
         let data_dir = std::env::temp_dir().join(format!("morag-jobs-bench-{}", unique_suffix()));
@@ -1465,8 +1527,10 @@ async fn longpoll(
         })));
     }
 
-    // Let every worker reach its long poll before the first job exists.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Let every worker reach its long poll before the first job exists (connecting takes
+    // longer with a thousand of them).
+    tokio::time::sleep(Duration::from_millis(300 + args.longpoll_workers as u64)).await;
+    let memory_waiting = target.server_memory_mib("VmRSS");
     let cpu_before = target.cpu();
     let started = Instant::now();
     let create_url = api.create_url();
@@ -1534,7 +1598,49 @@ async fn longpoll(
         "jobs",
     ));
     metrics.extend(creates.metrics("create", "create"));
-    metrics.push(cpu.other_metric());
+    // The same pickup as the server saw it: from the create's arrival (`created_at`) to the
+    // claim (`started_at`), both stamped by the server's clock, so the load generator's own
+    // scheduling (a thousand connections on one thread) is not in it.
+    let mut server_side = Latencies::default();
+    for (job_id, _, _) in &created {
+        let status: Value = api
+            .send(
+                Method::GET,
+                &format!("/api/v1/remote-jobs/{job_id}/status"),
+                None,
+                "status",
+            )
+            .await?;
+        let (Some(created_at), Some(started_at)) =
+            (status["created_at"].as_str(), status["started_at"].as_str())
+        else {
+            bail!("job {job_id} has no claim time: {status}");
+        };
+        let created_at = humantime::parse_rfc3339_weak(created_at)?;
+        let started_at = humantime::parse_rfc3339_weak(started_at)?;
+        server_side.push(started_at.duration_since(created_at).unwrap_or_default());
+    }
+    metrics.extend(server_side.metrics(
+        "pickup_server_side",
+        "pickup on the server's clock (created_at to started_at)",
+    ));
+    if let Some(mib) = memory_waiting {
+        metrics.push(Metric::new(
+            "server_rss_waiting_mib",
+            "server memory (RSS) with every worker in a long poll",
+            mib,
+            "MiB",
+        ));
+    }
+    if let Some(mib) = target.server_memory_mib("VmHWM") {
+        metrics.push(Metric::new(
+            "server_peak_rss_mib",
+            "server memory peak (RSS high-water mark) over the run",
+            mib,
+            "MiB",
+        ));
+    }
+    metrics.extend(cpu.metrics(total));
     Ok(metrics)
 }
 
@@ -1868,6 +1974,10 @@ impl ScenarioReport {
             Scenario::Longpoll | Scenario::Wakeup => json!({
                 "workers": args.longpoll_workers, "jobs": args.longpoll_jobs,
                 "pause_ms": args.longpoll_pause_ms, "wait_secs": args.longpoll_wait,
+            }),
+            Scenario::WorkerOverhead => json!({
+                "jobs": args.overhead_jobs, "exec": args.overhead_exec,
+                "concurrency": args.overhead_concurrency,
             }),
             Scenario::All => Value::Null,
         };

@@ -7,10 +7,9 @@
 //! stops polling, lets running jobs finish within the shutdown grace and releases the
 //! rest, so another worker takes them at once without a retry spent.
 //!
-//! Talks to the server only over HTTP (`client`), and imports nothing of the server's
-//! own modules: it is meant to move into a client crate of its own.
+//! Talks to the server only over HTTP (`crate::client`). `morag-jobs worker` runs it with
+//! the process's signals (`run`); a program embedding it chooses when to stop (`run_until`).
 
-mod client;
 mod command;
 
 use std::collections::BTreeSet;
@@ -19,13 +18,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use serde_json::{json, Value};
+use serde_json::{Map, Value};
 use tokio::sync::watch;
 
-use client::{ClaimedJob, ClientError, ServerClient};
+use crate::client::{self, ClaimedJob, ClientError, ServerClient};
+use crate::wire::SubmitResultRequest;
 use command::{ProgressReport, Running};
 
-pub use client::{WORKER_ID_HEADER, WORKER_INSTANCE_HEADER, WORKER_VERSION_HEADER};
 pub use command::{parse_progress, render_command, shell_quote};
 
 /// How long results and releases are retried through network trouble.
@@ -111,7 +110,17 @@ struct Shared {
     grace_over: watch::Receiver<bool>,
 }
 
-pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
+/// Runs the worker until SIGTERM or SIGINT, then shuts down as described above.
+pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
+    run_until(args, shutdown_signal()).await
+}
+
+/// Runs the worker until `shutdown` completes: then it takes no more jobs, lets running
+/// ones finish within the shutdown grace, releases the rest and returns.
+pub async fn run_until(
+    mut args: WorkerArgs,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     // `--content-types ''` (or an empty variable) means any type, as leaving it out does.
     args.content_types.retain(|t| !t.trim().is_empty());
     let client = ServerClient::new(&args.url, args.api_key.clone())?.identify(&args.worker_id);
@@ -139,7 +148,7 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
     }
     let grace = shared.args.shutdown_grace;
     let signals = tokio::spawn(async move {
-        shutdown_signal().await;
+        shutdown.await;
         let _ = shutdown_tx.send(true);
         tokio::time::sleep(grace).await;
         let _ = grace_tx.send(true);
@@ -190,6 +199,7 @@ async fn slot_loop(shared: Arc<Shared>) -> anyhow::Result<()> {
             &shared.args.content_types,
             shared.args.poll_wait,
         );
+        let poll_sent = Instant::now();
         // Dropping a waiting poll claims nothing: the server claims only when it answers.
         let polled = tokio::select! {
             polled = poll => polled,
@@ -199,6 +209,16 @@ async fn slot_loop(shared: Arc<Shared>) -> anyhow::Result<()> {
             Ok(Some(job)) => {
                 delay = client::first_delay();
                 run_job(&shared, job).await;
+            }
+            Ok(None) if answered_early(poll_sent.elapsed(), shared.args.poll_wait) => {
+                // The server did not hold the poll: it has no long polls (MoRAG's own
+                // server) or had as many waiting as it allows (MORAG_REMOTE_MAX_LONG_POLLS).
+                // Polling again at once would spin; wait, longer each time in a row.
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = became_true(&mut shutting_down) => return Ok(()),
+                }
+                delay = client::next_delay(delay);
             }
             Ok(None) => delay = client::first_delay(),
             Err(ClientError::Refused { status, detail }) => {
@@ -214,6 +234,12 @@ async fn slot_loop(shared: Arc<Shared>) -> anyhow::Result<()> {
             }
         }
     }
+}
+
+/// True when an empty poll answer came back well before the wait it asked for (always,
+/// when it asked for none).
+fn answered_early(took: Duration, asked: Duration) -> bool {
+    took < asked.min(client::MAX_POLL_WAIT) / 2 || asked.is_zero()
 }
 
 /// A private directory for one job, removed when dropped, whatever happened.
@@ -248,7 +274,10 @@ enum Interrupted {
 
 /// What a job came to: a result for the server, or an interruption.
 enum JobEnd {
-    Submit { body: Value, outcome: String },
+    Submit {
+        body: SubmitResultRequest,
+        outcome: String,
+    },
     Interrupted(Interrupted),
 }
 
@@ -267,14 +296,13 @@ async fn run_job(shared: &Shared, job: ClaimedJob) {
     let worker = &shared.args.worker_id;
     match end {
         JobEnd::Submit { mut body, outcome } => {
-            body["lease_id"] = json!(job.lease_id);
-            body["processing_time"] = json!(seconds);
+            body.processing_time = Some(seconds);
             match shared
                 .client
                 .submit_result(&job, body, SUBMIT_PATIENCE)
                 .await
             {
-                Ok(()) => {
+                Ok(_) => {
                     tracing::info!(job_id = %job.job_id, content_type = %job.content_type, %worker, seconds, "job {outcome}")
                 }
                 Err(error) => {
@@ -298,7 +326,7 @@ async fn run_job(shared: &Shared, job: ClaimedJob) {
                 )
                 .await
             {
-                Ok(()) => {
+                Ok(_) => {
                     tracing::info!(job_id = %job.job_id, content_type = %job.content_type, %worker, seconds, "job released: the worker is shutting down")
                 }
                 Err(error) => {
@@ -327,6 +355,10 @@ async fn heartbeat_loop(
         .heartbeat_interval_seconds
         .map(Duration::from_secs)
         .unwrap_or(DEFAULT_HEARTBEAT_INTERVAL);
+    // The first heartbeat goes out at once: a claim does not arm the heartbeat deadline
+    // (MoRAG's client never heartbeats), the first heartbeat does, and until then a worker
+    // that dies leaves its job to the execution timeout. It costs one write per job
+    // (BENCHMARKS.md, worker-overhead) and runs beside the work, not before it.
     let mut last_beat: Option<tokio::time::Instant> = None;
     loop {
         if let Some(last) = last_beat {
@@ -446,17 +478,18 @@ async fn work_on(
                 Ok(metadata) => metadata,
                 Err(problem) => {
                     return JobEnd::Submit {
-                        body: json!({"success": false, "error_message": problem, "retryable": false}),
+                        body: failure(problem, false),
                         outcome: "failed (bad metadata)".into(),
                     }
                 }
             };
             JobEnd::Submit {
-                body: json!({
-                    "success": true,
-                    "content": String::from_utf8_lossy(&finished.stdout),
-                    "metadata": metadata,
-                }),
+                body: SubmitResultRequest {
+                    success: true,
+                    content: Some(String::from_utf8_lossy(&finished.stdout).into_owned()),
+                    metadata: Some(metadata),
+                    ..Default::default()
+                },
                 outcome: "completed".into(),
             }
         }
@@ -486,12 +519,15 @@ async fn became_true(flag: &mut watch::Receiver<bool>) {
 /// job may go to another worker.
 fn local_failure(message: String) -> JobEnd {
     JobEnd::Submit {
-        body: json!({"success": false, "error_message": message, "retryable": true}),
+        body: failure(message, true),
         outcome: "failed on this worker".into(),
     }
 }
 
 /// Success, or the failure to submit for a non-zero exit or a signal.
+// The failure is the request the caller submits as it is, once per job: boxing it to make
+// the `Err` small would buy nothing.
+#[allow(clippy::result_large_err)]
 fn judge_exit(
     status: std::process::ExitStatus,
     stderr_tail: &str,
@@ -512,7 +548,7 @@ fn judge_exit(
         format!("the command failed ({how}): {stderr_tail}")
     };
     Err(JobEnd::Submit {
-        body: json!({"success": false, "error_message": message, "retryable": retryable}),
+        body: failure(message, retryable),
         outcome: format!(
             "failed ({how}{})",
             if retryable { "" } else { ", permanent" }
@@ -520,15 +556,25 @@ fn judge_exit(
     })
 }
 
+/// A failure to submit, retryable or final.
+fn failure(message: String, retryable: bool) -> SubmitResultRequest {
+    SubmitResultRequest {
+        success: false,
+        error_message: Some(message),
+        retryable: Some(retryable),
+        ..Default::default()
+    }
+}
+
 /// The metadata the command wrote, or an empty object when it wrote none.
-fn read_metadata(path: &Path) -> Result<Value, String> {
+fn read_metadata(path: &Path) -> Result<Map<String, Value>, String> {
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(json!({})),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Map::new()),
         Err(error) => return Err(format!("cannot read the command's metadata file: {error}")),
     };
     match serde_json::from_str::<Value>(&text) {
-        Ok(Value::Object(map)) => Ok(Value::Object(map)),
+        Ok(Value::Object(map)) => Ok(map),
         Ok(_) => Err("the command's metadata file is JSON but not an object".into()),
         Err(error) => Err(format!("the command's metadata file is not JSON: {error}")),
     }
@@ -552,6 +598,20 @@ mod tests {
     }
 
     #[test]
+    fn an_empty_answer_long_before_the_wait_is_early() {
+        let wait = Duration::from_secs(30);
+        assert!(answered_early(Duration::from_millis(3), wait));
+        assert!(!answered_early(Duration::from_secs(29), wait));
+        // A wait past the protocol's limit is cut to it before it is sent.
+        assert!(!answered_early(
+            Duration::from_secs(20),
+            Duration::from_secs(120)
+        ));
+        // Without a wait every empty answer is early: the next poll comes after a pause.
+        assert!(answered_early(Duration::from_millis(1), Duration::ZERO));
+    }
+
+    #[test]
     fn durations_take_seconds_and_humantime() {
         assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
         assert_eq!(parse_duration("0.5"), Ok(Duration::from_millis(500)));
@@ -572,9 +632,9 @@ mod tests {
         ) else {
             panic!("exit 1 is a failure")
         };
-        assert_eq!(body["retryable"], json!(true));
-        assert!(body["error_message"]
-            .as_str()
+        assert_eq!(body.retryable, Some(true));
+        assert!(body
+            .error_message
             .unwrap()
             .contains("exit code 1): bad input"));
         let Err(JobEnd::Submit { body, .. }) = judge_exit(
@@ -584,6 +644,6 @@ mod tests {
         ) else {
             panic!("exit 3 is a failure")
         };
-        assert_eq!(body["retryable"], json!(false));
+        assert_eq!(body.retryable, Some(false));
     }
 }

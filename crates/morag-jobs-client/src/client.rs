@@ -1,49 +1,66 @@
-//! The worker's side of the wire protocol: poll, download, heartbeat, result and release,
-//! each retried with backoff while the failure is transient (the network, a restarting
-//! server). Knows nothing of the server's internals: only URLs and JSON.
+//! The typed HTTP client: every request of the protocol (the worker's poll, download,
+//! heartbeat, result and release; ingestion's create, status and cancel), with the bodies
+//! of `wire`. Requests whose repetition is harmless and whose loss would cost work (results
+//! and releases) are retried with backoff while the failure is transient (the network, a
+//! restarting server). Knows nothing of the server's internals: only URLs and JSON.
 
 use std::path::Path;
 use std::time::Duration;
 
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::Value;
 use tokio::io::AsyncWriteExt;
+
+use crate::wire::{
+    CancelRequest, CreateJobRequest, CreateJobResponse, HeartbeatRequest, HeartbeatResponse,
+    JobStatusView, PollResponse, ReleaseRequest, SubmitResultRequest, SubmitResultResponse,
+    Timestamp, WORKER_ID_HEADER, WORKER_INSTANCE_HEADER, WORKER_VERSION_HEADER,
+};
 
 /// The first wait before a retry; each further one doubles, up to `RETRY_MAX_DELAY`.
 const RETRY_FIRST_DELAY: Duration = Duration::from_millis(200);
 const RETRY_MAX_DELAY: Duration = Duration::from_secs(5);
 /// The longest `wait` a poll may ask for.
-const MAX_POLL_WAIT: Duration = Duration::from_secs(30);
+pub const MAX_POLL_WAIT: Duration = Duration::from_secs(30);
 /// How long a request other than a poll or a download may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Headers sent with every request to the server, so that its worker registry can tell
-/// worker processes apart (MoRAG's client sends none of them, and need not): the worker's
-/// name (heartbeats and results carry none otherwise), an instance id new at each process
-/// start (a restarted worker never hides what its previous life left behind), and the
-/// version of this program.
-pub const WORKER_ID_HEADER: &str = "x-morag-worker-id";
-pub const WORKER_INSTANCE_HEADER: &str = "x-morag-worker-instance";
-pub const WORKER_VERSION_HEADER: &str = "x-morag-worker-version";
-
-/// A job the server handed out.
-#[derive(Clone, Debug, Deserialize)]
+/// A job the server handed out: a poll's answer when it carried a job and a lease.
+#[derive(Clone, Debug)]
 pub struct ClaimedJob {
     pub job_id: String,
     pub source_file_url: String,
     pub content_type: String,
-    #[serde(default)]
     pub task_options: Value,
+    /// The attempt's fencing token: heartbeats, the download, the result and a release
+    /// carry it, and the server refuses them once the attempt is no longer current.
     pub lease_id: String,
-    #[serde(default)]
+    pub attempt: Option<u32>,
+    pub execution_deadline: Option<Timestamp>,
     pub heartbeat_interval_seconds: Option<u64>,
 }
 
-#[derive(Deserialize)]
-struct PollAnswer {
-    job_id: Option<String>,
-    #[serde(flatten)]
-    rest: serde_json::Map<String, Value>,
+impl ClaimedJob {
+    /// The job in a poll's answer; `Ok(None)` when it carried none, an error when it
+    /// carried a job without what a worker needs (a server that hands out no leases).
+    pub fn from_poll(answer: PollResponse) -> Result<Option<ClaimedJob>, String> {
+        let Some(job_id) = answer.job_id else {
+            return Ok(None);
+        };
+        let missing = |field: &str| format!("the poll answer for job {job_id} has no {field}");
+        Ok(Some(ClaimedJob {
+            source_file_url: answer
+                .source_file_url
+                .ok_or_else(|| missing("source_file_url"))?,
+            content_type: answer.content_type.ok_or_else(|| missing("content_type"))?,
+            lease_id: answer.lease_id.ok_or_else(|| missing("lease_id"))?,
+            task_options: answer.task_options.unwrap_or(Value::Null),
+            attempt: answer.attempt,
+            execution_deadline: answer.execution_deadline,
+            heartbeat_interval_seconds: answer.heartbeat_interval_seconds,
+            job_id,
+        }))
+    }
 }
 
 /// Why a request failed.
@@ -70,11 +87,7 @@ impl ClientError {
     }
 }
 
-/// What a heartbeat answered.
-pub struct HeartbeatAnswer {
-    pub cancelled: bool,
-}
-
+/// One server, reached over a pooled HTTP client; cheap to clone.
 #[derive(Clone)]
 pub struct ServerClient {
     http: reqwest::Client,
@@ -85,6 +98,9 @@ pub struct ServerClient {
 }
 
 impl ServerClient {
+    /// A client for the server at `base_url` (`http://` is assumed when no scheme is
+    /// given), sending `api_key` as a bearer token: a worker key for the worker's requests,
+    /// an admin key for ingestion's.
     pub fn new(base_url: &str, api_key: Option<String>) -> anyhow::Result<Self> {
         let base = if base_url.contains("://") {
             base_url.trim_end_matches('/').to_owned()
@@ -154,18 +170,13 @@ impl ServerClient {
             .send()
             .await
             .map_err(transient)?;
-        let answer: PollAnswer = json_of(response).await?;
-        let Some(job_id) = answer.job_id else {
-            return Ok(None);
-        };
-        let mut fields = answer.rest;
-        fields.insert("job_id".into(), Value::String(job_id));
-        serde_json::from_value(Value::Object(fields))
-            .map(Some)
+        let answer: PollResponse = json_of(response).await?;
+        ClaimedJob::from_poll(answer)
             .map_err(|error| ClientError::Transient(format!("unexpected poll answer: {error}")))
     }
 
     /// Downloads the job's source into the file `into`.
+    /// Downloads the job's source into the file `into` (streamed, never held in memory).
     pub async fn download(&self, job: &ClaimedJob, into: &Path) -> Result<(), ClientError> {
         let mut response = self
             .request(reqwest::Method::GET, &job.source_file_url)
@@ -189,13 +200,19 @@ impl ServerClient {
             .map_err(|error| ClientError::Transient(format!("cannot write the source: {error}")))
     }
 
+    /// Reports that the attempt is alive, with its progress: the answer says whether the
+    /// job was cancelled; a lost lease is a refusal (`ClientError::attempt_lost`).
     pub async fn heartbeat(
         &self,
         job: &ClaimedJob,
         progress: Option<f64>,
         message: Option<&str>,
-    ) -> Result<HeartbeatAnswer, ClientError> {
-        let body = json!({"lease_id": job.lease_id, "progress": progress, "message": message});
+    ) -> Result<HeartbeatResponse, ClientError> {
+        let body = HeartbeatRequest {
+            lease_id: job.lease_id.clone(),
+            progress,
+            message: message.map(str::to_owned),
+        };
         let response = self
             .request(
                 reqwest::Method::POST,
@@ -206,31 +223,21 @@ impl ServerClient {
             .send()
             .await
             .map_err(transient)?;
-        let answer: Value = json_of(response).await?;
-        Ok(HeartbeatAnswer {
-            cancelled: answer["cancelled"].as_bool().unwrap_or(false),
-        })
+        json_of(response).await
     }
 
     /// Submits the attempt's result, retrying transient failures for up to `patience`.
+    /// The request's `lease_id` is set from the job.
     pub async fn submit_result(
         &self,
         job: &ClaimedJob,
-        body: Value,
+        mut body: SubmitResultRequest,
         patience: Duration,
-    ) -> Result<(), ClientError> {
+    ) -> Result<SubmitResultResponse, ClientError> {
+        body.lease_id = Some(job.lease_id.clone());
         let path = format!("/api/v1/remote-jobs/{}/result", job.job_id);
-        with_retries(patience, || async {
-            let response = self
-                .request(reqwest::Method::PUT, &path)
-                .json(&body)
-                .timeout(REQUEST_TIMEOUT)
-                .send()
-                .await
-                .map_err(transient)?;
-            json_of::<Value>(response).await.map(|_| ())
-        })
-        .await
+        self.send_with_retries(reqwest::Method::PUT, &path, &body, patience)
+            .await
     }
 
     /// Hands the attempt back: the job is claimable again at once, no retry spent.
@@ -239,18 +246,85 @@ impl ServerClient {
         job: &ClaimedJob,
         reason: &str,
         patience: Duration,
-    ) -> Result<(), ClientError> {
+    ) -> Result<JobStatusView, ClientError> {
         let path = format!("/api/v1/remote-jobs/{}/release", job.job_id);
-        let body = json!({"lease_id": job.lease_id, "reason": reason});
+        let body = ReleaseRequest {
+            lease_id: job.lease_id.clone(),
+            reason: Some(reason.to_owned()),
+        };
+        self.send_with_retries(reqwest::Method::POST, &path, &body, patience)
+            .await
+    }
+
+    /// Creates a job (ingestion's side; needs an admin key when the server has keys).
+    /// Not retried: a lost answer would create the job twice.
+    pub async fn create_job(
+        &self,
+        request: &CreateJobRequest,
+    ) -> Result<CreateJobResponse, ClientError> {
+        let response = self
+            .request(reqwest::Method::POST, "/api/v1/remote-jobs")
+            .json(request)
+            .timeout(REQUEST_TIMEOUT)
+            .send()
+            .await
+            .map_err(transient)?;
+        json_of(response).await
+    }
+
+    /// A job's status (MoRAG's `JobStatusResponse`).
+    pub async fn job_status(&self, job_id: &str) -> Result<JobStatusView, ClientError> {
+        let response = self
+            .request(
+                reqwest::Method::GET,
+                &format!("/api/v1/remote-jobs/{job_id}/status"),
+            )
+            .timeout(REQUEST_TIMEOUT)
+            .send()
+            .await
+            .map_err(transient)?;
+        json_of(response).await
+    }
+
+    /// Cancels a job (an admin's request); a worker holding it learns at its next heartbeat.
+    pub async fn cancel_job(
+        &self,
+        job_id: &str,
+        reason: Option<&str>,
+    ) -> Result<JobStatusView, ClientError> {
+        let body = CancelRequest {
+            reason: reason.map(str::to_owned),
+        };
+        let response = self
+            .request(
+                reqwest::Method::POST,
+                &format!("/api/v1/remote-jobs/{job_id}/cancel"),
+            )
+            .json(&body)
+            .timeout(REQUEST_TIMEOUT)
+            .send()
+            .await
+            .map_err(transient)?;
+        json_of(response).await
+    }
+
+    /// Sends `body` to `path` until it is answered, refused, or `patience` is spent.
+    async fn send_with_retries<B: Serialize, T: serde::de::DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: &B,
+        patience: Duration,
+    ) -> Result<T, ClientError> {
         with_retries(patience, || async {
             let response = self
-                .request(reqwest::Method::POST, &path)
-                .json(&body)
+                .request(method.clone(), path)
+                .json(body)
                 .timeout(REQUEST_TIMEOUT)
                 .send()
                 .await
                 .map_err(transient)?;
-            json_of::<Value>(response).await.map(|_| ())
+            json_of(response).await
         })
         .await
     }
@@ -288,6 +362,7 @@ pub fn next_delay(delay: Duration) -> Duration {
         .max(RETRY_FIRST_DELAY)
 }
 
+/// The wait before the first retry.
 pub fn first_delay() -> Duration {
     RETRY_FIRST_DELAY
 }
