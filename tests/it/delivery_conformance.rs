@@ -661,28 +661,7 @@ async fn postgres_hand_offs_wake_the_dispatchers_of_other_replicas() {
     second.close().await.unwrap();
 }
 
-macro_rules! delivery_conformance {
-    ($($case:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    super::$case(super::open_sqlite().await).await
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    super::$case(super::open_postgres().await).await
-                }
-            )*
-        }
-    };
-}
-
-delivery_conformance!(
+on_both_backends!(
     hand_offs_fan_out_once_per_sink_with_one_event_id,
     claimed_events_carry_the_outcome_as_it_was_handed_off,
     attempts_are_fenced_by_their_claim_and_retried_until_dead,

@@ -345,28 +345,7 @@ pub async fn identical_creates_racing_make_one_job(s: TestStore) {
     assert_eq!(stats.status_counts.get(&JobStatus::Pending), Some(&2));
 }
 
-macro_rules! idempotency_conformance {
-    ($($case:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    super::$case(super::open_sqlite().await).await
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    super::$case(super::open_postgres().await).await
-                }
-            )*
-        }
-    };
-}
-
-idempotency_conformance!(
+on_both_backends!(
     a_repeated_create_with_the_same_key_answers_with_the_first_job,
     a_create_repeating_an_unfinished_job_of_its_ingestion_task_is_that_job,
     identical_creates_racing_make_one_job,

@@ -1,6 +1,30 @@
 //! The one integration-test binary. Every test runs the real server (or the real store)
 //! against a real SQLite file in a temp directory.
 
+/// Runs each named conformance case, an `async fn(TestStore)` of the calling module, once
+/// on a fresh SQLite store and once on a fresh PostgreSQL database (`open_sqlite` and
+/// `open_postgres` must be in scope there): one suite, both backends.
+macro_rules! on_both_backends {
+    ($($case:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(super::open_sqlite().await).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(super::open_postgres().await).await
+                }
+            )*
+        }
+    };
+}
+
 mod support;
 
 mod api;

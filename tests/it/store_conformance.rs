@@ -1476,28 +1476,7 @@ pub async fn imported_jobs_are_stored_as_they_are_and_only_once(s: TestStore) {
     );
 }
 
-macro_rules! conformance {
-    ($($case:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    super::$case(super::open_sqlite().await).await
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    super::$case(super::open_postgres().await).await
-                }
-            )*
-        }
-    };
-}
-
-conformance!(
+on_both_backends!(
     create_then_read_back,
     claims_take_the_oldest_due_job_of_the_requested_types,
     a_job_is_claimed_once_however_many_claim_at_once,

@@ -229,28 +229,7 @@ async fn gone_workers_are_deleted_past_the_cutoff_only(test: TestStore) {
     assert_eq!(listed(store).await.len(), 2);
 }
 
-macro_rules! worker_registry_conformance {
-    ($($case:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    super::$case(super::open_sqlite().await).await
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    super::$case(super::open_postgres().await).await
-                }
-            )*
-        }
-    };
-}
-
-worker_registry_conformance!(
+on_both_backends!(
     batches_merge_into_one_record_per_worker_process,
     concurrent_flushes_for_one_worker_all_count,
     gone_workers_are_deleted_past_the_cutoff_only,
