@@ -55,6 +55,7 @@ impl App {
             long_poll_slots: tokio::sync::Semaphore::new(config_long_polls),
             write_probe: std::sync::Mutex::new(None),
             dispatcher,
+            cleanup_progress: Arc::default(),
         });
         Ok(App {
             context,
@@ -133,7 +134,8 @@ pub fn monitor_for(context: &AppContext) -> Monitor {
             context.clock.clone(),
             config.files_dir.clone(),
         )
-        .fanning_out_first(context.dispatcher.clone()),
+        .fanning_out_first(context.dispatcher.clone())
+        .reporting_to(context.cleanup_progress.clone()),
         MonitorSettings {
             policy: config.policy.clone(),
             monitor_interval: config.monitor_interval,

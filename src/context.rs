@@ -27,4 +27,7 @@ pub struct AppContext {
     /// Delivers job outcomes to the configured sinks (runs in the background; cleanup, a
     /// redrive and tests also call it).
     pub dispatcher: Arc<crate::delivery::dispatcher::Dispatcher>,
+    /// What the monitor's last retention cleanup did (for the statistics), and whether
+    /// it keeps up with job creation.
+    pub cleanup_progress: Arc<crate::monitor::CleanupProgress>,
 }

@@ -285,6 +285,11 @@ pub async fn statistics(
     let deliveries = context.store.delivery_statistics().await?;
     let mut view = StatisticsView::new(stats, now);
     view.deliveries = super::deliveries::DeliveryStatisticsView::new(deliveries, now);
+    view.cleanup = context
+        .cleanup_progress
+        .last_pass()
+        .as_ref()
+        .map(super::views::CleanupPassView::new);
     Ok(Json(view))
 }
 

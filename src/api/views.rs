@@ -271,6 +271,49 @@ pub struct StatisticsView {
     pub timestamp: Timestamp,
     /// Pending and dead deliveries per sink, and the oldest pending one's age.
     pub deliveries: super::deliveries::DeliveryStatisticsView,
+    /// The monitor's last retention cleanup; `null` before the first one.
+    pub cleanup: Option<CleanupPassView>,
+}
+
+/// The monitor's last retention cleanup pass.
+#[derive(Serialize)]
+pub struct CleanupPassView {
+    pub finished_at: Timestamp,
+    pub jobs_deleted: usize,
+    pub seconds: f64,
+    /// The share of the pass's time its batches kept the store busy.
+    pub store_busy_share: f64,
+    /// False when the pass ran out of time with finished jobs past retention left:
+    /// cleanup cannot keep up with job creation, and storage grows.
+    pub keeping_up: bool,
+    /// Passes in a row that could not finish.
+    pub passes_behind: u32,
+    /// Free space returned to the file system after the pass (SQLite).
+    pub released_mb: f64,
+}
+
+impl CleanupPassView {
+    pub fn new(pass: &crate::monitor::CleanupPass) -> Self {
+        let summary = &pass.summary;
+        let elapsed = summary.elapsed.as_secs_f64();
+        let round = |value: f64, places: i32| {
+            let scale = 10f64.powi(places);
+            (value * scale).round() / scale
+        };
+        CleanupPassView {
+            finished_at: pass.finished_at,
+            jobs_deleted: summary.n_jobs_deleted,
+            seconds: round(elapsed, 3),
+            store_busy_share: if elapsed > 0.0 {
+                round(summary.busy.as_secs_f64() / elapsed, 3)
+            } else {
+                0.0
+            },
+            keeping_up: summary.caught_up,
+            passes_behind: pass.passes_behind,
+            released_mb: round(summary.released_bytes as f64 / (1024.0 * 1024.0), 2),
+        }
+    }
 }
 
 impl StatisticsView {
@@ -289,6 +332,7 @@ impl StatisticsView {
             recent_jobs_24h: stats.created_last_24h,
             timestamp: now,
             deliveries: Default::default(),
+            cleanup: None,
         }
     }
 }

@@ -24,5 +24,6 @@ mod race;
 mod readme;
 mod replicas;
 mod store_conformance;
+mod sustained;
 mod test_script;
 mod worker;
