@@ -283,6 +283,8 @@ pub struct CleanupPassView {
     pub seconds: f64,
     /// The share of the pass's time its batches kept the store busy.
     pub store_busy_share: f64,
+    /// The share they were allowed: 0.1, more (up to 0.3) while cleanup catches up.
+    pub store_share_allowed: f64,
     /// False when the pass ran out of time with finished jobs past retention left:
     /// cleanup cannot keep up with job creation, and storage grows.
     pub keeping_up: bool,
@@ -309,6 +311,7 @@ impl CleanupPassView {
             } else {
                 0.0
             },
+            store_share_allowed: round(summary.store_share_allowed, 3),
             keeping_up: summary.caught_up,
             passes_behind: pass.passes_behind,
             released_mb: round(summary.released_bytes as f64 / (1024.0 * 1024.0), 2),

@@ -7,7 +7,12 @@
 //! batches take at most `YIELDING_STORE_SHARE` of the pass's wall time. A pass that runs
 //! out of its time budget (the cleanup interval) with jobs still to delete cannot keep
 //! up with job creation: it says so in a warning and in the statistics
-//! (`CleanupProgress`). After a pass, SQLite's free pages that stayed free since the
+//! (`CleanupProgress`), and the next pass may take a larger share, up to
+//! `CATCH_UP_STORE_SHARE`, coming back down to 10% once passes catch up. Deleting a job
+//! costs the store about a third of what creating, claiming and completing it did (the
+//! soak in BENCHMARKS.md), so at full load 10% keeps up with only about a third of the
+//! creation rate: a fixed 10% would let storage grow without bound under the load the
+//! server is meant to carry. After a pass, SQLite's free pages that stayed free since the
 //! last passes are returned to the file system, paced the same way.
 
 use std::collections::VecDeque;
@@ -26,6 +31,8 @@ use crate::store::{CleanupParams, Store, StoreError};
 /// The share of wall time a yielding pass may keep the store busy (SQLite: hold its one
 /// writer): 10%, so requests keep at least 90% of the store while a pass runs.
 pub const YIELDING_STORE_SHARE: f64 = 0.10;
+/// The most a yielding pass may take while cleanup is behind: requests keep 70%.
+pub const CATCH_UP_STORE_SHARE: f64 = 0.30;
 /// How long one batch should keep the store busy: short enough that a request queued
 /// behind it barely notices, long enough that a batch's fixed costs stay small.
 pub const TARGET_BATCH_BUSY: Duration = Duration::from_millis(10);
@@ -45,6 +52,8 @@ pub struct Pacing {
     /// The largest share of wall time the pass's batches may keep the store busy; after
     /// each batch the cleaner pauses for the rest. 1.0 never pauses.
     pub max_store_share: f64,
+    /// The share passes may rise to while they fall behind (`next_share`).
+    pub catch_up_store_share: f64,
     /// The longest a pass may run. A pass that ends here with jobs left to delete fell
     /// behind; the rest waits for the next pass.
     pub time_budget: Option<Duration>,
@@ -55,6 +64,7 @@ impl Pacing {
     /// operator waits for its answer).
     pub const UNPACED: Pacing = Pacing {
         max_store_share: 1.0,
+        catch_up_store_share: 1.0,
         time_budget: None,
     };
 
@@ -63,7 +73,27 @@ impl Pacing {
     pub fn yielding(time_budget: Duration) -> Pacing {
         Pacing {
             max_store_share: YIELDING_STORE_SHARE,
+            catch_up_store_share: CATCH_UP_STORE_SHARE,
             time_budget: Some(time_budget),
+        }
+    }
+
+    /// The share the pass after one that took `share` may take: half as much again after
+    /// a pass that fell behind (up to the catch-up share), a fifth less after one that
+    /// caught up (down to the normal share).
+    pub fn next_share(&self, share: f64, caught_up: bool) -> f64 {
+        if caught_up {
+            (share * 0.8).max(self.max_store_share)
+        } else {
+            (share * 1.5).min(self.catch_up_store_share)
+        }
+    }
+
+    /// These settings with the share a pass may take now.
+    fn with_share(self, share: f64) -> Pacing {
+        Pacing {
+            max_store_share: share,
+            ..self
         }
     }
 
@@ -115,7 +145,7 @@ impl BatchSizer {
     }
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct CleanupSummary {
     pub n_jobs_deleted: usize,
     pub n_files_deleted: usize,
@@ -126,6 +156,8 @@ pub struct CleanupSummary {
     pub elapsed: Duration,
     /// False when the pass ran out of its time budget with jobs still to delete.
     pub caught_up: bool,
+    /// The share of wall time the pass's batches were allowed to keep the store busy.
+    pub store_share_allowed: f64,
     /// Free space returned to the file system after the pass (SQLite), in bytes.
     pub released_bytes: u64,
 }
@@ -188,6 +220,9 @@ pub struct Cleaner {
     progress: Option<Arc<CleanupProgress>>,
     /// The free space found at the start of recent passes (see `FREE_SPACE_MEMORY`).
     free_at_start: Arc<Mutex<VecDeque<u64>>>,
+    /// The share the next paced pass may take (`Pacing::next_share`); `None` before the
+    /// first pass.
+    next_share: Arc<Mutex<Option<f64>>>,
 }
 
 impl Cleaner {
@@ -199,6 +234,7 @@ impl Cleaner {
             dispatcher: None,
             progress: None,
             free_at_start: Arc::default(),
+            next_share: Arc::default(),
         }
     }
 
@@ -230,8 +266,18 @@ impl Cleaner {
         mut stop: Option<watch::Receiver<bool>>,
     ) -> Result<CleanupSummary, StoreError> {
         let started = Instant::now();
+        let base = pacing;
+        let share = self
+            .lock_next_share()
+            .unwrap_or(base.max_store_share)
+            .clamp(
+                base.max_store_share,
+                base.catch_up_store_share.max(base.max_store_share),
+            );
+        let pacing = base.with_share(share);
         let mut summary = CleanupSummary {
             caught_up: true,
+            store_share_allowed: share,
             ..CleanupSummary::default()
         };
         let free_at_start = self.store.storage_space().await?.free_bytes;
@@ -276,8 +322,20 @@ impl Cleaner {
             .release_unneeded_space(free_at_start, pacing, stop.as_mut())
             .await?;
         summary.elapsed = started.elapsed();
+        *self
+            .next_share
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) =
+            Some(base.next_share(share, summary.caught_up));
         self.report(&summary, pacing);
         Ok(summary)
+    }
+
+    fn lock_next_share(&self) -> Option<f64> {
+        *self
+            .next_share
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Returns the free space that was free at the start of each recent pass: it was not
@@ -352,7 +410,7 @@ impl Cleaner {
                 jobs = summary.n_jobs_deleted,
                 seconds = summary.elapsed.as_secs_f64(),
                 store_busy_seconds = summary.busy.as_secs_f64(),
-                max_store_share = pacing.max_store_share,
+                store_share_allowed = pacing.max_store_share,
                 passes_behind,
                 "cleanup cannot keep up with job creation: the pass used its time budget and \
                  finished jobs past retention remain; storage grows until passes catch up"
@@ -445,6 +503,25 @@ mod tests {
             Duration::ZERO
         );
         assert_eq!(Pacing::UNPACED.pause_after(busy, busy), Duration::ZERO);
+    }
+
+    #[test]
+    fn passes_that_fall_behind_take_more_of_the_store_up_to_the_catch_up_share() {
+        let pacing = Pacing::yielding(Duration::from_secs(30));
+        let mut share = YIELDING_STORE_SHARE;
+        let mut shares = Vec::new();
+        for _ in 0..4 {
+            share = pacing.next_share(share, false);
+            shares.push((share * 1000.0).round() / 1000.0);
+        }
+        assert_eq!(shares, vec![0.15, 0.225, 0.3, 0.3]);
+        for _ in 0..10 {
+            share = pacing.next_share(share, true);
+        }
+        assert_eq!(
+            share, YIELDING_STORE_SHARE,
+            "back down once passes catch up"
+        );
     }
 
     #[test]

@@ -56,6 +56,8 @@ struct Sample {
     tables: BTreeMap<String, u64>,
     /// From the server's statistics: whether its last cleanup pass caught up.
     cleanup_keeping_up: Option<bool>,
+    /// From the server's statistics: the last cleanup pass, as one line.
+    cleanup_pass: String,
 }
 
 pub(super) async fn soak(target: &Target, args: &Args) -> anyhow::Result<Vec<Metric>> {
@@ -159,10 +161,19 @@ pub(super) async fn soak(target: &Target, args: &Args) -> anyhow::Result<Vec<Met
             rss_bytes: target.server_pids().iter().map(|pid| rss_bytes(*pid)).sum(),
             data_bytes,
             tables,
-            cleanup_keeping_up: cleanup_keeping_up(&target.api).await,
+            cleanup_keeping_up: None,
+            cleanup_pass: String::new(),
         };
+        let mut sample = sample;
+        if let Some(pass) = last_cleanup_pass(&target.api).await {
+            sample.cleanup_keeping_up = pass["keeping_up"].as_bool();
+            sample.cleanup_pass = format!(
+                "{} jobs in {} s, store busy {}",
+                pass["jobs_deleted"], pass["seconds"], pass["store_busy_share"]
+            );
+        }
         progress(&format!(
-            "  {:>5.0} s  {:>6.0} jobs/s  write p99 {:>6.1} ms  claim p99 {:>7.1} ms  RSS {:>5.1} MB  data {:>6.1} MB  cleanup {}  [{}]",
+            "  {:>5.0} s  {:>6.0} jobs/s  write p99 {:>6.1} ms  claim p99 {:>7.1} ms  RSS {:>5.1} MB  data {:>6.1} MB  cleanup {} ({})  [{}]",
             sample.at.as_secs_f64(),
             sample.jobs_per_sec,
             sample.write_p99_ms,
@@ -174,6 +185,7 @@ pub(super) async fn soak(target: &Target, args: &Args) -> anyhow::Result<Vec<Met
                 Some(false) => "BEHIND",
                 None => "not yet",
             },
+            sample.cleanup_pass,
             sample
                 .tables
                 .iter()
@@ -352,8 +364,8 @@ fn rss_bytes(pid: u32) -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-/// Whether the server's last cleanup pass kept up (`None` before its first pass).
-async fn cleanup_keeping_up(api: &Api) -> Option<bool> {
+/// The server's last cleanup pass from its statistics (`None` before its first pass).
+async fn last_cleanup_pass(api: &Api) -> Option<Value> {
     let (status, body) = api
         .request(Method::GET, "/api/v1/remote-jobs/statistics", None)
         .await
@@ -361,8 +373,9 @@ async fn cleanup_keeping_up(api: &Api) -> Option<bool> {
     if !status.is_success() {
         return None;
     }
-    let stats: Value = serde_json::from_slice(&body).ok()?;
-    stats["cleanup"]["keeping_up"].as_bool()
+    let mut stats: Value = serde_json::from_slice(&body).ok()?;
+    let pass = stats["cleanup"].take();
+    (!pass.is_null()).then_some(pass)
 }
 
 /// Measures the data size and the tables of the first server's store.
