@@ -8,7 +8,8 @@
 //! out of its time budget (the cleanup interval) with jobs still to delete cannot keep
 //! up with job creation: it says so in a warning and in the statistics
 //! (`CleanupProgress`), and the next pass may take a larger share, up to
-//! `CATCH_UP_STORE_SHARE`, coming back down to 10% once passes catch up. Deleting a job
+//! `CATCH_UP_STORE_SHARE`. Once passes catch up, each takes the share that spreads the
+//! last pass's work over most of the interval (at most 10% unless more was needed). Deleting a job
 //! costs the store about a third of what creating, claiming and completing it did (the
 //! soak in BENCHMARKS.md), so at full load 10% keeps up with only about a third of the
 //! creation rate: a fixed 10% would let storage grow without bound under the load the
@@ -33,6 +34,11 @@ use crate::store::{CleanupParams, Store, StoreError};
 pub const YIELDING_STORE_SHARE: f64 = 0.10;
 /// The most a yielding pass may take while cleanup is behind: requests keep 70%.
 pub const CATCH_UP_STORE_SHARE: f64 = 0.30;
+/// The least share a pass is given, however little there was to delete last time.
+const MIN_STORE_SHARE: f64 = 0.02;
+/// The part of its time budget a pass should take (`Pacing::next_share`), leaving room
+/// for a larger backlog than the last pass found.
+const SPREAD_OVER: f64 = 0.8;
 /// How long one batch should keep the store busy: short enough that a request queued
 /// behind it barely notices, long enough that a batch's fixed costs stay small.
 pub const TARGET_BATCH_BUSY: Duration = Duration::from_millis(10);
@@ -43,8 +49,9 @@ const MAX_BATCH: usize = 2_000;
 /// Free space returned to the file system per store call (SQLite: 1,024 pages of 4 KiB).
 const RELEASE_STEP_BYTES: u64 = 4 * 1024 * 1024;
 /// Passes whose starting free space is remembered: space free at the start of each of
-/// them was not needed even at the fullest point of the cycle, so it may go.
-const FREE_SPACE_MEMORY: usize = 3;
+/// them was not needed even at the fullest point of ten cycles, so it may go. Fewer made
+/// a steady but uneven load shrink and regrow the file (the soak in BENCHMARKS.md).
+const FREE_SPACE_MEMORY: usize = 10;
 
 /// How a cleanup pass shares the store with requests.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -78,15 +85,25 @@ impl Pacing {
         }
     }
 
-    /// The share the pass after one that took `share` may take: half as much again after
-    /// a pass that fell behind (up to the catch-up share), a fifth less after one that
-    /// caught up (down to the normal share).
-    pub fn next_share(&self, share: f64, caught_up: bool) -> f64 {
-        if caught_up {
-            (share * 0.8).max(self.max_store_share)
-        } else {
-            (share * 1.5).min(self.catch_up_store_share)
+    /// The share the pass after this one may take. After a pass that fell behind: half as
+    /// much again, up to the catch-up share. After one that caught up: the share that
+    /// would have spread its store time over `SPREAD_OVER` of its budget, at most the
+    /// normal share unless this pass needed more, and at least `MIN_STORE_SHARE`. A
+    /// cleanup spread over the interval slows requests a little all the time rather than
+    /// a lot for a few seconds of every interval.
+    pub fn next_share(&self, share: f64, caught_up: bool, busy: Duration) -> f64 {
+        let ceiling = self.catch_up_store_share.max(self.max_store_share);
+        if !caught_up {
+            return (share * 1.5).min(ceiling);
         }
+        let Some(budget) = self.time_budget else {
+            return self.max_store_share;
+        };
+        let spread = busy.as_secs_f64() / (budget.as_secs_f64() * SPREAD_OVER);
+        spread
+            .max(MIN_STORE_SHARE)
+            .min(share.max(self.max_store_share))
+            .min(ceiling)
     }
 
     /// These settings with the share a pass may take now.
@@ -271,7 +288,7 @@ impl Cleaner {
             .lock_next_share()
             .unwrap_or(base.max_store_share)
             .clamp(
-                base.max_store_share,
+                MIN_STORE_SHARE.min(base.max_store_share),
                 base.catch_up_store_share.max(base.max_store_share),
             );
         let pacing = base.with_share(share);
@@ -326,7 +343,7 @@ impl Cleaner {
             .next_share
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) =
-            Some(base.next_share(share, summary.caught_up));
+            Some(base.next_share(share, summary.caught_up, summary.busy));
         self.report(&summary, pacing);
         Ok(summary)
     }
@@ -506,22 +523,25 @@ mod tests {
     }
 
     #[test]
-    fn passes_that_fall_behind_take_more_of_the_store_up_to_the_catch_up_share() {
+    fn passes_take_the_share_that_spreads_their_work_over_the_interval() {
         let pacing = Pacing::yielding(Duration::from_secs(30));
+        let busy = |secs: f64| Duration::from_secs_f64(secs);
+        // Falling behind: half as much again each time, up to the catch-up share.
         let mut share = YIELDING_STORE_SHARE;
         let mut shares = Vec::new();
         for _ in 0..4 {
-            share = pacing.next_share(share, false);
+            share = pacing.next_share(share, false, busy(9.0));
             shares.push((share * 1000.0).round() / 1000.0);
         }
         assert_eq!(shares, vec![0.15, 0.225, 0.3, 0.3]);
-        for _ in 0..10 {
-            share = pacing.next_share(share, true);
-        }
-        assert_eq!(
-            share, YIELDING_STORE_SHARE,
-            "back down once passes catch up"
-        );
+        // Caught up with 6 s of store time: 6 s over 24 s (80% of 30 s) is a quarter.
+        let rounded = |share: f64| (share * 1000.0).round() / 1000.0;
+        assert_eq!(rounded(pacing.next_share(0.3, true, busy(6.0))), 0.25);
+        // Little work: less than 10%, down to the floor.
+        assert_eq!(rounded(pacing.next_share(0.1, true, busy(1.2))), 0.05);
+        assert_eq!(pacing.next_share(0.1, true, busy(0.0)), MIN_STORE_SHARE);
+        // More than 10% only when the last pass needed more.
+        assert_eq!(pacing.next_share(0.1, true, busy(6.0)), YIELDING_STORE_SHARE);
     }
 
     #[test]
