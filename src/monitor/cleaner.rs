@@ -9,7 +9,7 @@
 //! up with job creation: it says so in a warning and in the statistics
 //! (`CleanupProgress`), and the next pass may take a larger share, up to
 //! `CATCH_UP_STORE_SHARE`. Once passes catch up, each takes the share that spreads the
-//! last pass's work over most of the interval (at most 10% unless more was needed). Deleting a job
+//! last pass's work over most of the interval, and at least 10%. Deleting a job
 //! costs the store about a third of what creating, claiming and completing it did (the
 //! soak in BENCHMARKS.md), so at full load 10% keeps up with only about a third of the
 //! creation rate: a fixed 10% would let storage grow without bound under the load the
@@ -34,8 +34,6 @@ use crate::store::{CleanupParams, Store, StoreError};
 pub const YIELDING_STORE_SHARE: f64 = 0.10;
 /// The most a yielding pass may take while cleanup is behind: requests keep 70%.
 pub const CATCH_UP_STORE_SHARE: f64 = 0.30;
-/// The least share a pass is given, however little there was to delete last time.
-const MIN_STORE_SHARE: f64 = 0.02;
 /// The part of its time budget a pass should take (`Pacing::next_share`), leaving room
 /// for a larger backlog than the last pass found.
 const SPREAD_OVER: f64 = 0.8;
@@ -87,10 +85,9 @@ impl Pacing {
 
     /// The share the pass after this one may take. After a pass that fell behind: half as
     /// much again, up to the catch-up share. After one that caught up: the share that
-    /// would have spread its store time over `SPREAD_OVER` of its budget, at most the
-    /// normal share unless this pass needed more, and at least `MIN_STORE_SHARE`. A
-    /// cleanup spread over the interval slows requests a little all the time rather than
-    /// a lot for a few seconds of every interval.
+    /// would have spread its store time over `SPREAD_OVER` of its budget, but never less
+    /// than the normal share (a pass that only finished off a backlog says little about
+    /// the next interval's work; going lower made the next passes fall behind again).
     pub fn next_share(&self, share: f64, caught_up: bool, busy: Duration) -> f64 {
         let ceiling = self.catch_up_store_share.max(self.max_store_share);
         if !caught_up {
@@ -100,10 +97,7 @@ impl Pacing {
             return self.max_store_share;
         };
         let spread = busy.as_secs_f64() / (budget.as_secs_f64() * SPREAD_OVER);
-        spread
-            .max(MIN_STORE_SHARE)
-            .min(share.max(self.max_store_share))
-            .min(ceiling)
+        spread.clamp(self.max_store_share, ceiling)
     }
 
     /// These settings with the share a pass may take now.
@@ -288,7 +282,7 @@ impl Cleaner {
             .lock_next_share()
             .unwrap_or(base.max_store_share)
             .clamp(
-                MIN_STORE_SHARE.min(base.max_store_share),
+                base.max_store_share,
                 base.catch_up_store_share.max(base.max_store_share),
             );
         let pacing = base.with_share(share);
@@ -537,11 +531,9 @@ mod tests {
         // Caught up with 6 s of store time: 6 s over 24 s (80% of 30 s) is a quarter.
         let rounded = |share: f64| (share * 1000.0).round() / 1000.0;
         assert_eq!(rounded(pacing.next_share(0.3, true, busy(6.0))), 0.25);
-        // Little work: less than 10%, down to the floor.
-        assert_eq!(rounded(pacing.next_share(0.1, true, busy(1.2))), 0.05);
-        assert_eq!(pacing.next_share(0.1, true, busy(0.0)), MIN_STORE_SHARE);
-        // More than 10% only when the last pass needed more.
-        assert_eq!(pacing.next_share(0.1, true, busy(6.0)), YIELDING_STORE_SHARE);
+        // Little work: the normal share.
+        assert_eq!(pacing.next_share(0.3, true, busy(1.2)), YIELDING_STORE_SHARE);
+        assert_eq!(pacing.next_share(0.1, true, busy(0.0)), YIELDING_STORE_SHARE);
     }
 
     #[test]
