@@ -9,12 +9,11 @@
 //! up with job creation: it says so in a warning and in the statistics
 //! (`CleanupProgress`), and the next pass may take a larger share, up to
 //! `CATCH_UP_STORE_SHARE`. Once passes catch up, each takes the share that spreads the
-//! last pass's work over most of the interval, and at least 10%. Deleting a job
-//! costs the store about a third of what creating, claiming and completing it did (the
-//! soak in BENCHMARKS.md), so at full load 10% keeps up with only about a third of the
-//! creation rate: a fixed 10% would let storage grow without bound under the load the
-//! server is meant to carry. After a pass, SQLite's free pages that stayed free since the
-//! last passes are returned to the file system, paced the same way.
+//! last pass's work over most of the interval, and at least 10%. In the soak at full load
+//! (BENCHMARKS.md) cleanup needed 10 to 30% of SQLite's writer to keep up: a fixed 10%
+//! would let storage grow without bound under the load the server is meant to carry.
+//! After a pass, SQLite's free pages that stayed free through the last ten passes are
+//! returned to the file system, paced the same way.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -532,8 +531,14 @@ mod tests {
         let rounded = |share: f64| (share * 1000.0).round() / 1000.0;
         assert_eq!(rounded(pacing.next_share(0.3, true, busy(6.0))), 0.25);
         // Little work: the normal share.
-        assert_eq!(pacing.next_share(0.3, true, busy(1.2)), YIELDING_STORE_SHARE);
-        assert_eq!(pacing.next_share(0.1, true, busy(0.0)), YIELDING_STORE_SHARE);
+        assert_eq!(
+            pacing.next_share(0.3, true, busy(1.2)),
+            YIELDING_STORE_SHARE
+        );
+        assert_eq!(
+            pacing.next_share(0.1, true, busy(0.0)),
+            YIELDING_STORE_SHARE
+        );
     }
 
     #[test]
