@@ -19,8 +19,8 @@ use crate::store::{RescueParams, RescueReport, Store, StoreError};
 use crate::wakeups::Wakeups;
 
 pub use cleaner::{
-    BatchSizer, Cleaner, CleanupPass, CleanupProgress, CleanupSummary, Pacing, TARGET_BATCH_BUSY,
-    YIELDING_STORE_SHARE,
+    BatchSizer, Cleaner, CleanupPass, CleanupProgress, CleanupSummary, Pacing,
+    CATCH_UP_STORE_SHARE, TARGET_BATCH_BUSY, YIELDING_STORE_SHARE,
 };
 
 /// Jobs handled per store call; a pass repeats batches until one comes back short.
