@@ -57,6 +57,7 @@ impl App {
             write_probe: std::sync::Mutex::new(None),
             dispatcher,
             worker_registry: Arc::new(WorkerRegistry::default()),
+            cleanup_progress: Arc::default(),
         });
         Ok(App {
             context,
@@ -146,7 +147,8 @@ pub fn monitor_for(context: &AppContext) -> Monitor {
             context.clock.clone(),
             config.files_dir.clone(),
         )
-        .fanning_out_first(context.dispatcher.clone()),
+        .fanning_out_first(context.dispatcher.clone())
+        .reporting_to(context.cleanup_progress.clone()),
         MonitorSettings {
             policy: config.policy.clone(),
             monitor_interval: config.monitor_interval,

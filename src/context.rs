@@ -30,4 +30,7 @@ pub struct AppContext {
     pub dispatcher: Arc<crate::delivery::dispatcher::Dispatcher>,
     /// Worker activity gathered in memory until the next flush to the store.
     pub worker_registry: Arc<WorkerRegistry>,
+    /// What the monitor's last retention cleanup did (for the statistics), and whether
+    /// it keeps up with job creation.
+    pub cleanup_progress: Arc<crate::monitor::CleanupProgress>,
 }

@@ -286,6 +286,11 @@ pub async fn statistics(
     let mut view = StatisticsView::new(stats, now);
     view.deliveries = super::deliveries::DeliveryStatisticsView::new(deliveries, now);
     view.workers = super::workers::statistics(&context).await?;
+    view.cleanup = context
+        .cleanup_progress
+        .last_pass()
+        .as_ref()
+        .map(super::views::CleanupPassView::new);
     Ok(Json(view))
 }
 

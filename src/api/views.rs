@@ -186,6 +186,52 @@ pub struct StatisticsView {
     pub deliveries: super::deliveries::DeliveryStatisticsView,
     /// Healthy and stale workers, and the healthy ones per content type.
     pub workers: super::workers::WorkerStatisticsView,
+    /// The monitor's last retention cleanup; `null` before the first one.
+    pub cleanup: Option<CleanupPassView>,
+}
+
+/// The monitor's last retention cleanup pass.
+#[derive(Serialize)]
+pub struct CleanupPassView {
+    pub finished_at: Timestamp,
+    pub jobs_deleted: usize,
+    pub seconds: f64,
+    /// The share of the pass's time its batches kept the store busy.
+    pub store_busy_share: f64,
+    /// The share they were allowed: 0.1, more (up to 0.3) while cleanup catches up.
+    pub store_share_allowed: f64,
+    /// False when the pass ran out of time with finished jobs past retention left:
+    /// cleanup cannot keep up with job creation, and storage grows.
+    pub keeping_up: bool,
+    /// Passes in a row that could not finish.
+    pub passes_behind: u32,
+    /// Free space returned to the file system after the pass (SQLite).
+    pub released_mb: f64,
+}
+
+impl CleanupPassView {
+    pub fn new(pass: &crate::monitor::CleanupPass) -> Self {
+        let summary = &pass.summary;
+        let elapsed = summary.elapsed.as_secs_f64();
+        let round = |value: f64, places: i32| {
+            let scale = 10f64.powi(places);
+            (value * scale).round() / scale
+        };
+        CleanupPassView {
+            finished_at: pass.finished_at,
+            jobs_deleted: summary.n_jobs_deleted,
+            seconds: round(elapsed, 3),
+            store_busy_share: if elapsed > 0.0 {
+                round(summary.busy.as_secs_f64() / elapsed, 3)
+            } else {
+                0.0
+            },
+            store_share_allowed: round(summary.store_share_allowed, 3),
+            keeping_up: summary.caught_up,
+            passes_behind: pass.passes_behind,
+            released_mb: round(summary.released_bytes as f64 / (1024.0 * 1024.0), 2),
+        }
+    }
 }
 
 impl StatisticsView {
@@ -205,6 +251,7 @@ impl StatisticsView {
             timestamp: now,
             deliveries: Default::default(),
             workers: Default::default(),
+            cleanup: None,
         }
     }
 }

@@ -19,7 +19,10 @@ use crate::store::workers::DeleteGoneWorkersParams;
 use crate::store::{RescueParams, RescueReport, Store, StoreError};
 use crate::wakeups::Wakeups;
 
-pub use cleaner::{Cleaner, CleanupSummary};
+pub use cleaner::{
+    BatchSizer, Cleaner, CleanupPass, CleanupProgress, CleanupSummary, Pacing,
+    CATCH_UP_STORE_SHARE, TARGET_BATCH_BUSY, YIELDING_STORE_SHARE,
+};
 
 /// Jobs handled per store call; a pass repeats batches until one comes back short.
 const RESCUE_BATCH: usize = 500;
@@ -28,6 +31,8 @@ const RESCUE_BATCH: usize = 500;
 const DEADLINE_RECHECK: Duration = Duration::from_secs(1);
 /// Worker records deleted per store call.
 const WORKER_CLEANUP_BATCH: usize = 500;
+/// The least time a cleanup pass may take, however short the cleanup interval.
+const MIN_CLEANUP_BUDGET: Duration = Duration::from_secs(1);
 
 /// The monitor's settings, from the server's configuration.
 #[derive(Clone, Debug)]
@@ -107,10 +112,25 @@ impl Monitor {
         Ok(total)
     }
 
-    /// Deletes finished jobs past the configured retention, and their files; then the
-    /// records of workers gone for longer than the worker retention.
+    /// Deletes finished jobs past the configured retention, and their files, yielding to
+    /// requests (see `Pacing::yielding`; a pass takes at most the cleanup interval); then
+    /// the records of workers gone for longer than the worker retention.
     pub async fn cleanup_once(&self) -> Result<CleanupSummary, StoreError> {
-        let summary = self.cleaner.cleanup(self.settings.policy.retention).await?;
+        self.cleanup_pass(None).await
+    }
+
+    async fn cleanup_pass(
+        &self,
+        stop: Option<watch::Receiver<bool>>,
+    ) -> Result<CleanupSummary, StoreError> {
+        let summary = self
+            .cleaner
+            .cleanup_paced(
+                self.settings.policy.retention,
+                Pacing::yielding(self.settings.cleanup_interval.max(MIN_CLEANUP_BUDGET)),
+                stop,
+            )
+            .await?;
         self.cleanup_worker_records().await?;
         Ok(summary)
     }
@@ -154,12 +174,42 @@ impl Monitor {
         Ok(())
     }
 
-    /// Runs until `shutdown` turns true.
+    /// Runs until `shutdown` turns true. Retention cleanup runs beside the rescuer, not
+    /// in its loop: a yielding pass may take up to the cleanup interval, and deadlines
+    /// must still be acted on within about a second.
     pub async fn run(&self, shutdown: &mut watch::Receiver<bool>) {
+        let cleanup_shutdown = shutdown.clone();
+        tokio::join!(
+            self.run_rescuer(shutdown),
+            self.run_cleaner(cleanup_shutdown)
+        );
+    }
+
+    /// Retention cleanup every cleanup interval (the first within a minute of starting);
+    /// a pass that takes longer than the interval is followed by the next at once.
+    async fn run_cleaner(&self, mut shutdown: watch::Receiver<bool>) {
+        let interval = self.settings.cleanup_interval;
+        let mut next_cleanup = tokio::time::Instant::now() + interval.min(Duration::from_secs(60));
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(next_cleanup) => {}
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            }
+            if *shutdown.borrow() {
+                return;
+            }
+            let started = tokio::time::Instant::now();
+            if let Err(error) = self.cleanup_pass(Some(shutdown.clone())).await {
+                tracing::warn!(%error, "cleanup failed; retrying on the next interval");
+            }
+            next_cleanup = started + interval;
+        }
+    }
+
+    async fn run_rescuer(&self, shutdown: &mut watch::Receiver<bool>) {
         let config = &self.settings;
         let started = tokio::time::Instant::now();
         let mut next_full_pass = started;
-        let mut next_cleanup = started + config.cleanup_interval.min(Duration::from_secs(60));
         let mut next_stats = started + config.stats_log_interval;
         loop {
             if *shutdown.borrow() {
@@ -180,12 +230,6 @@ impl Monitor {
                 }
                 next_full_pass = now_instant + config.monitor_interval;
             }
-            if now_instant >= next_cleanup {
-                if let Err(error) = self.cleanup_once().await {
-                    tracing::warn!(%error, "cleanup failed; retrying on the next interval");
-                }
-                next_cleanup = now_instant + config.cleanup_interval;
-            }
             if now_instant >= next_stats {
                 if let Err(error) = self.log_statistics().await {
                     tracing::warn!(%error, "cannot read statistics");
@@ -193,7 +237,7 @@ impl Monitor {
                 next_stats = now_instant + config.stats_log_interval;
             }
             let sleep = self
-                .sleep_before_next_check(next_full_pass, next_cleanup, next_stats)
+                .sleep_before_next_check(next_full_pass, next_stats)
                 .await;
             tokio::select! {
                 _ = tokio::time::sleep(sleep) => {}
@@ -206,12 +250,11 @@ impl Monitor {
     async fn sleep_before_next_check(
         &self,
         next_full_pass: tokio::time::Instant,
-        next_cleanup: tokio::time::Instant,
         next_stats: tokio::time::Instant,
     ) -> Duration {
         let now_instant = tokio::time::Instant::now();
         let mut sleep = DEADLINE_RECHECK;
-        for instant in [next_full_pass, next_cleanup, next_stats] {
+        for instant in [next_full_pass, next_stats] {
             sleep = sleep.min(instant.saturating_duration_since(now_instant));
         }
         if let Ok(Some(deadline)) = self.store.next_deadline().await {

@@ -367,6 +367,22 @@ pub struct CleanupReport {
     /// Source files no remaining job refers to: the caller deletes those inside the
     /// server's own files directory.
     pub orphaned_source_files: Vec<String>,
+    /// How long the batch kept the store busy: on SQLite the time it held the writer
+    /// (not its wait in the writer's queue), on PostgreSQL its statements' round trips.
+    /// The cleaner paces itself by it.
+    pub busy: std::time::Duration,
+}
+
+/// The size of the database and the free space inside it (pages a deletion freed that
+/// new rows have not taken again), in bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StorageSpace {
+    /// The database's size on disk (SQLite: the main file, without the WAL; PostgreSQL:
+    /// `pg_database_size`).
+    pub database_bytes: u64,
+    /// Free space inside it that `release_free_space` could return to the file system
+    /// (SQLite's free pages; always 0 on PostgreSQL, where autovacuum manages free space).
+    pub free_bytes: u64,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -454,6 +470,14 @@ pub trait Store: DeliveryStore + WorkerRegistryStore + Send + Sync + 'static {
     /// How many finished jobs `cleanup_finished` with the same retention would delete;
     /// deletes nothing.
     fn count_cleanable(&self, params: CountCleanableParams) -> StoreFuture<'_, u64>;
+    /// The database's size and its free space.
+    fn storage_space(&self) -> StoreFuture<'_, StorageSpace>;
+    /// Returns at most `max_bytes` of the free space inside the database to the file
+    /// system, as a background write (SQLite: `PRAGMA incremental_vacuum`); answers how
+    /// many bytes it returned. PostgreSQL returns nothing here: its autovacuum makes
+    /// dead rows' space reusable, and the hot tables' settings keep it ahead (see the
+    /// migration `0008_autovacuum.sql`).
+    fn release_free_space(&self, max_bytes: u64) -> StoreFuture<'_, u64>;
     fn get_job(&self, id: JobId) -> StoreFuture<'_, Option<Job>>;
     fn get_job_detail(&self, id: JobId) -> StoreFuture<'_, Option<JobDetail>>;
     fn list_jobs(&self, params: ListParams) -> StoreFuture<'_, JobPage>;

@@ -813,6 +813,8 @@ pub struct CleanupPlanner {
     budget: usize,
     next_status: usize,
     report: CleanupReport,
+    /// Source files of the jobs deleted so far, to check once the deletions are done.
+    deleted_source_files: std::collections::BTreeSet<String>,
 }
 
 impl CleanupPlanner {
@@ -823,6 +825,7 @@ impl CleanupPlanner {
             budget: p.limit,
             next_status: 0,
             report: CleanupReport::default(),
+            deleted_source_files: Default::default(),
         }
     }
 
@@ -842,16 +845,21 @@ impl CleanupPlanner {
         None
     }
 
-    /// Records one deleted job. Returns whether the backend must look whether another job
-    /// still uses its source file (and then call `orphaned` if none does).
-    pub fn deleted(&mut self, source_file_path: &str) -> bool {
+    /// Records one deleted job and its source file.
+    pub fn deleted(&mut self, source_file_path: String) {
         self.report.n_deleted += 1;
         self.budget = self.budget.saturating_sub(1);
-        !self
-            .report
-            .orphaned_source_files
-            .iter()
-            .any(|known| known == source_file_path)
+        self.deleted_source_files.insert(source_file_path);
+    }
+
+    /// The deleted jobs' source files, each once: the backend looks, after all of the
+    /// pass's deletions (so a file two deleted jobs shared is not found still in use by
+    /// the second), whether another job still uses it, and calls `orphaned` if none does.
+    /// Many jobs share a file (MoRAG converts one upload in several ways): one look each.
+    pub fn source_files_to_check(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.deleted_source_files)
+            .into_iter()
+            .collect()
     }
 
     /// No remaining job uses this source file: the caller may delete it.

@@ -21,7 +21,7 @@ mod writer;
 
 use self::ops::*;
 use self::readers::ReaderPool;
-use self::writer::{writer_loop, Checkpointer, Finisher, WriteJob};
+use self::writer::{writer_loop, Checkpointer, Finisher, QueuedWrite, WriteJob};
 use super::*;
 
 mod idempotent_create;
@@ -43,6 +43,10 @@ mod deliveries;
 /// for the log to restart, which needs a checkpoint with no write in between.
 const WRITER_AUTOCHECKPOINT_PAGES: i64 = 10_000;
 
+/// The WAL file is truncated back to this size whenever a checkpoint lets the log start
+/// over (`journal_size_limit`): without it the file keeps the size of its longest burst.
+const WAL_SIZE_LIMIT_BYTES: i64 = 64 * 1024 * 1024;
+
 pub use super::Durability;
 
 #[derive(Clone, Debug)]
@@ -52,7 +56,7 @@ pub struct SqliteOptions {
 }
 
 pub struct SqliteStore {
-    writer: Mutex<Option<mpsc::Sender<WriteJob>>>,
+    writer: Mutex<Option<mpsc::Sender<QueuedWrite>>>,
     writer_thread: Mutex<Option<JoinHandle<()>>>,
     readers: Arc<ReaderPool>,
     path: PathBuf,
@@ -69,12 +73,13 @@ impl SqliteStore {
         }
         let mut conn = Connection::open(&options.path).map_err(sql_error)?;
         configure(&conn, options.durability).map_err(sql_error)?;
+        use_incremental_auto_vacuum(&conn)?;
         migrate(&mut conn)?;
         conn.pragma_update(None, "wal_autocheckpoint", WRITER_AUTOCHECKPOINT_PAGES)
             .map_err(sql_error)?;
         let checkpointer = Checkpointer::start(&options.path, options.durability)?;
 
-        let (sender, receiver) = mpsc::channel::<WriteJob>();
+        let (sender, receiver) = mpsc::channel::<QueuedWrite>();
         let writer_thread = std::thread::Builder::new()
             .name("sqlite-writer".into())
             .spawn(move || writer_loop(conn, receiver, checkpointer))
@@ -102,6 +107,24 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
+        self.queue_write(operation, false)
+    }
+
+    /// Runs maintenance `operation` on the writer thread in a transaction of its own,
+    /// after the requests' writes queued with it (see `writer::QueuedWrite`).
+    fn write_in_background<T, F>(&self, operation: F) -> StoreFuture<'_, T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.queue_write(operation, true)
+    }
+
+    fn queue_write<T, F>(&self, operation: F, background: bool) -> StoreFuture<'_, T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
         let (reply, answer) = oneshot::channel::<Result<T, StoreError>>();
         let job: WriteJob = Box::new(move |conn| {
             let result = operation(conn);
@@ -115,7 +138,7 @@ impl SqliteStore {
             (finish, ok)
         });
         let sent = match self.writer.lock().expect("writer lock").as_ref() {
-            Some(sender) => sender.send(job).is_ok(),
+            Some(sender) => sender.send(QueuedWrite { job, background }).is_ok(),
             None => false,
         };
         Box::pin(async move {
@@ -173,6 +196,39 @@ fn configure(conn: &Connection, durability: Durability) -> rusqlite::Result<()> 
     conn.pragma_update(None, "synchronous", synchronous)?;
     conn.pragma_update(None, "cache_size", -65536)?; // 64 MiB
     conn.pragma_update(None, "temp_store", "MEMORY")?;
+    conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT_BYTES)?;
+    Ok(())
+}
+
+/// Makes the database reuse and return freed pages (`auto_vacuum = INCREMENTAL`): the
+/// cleaner then hands pages that stayed free back to the file system with `PRAGMA
+/// incremental_vacuum` (`release_free_space`). A new database gets the setting before
+/// its first table, while rewriting it costs nothing. A database created before this
+/// version is rewritten once by `VACUUM` (logged; it takes about as long as copying the
+/// file and needs that much free disk space).
+fn use_incremental_auto_vacuum(conn: &Connection) -> Result<(), StoreError> {
+    const INCREMENTAL: i64 = 2;
+    let mode: i64 = conn.pragma_query_value(None, "auto_vacuum", |row| row.get(0))?;
+    if mode == INCREMENTAL {
+        return Ok(());
+    }
+    let tables: i64 = conn.query_row("SELECT count(*) FROM sqlite_schema", [], |row| row.get(0))?;
+    conn.pragma_update(None, "auto_vacuum", INCREMENTAL)?;
+    if tables == 0 {
+        // Switching to WAL already wrote the file's first page, so even an empty
+        // database takes the setting only through a VACUUM (instant while empty).
+        conn.execute_batch("VACUUM")?;
+    } else {
+        let started = std::time::Instant::now();
+        tracing::info!(
+            "converting the database to incremental auto-vacuum (a one-time VACUUM that rewrites the file)"
+        );
+        conn.execute_batch("VACUUM")?;
+        tracing::info!(
+            seconds = started.elapsed().as_secs_f64(),
+            "the database now returns free pages to the file system"
+        );
+    }
     Ok(())
 }
 
@@ -184,6 +240,7 @@ pub fn migrate_file(options: &SqliteOptions) -> Result<super::MigrationReport, S
     }
     let mut conn = Connection::open(&options.path).map_err(sql_error)?;
     configure(&conn, options.durability).map_err(sql_error)?;
+    use_incremental_auto_vacuum(&conn)?;
     migrate(&mut conn)
 }
 
@@ -287,11 +344,24 @@ impl Store for SqliteStore {
     }
 
     fn cleanup_finished(&self, params: CleanupParams) -> StoreFuture<'_, CleanupReport> {
-        self.write(move |conn| cleanup(conn, params))
+        self.write_in_background(move |conn| {
+            let started = std::time::Instant::now();
+            let mut report = cleanup(conn, params)?;
+            report.busy = started.elapsed();
+            Ok(report)
+        })
     }
 
     fn count_cleanable(&self, params: CountCleanableParams) -> StoreFuture<'_, u64> {
         self.read(move |conn| count_cleanable(conn, params))
+    }
+
+    fn storage_space(&self) -> StoreFuture<'_, StorageSpace> {
+        self.read(storage_space)
+    }
+
+    fn release_free_space(&self, max_bytes: u64) -> StoreFuture<'_, u64> {
+        self.write_in_background(move |conn| release_free_space(conn, max_bytes))
     }
 
     fn get_job(&self, id: JobId) -> StoreFuture<'_, Option<Job>> {
@@ -429,6 +499,57 @@ mod tests {
                 "{sql}\n{plan}"
             );
         }
+    }
+
+    fn auto_vacuum_mode(path: &Path) -> i64 {
+        let conn = Connection::open(path).unwrap();
+        conn.pragma_query_value(None, "auto_vacuum", |row| row.get(0))
+            .unwrap()
+    }
+
+    /// New databases reuse and return freed pages from the start; a database made by an
+    /// earlier version is converted once when opened; freed pages are then released.
+    #[test]
+    fn databases_use_incremental_auto_vacuum_and_release_free_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = |name: &str| SqliteOptions {
+            path: dir.path().join(name),
+            durability: Durability::Normal,
+        };
+        let fresh = options("fresh.sqlite3");
+        drop(SqliteStore::open(fresh.clone()).unwrap());
+        assert_eq!(auto_vacuum_mode(&fresh.path), 2, "INCREMENTAL");
+
+        // An earlier version's database: tables made without auto-vacuum, and rows.
+        let old = options("old.sqlite3");
+        let mut conn = Connection::open(&old.path).unwrap();
+        configure(&conn, Durability::Normal).unwrap();
+        migrate(&mut conn).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE filler (x TEXT); \
+             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2000) \
+             INSERT INTO filler SELECT hex(randomblob(500)) FROM n;",
+        )
+        .unwrap();
+        drop(conn);
+        assert_eq!(auto_vacuum_mode(&old.path), 0, "NONE");
+        migrate_file(&old).unwrap();
+        assert_eq!(auto_vacuum_mode(&old.path), 2, "converted");
+
+        let conn = Connection::open(&old.path).unwrap();
+        conn.execute_batch("DELETE FROM filler").unwrap();
+        let space = storage_space(&conn).unwrap();
+        assert!(space.free_bytes > 1_000_000, "{space:?}");
+        let released = release_free_space(&conn, 400 * 1024).unwrap();
+        assert_eq!(released, 400 * 1024, "at most what was asked");
+        let released_rest = release_free_space(&conn, u64::MAX).unwrap();
+        let after = storage_space(&conn).unwrap();
+        assert_eq!(released + released_rest, space.free_bytes);
+        assert_eq!(after.free_bytes, 0);
+        assert_eq!(
+            after.database_bytes,
+            space.database_bytes - space.free_bytes
+        );
     }
 
     #[test]

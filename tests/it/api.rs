@@ -975,6 +975,7 @@ async fn statistics_count_jobs_by_status_and_type_with_processing_times() {
         keys_of(&stats),
         [
             "avg_processing_times",
+            "cleanup",
             "content_type_counts",
             "deliveries",
             "recent_jobs_24h",

@@ -50,6 +50,7 @@ mod race;
 mod readme;
 mod replicas;
 mod store_conformance;
+mod sustained;
 mod test_script;
 mod worker;
 mod worker_registry_conformance;

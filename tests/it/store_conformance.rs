@@ -1476,6 +1476,75 @@ pub async fn imported_jobs_are_stored_as_they_are_and_only_once(s: TestStore) {
     );
 }
 
+/// Space freed by cleanup is reported, and what `release_free_space` returns to the file
+/// system leaves the database smaller by as much (SQLite; PostgreSQL's autovacuum makes
+/// freed space reusable inside its tables and reports none to release).
+pub async fn freed_space_is_reported_and_released(s: TestStore) {
+    let store = &*s.store;
+    let empty = store.storage_space().await.unwrap();
+    assert!(empty.database_bytes > 0, "{empty:?}");
+    let big_options = json!({"notes": "x".repeat(8_000)});
+    for n in 0..200 {
+        let job = store
+            .create_job(CreateJobParams {
+                id: JobId::new_random(),
+                content_type: ct("audio"),
+                source_file_path: format!("/data/files/{n}"),
+                task_options: big_options.clone(),
+                ingestion_task_id: format!("ingest-{n}"),
+                pending_deadline: None,
+                now: at(0),
+            })
+            .await
+            .unwrap();
+        store
+            .cancel_job(CancelParams {
+                job_id: job.id,
+                reason: "not needed".into(),
+                now: at(1),
+            })
+            .await
+            .unwrap();
+    }
+    store
+        .fan_out_handoffs(deliveries::FanOutParams {
+            sinks: vec![],
+            webhooks: false,
+            limit: 1_000,
+            now: at(2),
+        })
+        .await
+        .unwrap();
+    let full = store.storage_space().await.unwrap();
+    let report = store
+        .cleanup_finished(CleanupParams {
+            retention: RetentionPolicy::uniform(0),
+            limit: 1_000,
+            now: at(3),
+        })
+        .await
+        .unwrap();
+    assert_eq!(report.n_deleted, 200);
+    assert!(
+        report.busy > Duration::ZERO,
+        "the batch's store time is measured"
+    );
+    let cleaned = store.storage_space().await.unwrap();
+    assert!(cleaned.free_bytes <= cleaned.database_bytes, "{cleaned:?}");
+    let released = store.release_free_space(u64::MAX).await.unwrap();
+    assert_eq!(
+        released, cleaned.free_bytes,
+        "all free space goes when asked"
+    );
+    let after = store.storage_space().await.unwrap();
+    assert_eq!(after.free_bytes, 0, "{after:?}");
+    assert_eq!(after.database_bytes, cleaned.database_bytes - released);
+    assert!(
+        full.database_bytes >= 200 * 8_000,
+        "the jobs took space: {full:?}"
+    );
+}
+
 on_both_backends!(
     create_then_read_back,
     claims_take_the_oldest_due_job_of_the_requested_types,
@@ -1494,6 +1563,7 @@ on_both_backends!(
     cancelling_a_finished_job_keeps_its_outcome_and_hands_nothing_off_again,
     manual_retry_resets_the_budget_and_only_applies_to_failures,
     cleanup_deletes_only_finished_jobs_past_retention,
+    freed_space_is_reported_and_released,
     statistics_come_from_counters,
     listing_filters_and_pages_newest_first,
     closing_makes_later_calls_unavailable,

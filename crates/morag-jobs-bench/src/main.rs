@@ -20,6 +20,9 @@
 //! - `wakeup`: `longpoll` across replicas (PostgreSQL, `--replicas 2` or more): the workers
 //!   wait on the second replica, the jobs are created on the first, so every pickup
 //!   needs the cross-replica notification.
+//! - `soak`: `--soak-minutes` of lifecycle load with retention cleanup running (retention
+//!   0, cleanup every 30 s), sampling throughput, p99, RSS and the size of the data and
+//!   each table per interval (`bench/soak.rs`).
 //!
 //! With `--database-url postgres://...` the servers run on PostgreSQL: every measured run
 //! gets a fresh database `morag_jobs_bench_<random>`, created through the `postgres`
@@ -49,6 +52,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
+mod soak;
 mod worker_overhead;
 
 #[derive(Parser, Debug, Clone)]
@@ -149,6 +153,12 @@ struct Args {
     /// worker-overhead: the worker's `--concurrency`.
     #[arg(long, default_value_t = 1)]
     overhead_concurrency: usize,
+    /// soak: how long to keep the load up, in minutes.
+    #[arg(long, default_value_t = 10.0)]
+    soak_minutes: f64,
+    /// soak: seconds between samples.
+    #[arg(long, default_value_t = 10.0)]
+    soak_sample_secs: f64,
 
     /// Threads of the load generator's runtime (1: a current-thread runtime).
     #[arg(long, default_value_t = 1)]
@@ -170,6 +180,8 @@ enum Scenario {
     Longpoll,
     Wakeup,
     WorkerOverhead,
+    /// Not part of `all`: minutes of lifecycle load with retention cleanup running.
+    Soak,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -265,7 +277,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 run_index + 1,
                 args.runs
             ));
-            let limit = Duration::from_secs(args.timeout_secs);
+            let limit = match scenario {
+                // The soak's own length, plus time to start and stop.
+                Scenario::Soak => Duration::from_secs(
+                    args.timeout_secs
+                        .max((args.soak_minutes * 60.0) as u64 + 300),
+                ),
+                _ => Duration::from_secs(args.timeout_secs),
+            };
             let metrics = tokio::time::timeout(limit, run_scenario(scenario, &args))
                 .await
                 .map_err(|_| {
@@ -369,6 +388,11 @@ fn validate(args: &Args) -> anyhow::Result<()> {
     if args.fill == Fill::Sql && args.database_url.is_none() {
         bail!("--fill sql needs --database-url");
     }
+    if args.scenario == Scenario::Soak
+        && (args.url.is_some() || args.soak_minutes <= 0.0 || args.soak_sample_secs < 1.0)
+    {
+        bail!("the soak scenario starts its own server (no --url) and needs --soak-minutes above 0 and --soak-sample-secs of at least 1");
+    }
     if args.scenario == Scenario::Wakeup && args.replicas < 2 {
         bail!("the wakeup scenario needs --replicas 2 or more");
     }
@@ -383,6 +407,7 @@ fn scenario_name(scenario: Scenario) -> &'static str {
         Scenario::Longpoll => "longpoll",
         Scenario::Wakeup => "wakeup",
         Scenario::WorkerOverhead => "worker-overhead",
+        Scenario::Soak => "soak",
     }
 }
 
@@ -449,6 +474,15 @@ async fn run_scenario(scenario: Scenario, args: &Args) -> anyhow::Result<Vec<Met
         Scenario::WorkerOverhead => {
             let target = Target::open(args).await?;
             let metrics = worker_overhead::worker_overhead(&target, args).await;
+            target.close().await;
+            metrics
+        }
+        Scenario::Soak => {
+            let mut args = args.clone();
+            args.server_args
+                .extend(soak::SOAK_SERVER_ARGS.iter().map(|flag| flag.to_string()));
+            let target = Target::open(&args).await?;
+            let metrics = soak::soak(&target, &args).await;
             target.close().await;
             metrics
         }
@@ -1953,7 +1987,7 @@ fn median(values: &[f64]) -> f64 {
 
 fn format_value(value: f64, unit: &str) -> String {
     match unit {
-        "jobs/s" | "req/s" | "polls" | "jobs" => format!("{value:.0}"),
+        "jobs/s" | "req/s" | "polls" | "jobs" | "samples" | "yes" => format!("{value:.0}"),
         "ms" => format!("{value:.3}"),
         "us" => format!("{value:.1}"),
         _ => format!("{value:.2}"),
@@ -1978,6 +2012,12 @@ impl ScenarioReport {
             Scenario::WorkerOverhead => json!({
                 "jobs": args.overhead_jobs, "exec": args.overhead_exec,
                 "concurrency": args.overhead_concurrency,
+            }),
+            Scenario::Soak => json!({
+                "minutes": args.soak_minutes, "sample_secs": args.soak_sample_secs,
+                "workers": args.workers, "producers": args.producers,
+                "worker_wait_secs": args.worker_wait,
+                "server_args": soak::SOAK_SERVER_ARGS,
             }),
             Scenario::All => Value::Null,
         };

@@ -616,15 +616,22 @@ fn cleanup_goes_status_by_status_within_its_budget_and_reports_orphans_once() {
         (first.status, first.cutoff, first.limit),
         (Completed, at(93 * 86_400), 3)
     );
-    assert!(planner.deleted("/a"));
-    planner.orphaned("/a".into());
-    assert!(!planner.deleted("/a"), "already known to be orphaned");
+    planner.deleted("/a".into());
+    planner.deleted("/a".into());
     let second = planner.next_batch().unwrap();
     assert_eq!((second.status, second.limit), (Cancelled, 1));
     let third = planner.next_batch().unwrap();
     assert_eq!((third.status, third.cutoff), (Failed, at(86 * 86_400)));
-    assert!(planner.deleted("/b"));
+    planner.deleted("/b".into());
     assert_eq!(planner.next_batch(), None, "the budget is spent");
+    assert_eq!(
+        planner.source_files_to_check(),
+        vec!["/a".to_owned(), "/b".to_owned()],
+        "each file once, after all deletions"
+    );
+    assert!(planner.source_files_to_check().is_empty());
+    planner.orphaned("/a".into());
+    planner.orphaned("/a".into());
     assert_eq!(
         planner.stale_creation_counters_before(),
         minute_of(at(98 * 86_400))

@@ -17,19 +17,39 @@ pub(super) const RESCUE_SCAN_SQL: &str =
      execution_deadline, heartbeat_deadline \
      FROM jobs WHERE deadline_at IS NOT NULL AND deadline_at <= $1 \
      ORDER BY deadline_at LIMIT $2 FOR UPDATE SKIP LOCKED";
+/// The finished jobs of one status past a cutoff that cleanup may delete: their outcome is
+/// settled. A hand-off not yet fanned out, or a delivery still pending (or dead, unless
+/// the job was cancelled), keeps the job, and with it its hand-offs and deliveries.
+/// Written once, for the deleting statement and its dry-run count.
+macro_rules! cleanable_jobs_sql {
+    ($select:literal, $tail:literal) => {
+        concat!(
+            $select,
+            " FROM jobs WHERE status = $1 AND completed_at < $2 \
+             AND status IN ('completed', 'failed', 'timeout', 'cancelled') \
+             AND NOT EXISTS (SELECT 1 FROM handoffs h WHERE h.job_id = jobs.id AND h.fanned_out_at IS NULL) \
+             AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.job_id = jobs.id \
+                 AND (d.state = 'pending' OR (d.state = 'dead' AND jobs.status <> 'cancelled')))",
+            $tail
+        )
+    };
+}
+
 /// Finished jobs of one status past a cutoff, oldest first from the `jobs_finished` index,
 /// deleted with their history (by its primary key, which starts with the job).
-pub(super) const CLEANUP_SQL: &str = "WITH victims AS ( \
-         SELECT seq FROM jobs WHERE status = $1 AND completed_at < $2 \
-         AND status IN ('completed', 'failed', 'timeout', 'cancelled') \
-         AND NOT EXISTS (SELECT 1 FROM handoffs h WHERE h.job_id = jobs.id AND h.fanned_out_at IS NULL) \
-         AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.job_id = jobs.id \
-             AND (d.state = 'pending' OR (d.state = 'dead' AND jobs.status <> 'cancelled'))) \
-         ORDER BY completed_at LIMIT $3 FOR UPDATE SKIP LOCKED), \
+pub(super) const CLEANUP_SQL: &str = concat!(
+    "WITH victims AS (",
+    cleanable_jobs_sql!(
+        "SELECT seq",
+        " ORDER BY completed_at LIMIT $3 FOR UPDATE SKIP LOCKED"
+    ),
+    "), \
      gone AS (DELETE FROM jobs USING victims WHERE jobs.seq = victims.seq AND jobs.status = $1 \
          RETURNING jobs.completed_at, jobs.seq, jobs.source_file_path), \
      history AS (DELETE FROM job_history USING gone WHERE job_history.job_seq = gone.seq) \
-     SELECT completed_at, seq, source_file_path FROM gone";
+     SELECT completed_at, seq, source_file_path FROM gone"
+);
+
 pub(super) async fn rescue(conn: &mut Conn, p: RescueParams) -> Result<RescueReport, StoreError> {
     let report: RescueReport = in_transaction!(conn, "BEGIN", rescue_batch(conn, &p))?;
     // Folding counter deltas rides along the monitor's passes. The batch above is
@@ -180,12 +200,7 @@ pub(super) async fn compact_counters_batch(conn: &mut Conn) -> Result<u64, Store
 }
 
 /// The rows `CLEANUP_SQL` would delete, counted (without locking them).
-const COUNT_CLEANABLE_SQL: &str =
-    "SELECT count(*) FROM jobs WHERE status = $1 AND completed_at < $2 \
-     AND status IN ('completed', 'failed', 'timeout', 'cancelled') \
-     AND NOT EXISTS (SELECT 1 FROM handoffs h WHERE h.job_id = jobs.id AND h.fanned_out_at IS NULL) \
-     AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.job_id = jobs.id \
-         AND (d.state = 'pending' OR (d.state = 'dead' AND jobs.status <> 'cancelled')))";
+const COUNT_CLEANABLE_SQL: &str = cleanable_jobs_sql!("SELECT count(*)", "");
 
 pub(super) async fn count_cleanable(
     conn: &mut Conn,
@@ -208,9 +223,10 @@ pub(super) async fn cleanup(
     conn: &mut Conn,
     p: CleanupParams,
 ) -> Result<CleanupReport, StoreError> {
+    let started = std::time::Instant::now();
     let planner = plan::CleanupPlanner::new(&p);
     let stale_counters = planner.stale_creation_counters_before();
-    let report: CleanupReport = in_transaction!(conn, "BEGIN", cleanup_batch(conn, planner))?;
+    let mut report: CleanupReport = in_transaction!(conn, "BEGIN", cleanup_batch(conn, planner))?;
     let statement = conn
         .statement("DELETE FROM counters WHERE counter = 'created' AND minute < $1")
         .await?;
@@ -218,7 +234,20 @@ pub(super) async fn cleanup(
         .execute(&statement, &[&stale_counters])
         .await
         .map_err(pg_error)?;
+    report.busy = started.elapsed();
     Ok(report)
+}
+
+/// The database's size; PostgreSQL reports no free space to release (see
+/// `Store::release_free_space`).
+pub(super) async fn storage_space(conn: &mut Conn) -> Result<StorageSpace, StoreError> {
+    let bytes: i64 = conn
+        .query_value("SELECT pg_database_size(current_database())", &[])
+        .await?;
+    Ok(StorageSpace {
+        database_bytes: bytes.max(0) as u64,
+        free_bytes: 0,
+    })
 }
 
 pub(super) async fn cleanup_batch(
@@ -252,18 +281,18 @@ pub(super) async fn cleanup_batch(
             .collect::<Result<Vec<_>, StoreError>>()?;
         deleted.sort();
         for (_, _, source_file_path) in deleted {
-            if !planner.deleted(&source_file_path) {
-                continue;
-            }
-            let still_used: bool = conn
-                .query_value(
-                    "SELECT EXISTS (SELECT 1 FROM jobs WHERE source_file_path = $1)",
-                    &[&source_file_path],
-                )
-                .await?;
-            if !still_used {
-                planner.orphaned(source_file_path);
-            }
+            planner.deleted(source_file_path);
+        }
+    }
+    for source_file_path in planner.source_files_to_check() {
+        let still_used: bool = conn
+            .query_value(
+                "SELECT EXISTS (SELECT 1 FROM jobs WHERE source_file_path = $1)",
+                &[&source_file_path],
+            )
+            .await?;
+        if !still_used {
+            planner.orphaned(source_file_path);
         }
     }
     Ok(planner.finish())

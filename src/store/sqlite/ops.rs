@@ -20,25 +20,35 @@ pub(super) const RESCUE_SCAN_SQL: &str = "SELECT seq, status, lease_id, retry_co
      ORDER BY deadline_at LIMIT ?2";
 pub(super) const NEXT_DEADLINE_SQL: &str =
     "SELECT deadline_at FROM jobs WHERE deadline_at IS NOT NULL ORDER BY deadline_at LIMIT 1";
+/// The condition a finished job must meet to be deleted by cleanup, beyond its status and
+/// age: its outcome is settled. A hand-off not yet fanned out, or a delivery still pending
+/// (or dead, unless the job was cancelled), keeps the job, and with it its hand-offs and
+/// deliveries. Written once, for the scan and its dry-run count.
+macro_rules! cleanable_jobs_sql {
+    ($select:literal, $tail:literal) => {
+        concat!(
+            $select,
+            " FROM jobs INDEXED BY jobs_finished \
+             WHERE status = ?1 AND status IN ('completed', 'failed', 'timeout', 'cancelled') \
+             AND completed_at < ?2 \
+             AND NOT EXISTS (SELECT 1 FROM handoffs h WHERE h.job_id = jobs.id AND h.fanned_out_at IS NULL) \
+             AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.job_id = jobs.id \
+                             AND (d.state = 'pending' OR (d.state = 'dead' AND jobs.status <> 'cancelled')))",
+            $tail
+        )
+    };
+}
+
 /// Finished jobs of one status past a cutoff, from the `jobs_finished` index.
 /// The repeated status list lets SQLite prove the partial index applies; `INDEXED BY`
 /// keeps the planner from preferring `jobs_by_status` and sorting every finished job.
-pub(super) const CLEANUP_SCAN_SQL: &str =
-    "SELECT seq, source_file_path FROM jobs INDEXED BY jobs_finished \
-     WHERE status = ?1 AND status IN ('completed', 'failed', 'timeout', 'cancelled') \
-     AND completed_at < ?2 \
-     AND NOT EXISTS (SELECT 1 FROM handoffs h WHERE h.job_id = jobs.id AND h.fanned_out_at IS NULL) \
-     AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.job_id = jobs.id \
-                     AND (d.state = 'pending' OR (d.state = 'dead' AND jobs.status <> 'cancelled'))) \
-     ORDER BY completed_at LIMIT ?3";
+pub(super) const CLEANUP_SCAN_SQL: &str = cleanable_jobs_sql!(
+    "SELECT seq, source_file_path",
+    " ORDER BY completed_at LIMIT ?3"
+);
 
 /// `CLEANUP_SCAN_SQL`'s rows, counted: jobs whose outcome is still to be delivered stay.
-pub(super) const COUNT_CLEANABLE_SQL: &str = "SELECT count(*) FROM jobs INDEXED BY jobs_finished \
-     WHERE status = ?1 AND status IN ('completed', 'failed', 'timeout', 'cancelled') \
-     AND completed_at < ?2 \
-     AND NOT EXISTS (SELECT 1 FROM handoffs h WHERE h.job_id = jobs.id AND h.fanned_out_at IS NULL) \
-     AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.job_id = jobs.id \
-                     AND (d.state = 'pending' OR (d.state = 'dead' AND jobs.status <> 'cancelled')))";
+pub(super) const COUNT_CLEANABLE_SQL: &str = cleanable_jobs_sql!("SELECT count(*)", "");
 
 pub(super) const JOB_COLUMNS: &str = "seq, id, content_type, source_file_path, task_options, ingestion_task_id, status, \
      worker_id, lease_id, attempt, retry_count, created_at, started_at, completed_at, updated_at, available_at, \
@@ -714,22 +724,50 @@ pub(super) fn cleanup(conn: &Connection, p: CleanupParams) -> Result<CleanupRepo
             }
             conn.prepare_cached("DELETE FROM job_history WHERE job_seq = ?1")?
                 .execute([seq])?;
-            if !planner.deleted(&source_file_path) {
-                continue;
-            }
-            let still_used = conn
-                .prepare_cached("SELECT 1 FROM jobs WHERE source_file_path = ?1 LIMIT 1")?
-                .query_row([&source_file_path], |_| Ok(()))
-                .optional()?
-                .is_some();
-            if !still_used {
-                planner.orphaned(source_file_path);
-            }
+            planner.deleted(source_file_path);
+        }
+    }
+    for source_file_path in planner.source_files_to_check() {
+        let still_used = conn
+            .prepare_cached("SELECT 1 FROM jobs WHERE source_file_path = ?1 LIMIT 1")?
+            .query_row([&source_file_path], |_| Ok(()))
+            .optional()?
+            .is_some();
+        if !still_used {
+            planner.orphaned(source_file_path);
         }
     }
     conn.prepare_cached("DELETE FROM created_per_minute WHERE minute < ?1")?
         .execute([planner.stale_creation_counters_before()])?;
     Ok(planner.finish())
+}
+
+pub(super) fn storage_space(conn: &Connection) -> Result<StorageSpace, StoreError> {
+    let page_size: i64 = conn.pragma_query_value(None, "page_size", |row| row.get(0))?;
+    let pages: i64 = conn.pragma_query_value(None, "page_count", |row| row.get(0))?;
+    let free_pages: i64 = conn.pragma_query_value(None, "freelist_count", |row| row.get(0))?;
+    Ok(StorageSpace {
+        database_bytes: (pages.max(0) * page_size.max(0)) as u64,
+        free_bytes: (free_pages.max(0) * page_size.max(0)) as u64,
+    })
+}
+
+/// Truncates at most `max_bytes` of free pages off the end of the file (the database uses
+/// incremental auto-vacuum, see `use_incremental_auto_vacuum`).
+pub(super) fn release_free_space(conn: &Connection, max_bytes: u64) -> Result<u64, StoreError> {
+    let page_size: i64 = conn.pragma_query_value(None, "page_size", |row| row.get(0))?;
+    let before: i64 = conn.pragma_query_value(None, "freelist_count", |row| row.get(0))?;
+    let pages = (max_bytes / page_size.max(1) as u64) as i64;
+    if pages == 0 || before == 0 {
+        return Ok(0);
+    }
+    // The pragma answers one row per step; stepping through them does the work.
+    let mut stmt = conn.prepare(&format!("PRAGMA incremental_vacuum({pages})"))?;
+    let mut rows = stmt.query([])?;
+    while rows.next()?.is_some() {}
+    drop(rows);
+    let after: i64 = conn.pragma_query_value(None, "freelist_count", |row| row.get(0))?;
+    Ok(((before - after).max(0) * page_size) as u64)
 }
 
 pub(super) fn history_of(conn: &Connection, seq: i64) -> Result<Vec<HistoryEntry>, StoreError> {

@@ -1,9 +1,13 @@
 //! The writer thread: the only writing connection, committing every queued write in
-//! one transaction (group commit), and the checkpointer thread beside it.
+//! one transaction (group commit), and the checkpointer thread beside it. Requests'
+//! writes go first; background writes (cleanup) run in their own transactions when no
+//! request's write waits, or after `BACKGROUND_MAX_WAIT`.
 
+use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use rusqlite::{Connection, OpenFlags};
 
@@ -15,54 +19,67 @@ pub(super) const MAX_WRITES_PER_COMMIT: usize = 512;
 /// The least time between two background checkpoints: each costs two fsyncs.
 pub(super) const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
 
+/// The longest a background write (a cleanup batch, a release of free pages) waits
+/// behind requests' writes: it runs when no request's write is queued, or after this.
+pub(super) const BACKGROUND_MAX_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
+
 pub(super) type Finisher = Box<dyn FnOnce(Option<StoreError>) + Send>;
 pub(super) type WriteJob = Box<dyn FnOnce(&Connection) -> (Finisher, bool) + Send>;
 
+/// A write waiting for the writer.
+pub(super) struct QueuedWrite {
+    pub(super) job: WriteJob,
+    /// Maintenance (cleanup batches): runs after the requests' writes waiting with it, in
+    /// a transaction of its own, so a request never waits for a whole cleanup batch that
+    /// was queued after it, and the batch never delays the commit of requests' writes.
+    pub(super) background: bool,
+}
+
 pub(super) fn writer_loop(
     conn: Connection,
-    receiver: mpsc::Receiver<WriteJob>,
+    receiver: mpsc::Receiver<QueuedWrite>,
     checkpointer: Checkpointer,
 ) {
-    while let Ok(first) = receiver.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_WRITES_PER_COMMIT {
-            match receiver.try_recv() {
-                Ok(job) => batch.push(job),
+    let mut requests: VecDeque<WriteJob> = VecDeque::new();
+    let mut background: VecDeque<(WriteJob, Instant)> = VecDeque::new();
+    let sorted = |queued: QueuedWrite,
+                  requests: &mut VecDeque<WriteJob>,
+                  background: &mut VecDeque<(WriteJob, Instant)>| {
+        if queued.background {
+            background.push_back((queued.job, Instant::now()));
+        } else {
+            requests.push_back(queued.job);
+        }
+    };
+    let mut open = true;
+    loop {
+        if requests.is_empty() && background.is_empty() {
+            match receiver.recv() {
+                Ok(queued) => sorted(queued, &mut requests, &mut background),
                 Err(_) => break,
             }
         }
-        if let Err(error) = conn.execute_batch("BEGIN IMMEDIATE") {
-            let error = sql_error(error);
-            for job in batch {
-                // The job still has to answer its caller: run nothing, report the error.
-                let (finish, _) = job_that_fails(job, &conn);
-                finish(Some(error.clone()));
+        while open {
+            match receiver.try_recv() {
+                Ok(queued) => sorted(queued, &mut requests, &mut background),
+                Err(mpsc::TryRecvError::Empty) => break,
+                Err(mpsc::TryRecvError::Disconnected) => open = false,
             }
-            continue;
         }
-        let mut finishers = Vec::with_capacity(batch.len());
-        for job in batch {
-            let savepoint = conn.execute_batch("SAVEPOINT op");
-            let (finish, ok) = job(&conn);
-            if savepoint.is_ok() {
-                let end = if ok {
-                    "RELEASE op"
-                } else {
-                    "ROLLBACK TO op; RELEASE op"
-                };
-                if let Err(error) = conn.execute_batch(end) {
-                    tracing::error!(%error, "sqlite savepoint failed");
-                }
-            }
-            finishers.push(finish);
-        }
-        let commit_error = conn.execute_batch("COMMIT").err().map(|error| {
-            let _ = conn.execute_batch("ROLLBACK");
-            sql_error(error)
+        let background_due = background.front().is_some_and(|(_, since)| {
+            requests.is_empty() || since.elapsed() >= BACKGROUND_MAX_WAIT
         });
-        for finish in finishers {
-            finish(commit_error.clone());
-        }
+        let batch: Vec<WriteJob> = if background_due {
+            background
+                .pop_front()
+                .map(|(job, _)| job)
+                .into_iter()
+                .collect()
+        } else {
+            let n = requests.len().min(MAX_WRITES_PER_COMMIT);
+            requests.drain(..n).collect()
+        };
+        commit_batch(&conn, batch);
         checkpointer.nudge();
     }
     // The sender is gone: the store is closing. Fold the WAL back into the main file.
@@ -71,6 +88,43 @@ pub(super) fn writer_loop(
         tracing::warn!(%error, "sqlite checkpoint at close failed");
     }
     drop(conn);
+}
+
+/// Runs `batch` in one transaction, each write in its own savepoint, commits once, and
+/// then answers every write's caller.
+fn commit_batch(conn: &Connection, batch: Vec<WriteJob>) {
+    if let Err(error) = conn.execute_batch("BEGIN IMMEDIATE") {
+        let error = sql_error(error);
+        for job in batch {
+            // The job still has to answer its caller: run nothing, report the error.
+            let (finish, _) = job_that_fails(job, conn);
+            finish(Some(error.clone()));
+        }
+        return;
+    }
+    let mut finishers = Vec::with_capacity(batch.len());
+    for job in batch {
+        let savepoint = conn.execute_batch("SAVEPOINT op");
+        let (finish, ok) = job(conn);
+        if savepoint.is_ok() {
+            let end = if ok {
+                "RELEASE op"
+            } else {
+                "ROLLBACK TO op; RELEASE op"
+            };
+            if let Err(error) = conn.execute_batch(end) {
+                tracing::error!(%error, "sqlite savepoint failed");
+            }
+        }
+        finishers.push(finish);
+    }
+    let commit_error = conn.execute_batch("COMMIT").err().map(|error| {
+        let _ = conn.execute_batch("ROLLBACK");
+        sql_error(error)
+    });
+    for finish in finishers {
+        finish(commit_error.clone());
+    }
 }
 
 /// Checkpoints the WAL on its own thread and connection, so the fsyncs of a checkpoint
