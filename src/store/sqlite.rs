@@ -431,7 +431,10 @@ mod tests {
         ];
         for (sql, params, index) in cases {
             let plan = plan(&conn, sql, params);
-            assert!(plan.contains(&format!("INDEX {index} ")), "{sql}\n{plan}");
+            assert!(
+                format!("{plan} ").contains(&format!("INDEX {index} ")),
+                "{sql}\n{plan}"
+            );
             assert!(
                 !plan.contains("SCAN jobs")
                     && !plan
