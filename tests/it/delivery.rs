@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use crate::support::{free_port, spawn_app_with, ServerProcess, TestApp};
 
 /// The secret in the Standard Webhooks form: `whsec_` and the base64 of the key.
-const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+pub(crate) const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
 /// One request the receiver got.
 #[derive(Clone, Debug)]
@@ -152,7 +152,7 @@ impl Drop for Receiver {
 /// written here from the specification (not with the server's code): the key is the
 /// base64 after `whsec_`; the signed content is `id.timestamp.body`; the header holds
 /// space-separated `v1,<base64 HMAC-SHA256>` entries, any of which may match.
-fn signature_verifies(secret: &str, received: &Received) -> bool {
+pub(crate) fn signature_verifies(secret: &str, received: &Received) -> bool {
     let engine = base64::engine::general_purpose::STANDARD;
     let key = engine
         .decode(secret.strip_prefix("whsec_").expect("whsec_ secret"))
@@ -195,7 +195,7 @@ async fn app_delivering_to(receiver: &Receiver, extra: &[&str]) -> TestApp {
 }
 
 /// Creates a job with `task_options`, has a worker claim it, and returns (id, lease).
-async fn create_and_claim(app: &TestApp, task_options: Value) -> (String, String) {
+pub(crate) async fn create_and_claim(app: &TestApp, task_options: Value) -> (String, String) {
     let path = app.source_file(&format!("{}.bin", crate::support::uuid_like()), b"bytes");
     let (status, body) = app
         .post(
@@ -224,7 +224,7 @@ async fn retry_now(app: &TestApp) {
         .expect("dispatcher pass");
 }
 
-async fn deliveries_of(app: &TestApp, job_id: &str) -> Vec<Value> {
+pub(crate) async fn deliveries_of(app: &TestApp, job_id: &str) -> Vec<Value> {
     let (status, body) = app
         .get(&format!("/api/v1/deliveries?job_id={job_id}"))
         .await;
@@ -234,7 +234,7 @@ async fn deliveries_of(app: &TestApp, job_id: &str) -> Vec<Value> {
 
 /// Waits until the job's deliveries are all in `state` (the server records an attempt's
 /// outcome just after the receiver answered).
-async fn wait_until_settled(app: &TestApp, job_id: &str, state: &str) -> Vec<Value> {
+pub(crate) async fn wait_until_settled(app: &TestApp, job_id: &str, state: &str) -> Vec<Value> {
     let started = Instant::now();
     loop {
         let deliveries = deliveries_of(app, job_id).await;
