@@ -86,6 +86,8 @@ impl Receiver {
                 StatusCode::from_u16(answered).unwrap()
             }
         });
+        // Results of tens of megabytes must arrive whole: no body limit here.
+        let app = app.layer(axum::extract::DefaultBodyLimit::disable());
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .expect("bind receiver");
@@ -784,4 +786,54 @@ async fn the_cli_lists_shows_and_redrives_deliveries() {
     let listed: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(listed["deliveries"][0]["state"], "delivered");
     app.stop().await;
+}
+
+/// A result of tens of megabytes (with quotes, newlines and non-ASCII, so escaping counts)
+/// reaches every sink whole: the ingestion callback and the per-job webhook over HTTP, and
+/// the Celery task message in Redis (a stock worker runs such a message in
+/// `celery::a_result_of_several_megabytes_reaches_the_worker_intact`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_of_tens_of_megabytes_reaches_every_sink_whole() {
+    use morag_jobs::delivery::resp::Reply;
+    let receiver = Receiver::start().await;
+    let broker = crate::celery::TestBroker::new();
+    let (redis, prefix) = (crate::celery::redis_url(), broker.dedup_key_prefix());
+    let celery = [
+        "--celery-broker-url",
+        &redis,
+        "--celery-queue",
+        broker.queue(),
+        "--celery-dedup-key-prefix",
+        &prefix,
+    ];
+    let app = app_delivering_to(&receiver, &celery).await;
+    let (id, lease) = create_and_claim(&app, json!({"webhook_url": receiver.url("/hook")})).await;
+    let paragraph = "Zeile mit \"Anführungszeichen\", Tabs\tund Umbrüchen.\n";
+    let content = paragraph.repeat(24 * 1024 * 1024 / paragraph.len());
+    let (status, body) = app
+        .put(
+            &format!("/api/v1/remote-jobs/{id}/result"),
+            json!({"success": true, "content": content, "metadata": {}, "lease_id": lease}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    let callback = receiver.wait_for("/callback", 1).await;
+    let hook = receiver.wait_for("/hook", 1).await;
+    assert!(callback[0].body["processing_result"]["content"] == content.as_str());
+    assert!(hook[0].body["result"]["content"] == content.as_str());
+    let message = match broker.command(&["LRANGE", broker.queue(), "0", "-1"]).await {
+        Reply::Array(Some(items)) if items.len() == 1 => match &items[0] {
+            Reply::Bulk(Some(message)) => serde_json::from_slice::<Value>(message).unwrap(),
+            other => panic!("{other:?}"),
+        },
+        other => panic!("one message expected, got {other:?}"),
+    };
+    let task_body = base64::engine::general_purpose::STANDARD
+        .decode(message["body"].as_str().unwrap())
+        .unwrap();
+    let task_body: Value = serde_json::from_slice(&task_body).unwrap();
+    assert!(task_body[0][1]["content"] == content.as_str());
+    wait_until_settled(&app, &id, "delivered").await;
+    broker.clean_up().await;
 }
