@@ -201,14 +201,7 @@ async fn create_or_match_all(
     let answers = if tasks.is_empty() {
         insert_or_match(conn, &sent).await?
     } else {
-        in_transaction!(conn, "BEGIN", async {
-            let lock = conn.statement(LOCK_INGESTION_TASKS_SQL).await?;
-            conn.client
-                .execute(&lock, &[&tasks])
-                .await
-                .map_err(pg_error)?;
-            insert_or_match(conn, &sent).await
-        })?
+        insert_or_match_locked(conn, &sent, &tasks).await?
     };
     Ok((0..requests.len())
         .map(|i| {
@@ -238,6 +231,31 @@ pub(super) async fn insert_or_match(
     conn: &mut Conn,
     requests: &[CreateRequest],
 ) -> Answers<CreateOnceOutcome> {
+    run_create(conn, requests, None).await
+}
+
+/// `insert_or_match` in a transaction of its own that first locks `tasks`. The four
+/// statements (BEGIN, the locks, the create, COMMIT) are sent together, in one round trip
+/// (tokio-postgres pipelines requests that are polled together): each runs only after the
+/// one before it, and should the lock or the create fail, the transaction is aborted and
+/// the COMMIT rolls it back.
+async fn insert_or_match_locked(
+    conn: &mut Conn,
+    requests: &[CreateRequest],
+    tasks: &[&str],
+) -> Answers<CreateOnceOutcome> {
+    run_create(conn, requests, Some(tasks)).await
+}
+
+async fn run_create(
+    conn: &mut Conn,
+    requests: &[CreateRequest],
+    lock_tasks: Option<&[&str]>,
+) -> Answers<CreateOnceOutcome> {
+    let lock = match lock_tasks {
+        Some(_) => Some(conn.statement(LOCK_INGESTION_TASKS_SQL).await?),
+        None => None,
+    };
     let sql: &str = &CREATE_SQL;
     let created = plan::created_step();
     let params = || requests.iter().map(|r| &r.params);
@@ -252,26 +270,40 @@ pub(super) async fn insert_or_match(
         .collect();
     let matching: Vec<bool> = requests.iter().map(|r| r.match_unfinished_job).collect();
     let statement = conn.statement(sql).await?;
-    let rows = conn
-        .client
-        .query(
-            &statement,
-            &[
-                &ids,
-                &types,
-                &sources,
-                &options,
-                &ingestion,
-                &nows,
-                &deadlines,
-                &created.actor.as_str(),
-                &created.to.as_str(),
-                &created.reason,
-                &matching,
-            ],
-        )
-        .await
-        .map_err(pg_error)?;
+    let params: [&(dyn ToSql + Sync); 11] = [
+        &ids,
+        &types,
+        &sources,
+        &options,
+        &ingestion,
+        &nows,
+        &deadlines,
+        &created.actor.as_str(),
+        &created.to.as_str(),
+        &created.reason,
+        &matching,
+    ];
+    let client = &conn.client;
+    let rows = match (lock, lock_tasks) {
+        (Some(lock), Some(tasks)) => {
+            let tasks: Vec<&str> = tasks.to_vec();
+            let lock_params: [&(dyn ToSql + Sync); 1] = [&tasks];
+            // `join!` polls all four at once, in this order, so they are sent together; all
+            // four are awaited, so the COMMIT is never left unread.
+            let (begun, locked, rows, committed) = tokio::join!(
+                client.batch_execute("BEGIN"),
+                client.execute(&lock, &lock_params),
+                client.query(&statement, &params),
+                client.batch_execute("COMMIT"),
+            );
+            begun.map_err(pg_error)?;
+            locked.map_err(pg_error)?;
+            let rows = rows.map_err(pg_error)?;
+            committed.map_err(pg_error)?;
+            rows
+        }
+        _ => client.query(&statement, &params).await.map_err(pg_error)?,
+    };
     let mut new_jobs: HashMap<String, Job> = HashMap::with_capacity(rows.len());
     let mut matched: HashMap<usize, Job> = HashMap::new();
     for row in &rows {
