@@ -17,6 +17,10 @@ pub struct DeliveryArgs {
     /// Standard Webhooks secret the HTTP sinks sign with (`whsec_` and base64, or any text).
     #[arg(long, env = "MORAG_WEBHOOK_SECRET", hide_env_values = true)]
     pub webhook_secret: Option<String>,
+    /// PEM file of extra certificate authorities that https webhooks and the ingestion
+    /// callback may be signed by (a private CA), besides the built-in Mozilla roots.
+    #[arg(long, env = "MORAG_WEBHOOK_CA_FILE")]
+    pub webhook_ca_file: Option<std::path::PathBuf>,
     /// Comma-separated hosts a job's `task_options.webhook_url` may point to (default: any).
     #[arg(long, env = "MORAG_WEBHOOK_ALLOWED_HOSTS", value_delimiter = ',')]
     pub webhook_allowed_hosts: Vec<String>,
@@ -53,6 +57,9 @@ pub struct DeliveryArgs {
 pub struct DeliveryConfig {
     pub ingestion_callback_url: Option<reqwest::Url>,
     pub webhook_secret: Option<WebhookSecret>,
+    /// Certificate authorities trusted for https targets besides the built-in roots
+    /// (`MORAG_WEBHOOK_CA_FILE`).
+    pub extra_root_certificates: Vec<reqwest::Certificate>,
     /// Lower-case host names; empty means any host.
     pub webhook_allowed_hosts: Vec<String>,
     pub max_attempts: u32,
@@ -93,6 +100,11 @@ impl DeliveryConfig {
                     .map_err(|why| invalid(format!("MORAG_WEBHOOK_SECRET: {why}")))?,
             ),
         };
+        let extra_root_certificates = match &args.webhook_ca_file {
+            None => Vec::new(),
+            Some(path) => read_certificates(path)
+                .map_err(|why| invalid(format!("MORAG_WEBHOOK_CA_FILE {path:?}: {why}")))?,
+        };
         if args.delivery_max_attempts == 0 {
             return Err(invalid(
                 "MORAG_DELIVERY_MAX_ATTEMPTS must be at least 1".into(),
@@ -118,6 +130,7 @@ impl DeliveryConfig {
         Ok(DeliveryConfig {
             ingestion_callback_url,
             webhook_secret,
+            extra_root_certificates,
             webhook_allowed_hosts: args
                 .webhook_allowed_hosts
                 .iter()
@@ -164,6 +177,17 @@ impl DeliveryConfig {
         }
         Ok(parsed)
     }
+}
+
+/// The certificates of a PEM file (one or more `CERTIFICATE` blocks).
+fn read_certificates(path: &std::path::Path) -> Result<Vec<reqwest::Certificate>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read it ({e})"))?;
+    let certificates = reqwest::Certificate::from_pem_bundle(&pem)
+        .map_err(|e| format!("not a PEM certificate bundle ({e})"))?;
+    if certificates.is_empty() {
+        return Err("it holds no PEM certificate".into());
+    }
+    Ok(certificates)
 }
 
 /// An absolute http(s) URL with a host.

@@ -148,12 +148,16 @@ impl Dispatcher {
     pub async fn run_once(&self) -> Result<DispatchReport, StoreError> {
         let mut report = DispatchReport::default();
         (report.n_handoffs_fanned_out, report.n_deliveries_created) = self.fan_out_once().await?;
-        let mut running: JoinSet<Result<(AttemptResult, RecordOutcome), StoreError>> =
-            JoinSet::new();
+        let mut running: JoinSet<AttemptOutcome> = JoinSet::new();
         let mut exhausted = false;
+        // Claims are made in chunks: each is a store write (and on SQLite a read of the
+        // events), so claiming one delivery per finished attempt cost more than the
+        // attempts themselves under load. A chunk is claimed once a quarter of the places
+        // are free, or when nothing runs.
+        let refill_at = (self.concurrency / 4).max(1);
         loop {
             let free = self.concurrency.saturating_sub(running.len());
-            if !exhausted && free > 0 {
+            if !exhausted && free > 0 && (free >= refill_at || running.is_empty()) {
                 let claimed = self
                     .shared
                     .store
@@ -171,17 +175,11 @@ impl Dispatcher {
             match running.join_next().await {
                 None if exhausted => return Ok(report),
                 None => continue,
-                Some(joined) => {
-                    let (result, recorded) = joined.map_err(|error| {
-                        StoreError::Internal(format!("a delivery attempt panicked: {error}"))
-                    })??;
-                    match (recorded, result) {
-                        (RecordOutcome::ClaimLost, _) => report.n_claims_lost += 1,
-                        (_, AttemptResult::Delivered) => report.n_delivered += 1,
-                        (_, AttemptResult::RetryAt { .. }) => report.n_retries_scheduled += 1,
-                        (_, AttemptResult::Dead { .. }) => report.n_dead += 1,
-                    }
-                }
+                Some(joined) => tally(&mut report, joined)?,
+            }
+            // Every other attempt that ended meanwhile frees its place for the same claim.
+            while let Some(joined) = running.try_join_next() {
+                tally(&mut report, joined)?;
             }
         }
     }
@@ -247,11 +245,26 @@ impl Dispatcher {
     }
 }
 
+type AttemptOutcome = Result<(AttemptResult, RecordOutcome), StoreError>;
+
+/// Counts one finished attempt in the pass's report.
+fn tally(
+    report: &mut DispatchReport,
+    joined: Result<AttemptOutcome, tokio::task::JoinError>,
+) -> Result<(), StoreError> {
+    let (result, recorded) = joined
+        .map_err(|error| StoreError::Internal(format!("a delivery attempt panicked: {error}")))??;
+    match (recorded, result) {
+        (RecordOutcome::ClaimLost, _) => report.n_claims_lost += 1,
+        (_, AttemptResult::Delivered) => report.n_delivered += 1,
+        (_, AttemptResult::RetryAt { .. }) => report.n_retries_scheduled += 1,
+        (_, AttemptResult::Dead { .. }) => report.n_dead += 1,
+    }
+    Ok(())
+}
+
 /// One attempt: deliver under the timeout, decide, record.
-async fn attempt(
-    shared: Arc<Shared>,
-    claimed: ClaimedDelivery,
-) -> Result<(AttemptResult, RecordOutcome), StoreError> {
+async fn attempt(shared: Arc<Shared>, claimed: ClaimedDelivery) -> AttemptOutcome {
     let (outcome, detail) = match &claimed.event {
         Err(why) => (
             Err(DeliveryError::Permanent(why.clone())),

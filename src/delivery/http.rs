@@ -14,13 +14,19 @@ use super::signing::WebhookSecret;
 use super::{AttemptDetail, DeliveryError, EventKind, OutboundEvent, Sink, SinkFuture, SinkKind};
 use crate::clock::SharedClock;
 
-/// The HTTP client both sinks share (one connection pool).
-pub fn http_client() -> reqwest::Client {
-    reqwest::Client::builder()
+/// The HTTP client both sinks share (one connection pool). https targets are verified
+/// against the built-in Mozilla roots and the configuration's extra certificate
+/// authorities (`MORAG_WEBHOOK_CA_FILE`).
+pub fn http_client(config: &DeliveryConfig) -> reqwest::Client {
+    let mut builder = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
-        .user_agent(concat!("morag-jobs/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .expect("an HTTP client without TLS always builds")
+        .user_agent(concat!("morag-jobs/", env!("CARGO_PKG_VERSION")));
+    for certificate in &config.extra_root_certificates {
+        builder = builder.add_root_certificate(certificate.clone());
+    }
+    // Building fails only when the TLS backend cannot start; the certificates were
+    // parsed when the configuration was read.
+    builder.build().expect("the HTTP client with rustls builds")
 }
 
 /// MoRAG's notification: `{task_id, status, result, completed_at}`.
@@ -58,15 +64,6 @@ async fn post_signed(
     event_id: &str,
     body: Vec<u8>,
 ) -> (Result<(), DeliveryError>, AttemptDetail) {
-    if url.scheme() == "https" {
-        // reqwest is built without a TLS backend (no TLS crates in the dependency tree).
-        return (
-            Err(DeliveryError::Permanent(
-                "https targets need a TLS-enabled build; use http behind a TLS proxy".into(),
-            )),
-            AttemptDetail::default(),
-        );
-    }
     let timestamp = clock.now().as_micros().div_euclid(1_000_000);
     let mut request = client
         .post(url)
@@ -256,6 +253,7 @@ mod tests {
             DeliveryConfig::from_args(DeliveryArgs {
                 ingestion_callback_url: None,
                 webhook_secret: None,
+                webhook_ca_file: None,
                 webhook_allowed_hosts: allowed.iter().map(|h| h.to_string()).collect(),
                 delivery_max_attempts: 20,
                 delivery_attempt_timeout_ms: 1_000,
@@ -285,11 +283,15 @@ mod tests {
     #[tokio::test]
     async fn webhooks_go_only_to_allowed_http_targets() {
         let clock: SharedClock = Arc::new(ManualClock::starting_now());
-        let sink = WebhookSink::new(http_client(), clock, config(&["hooks.example.org"]));
+        let sink = WebhookSink::new(
+            http_client(&config(&[])),
+            clock,
+            config(&["hooks.example.org"]),
+        );
         for url in [
             "http://127.0.0.1:9/hook",
             "ftp://hooks.example.org/x",
-            "https://hooks.example.org/x",
+            "https://elsewhere.example.org/x",
         ] {
             let (outcome, detail) = sink.deliver(&event(url)).await;
             assert!(

@@ -66,7 +66,7 @@ pub fn configured_sinks(
     config: &Arc<config::DeliveryConfig>,
     clock: crate::clock::SharedClock,
 ) -> Vec<Arc<dyn Sink>> {
-    let client = http::http_client();
+    let client = http::http_client(config);
     let mut sinks: Vec<Arc<dyn Sink>> = vec![Arc::new(http::WebhookSink::new(
         client.clone(),
         clock.clone(),

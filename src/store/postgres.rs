@@ -64,7 +64,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use self::batcher::Batcher;
-use self::hot_ops::{Claims, Creates, Results};
+use self::hot_ops::{Claims, CreateRequest, Creates, Results};
 use self::listen::{announce_wakeups, listen_for_wakeups, JOBS_AVAILABLE_CHANNEL};
 use self::maintenance::*;
 use self::ops::*;
@@ -419,17 +419,41 @@ pub(crate) fn pg_error(error: tokio_postgres::Error) -> StoreError {
 impl Store for PostgresStore {
     fn create_job(&self, params: CreateJobParams) -> StoreFuture<'_, Job> {
         Box::pin(async move {
-            let job = self.creates.submit(params).await?;
+            let outcome = self
+                .creates
+                .submit(CreateRequest {
+                    params,
+                    match_unfinished_job: false,
+                })
+                .await?;
             self.announce.notify_one();
-            Ok(job)
+            match outcome {
+                CreateOnceOutcome::Created(job) => Ok(job),
+                other => Err(StoreError::Internal(format!(
+                    "a plain create answered {other:?}"
+                ))),
+            }
         })
     }
 
     fn create_job_once(&self, params: CreateOnceParams) -> StoreFuture<'_, CreateOnceOutcome> {
         Box::pin(async move {
-            let outcome = self
-                .run(move |c| Box::pin(idempotent_create::create_once(c, params)))
-                .await?;
+            // Without a key, the match against unfinished jobs runs in the batched create
+            // (under the tasks' locks); a key needs its own transaction.
+            let outcome = match params.idempotency_key {
+                None => {
+                    self.creates
+                        .submit(CreateRequest {
+                            params: params.create,
+                            match_unfinished_job: params.match_unfinished_job,
+                        })
+                        .await?
+                }
+                Some(_) => {
+                    self.run(move |c| Box::pin(idempotent_create::create_once(c, params)))
+                        .await?
+                }
+            };
             if matches!(outcome, CreateOnceOutcome::Created(_)) {
                 self.announce.notify_one();
             }
@@ -669,7 +693,19 @@ mod tests {
                 vec!["r"; 16].join(",")
             )
         };
+        // Two creates that match unfinished jobs of a task with no jobs yet: the first
+        // execution inserts them, the second finds them.
+        let creates =
+            "(text[], text[], text[], text[], text[], int8[], int8[], text, text, text, bool[])";
+        let two_creates = "('{c1,c2}', '{audio,audio}', '{/f/7,/f/8}', '{\"{}\",\"{}\"}', '{new-task,new-task}', \
+            '{5,5}', '{NULL,NULL}', 'client', 'pending', 'created', '{t,t}')";
         vec![
+            (
+                format!("create_or_match{two_creates}"),
+                hot_ops::create_sql(),
+                creates,
+                &["jobs_unfinished_by_ingestion_task"],
+            ),
             (
                 format!("results{two_results}"),
                 hot_ops::results_sql(),

@@ -481,8 +481,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut conn = Connection::open(dir.path().join("plan.sqlite3")).unwrap();
         migrate(&mut conn).unwrap();
-        let cases: [(&str, &[&dyn rusqlite::ToSql], &str); 4] = [
+        let cases: [(&str, &[&dyn rusqlite::ToSql], &str); 6] = [
             (CLAIM_PROBE_SQL, &[&"audio", &0i64], "jobs_queue"),
+            (
+                super::deliveries::CLAIM_DELIVERIES_SQL,
+                &[&"token", &0i64, &0i64, &10i64],
+                "deliveries_due",
+            ),
+            (
+                super::deliveries::NEXT_DELIVERY_DUE_SQL,
+                &[],
+                "deliveries_due",
+            ),
             (RESCUE_SCAN_SQL, &[&0i64, &10i64], "jobs_deadline"),
             (NEXT_DEADLINE_SQL, &[], "jobs_deadline"),
             (
@@ -493,9 +503,16 @@ mod tests {
         ];
         for (sql, params, index) in cases {
             let plan = plan(&conn, sql, params);
-            assert!(plan.contains(&format!("INDEX {index} ")), "{sql}\n{plan}");
             assert!(
-                !plan.contains("SCAN jobs") && !plan.contains("TEMP B-TREE"),
+                format!("{plan} ").contains(&format!("INDEX {index} ")),
+                "{sql}\n{plan}"
+            );
+            assert!(
+                !plan.contains("SCAN jobs")
+                    && !plan
+                        .replace("SCAN deliveries USING", "")
+                        .contains("SCAN deliveries")
+                    && !plan.contains("TEMP B-TREE"),
                 "{sql}\n{plan}"
             );
         }

@@ -94,6 +94,11 @@ fn a_bad_value_names_the_variable_or_flag_that_was_set_the_value_and_the_expecte
         &[],
         "MORAG_REMOTE_JOB_TIMEOUT_AUDIO (or --timeout-audio) is 0: expected at least 1 second",
     );
+    check(
+        &[("MORAG_WEBHOOK_CA_FILE", "/proc/version")],
+        &[],
+        "MORAG_WEBHOOK_CA_FILE \"/proc/version\": it holds no PEM certificate",
+    );
     // A flag given on the command line wins over the variable, and is the one named.
     check(
         &[("MORAG_REMOTE_MAX_RETRIES", "5")],

@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use crate::support::{free_port, spawn_app_with, ServerProcess, TestApp};
 
 /// The secret in the Standard Webhooks form: `whsec_` and the base64 of the key.
-const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+pub(crate) const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
 /// One request the receiver got.
 #[derive(Clone, Debug)]
@@ -86,6 +86,8 @@ impl Receiver {
                 StatusCode::from_u16(answered).unwrap()
             }
         });
+        // Results of tens of megabytes must arrive whole: no body limit here.
+        let app = app.layer(axum::extract::DefaultBodyLimit::disable());
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .expect("bind receiver");
@@ -152,7 +154,7 @@ impl Drop for Receiver {
 /// written here from the specification (not with the server's code): the key is the
 /// base64 after `whsec_`; the signed content is `id.timestamp.body`; the header holds
 /// space-separated `v1,<base64 HMAC-SHA256>` entries, any of which may match.
-fn signature_verifies(secret: &str, received: &Received) -> bool {
+pub(crate) fn signature_verifies(secret: &str, received: &Received) -> bool {
     let engine = base64::engine::general_purpose::STANDARD;
     let key = engine
         .decode(secret.strip_prefix("whsec_").expect("whsec_ secret"))
@@ -195,7 +197,7 @@ async fn app_delivering_to(receiver: &Receiver, extra: &[&str]) -> TestApp {
 }
 
 /// Creates a job with `task_options`, has a worker claim it, and returns (id, lease).
-async fn create_and_claim(app: &TestApp, task_options: Value) -> (String, String) {
+pub(crate) async fn create_and_claim(app: &TestApp, task_options: Value) -> (String, String) {
     let path = app.source_file(&format!("{}.bin", crate::support::uuid_like()), b"bytes");
     let (status, body) = app
         .post(
@@ -224,7 +226,7 @@ async fn retry_now(app: &TestApp) {
         .expect("dispatcher pass");
 }
 
-async fn deliveries_of(app: &TestApp, job_id: &str) -> Vec<Value> {
+pub(crate) async fn deliveries_of(app: &TestApp, job_id: &str) -> Vec<Value> {
     let (status, body) = app
         .get(&format!("/api/v1/deliveries?job_id={job_id}"))
         .await;
@@ -234,7 +236,7 @@ async fn deliveries_of(app: &TestApp, job_id: &str) -> Vec<Value> {
 
 /// Waits until the job's deliveries are all in `state` (the server records an attempt's
 /// outcome just after the receiver answered).
-async fn wait_until_settled(app: &TestApp, job_id: &str, state: &str) -> Vec<Value> {
+pub(crate) async fn wait_until_settled(app: &TestApp, job_id: &str, state: &str) -> Vec<Value> {
     let started = Instant::now();
     loop {
         let deliveries = deliveries_of(app, job_id).await;
@@ -784,4 +786,67 @@ async fn the_cli_lists_shows_and_redrives_deliveries() {
     let listed: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(listed["deliveries"][0]["state"], "delivered");
     app.stop().await;
+}
+
+/// A result of tens of megabytes (with quotes, newlines and non-ASCII, so escaping counts)
+/// reaches every sink whole: the ingestion callback and the per-job webhook over HTTP, and
+/// the Celery task message in Redis (a stock worker runs such a message in
+/// `celery::a_result_of_several_megabytes_reaches_the_worker_intact`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_of_tens_of_megabytes_reaches_every_sink_whole() {
+    use morag_jobs::delivery::resp::Reply;
+    let receiver = Receiver::start().await;
+    let broker = crate::celery::TestBroker::new();
+    let (redis, prefix) = (crate::celery::redis_url(), broker.dedup_key_prefix());
+    let celery = [
+        "--celery-broker-url",
+        &redis,
+        "--celery-queue",
+        broker.queue(),
+        "--celery-dedup-key-prefix",
+        &prefix,
+    ];
+    let app = app_delivering_to(&receiver, &celery).await;
+    let (id, lease) = create_and_claim(&app, json!({"webhook_url": receiver.url("/hook")})).await;
+    let paragraph = "Zeile mit \"Anführungszeichen\", Tabs\tund Umbrüchen.\n";
+    let content = paragraph.repeat(24 * 1024 * 1024 / paragraph.len());
+    let (status, body) = app
+        .put(
+            &format!("/api/v1/remote-jobs/{id}/result"),
+            json!({"success": true, "content": content, "metadata": {}, "lease_id": lease}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    let callback = receiver.wait_for("/callback", 1).await;
+    let hook = receiver.wait_for("/hook", 1).await;
+    assert!(callback[0].body["processing_result"]["content"] == content.as_str());
+    assert!(hook[0].body["result"]["content"] == content.as_str());
+    // The Celery delivery runs beside the HTTP ones and may finish after them.
+    let started = Instant::now();
+    let message = loop {
+        match broker.command(&["LRANGE", broker.queue(), "0", "-1"]).await {
+            Reply::Array(Some(items)) if items.len() == 1 => match &items[0] {
+                Reply::Bulk(Some(message)) => {
+                    break serde_json::from_slice::<Value>(message).unwrap()
+                }
+                other => panic!("{other:?}"),
+            },
+            Reply::Array(Some(items)) if items.is_empty() => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(20),
+                    "no Celery message"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            other => panic!("one message expected, got {other:?}"),
+        }
+    };
+    let task_body = base64::engine::general_purpose::STANDARD
+        .decode(message["body"].as_str().unwrap())
+        .unwrap();
+    let task_body: Value = serde_json::from_slice(&task_body).unwrap();
+    assert!(task_body[0][1]["content"] == content.as_str());
+    wait_until_settled(&app, &id, "delivered").await;
+    broker.clean_up().await;
 }

@@ -350,3 +350,58 @@ on_both_backends!(
     a_create_repeating_an_unfinished_job_of_its_ingestion_task_is_that_job,
     identical_creates_racing_make_one_job,
 );
+
+/// Two replicas on one PostgreSQL database: 16 identical creates race, spread over both,
+/// some with an Idempotency-Key (their own transaction) and most without (the batched
+/// create): the ingestion task's lock makes them one job on every path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_creates_racing_on_two_replicas_make_one_job() {
+    use morag_jobs::store::postgres::{PostgresOptions, PostgresStore};
+    let database = crate::support::PgDatabase::create().await;
+    let mut replicas: Vec<Arc<dyn Store>> = Vec::new();
+    for _ in 0..2 {
+        let store = PostgresStore::open(PostgresOptions::new(database.url.clone()))
+            .await
+            .expect("postgres store opens");
+        replicas.push(Arc::new(store));
+    }
+    for round in 0..5 {
+        let task = format!("ingest-replicas-{round}");
+        let mut racers = Vec::new();
+        for i in 0..16 {
+            let store = replicas[i % 2].clone();
+            let key = format!("replica-key-{round}-{i}");
+            let key = (i % 5 == 0).then_some((key.as_str(), "digest"));
+            let params = params(&task, "/data/race.pdf", "document", key, true, at(round));
+            racers.push(tokio::spawn(async move {
+                store.create_job_once(params).await.unwrap()
+            }));
+        }
+        let mut new_jobs = Vec::new();
+        let mut answered = std::collections::HashSet::new();
+        for racer in racers {
+            match racer.await.unwrap() {
+                CreateOnceOutcome::Created(job) => {
+                    answered.insert(job.id);
+                    new_jobs.push(job.id);
+                }
+                CreateOnceOutcome::MatchedUnfinished(job) => {
+                    answered.insert(job.id);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(new_jobs.len(), 1, "round {round}");
+        assert_eq!(
+            answered.len(),
+            1,
+            "round {round}: every racer gets the one job"
+        );
+    }
+    assert_eq!(jobs(&*replicas[0]).await.len(), 5);
+    let stats = replicas[1].statistics(at(10)).await.unwrap();
+    assert_eq!(stats.status_counts.get(&JobStatus::Pending), Some(&5));
+    for store in replicas {
+        store.close().await.unwrap();
+    }
+}

@@ -36,6 +36,7 @@ mod config_errors;
 mod crash;
 mod delivery;
 mod delivery_conformance;
+mod delivery_tls;
 mod file_races;
 mod hygiene;
 mod idempotency_conformance;

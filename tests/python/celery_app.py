@@ -1,8 +1,9 @@
 """A stock Celery worker app standing in for MoRAG's ingestion workers in morag-jobs' tests.
 
 It registers the two tasks morag-jobs calls, under MoRAG's names, and each appends one JSON
-line with its task id and arguments to the file named by MORAG_TEST_CELERY_RECORD, so a
-test can check exactly which tasks ran, how often, and with what.
+line with its task id, arguments and start time to the file named by
+MORAG_TEST_CELERY_RECORD, so a test can check exactly which tasks ran, how often, and with
+what (and the benchmark's celery-latency scenario, when they started).
 
 Run it as: python -m celery -A celery_app worker -Q <queue> --pool solo ...
 with MORAG_TEST_CELERY_BROKER (a redis:// URL) and MORAG_TEST_CELERY_RECORD set.
@@ -10,6 +11,7 @@ with MORAG_TEST_CELERY_BROKER (a redis:// URL) and MORAG_TEST_CELERY_RECORD set.
 
 import json
 import os
+import time
 
 from celery import Celery
 
@@ -28,8 +30,10 @@ app.conf.update(
 RECORD_PATH = os.environ["MORAG_TEST_CELERY_RECORD"]
 
 
-def record(request, task, args):
-    line = json.dumps({"task": task, "task_id": request.id, "args": args})
+def record(request, task, args, started_at):
+    # `started_at` (seconds since the epoch) is when the task began: the benchmark's
+    # latency from a submitted result to the task starting ends there.
+    line = json.dumps({"task": task, "task_id": request.id, "args": args, "started_at": started_at})
     # One write per line, appended: lines from one worker never interleave.
     with open(RECORD_PATH, "a", encoding="utf-8") as record_file:
         record_file.write(line + "\n")
@@ -39,9 +43,11 @@ def record(request, task, args):
 
 @app.task(bind=True, name="morag.ingest_tasks.continue_ingestion_after_remote_processing")
 def continue_ingestion_after_remote_processing(self, ingestion_task_id, processing_result, task_options):
-    record(self.request, self.name, [ingestion_task_id, processing_result, task_options])
+    started_at = time.time()
+    record(self.request, self.name, [ingestion_task_id, processing_result, task_options], started_at)
 
 
 @app.task(bind=True, name="morag.ingest_tasks.handle_remote_job_failure")
 def handle_remote_job_failure(self, ingestion_task_id, failure_info):
-    record(self.request, self.name, [ingestion_task_id, failure_info])
+    started_at = time.time()
+    record(self.request, self.name, [ingestion_task_id, failure_info], started_at)

@@ -52,6 +52,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
+mod deliveries;
 mod soak;
 mod worker_overhead;
 
@@ -159,6 +160,34 @@ struct Args {
     /// soak: seconds between samples.
     #[arg(long, default_value_t = 10.0)]
     soak_sample_secs: f64,
+    /// lifecycle: the sinks the server delivers every outcome to (see BENCHMARKS.md):
+    /// `webhook` (the ingestion callback, to a receiver inside the benchmark), `celery`
+    /// (a queue of the run's own in Redis, `--redis-url`), `both`, or `none`.
+    #[arg(long, value_enum, default_value = "none")]
+    sinks: deliveries::Sinks,
+    /// lifecycle with `--sinks`: hold every delivery (the receiver does not answer, a proxy
+    /// in front of Redis does not connect) until the last result was answered, then
+    /// measure how fast the dispatcher drains that backlog of events.
+    #[arg(long)]
+    delivery_backlog: bool,
+    /// The Redis of `--sinks celery|both` and of `celery-latency`; every key a run makes
+    /// contains `morag-jobs-bench-<uuid>` and is deleted afterwards.
+    #[arg(long, default_value = "redis://127.0.0.1:6379/0")]
+    redis_url: String,
+    /// celery-latency: measured jobs (after 5 warm-up jobs).
+    #[arg(long, default_value_t = 200)]
+    celery_jobs: usize,
+    /// celery-latency: pause (milliseconds) between claiming a job and sending its
+    /// result, so each result meets an idle server and an idle worker.
+    #[arg(long, default_value_t = 20)]
+    celery_pause_ms: u64,
+    /// celery-latency: the Python with Celery installed (default: the tests' virtual
+    /// environment, `~/.cache/morag-jobs-venv/bin/python`, made by scripts/test.sh).
+    #[arg(long)]
+    celery_python: Option<PathBuf>,
+    /// celery-latency: the directory with the worker's `celery_app.py`.
+    #[arg(long, default_value = "tests/python")]
+    celery_app_dir: PathBuf,
 
     /// Threads of the load generator's runtime (1: a current-thread runtime).
     #[arg(long, default_value_t = 1)]
@@ -182,6 +211,9 @@ enum Scenario {
     WorkerOverhead,
     /// Not part of `all`: minutes of lifecycle load with retention cleanup running.
     Soak,
+    /// From a result to the Celery task starting in a real worker (not part of `all`:
+    /// it needs Redis and the tests' Celery environment).
+    CeleryLatency,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -408,6 +440,7 @@ fn scenario_name(scenario: Scenario) -> &'static str {
         Scenario::Wakeup => "wakeup",
         Scenario::WorkerOverhead => "worker-overhead",
         Scenario::Soak => "soak",
+        Scenario::CeleryLatency => "celery-latency",
     }
 }
 
@@ -418,11 +451,25 @@ fn progress(message: &str) {
 async fn run_scenario(scenario: Scenario, args: &Args) -> anyhow::Result<Vec<Metric>> {
     match scenario {
         Scenario::Lifecycle => {
-            let target = Target::open(args).await?;
-            let metrics = lifecycle(&target, args).await;
-            target.close().await;
+            let sinks = deliveries::SinkRun::start(args).await?;
+            let mut run_args = args.clone();
+            if let Some(sinks) = &sinks {
+                run_args.server_args.extend(sinks.server_args());
+            }
+            let metrics = match Target::open(&run_args).await {
+                Ok(target) => {
+                    let metrics = lifecycle(&target, args, sinks.as_ref()).await;
+                    target.close().await;
+                    metrics
+                }
+                Err(error) => Err(error),
+            };
+            if let Some(sinks) = &sinks {
+                sinks.clean_up().await;
+            }
             metrics
         }
+        Scenario::CeleryLatency => deliveries::celery_latency(args).await,
         Scenario::ClaimLatency => {
             let mut metrics = Vec::new();
             let mut p50s = Vec::new();
@@ -1253,7 +1300,11 @@ struct WorkerSamples {
     empty_polls: usize,
 }
 
-async fn lifecycle(target: &Target, args: &Args) -> anyhow::Result<Vec<Metric>> {
+async fn lifecycle(
+    target: &Target,
+    args: &Args,
+    sinks: Option<&deliveries::SinkRun>,
+) -> anyhow::Result<Vec<Metric>> {
     let content_type = unique_content_type("lc");
     target
         .leftover
@@ -1378,6 +1429,13 @@ async fn lifecycle(target: &Target, args: &Args) -> anyhow::Result<Vec<Metric>> 
         "polls",
     ));
     metrics.extend(cpu.metrics(total));
+    if let Some(sinks) = sinks {
+        metrics.extend(
+            sinks
+                .finish(started, finished, Duration::from_secs(120))
+                .await?,
+        );
+    }
     Ok(metrics)
 }
 
@@ -2000,6 +2058,11 @@ impl ScenarioReport {
             Scenario::Lifecycle => json!({
                 "jobs": args.jobs, "workers": args.workers, "producers": args.producers,
                 "worker_wait_secs": args.worker_wait,
+                "sinks": format!("{:?}", args.sinks).to_lowercase(),
+                "delivery_backlog": args.delivery_backlog,
+            }),
+            Scenario::CeleryLatency => json!({
+                "jobs": args.celery_jobs, "pause_ms": args.celery_pause_ms,
             }),
             Scenario::ClaimLatency => json!({
                 "backlogs": args.backlogs, "claims": args.claims, "warmup_claims": args.warmup_claims,

@@ -16,7 +16,8 @@ use super::{
 use crate::domain::{HandoffKind, Job, JobStatus, LeaseId};
 use crate::store::plan::{self, HistoryStep, ResultChange, ResultPlan};
 use crate::store::{
-    AttemptOutcome, ClaimParams, CreateJobParams, StoreError, StoreFuture, SubmitResultParams,
+    AttemptOutcome, ClaimParams, CreateJobParams, CreateOnceOutcome, StoreError, StoreFuture,
+    SubmitResultParams,
 };
 
 type Answers<T> = Result<Vec<Result<T, StoreError>>, StoreError>;
@@ -24,14 +25,14 @@ type Answers<T> = Result<Vec<Result<T, StoreError>>, StoreError>;
 pub(super) struct Creates;
 
 impl BatchOp for Creates {
-    type Request = CreateJobParams;
-    type Response = Job;
+    type Request = CreateRequest;
+    type Response = CreateOnceOutcome;
 
     fn run<'c>(
         conn: &'c mut Conn,
-        requests: Arc<Vec<CreateJobParams>>,
-    ) -> StoreFuture<'c, Vec<Result<Job, StoreError>>> {
-        Box::pin(create_all(conn, requests))
+        requests: Arc<Vec<CreateRequest>>,
+    ) -> StoreFuture<'c, Vec<Result<CreateOnceOutcome, StoreError>>> {
+        Box::pin(create_or_match_all(conn, requests))
     }
 }
 
@@ -94,82 +95,237 @@ fn updated_deltas(old_status: &str) -> String {
     )
 }
 
-/// The create statement: per job (arrays `$1`-`$7`) its fields; `$8`, `$9` and `$10`
-/// the creation entry's actor, status and reason (`plan::created_step`).
+/// A create as the batch runs it.
+#[derive(Clone, Debug)]
+pub(super) struct CreateRequest {
+    pub params: CreateJobParams,
+    /// Whether an unfinished job of the same ingestion task, source file and content type
+    /// answers this create instead of a new job (`CreateOnceParams::match_unfinished_job`).
+    pub match_unfinished_job: bool,
+}
+
+/// Locks the ingestion tasks `$1` for the rest of the transaction, in the order of their
+/// lock keys: two batches that share tasks take their common locks in the same order, so
+/// they wait for each other instead of deadlocking. (A keyed create, `idempotent_create.rs`,
+/// takes one task lock after its key's lock, so it cannot close a cycle with a batch
+/// either.) Between the lock and the commit no other create can add an unfinished job of
+/// those tasks, on any replica.
+pub(super) const LOCK_INGESTION_TASKS_SQL: &str = "SELECT pg_advisory_xact_lock(key) FROM ( \
+         SELECT DISTINCT hashtextextended('morag-jobs:ingestion-task:' || task, 0) AS key \
+         FROM unnest($1::text[]) AS t(task) ORDER BY key) AS keys";
+
+/// The create statement: per job (arrays `$1`-`$7`) its fields, and in `$11` whether an
+/// unfinished job of its ingestion task, source file and content type answers it instead;
+/// `$8`, `$9` and `$10` the creation entry's actor, status and reason
+/// (`plan::created_step`). Rows of new jobs end in NULL, rows of matched ones in the
+/// request's position (from 1).
+///
+/// The match is the oldest unfinished job, read through `jobs_unfinished_by_ingestion_task`
+/// (`seq + 0` keeps a plan made once from walking the primary key in `seq` order instead).
+/// It sees only jobs committed before the statement began: callers that match hold the
+/// tasks' locks (`LOCK_INGESTION_TASKS_SQL`) taken by an earlier statement of the same
+/// transaction, and no two requests of one statement share a task, source and type.
 static CREATE_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH input AS ( \
-             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int8[], $7::int8[]) \
-             WITH ORDINALITY AS r(id, content_type, source_file_path, task_options, ingestion_task_id, at, deadline, ord)), \
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int8[], $7::int8[], $11::bool[]) \
+             WITH ORDINALITY AS r(id, content_type, source_file_path, task_options, ingestion_task_id, at, deadline, \
+                 match_unfinished, ord)), \
+         found AS ( \
+             SELECT input.ord AS found_ord, m.* FROM input CROSS JOIN LATERAL ( \
+                 SELECT * FROM jobs j \
+                 WHERE input.match_unfinished AND j.ingestion_task_id = input.ingestion_task_id \
+                   AND j.status IN ('pending', 'processing', 'retrying') \
+                   AND j.source_file_path = input.source_file_path AND j.content_type = input.content_type \
+                 ORDER BY j.seq + 0 LIMIT 1) AS m), \
          u AS (INSERT INTO jobs (id, content_type, source_file_path, task_options, ingestion_task_id, status, \
                    created_at, updated_at, available_at, deadline_at) \
                SELECT id, content_type, source_file_path, task_options, ingestion_task_id, $9::text, at, at, at, deadline \
-               FROM input ORDER BY ord \
+               FROM input WHERE NOT EXISTS (SELECT 1 FROM found WHERE found.found_ord = input.ord) ORDER BY ord \
                RETURNING *), \
          h AS (INSERT INTO job_history (job_seq, from_status, to_status, at, actor, reason) \
                SELECT seq, NULL, $9::text, created_at, $8::text, $10::text FROM u ORDER BY seq), \
          {INSERTED_DELTAS} \
-         SELECT {JOB_COLUMNS} FROM u"
+         SELECT {JOB_COLUMNS}, NULL::int8 FROM u \
+         UNION ALL \
+         SELECT {JOB_COLUMNS}, found_ord FROM found"
     )
 });
 
-/// Inserts every job with its `created` history row.
-pub(super) async fn create_all(
+/// The create statement's text, for the plan checks.
+#[cfg(test)]
+pub(super) fn create_sql() -> String {
+    CREATE_SQL.clone()
+}
+
+/// Runs a batch of creates. Requests that match unfinished jobs run in one transaction
+/// that first locks their ingestion tasks, so the same create racing on another replica
+/// waits and then finds this one's job; requests of one batch that would match each other
+/// are answered by the first of them. A batch with no matching request is one statement.
+async fn create_or_match_all(
     conn: &mut Conn,
-    requests: Arc<Vec<CreateJobParams>>,
-) -> Answers<Job> {
+    requests: Arc<Vec<CreateRequest>>,
+) -> Answers<CreateOnceOutcome> {
+    // The first request of each (task, source, type) among those that match; the others
+    // are answered with its job.
+    let mut first_of_key: HashMap<(&str, &str, &str), usize> = HashMap::new();
+    let mut answered_by: Vec<usize> = Vec::with_capacity(requests.len());
+    let mut sent: Vec<CreateRequest> = Vec::with_capacity(requests.len());
+    let mut sent_position: Vec<Option<usize>> = vec![None; requests.len()];
+    for (i, request) in requests.iter().enumerate() {
+        let first = if request.match_unfinished_job {
+            let p = &request.params;
+            *first_of_key
+                .entry((
+                    p.ingestion_task_id.as_str(),
+                    p.source_file_path.as_str(),
+                    p.content_type.as_str(),
+                ))
+                .or_insert(i)
+        } else {
+            i
+        };
+        if first == i {
+            sent_position[i] = Some(sent.len());
+            sent.push(request.clone());
+        }
+        answered_by.push(first);
+    }
+    let mut tasks: Vec<&str> = sent
+        .iter()
+        .filter(|r| r.match_unfinished_job)
+        .map(|r| r.params.ingestion_task_id.as_str())
+        .collect();
+    tasks.sort_unstable();
+    tasks.dedup();
+    let answers = if tasks.is_empty() {
+        insert_or_match(conn, &sent).await?
+    } else {
+        insert_or_match_locked(conn, &sent, &tasks).await?
+    };
+    Ok((0..requests.len())
+        .map(|i| {
+            let first = answered_by[i];
+            let answer = sent_position[first]
+                .and_then(|k| answers.get(k))
+                .cloned()
+                .unwrap_or_else(|| Err(StoreError::Internal("a create got no answer".into())));
+            if first == i {
+                answer
+            } else {
+                answer.map(|outcome| match outcome {
+                    CreateOnceOutcome::Created(job) | CreateOnceOutcome::MatchedUnfinished(job) => {
+                        CreateOnceOutcome::MatchedUnfinished(job)
+                    }
+                    other => other,
+                })
+            }
+        })
+        .collect())
+}
+
+/// Runs the create statement for `requests` (no two of which match each other) and
+/// answers each, in order: `Created` with its new job, or `MatchedUnfinished` with the job
+/// that answers it. Callers that match hold the tasks' locks (see `CREATE_SQL`).
+pub(super) async fn insert_or_match(
+    conn: &mut Conn,
+    requests: &[CreateRequest],
+) -> Answers<CreateOnceOutcome> {
+    run_create(conn, requests, None).await
+}
+
+/// `insert_or_match` in a transaction of its own that first locks `tasks`. The four
+/// statements (BEGIN, the locks, the create, COMMIT) are sent together, in one round trip
+/// (tokio-postgres pipelines requests that are polled together): each runs only after the
+/// one before it, and should the lock or the create fail, the transaction is aborted and
+/// the COMMIT rolls it back.
+async fn insert_or_match_locked(
+    conn: &mut Conn,
+    requests: &[CreateRequest],
+    tasks: &[&str],
+) -> Answers<CreateOnceOutcome> {
+    run_create(conn, requests, Some(tasks)).await
+}
+
+async fn run_create(
+    conn: &mut Conn,
+    requests: &[CreateRequest],
+    lock_tasks: Option<&[&str]>,
+) -> Answers<CreateOnceOutcome> {
+    let lock = match lock_tasks {
+        Some(_) => Some(conn.statement(LOCK_INGESTION_TASKS_SQL).await?),
+        None => None,
+    };
     let sql: &str = &CREATE_SQL;
     let created = plan::created_step();
-    let ids: Vec<String> = requests.iter().map(|p| p.id.to_string()).collect();
-    let types: Vec<&str> = requests.iter().map(|p| p.content_type.as_str()).collect();
-    let sources: Vec<&str> = requests
-        .iter()
-        .map(|p| p.source_file_path.as_str())
-        .collect();
-    let options: Vec<String> = requests
-        .iter()
-        .map(|p| p.task_options.to_string())
-        .collect();
-    let ingestion: Vec<&str> = requests
-        .iter()
-        .map(|p| p.ingestion_task_id.as_str())
-        .collect();
-    let nows: Vec<i64> = requests.iter().map(|p| p.now.as_micros()).collect();
-    let deadlines: Vec<Option<i64>> = requests
-        .iter()
+    let params = || requests.iter().map(|r| &r.params);
+    let ids: Vec<String> = params().map(|p| p.id.to_string()).collect();
+    let types: Vec<&str> = params().map(|p| p.content_type.as_str()).collect();
+    let sources: Vec<&str> = params().map(|p| p.source_file_path.as_str()).collect();
+    let options: Vec<String> = params().map(|p| p.task_options.to_string()).collect();
+    let ingestion: Vec<&str> = params().map(|p| p.ingestion_task_id.as_str()).collect();
+    let nows: Vec<i64> = params().map(|p| p.now.as_micros()).collect();
+    let deadlines: Vec<Option<i64>> = params()
         .map(|p| p.pending_deadline.map(|d| d.as_micros()))
         .collect();
+    let matching: Vec<bool> = requests.iter().map(|r| r.match_unfinished_job).collect();
     let statement = conn.statement(sql).await?;
-    let rows = conn
-        .client
-        .query(
-            &statement,
-            &[
-                &ids,
-                &types,
-                &sources,
-                &options,
-                &ingestion,
-                &nows,
-                &deadlines,
-                &created.actor.as_str(),
-                &created.to.as_str(),
-                &created.reason,
-            ],
-        )
-        .await
-        .map_err(pg_error)?;
-    let mut created: HashMap<String, Job> = HashMap::with_capacity(rows.len());
+    let params: [&(dyn ToSql + Sync); 11] = [
+        &ids,
+        &types,
+        &sources,
+        &options,
+        &ingestion,
+        &nows,
+        &deadlines,
+        &created.actor.as_str(),
+        &created.to.as_str(),
+        &created.reason,
+        &matching,
+    ];
+    let client = &conn.client;
+    let rows = match (lock, lock_tasks) {
+        (Some(lock), Some(tasks)) => {
+            let tasks: Vec<&str> = tasks.to_vec();
+            let lock_params: [&(dyn ToSql + Sync); 1] = [&tasks];
+            // `join!` polls all four at once, in this order, so they are sent together; all
+            // four are awaited, so the COMMIT is never left unread.
+            let (begun, locked, rows, committed) = tokio::join!(
+                client.batch_execute("BEGIN"),
+                client.execute(&lock, &lock_params),
+                client.query(&statement, &params),
+                client.batch_execute("COMMIT"),
+            );
+            begun.map_err(pg_error)?;
+            locked.map_err(pg_error)?;
+            let rows = rows.map_err(pg_error)?;
+            committed.map_err(pg_error)?;
+            rows
+        }
+        _ => client.query(&statement, &params).await.map_err(pg_error)?,
+    };
+    let mut new_jobs: HashMap<String, Job> = HashMap::with_capacity(rows.len());
+    let mut matched: HashMap<usize, Job> = HashMap::new();
     for row in &rows {
         let job = job_from_row(row)?;
-        created.insert(job.id.to_string(), job);
+        match get::<Option<i64>>(row, JOB_COLUMN_COUNT)? {
+            Some(position) => {
+                matched.insert(position as usize - 1, job);
+            }
+            None => {
+                new_jobs.insert(job.id.to_string(), job);
+            }
+        }
     }
     Ok(ids
         .iter()
-        .map(|id| {
-            created
+        .enumerate()
+        .map(|(k, id)| match matched.remove(&k) {
+            Some(job) => Ok(CreateOnceOutcome::MatchedUnfinished(job)),
+            None => new_jobs
                 .remove(id)
-                .ok_or_else(|| StoreError::Internal("the insert returned no row".into()))
+                .map(CreateOnceOutcome::Created)
+                .ok_or_else(|| StoreError::Internal("the insert returned no row".into())),
         })
         .collect())
 }

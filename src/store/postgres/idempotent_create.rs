@@ -1,14 +1,13 @@
-//! `Store::create_job_once` for PostgreSQL: one transaction that takes transaction-scoped
-//! advisory locks on the idempotency key and on the ingestion task, then looks up the key
-//! and an unfinished job, and inserts the job (with the batch path's own statement) and
-//! the key's record. The locks make two identical creates racing on different replicas
-//! wait for each other, so the second one finds the first one's job.
+//! `Store::create_job_once` with an `Idempotency-Key` on PostgreSQL: one transaction that
+//! takes transaction-scoped advisory locks on the key and on the ingestion task, then
+//! looks up the key, matches or inserts the job (with the batch path's own statement) and
+//! records the key. The locks make two identical creates racing on different replicas
+//! wait for each other, so the second one finds the first one's job. Creates without a
+//! key run batched (`hot_ops::Creates`), under the same task locks.
 
-use std::sync::Arc;
-
-use super::hot_ops::create_all;
+use super::hot_ops::{insert_or_match, CreateRequest, LOCK_INGESTION_TASKS_SQL};
+use super::pg_error;
 use super::pool::Conn;
-use super::{job_from_row, pg_error, JOB_COLUMNS};
 use crate::clock::Timestamp;
 use crate::domain::JobId;
 use crate::store::{CreateOnceOutcome, CreateOnceParams, StoreError};
@@ -66,51 +65,30 @@ async fn create_once_in_transaction(
         }
     }
 
-    let mut matched = None;
     if p.match_unfinished_job {
-        let lock = conn
-            .statement("SELECT pg_advisory_xact_lock(hashtextextended('morag-jobs:ingestion-task:' || $1::text, 0))")
-            .await?;
+        let lock = conn.statement(LOCK_INGESTION_TASKS_SQL).await?;
         conn.client
-            .execute(&lock, &[&p.create.ingestion_task_id])
+            .execute(&lock, &[&vec![p.create.ingestion_task_id.as_str()]])
             .await
             .map_err(pg_error)?;
-        let find = conn
-            .statement(&format!(
-                "SELECT {JOB_COLUMNS} FROM jobs \
-                 WHERE ingestion_task_id = $1 AND status IN ('pending', 'processing', 'retrying') \
-                 AND source_file_path = $2 AND content_type = $3 ORDER BY seq LIMIT 1"
-            ))
-            .await?;
-        let row = conn
-            .client
-            .query_opt(
-                &find,
-                &[
-                    &p.create.ingestion_task_id,
-                    &p.create.source_file_path,
-                    &p.create.content_type.as_str(),
-                ],
-            )
-            .await
-            .map_err(pg_error)?;
-        matched = row.as_ref().map(job_from_row).transpose()?;
     }
-    let (job, outcome) = match matched {
-        Some(job) => (job.clone(), CreateOnceOutcome::MatchedUnfinished(job)),
-        None => {
-            // The batch statement appends its own statistics deltas: the counting triggers
-            // must stand aside, as they do on the batch connections.
-            conn.client
-                .batch_execute("SET LOCAL morag.writes_own_deltas = on")
-                .await
-                .map_err(pg_error)?;
-            let mut answers = create_all(conn, Arc::new(vec![p.create])).await?;
-            let job = answers
-                .pop()
-                .ok_or_else(|| StoreError::Internal("the insert answered nothing".into()))??;
-            (job.clone(), CreateOnceOutcome::Created(job))
-        }
+    // The batch statement appends its own statistics deltas: the counting triggers must
+    // stand aside, as they do on the batch connections.
+    conn.client
+        .batch_execute("SET LOCAL morag.writes_own_deltas = on")
+        .await
+        .map_err(pg_error)?;
+    let request = CreateRequest {
+        params: p.create,
+        match_unfinished_job: p.match_unfinished_job,
+    };
+    let outcome = insert_or_match(conn, std::slice::from_ref(&request))
+        .await?
+        .pop()
+        .ok_or_else(|| StoreError::Internal("the insert answered nothing".into()))??;
+    let job = match &outcome {
+        CreateOnceOutcome::Created(job) | CreateOnceOutcome::MatchedUnfinished(job) => job.clone(),
+        other => return Err(StoreError::Internal(format!("a create answered {other:?}"))),
     };
 
     if let Some(key) = p.idempotency_key {
