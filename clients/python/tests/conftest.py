@@ -38,6 +38,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
             "--worker-api-keys", WORKER_KEY,
             "--max-metadata-bytes", str(MAX_METADATA_BYTES),
             "--webhook-secret", WEBHOOK_SECRET,
+            # One attempt per delivery, so the deliveries test gets a dead one at once.
+            "--delivery-max-attempts", "1",
             "--max-retries", "1",
             "--delivery-poll-interval-ms", "200",
         ],

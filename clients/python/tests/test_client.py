@@ -11,8 +11,9 @@ from typing import Any, Callable, Dict, List, Tuple
 
 import pytest
 
-from conftest import ADMIN_KEY, WEBHOOK_SECRET, quick_retries
+from conftest import ADMIN_KEY, WEBHOOK_SECRET, WORKER_KEY, quick_retries
 from morag_jobs_client import (
+    AuthenticationError,
     ConflictError,
     CreatedJob,
     IdempotencyKeyReusedError,
@@ -21,8 +22,10 @@ from morag_jobs_client import (
     ValidationError,
     WebhookVerificationError,
     WebhookVerifier,
+    WorkerRecord,
 )
-from morag_jobs_processes import AnswerDroppingProxy, ServerProcess
+from morag_jobs_client.client import WORKER_VERSION
+from morag_jobs_processes import AnswerDroppingProxy, ServerProcess, free_port
 
 
 def unique(prefix: str) -> str:
@@ -163,6 +166,69 @@ def test_statistics(admin: MoragJobsClient, server: ServerProcess) -> None:
     assert after.storage_size_mb >= 0
 
 
+def test_the_worker_registry_lists_identified_and_morag_style_workers(
+    admin: MoragJobsClient, worker: MoragJobsClient, server: ServerProcess
+) -> None:
+    audio, video = unique("wa")[:32], unique("wv")[:32]
+    audio_job = create(admin, server, audio)
+    video_job = create(admin, server, video)
+
+    # A worker that names itself in the registry's headers: heartbeats and results are
+    # counted for it, and this process start is a record of its own.
+    identified_id = unique("py-identified")
+    with MoragJobsClient(server.url, WORKER_KEY, retry=quick_retries(), worker_id=identified_id) as identified:
+        assert identified.worker_instance
+        claimed = identified.poll(identified_id, [audio])
+        assert claimed is not None and claimed.job_id == audio_job.job_id and claimed.lease_id
+        identified.heartbeat(claimed.job_id, claimed.lease_id, progress=50)
+        identified.submit_result(claimed.job_id, success=True, content="text", lease_id=claimed.lease_id)
+        instance = identified.worker_instance
+
+    # A worker like MoRAG's remote-converter: no registry headers, no lease; its result is
+    # counted for the job's worker.
+    morag_id = unique("morag-style")
+    claimed = worker.poll(morag_id, [video])
+    assert claimed is not None and claimed.job_id == video_job.job_id
+    worker.submit_result(claimed.job_id, success=False, error_message="cannot decode", retryable=False)
+
+    listing = admin.workers()
+    by_id: Dict[str, List[WorkerRecord]] = {}
+    for record in listing.workers:
+        by_id.setdefault(record.worker_id, []).append(record)
+    [mine] = by_id[identified_id]
+    assert (mine.instance, mine.version, mine.content_types) == (instance, WORKER_VERSION, [audio])
+    assert mine.healthy and mine.status == "healthy" and mine.address == "127.0.0.1"
+    assert (mine.jobs_in_flight, mine.completed, mine.failed, mine.sends_heartbeats) == (0, 1, 0, True)
+    assert mine.first_seen_at <= mine.last_seen_at <= listing.timestamp
+    # A poll without ``wait`` counts as ten seconds; three of them are allowed.
+    assert (mine.poll_wait_seconds, mine.stale_after_seconds) == (0.0, 30.0)
+    assert 0 <= mine.seconds_since_last_seen < mine.stale_after_seconds
+
+    [morag] = by_id[morag_id]
+    assert morag.instance is None and morag.content_types == [video] and morag.healthy
+    assert morag.version is not None and morag.version.startswith("python-httpx/"), "the User-Agent stands in"
+    assert (morag.jobs_in_flight, morag.completed, morag.failed, morag.sends_heartbeats) == (0, 0, 1, False)
+    # Most recently seen first.
+    assert listing.workers.index(morag) < listing.workers.index(mine)
+    assert listing.healthy + listing.stale == len(listing.workers)
+    assert listing.healthy == sum(record.healthy for record in listing.workers) >= 2
+
+    workers = admin.statistics().workers
+    assert workers.healthy_by_content_type[audio] == workers.healthy_by_content_type[video] == 1
+    assert workers.healthy >= 2 and workers.stale >= 0
+
+    # The listing is an admin call.
+    with pytest.raises(AuthenticationError):
+        worker.workers()
+
+
+def test_an_invalid_worker_id_header_is_refused(server: ServerProcess) -> None:
+    with MoragJobsClient(server.url, WORKER_KEY, retry=quick_retries(), worker_id="x" * 129) as too_long:
+        with pytest.raises(ValidationError) as refused:
+            too_long.poll("fine", [])
+    assert refused.value.status == 422 and "header.x-morag-worker-id" in refused.value.fields()
+
+
 def test_idempotent_creates_make_one_job(admin: MoragJobsClient, server: ServerProcess) -> None:
     task = unique("ingest")
     path = server.source_file(f"{task}.wav", b"audio")
@@ -199,7 +265,9 @@ def test_a_create_whose_answer_was_lost_is_retried_with_the_same_key(server: Ser
 
 
 def test_cleanup_counts_and_deletes_finished_jobs(tmp_path: Any) -> None:
-    server = ServerProcess(tmp_path, args=["--admin-api-keys", ADMIN_KEY]).start()
+    # The monitor's cleanup every second, so its first pass shows in the statistics soon
+    # (it deletes nothing here: the retention is days).
+    server = ServerProcess(tmp_path, args=["--admin-api-keys", ADMIN_KEY, "--cleanup-interval", "1"]).start()
     try:
         with MoragJobsClient(server.url, ADMIN_KEY, retry=quick_retries()) as admin:
             finished = create(admin, server, "audio")
@@ -214,6 +282,12 @@ def test_cleanup_counts_and_deletes_finished_jobs(tmp_path: Any) -> None:
             with pytest.raises(NotFoundError):
                 admin.get_job(finished.job_id)
             assert admin.get_job_status(unfinished.job_id).status == "pending"
+
+            last_pass = wait_until(lambda: admin.statistics().cleanup, what="the monitor's first cleanup pass")
+            assert last_pass.keeping_up and last_pass.passes_behind == 0 and last_pass.jobs_deleted == 0
+            assert 0 < last_pass.store_share_allowed <= 0.3 and 0 <= last_pass.store_busy_share <= 1
+            assert last_pass.seconds >= 0 and last_pass.released_mb >= 0
+            assert last_pass.finished_at <= admin.statistics().timestamp
     finally:
         server.stop()
 

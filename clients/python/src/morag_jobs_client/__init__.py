@@ -2,7 +2,7 @@
 ``RemoteJobService`` for MoRAG's ingestion (:mod:`morag_jobs_client.morag`) and a Standard
 Webhooks verifier (:mod:`morag_jobs_client.webhooks`)."""
 
-from .client import MoragJobsClient, RetryPolicy
+from .client import MoragJobsClient, RetryPolicy, __version__
 from .errors import (
     ApiError,
     AuthenticationError,
@@ -21,6 +21,7 @@ from .errors import (
     ValidationError,
 )
 from .models import (
+    CleanupPass,
     CleanupResult,
     ClaimedJob,
     CreatedJob,
@@ -38,15 +39,17 @@ from .models import (
     JobSummary,
     Statistics,
     SubmitAnswer,
+    WorkerList,
+    WorkerRecord,
+    WorkerStatistics,
 )
 from .webhooks import WebhookVerificationError, WebhookVerifier
-
-__version__ = "0.1.0"
 
 __all__ = [
     "ApiError",
     "AuthenticationError",
     "BadRequestError",
+    "CleanupPass",
     "CleanupResult",
     "ClaimedJob",
     "ConflictError",
@@ -80,4 +83,7 @@ __all__ = [
     "ValidationError",
     "WebhookVerificationError",
     "WebhookVerifier",
+    "WorkerList",
+    "WorkerRecord",
+    "WorkerStatistics",
 ]

@@ -35,11 +35,21 @@ from .models import (
     JobSummary,
     Statistics,
     SubmitAnswer,
+    WorkerList,
 )
+
+__version__ = "0.1.0"
 
 DEFAULT_URL = "http://127.0.0.1:8700"
 JOBS_PATH = "/api/v1/remote-jobs"
 DELIVERIES_PATH = "/api/v1/deliveries"
+WORKERS_PATH = "/api/v1/workers"
+#: The worker registry's headers (the server's ``morag_jobs_client::wire`` names them too).
+WORKER_ID_HEADER = "X-Morag-Worker-Id"
+WORKER_INSTANCE_HEADER = "X-Morag-Worker-Instance"
+WORKER_VERSION_HEADER = "X-Morag-Worker-Version"
+#: What a worker using this package reports as its version.
+WORKER_VERSION = f"morag-jobs-client-python/{__version__}"
 #: Statuses that mean "try again later" rather than "this request is wrong".
 RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
 
@@ -85,6 +95,13 @@ class MoragJobsClient:
     ``base_url`` defaults to ``MORAG_JOBS_URL`` (else ``http://127.0.0.1:8700``),
     ``api_key`` to ``MORAG_JOBS_API_KEY`` (admin calls need an admin key, worker calls a
     worker or admin key; ``""`` sends none). Use it as a context manager, or call :meth:`close`.
+
+    A worker passes ``worker_id``: every request then carries the worker registry's headers
+    (``X-Morag-Worker-Id``, ``X-Morag-Worker-Instance`` with ``worker_instance``, a fresh
+    UUID per client, and ``X-Morag-Worker-Version``), so the server counts its heartbeats
+    and results for it and lists each process start as a record of its own
+    (:meth:`workers`). Without it the client calls like MoRAG's remote-converter: the
+    registry knows the worker only by its polls' ``worker_id``.
     """
 
     def __init__(
@@ -96,6 +113,7 @@ class MoragJobsClient:
         retry: Optional[RetryPolicy] = None,
         http_client: Optional[httpx.Client] = None,
         sleep: Callable[[float], None] = time.sleep,
+        worker_id: Optional[str] = None,
     ) -> None:
         self.base_url = normalize_base_url(base_url or os.environ.get("MORAG_JOBS_URL") or DEFAULT_URL)
         if api_key is None:
@@ -105,6 +123,8 @@ class MoragJobsClient:
         self._sleep = sleep
         self._owns_http = http_client is None
         self._http = http_client or httpx.Client(timeout=timeout)
+        self.worker_id = worker_id
+        self.worker_instance: Optional[str] = str(uuid.uuid4()) if worker_id is not None else None
 
     def __repr__(self) -> str:
         # The key is a secret: never part of a representation that may reach a log.
@@ -206,6 +226,11 @@ class MoragJobsClient:
         params = _params(days_old=days_old, dry_run="true" if dry_run else None)
         response = self._request("POST", f"{JOBS_PATH}/cleanup", params=params, idempotent=True)
         return CleanupResult.from_json(self._json(response))
+
+    def workers(self) -> WorkerList:
+        """The worker registry: one record per worker process, most recently seen first,
+        each judged healthy or stale (admin key)."""
+        return WorkerList.from_json(self._get(WORKERS_PATH))
 
     # --- Deliveries --------------------------------------------------------------------
 
@@ -363,6 +388,10 @@ class MoragJobsClient:
         all_headers = {"Accept": "application/json"}
         if self._api_key:
             all_headers["Authorization"] = f"Bearer {self._api_key}"
+        if self.worker_id is not None and self.worker_instance is not None:
+            all_headers[WORKER_ID_HEADER] = self.worker_id
+            all_headers[WORKER_INSTANCE_HEADER] = self.worker_instance
+            all_headers[WORKER_VERSION_HEADER] = WORKER_VERSION
         all_headers.update(headers or {})
         url = self.base_url + path
         extra: Dict[str, Any] = {}

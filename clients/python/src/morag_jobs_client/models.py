@@ -306,8 +306,60 @@ class DeliveryStatistics:
 
 
 @dataclass(frozen=True)
+class WorkerStatistics:
+    """Healthy and stale workers in the registry (see :class:`WorkerRecord`)."""
+
+    healthy: int
+    stale: int
+    #: Healthy workers per content type of their latest poll; ``*`` counts those that take any type.
+    healthy_by_content_type: Dict[str, int]
+
+    @classmethod
+    def from_json(cls, data: Json) -> "WorkerStatistics":
+        return cls(
+            healthy=int(data.get("healthy") or 0),
+            stale=int(data.get("stale") or 0),
+            healthy_by_content_type={k: int(v) for k, v in (data.get("healthy_by_content_type") or {}).items()},
+        )
+
+
+@dataclass(frozen=True)
+class CleanupPass:
+    """The monitor's last retention cleanup pass (the statistics' ``cleanup``)."""
+
+    finished_at: datetime
+    jobs_deleted: int
+    seconds: float
+    #: The share of the pass's time its batches kept the store busy.
+    store_busy_share: float
+    #: The share they were allowed: 0.1, more (up to 0.3) while cleanup catches up.
+    store_share_allowed: float
+    #: False when the pass ran out of time with finished jobs past retention left:
+    #: cleanup cannot keep up with job creation, and storage grows.
+    keeping_up: bool
+    #: Passes in a row that could not finish.
+    passes_behind: int
+    #: Free space returned to the file system after the pass (SQLite).
+    released_mb: float
+
+    @classmethod
+    def from_json(cls, data: Json) -> "CleanupPass":
+        return cls(
+            finished_at=_required_timestamp(data["finished_at"]),
+            jobs_deleted=int(data.get("jobs_deleted") or 0),
+            seconds=float(data.get("seconds") or 0.0),
+            store_busy_share=float(data.get("store_busy_share") or 0.0),
+            store_share_allowed=float(data.get("store_share_allowed") or 0.0),
+            keeping_up=bool(data.get("keeping_up", True)),
+            passes_behind=int(data.get("passes_behind") or 0),
+            released_mb=float(data.get("released_mb") or 0.0),
+        )
+
+
+@dataclass(frozen=True)
 class Statistics:
-    """The prototype's statistics fields plus the deliveries' state."""
+    """The prototype's statistics fields plus the deliveries', the workers' and the
+    retention cleanup's state."""
 
     status_counts: Dict[str, int]
     content_type_counts: Dict[str, int]
@@ -317,10 +369,14 @@ class Statistics:
     recent_jobs_24h: int
     timestamp: datetime
     deliveries: DeliveryStatistics
+    workers: WorkerStatistics
+    #: None before the monitor's first cleanup pass (within a minute of the server's start).
+    cleanup: Optional[CleanupPass]
 
     @classmethod
     def from_json(cls, data: Json) -> "Statistics":
         deliveries = data.get("deliveries") or {}
+        cleanup = data.get("cleanup")
         return cls(
             status_counts={k: int(v) for k, v in (data.get("status_counts") or {}).items()},
             content_type_counts={k: int(v) for k, v in (data.get("content_type_counts") or {}).items()},
@@ -336,6 +392,8 @@ class Statistics:
                 },
                 oldest_pending_age_seconds=_optional_float(deliveries.get("oldest_pending_age_seconds")),
             ),
+            workers=WorkerStatistics.from_json(data.get("workers") or {}),
+            cleanup=None if cleanup is None else CleanupPass.from_json(cleanup),
         )
 
 
@@ -375,6 +433,77 @@ class Health:
             status=str(data.get("status", "")),
             store=str(data.get("store", "")),
             timestamp=parse_timestamp(data.get("timestamp")),
+        )
+
+
+@dataclass(frozen=True)
+class WorkerRecord:
+    """One worker process in the registry (``GET /api/v1/workers``): a worker id and,
+    for workers that send ``X-Morag-Worker-Instance``, one record per process start."""
+
+    worker_id: str
+    #: None for a worker that sends no instance id (MoRAG's remote-converter).
+    instance: Optional[str]
+    #: ``healthy`` or ``stale`` (silent for longer than ``stale_after_seconds``).
+    status: str
+    #: From its latest poll; empty means any type; None when it never polled.
+    content_types: Optional[List[str]]
+    #: ``X-Morag-Worker-Version``, else the worker's User-Agent.
+    version: Optional[str]
+    address: Optional[str]
+    first_seen_at: datetime
+    last_seen_at: datetime
+    seconds_since_last_seen: float
+    #: How long it may stay silent before it counts as stale, as things stand.
+    stale_after_seconds: float
+    poll_wait_seconds: float
+    sends_heartbeats: bool
+    jobs_in_flight: int
+    completed: int
+    failed: int
+
+    @property
+    def healthy(self) -> bool:
+        return self.status == "healthy"
+
+    @classmethod
+    def from_json(cls, data: Json) -> "WorkerRecord":
+        content_types = data.get("content_types")
+        return cls(
+            worker_id=str(data["worker_id"]),
+            instance=data.get("instance"),
+            status=str(data["status"]),
+            content_types=None if content_types is None else [str(t) for t in content_types],
+            version=data.get("version"),
+            address=data.get("address"),
+            first_seen_at=_required_timestamp(data["first_seen_at"]),
+            last_seen_at=_required_timestamp(data["last_seen_at"]),
+            seconds_since_last_seen=float(data.get("seconds_since_last_seen") or 0.0),
+            stale_after_seconds=float(data.get("stale_after_seconds") or 0.0),
+            poll_wait_seconds=float(data.get("poll_wait_seconds") or 0.0),
+            sends_heartbeats=bool(data.get("sends_heartbeats", False)),
+            jobs_in_flight=int(data.get("jobs_in_flight") or 0),
+            completed=int(data.get("completed") or 0),
+            failed=int(data.get("failed") or 0),
+        )
+
+
+@dataclass(frozen=True)
+class WorkerList:
+    """The worker registry, most recently seen first, with the healthy and stale counts."""
+
+    workers: List[WorkerRecord]
+    healthy: int
+    stale: int
+    timestamp: datetime
+
+    @classmethod
+    def from_json(cls, data: Json) -> "WorkerList":
+        return cls(
+            workers=[WorkerRecord.from_json(w) for w in data.get("workers") or []],
+            healthy=int(data.get("healthy") or 0),
+            stale=int(data.get("stale") or 0),
+            timestamp=_required_timestamp(data["timestamp"]),
         )
 
 
