@@ -425,6 +425,20 @@ impl DeliveryStore for SqliteStore {
         self.write(move |conn| record(conn, params))
     }
 
+    fn record_delivery_attempts(
+        &self,
+        params: Vec<RecordAttemptParams>,
+    ) -> StoreFuture<'_, Vec<RecordOutcome>> {
+        // One write on the single writer: each item is checked against its own claim, so an
+        // item whose claim was lost changes nothing while the others are recorded.
+        self.write(move |conn| {
+            params
+                .into_iter()
+                .map(|item| record(conn, item))
+                .collect::<Result<Vec<_>, _>>()
+        })
+    }
+
     fn list_deliveries(&self, params: DeliveryListParams) -> StoreFuture<'_, DeliveryPage> {
         self.read(move |conn| list(conn, params))
     }
