@@ -148,7 +148,7 @@ impl Dispatcher {
     pub async fn run_once(&self) -> Result<DispatchReport, StoreError> {
         let mut report = DispatchReport::default();
         (report.n_handoffs_fanned_out, report.n_deliveries_created) = self.fan_out_once().await?;
-        let mut running: JoinSet<AttemptOutcome> = JoinSet::new();
+        let mut running: JoinSet<FinishedAttempt> = JoinSet::new();
         let mut exhausted = false;
         // Claims are made in chunks: each is a store write (and on SQLite a read of the
         // events), so claiming one delivery per finished attempt cost more than the
@@ -172,16 +172,47 @@ impl Dispatcher {
                     running.spawn(attempt(self.shared.clone(), delivery));
                 }
             }
-            match running.join_next().await {
+            let mut finished = match running.join_next().await {
                 None if exhausted => return Ok(report),
                 None => continue,
-                Some(joined) => tally(&mut report, joined)?,
-            }
-            // Every other attempt that ended meanwhile frees its place for the same claim.
+                Some(joined) => vec![finished_attempt(joined)?],
+            };
+            // Every other attempt that ended meanwhile frees its place for the same claim,
+            // and is recorded with it.
             while let Some(joined) = running.try_join_next() {
-                tally(&mut report, joined)?;
+                finished.push(finished_attempt(joined)?);
             }
+            self.record(&mut report, finished).await?;
         }
+    }
+
+    /// Records finished attempts in one store call. Each attempt was delivered (or failed)
+    /// as soon as it could; only its record waits for the others that ended meanwhile.
+    /// Under load many attempts end while one chunk is being recorded, so the next chunk is
+    /// larger: with two sinks a store write per attempt cost more than the job's lifecycle
+    /// itself on PostgreSQL. Idle, a chunk is a single attempt, recorded at once.
+    async fn record(
+        &self,
+        report: &mut DispatchReport,
+        finished: Vec<FinishedAttempt>,
+    ) -> Result<(), StoreError> {
+        let results: Vec<AttemptResult> = finished.iter().map(|f| f.result.clone()).collect();
+        let recorded = self
+            .shared
+            .store
+            .record_delivery_attempts(finished.into_iter().map(|f| f.record).collect())
+            .await?;
+        if recorded.len() != results.len() {
+            return Err(StoreError::Internal(format!(
+                "{} attempts recorded, {} outcomes returned",
+                results.len(),
+                recorded.len()
+            )));
+        }
+        for (result, recorded) in results.into_iter().zip(recorded) {
+            tally(report, result, recorded);
+        }
+        Ok(())
     }
 
     /// Runs passes until `shutdown` turns true: after a hand-off commits, when the next
@@ -245,26 +276,30 @@ impl Dispatcher {
     }
 }
 
-type AttemptOutcome = Result<(AttemptResult, RecordOutcome), StoreError>;
+/// An attempt that ended, with the record it asks for.
+struct FinishedAttempt {
+    result: AttemptResult,
+    record: RecordAttemptParams,
+}
 
-/// Counts one finished attempt in the pass's report.
-fn tally(
-    report: &mut DispatchReport,
-    joined: Result<AttemptOutcome, tokio::task::JoinError>,
-) -> Result<(), StoreError> {
-    let (result, recorded) = joined
-        .map_err(|error| StoreError::Internal(format!("a delivery attempt panicked: {error}")))??;
+fn finished_attempt(
+    joined: Result<FinishedAttempt, tokio::task::JoinError>,
+) -> Result<FinishedAttempt, StoreError> {
+    joined.map_err(|error| StoreError::Internal(format!("a delivery attempt panicked: {error}")))
+}
+
+/// Counts one recorded (or fenced-off) attempt in the pass's report.
+fn tally(report: &mut DispatchReport, result: AttemptResult, recorded: RecordOutcome) {
     match (recorded, result) {
         (RecordOutcome::ClaimLost, _) => report.n_claims_lost += 1,
         (_, AttemptResult::Delivered) => report.n_delivered += 1,
         (_, AttemptResult::RetryAt { .. }) => report.n_retries_scheduled += 1,
         (_, AttemptResult::Dead { .. }) => report.n_dead += 1,
     }
-    Ok(())
 }
 
-/// One attempt: deliver under the timeout, decide, record.
-async fn attempt(shared: Arc<Shared>, claimed: ClaimedDelivery) -> AttemptOutcome {
+/// One attempt: deliver under the timeout and decide; the caller records it.
+async fn attempt(shared: Arc<Shared>, claimed: ClaimedDelivery) -> FinishedAttempt {
     let (outcome, detail) = match &claimed.event {
         Err(why) => (
             Err(DeliveryError::Permanent(why.clone())),
@@ -306,15 +341,14 @@ async fn attempt(shared: Arc<Shared>, claimed: ClaimedDelivery) -> AttemptOutcom
             "delivery dead-lettered"
         );
     }
-    let recorded = shared
-        .store
-        .record_delivery_attempt(RecordAttemptParams {
+    FinishedAttempt {
+        record: RecordAttemptParams {
             delivery_id: claimed.delivery_id,
             claim_token: claimed.claim_token,
             result: result.clone(),
             http_status: detail.http_status,
             now,
-        })
-        .await?;
-    Ok((result, recorded))
+        },
+        result,
+    }
 }

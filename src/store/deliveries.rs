@@ -236,6 +236,13 @@ pub trait DeliveryStore: Send + Sync + 'static {
         &self,
         params: RecordAttemptParams,
     ) -> StoreFuture<'_, RecordOutcome>;
+    /// Records several attempts' outcomes in one store call (one transaction on SQLite, one
+    /// statement on PostgreSQL), each only if its claim is still the delivery's current one,
+    /// exactly as `record_delivery_attempt` would. Returns one outcome per item, in order.
+    fn record_delivery_attempts(
+        &self,
+        params: Vec<RecordAttemptParams>,
+    ) -> StoreFuture<'_, Vec<RecordOutcome>>;
     fn list_deliveries(&self, params: DeliveryListParams) -> StoreFuture<'_, DeliveryPage>;
     fn get_delivery(&self, id: i64) -> StoreFuture<'_, Option<DeliveryDetail>>;
     fn redrive_delivery(&self, params: RedriveParams) -> StoreFuture<'_, RedriveOutcome>;

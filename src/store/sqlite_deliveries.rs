@@ -194,38 +194,35 @@ fn claimed_events(
 }
 
 fn record(conn: &Connection, p: RecordAttemptParams) -> Result<RecordOutcome, StoreError> {
-    let current: Option<(i64, i64, i64)> = conn
+    // One conditional update, fenced by the claim, reads back what the attempts log needs:
+    // the due time is kept unless the outcome sets a new one.
+    let (outcome, state, _, last_error, delivered_at) = after_attempt(&p.result, 0, p.now);
+    let next_attempt_at: Option<i64> = match &p.result {
+        AttemptResult::RetryAt { at, .. } => Some(at.as_micros()),
+        _ => None,
+    };
+    let changed: Option<(i64, i64)> = conn
         .prepare_cached(
-            "SELECT next_attempt_at, attempts, handoff_id FROM deliveries \
-             WHERE id = ?1 AND claim_token = ?2 AND state = 'pending'",
+            "UPDATE deliveries SET state = ?3, next_attempt_at = COALESCE(?4, next_attempt_at), \
+             last_error = COALESCE(?5, last_error), delivered_at = ?6, claim_token = NULL, updated_at = ?7 \
+             WHERE id = ?1 AND claim_token = ?2 AND state = 'pending' RETURNING attempts, handoff_id",
         )?
-        .query_row(params![p.delivery_id, p.claim_token], |row| {
-            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
-        })
+        .query_row(
+            params![
+                p.delivery_id,
+                p.claim_token,
+                state.as_str(),
+                next_attempt_at,
+                last_error,
+                delivered_at,
+                p.now.as_micros()
+            ],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
         .optional()?;
-    let Some((next_attempt_at, attempts, handoff_id)) = current else {
+    let Some((attempts, handoff_id)) = changed else {
         return Ok(RecordOutcome::ClaimLost);
     };
-    let (outcome, state, next_attempt_at, last_error, delivered_at) =
-        after_attempt(&p.result, next_attempt_at, p.now);
-    let changed = conn
-        .prepare_cached(
-            "UPDATE deliveries SET state = ?3, next_attempt_at = ?4, last_error = COALESCE(?5, last_error), \
-             delivered_at = ?6, claim_token = NULL, updated_at = ?7 \
-             WHERE id = ?1 AND claim_token = ?2 AND state = 'pending'",
-        )?
-        .execute(params![
-            p.delivery_id,
-            p.claim_token,
-            state.as_str(),
-            next_attempt_at,
-            last_error,
-            delivered_at,
-            p.now.as_micros()
-        ])?;
-    if changed == 0 {
-        return Ok(RecordOutcome::ClaimLost);
-    }
     let error = match &p.result {
         AttemptResult::Delivered => None,
         AttemptResult::RetryAt { error, .. } | AttemptResult::Dead { error } => {
@@ -423,6 +420,20 @@ impl DeliveryStore for SqliteStore {
         params: RecordAttemptParams,
     ) -> StoreFuture<'_, RecordOutcome> {
         self.write(move |conn| record(conn, params))
+    }
+
+    fn record_delivery_attempts(
+        &self,
+        params: Vec<RecordAttemptParams>,
+    ) -> StoreFuture<'_, Vec<RecordOutcome>> {
+        // One write on the single writer: each item is checked against its own claim, so an
+        // item whose claim was lost changes nothing while the others are recorded.
+        self.write(move |conn| {
+            params
+                .into_iter()
+                .map(|item| record(conn, item))
+                .collect::<Result<Vec<_>, _>>()
+        })
     }
 
     fn list_deliveries(&self, params: DeliveryListParams) -> StoreFuture<'_, DeliveryPage> {

@@ -722,15 +722,31 @@ async fn kill_dash_nine_while_the_receiver_is_down_delivers_every_outcome_once()
     // At least once: a crash between the receiver's answer and the server recording it
     // may repeat a delivery, under the same id. Say how often it happened.
     eprintln!("{total} requests answered 200 for 20 events");
-    let listed: Value = client
-        .get(format!("{}/api/v1/deliveries?state=pending", server.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(listed["deliveries"], json!([]), "nothing is left pending");
+    // A delivery the killed server made but had not recorded stays pending until its claim
+    // expires (attempt timeout 2 s + 10 s), then is repeated under its id: wait for that.
+    let started = Instant::now();
+    loop {
+        let listed: Value = client
+            .get(format!("{}/api/v1/deliveries?state=pending", server.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if listed["deliveries"] == json!([]) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "nothing is left pending: {listed}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let by_job = wait_for_jobs(&receiver, &all).await;
+    for (job, events) in &by_job {
+        assert_eq!(events.len(), 1, "job {job} was handed off as {events:?}");
+    }
     server.terminate();
 }
 

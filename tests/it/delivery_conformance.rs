@@ -368,6 +368,169 @@ pub async fn attempts_are_fenced_by_their_claim_and_retried_until_dead(s: TestSt
     assert!(store.get_delivery(999_999).await.unwrap().is_none());
 }
 
+/// The dispatcher records the attempts that ended together in one call: each is fenced by
+/// its own claim, so one stale claim in the chunk changes nothing while the rest are
+/// recorded, and two deliveries of one hand-off delivered together mark it delivered.
+pub async fn a_chunk_of_attempts_is_recorded_item_by_item_with_its_claims(s: TestStore) {
+    let store = &*s.store;
+    assert!(store
+        .record_delivery_attempts(Vec::new())
+        .await
+        .unwrap()
+        .is_empty());
+    let two_sinks = finish(
+        store,
+        json!({"webhook_url": "http://127.0.0.1:9/hook"}),
+        success(),
+        at(0),
+    )
+    .await;
+    let retried = finish(store, json!({}), success(), at(0)).await;
+    let dead = finish(store, json!({}), failure(), at(0)).await;
+    let stale = finish(store, json!({}), success(), at(0)).await;
+    store
+        .fan_out_handoffs(callback_and_webhooks(at(0)))
+        .await
+        .unwrap();
+    let claimed = claim(store, 10, at(1)).await;
+    assert_eq!(claimed.len(), 5);
+    let of_job = |job: JobId| -> Vec<&ClaimedDelivery> {
+        claimed
+            .iter()
+            .filter(|c| c.event.as_ref().unwrap().job_id == job)
+            .collect()
+    };
+    // The stale delivery's first attempt is recorded alone, and it is claimed again: the
+    // first claim is now stale.
+    let stale_first = of_job(stale)[0];
+    let retry_soon = AttemptResult::RetryAt {
+        at: at(2),
+        error: "HTTP 503".into(),
+    };
+    assert_eq!(
+        record(store, stale_first, retry_soon, at(1)).await,
+        RecordOutcome::Recorded
+    );
+    let stale_again = claim(store, 10, at(2)).await;
+    assert_eq!(stale_again.len(), 1);
+    assert_eq!(stale_again[0].delivery_id, stale_first.delivery_id);
+    let item = |claimed: &ClaimedDelivery, result: AttemptResult| RecordAttemptParams {
+        delivery_id: claimed.delivery_id,
+        claim_token: claimed.claim_token.clone(),
+        result,
+        http_status: Some(202),
+        now: at(3),
+    };
+    let mut chunk: Vec<RecordAttemptParams> = of_job(two_sinks)
+        .into_iter()
+        .map(|c| item(c, AttemptResult::Delivered))
+        .collect();
+    chunk.push(item(
+        of_job(retried)[0],
+        AttemptResult::RetryAt {
+            at: at(100),
+            error: "HTTP 500".into(),
+        },
+    ));
+    chunk.push(item(
+        of_job(dead)[0],
+        AttemptResult::Dead {
+            error: "HTTP 410".into(),
+        },
+    ));
+    chunk.push(item(stale_first, AttemptResult::Delivered));
+    let outcomes = store.record_delivery_attempts(chunk.clone()).await.unwrap();
+    assert_eq!(
+        outcomes,
+        vec![
+            RecordOutcome::Recorded,
+            RecordOutcome::Recorded,
+            RecordOutcome::Recorded,
+            RecordOutcome::Recorded,
+            RecordOutcome::ClaimLost,
+        ],
+        "every item but the stale claim is recorded"
+    );
+    let detail = |id: i64| async move { store.get_delivery(id).await.unwrap().unwrap() };
+    for c in of_job(two_sinks) {
+        let d = detail(c.delivery_id).await;
+        assert_eq!(d.delivery.state, DeliveryState::Delivered);
+        assert_eq!(d.delivery.delivered_at, Some(at(3)));
+        assert_eq!(d.attempts.len(), 1);
+        assert_eq!(d.attempts[0].outcome, AttemptOutcomeKind::Delivered);
+        assert_eq!(d.attempts[0].http_status, Some(202));
+    }
+    let undelivered: Vec<JobId> = store
+        .pending_handoffs(10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|h| h.job_id)
+        .collect();
+    assert!(
+        !undelivered.contains(&two_sinks),
+        "a hand-off whose deliveries were recorded together is delivered"
+    );
+    assert_eq!(undelivered.len(), 3);
+    let d = detail(of_job(retried)[0].delivery_id).await;
+    assert_eq!(
+        (
+            d.delivery.state,
+            d.delivery.next_attempt_at,
+            d.delivery.last_error.as_deref()
+        ),
+        (DeliveryState::Pending, at(100), Some("HTTP 500"))
+    );
+    assert_eq!(
+        (
+            d.attempts.len(),
+            d.attempts[0].outcome,
+            d.attempts[0].attempt
+        ),
+        (1, AttemptOutcomeKind::Failed, 1)
+    );
+    let d = detail(of_job(dead)[0].delivery_id).await;
+    assert_eq!(d.delivery.state, DeliveryState::Dead);
+    assert_eq!(d.attempts[0].outcome, AttemptOutcomeKind::Dead);
+    let d = detail(stale_first.delivery_id).await;
+    assert_eq!(
+        (d.delivery.state, d.delivery.attempts, d.attempts.len()),
+        (DeliveryState::Pending, 2, 1),
+        "the stale claim's outcome left no trace"
+    );
+    assert_eq!(d.attempts[0].outcome, AttemptOutcomeKind::Failed);
+    // Recording the same chunk again changes nothing: an outcome is recorded once per claim.
+    assert_eq!(
+        store.record_delivery_attempts(chunk).await.unwrap(),
+        vec![RecordOutcome::ClaimLost; 5]
+    );
+    // The current claim still records.
+    assert_eq!(
+        store
+            .record_delivery_attempts(vec![item(&stale_again[0], AttemptResult::Delivered)])
+            .await
+            .unwrap(),
+        vec![RecordOutcome::Recorded]
+    );
+    assert_eq!(
+        detail(stale_first.delivery_id).await.delivery.state,
+        DeliveryState::Delivered
+    );
+    let pending = store
+        .list_deliveries(DeliveryListParams {
+            state: Some(DeliveryState::Pending),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .deliveries;
+    assert_eq!(
+        pending.iter().map(|d| d.job_id).collect::<Vec<_>>(),
+        vec![retried]
+    );
+}
+
 pub async fn redrive_makes_a_dead_delivery_pending_with_a_fresh_budget(s: TestStore) {
     let store = &*s.store;
     finish(store, json!({}), success(), at(0)).await;
@@ -665,6 +828,7 @@ on_both_backends!(
     hand_offs_fan_out_once_per_sink_with_one_event_id,
     claimed_events_carry_the_outcome_as_it_was_handed_off,
     attempts_are_fenced_by_their_claim_and_retried_until_dead,
+    a_chunk_of_attempts_is_recorded_item_by_item_with_its_claims,
     redrive_makes_a_dead_delivery_pending_with_a_fresh_budget,
     concurrent_claims_never_share_a_delivery,
     deliveries_list_by_state_sink_and_job_newest_first,

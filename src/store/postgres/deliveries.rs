@@ -281,6 +281,105 @@ async fn record(conn: &mut Conn, p: RecordAttemptParams) -> Result<RecordOutcome
     })
 }
 
+/// Records a chunk of attempts in one statement: the same conditional write as `record`,
+/// joined with the items as arrays. An item changes its delivery only while its claim token
+/// is still the delivery's; the statement returns the ids it changed, so each item learns
+/// whether it was recorded.
+async fn record_many(
+    conn: &mut Conn,
+    items: Vec<RecordAttemptParams>,
+) -> Result<Vec<RecordOutcome>, StoreError> {
+    if items.is_empty() {
+        return Ok(Vec::new());
+    }
+    let n = items.len();
+    let mut ids: Vec<i64> = Vec::with_capacity(n);
+    let mut tokens: Vec<&str> = Vec::with_capacity(n);
+    let mut states: Vec<&str> = Vec::with_capacity(n);
+    let mut next_attempts: Vec<Option<i64>> = Vec::with_capacity(n);
+    let mut last_errors: Vec<Option<String>> = Vec::with_capacity(n);
+    let mut delivered: Vec<Option<i64>> = Vec::with_capacity(n);
+    let mut nows: Vec<i64> = Vec::with_capacity(n);
+    let mut outcomes: Vec<&str> = Vec::with_capacity(n);
+    let mut statuses: Vec<Option<i32>> = Vec::with_capacity(n);
+    let mut errors: Vec<Option<&str>> = Vec::with_capacity(n);
+    for item in &items {
+        let (outcome, state, _, last_error, delivered_at) =
+            after_attempt(&item.result, 0, item.now);
+        ids.push(item.delivery_id);
+        tokens.push(&item.claim_token);
+        states.push(state.as_str());
+        next_attempts.push(match &item.result {
+            AttemptResult::RetryAt { at, .. } => Some(at.as_micros()),
+            _ => None,
+        });
+        last_errors.push(last_error);
+        delivered.push(delivered_at);
+        nows.push(item.now.as_micros());
+        outcomes.push(outcome.as_str());
+        statuses.push(item.http_status.map(i32::from));
+        errors.push(match &item.result {
+            AttemptResult::Delivered => None,
+            AttemptResult::RetryAt { error, .. } | AttemptResult::Dead { error } => Some(error),
+        });
+    }
+    // The hand-off check sees the deliveries as they were before the statement, so a
+    // sibling delivered in the same chunk counts as delivered through `u`.
+    let statement = conn
+        .statement(
+            "WITH x AS (SELECT * FROM unnest($1::int8[], $2::text[], $3::text[], $4::int8[], $5::text[], \
+                                         $6::int8[], $7::int8[], $8::text[], $9::int4[], $10::text[]) \
+                        AS x(id, token, state, next_at, last_error, delivered_at, now, outcome, status, error)), \
+                  u AS (UPDATE deliveries d SET state = x.state, next_attempt_at = COALESCE(x.next_at, d.next_attempt_at), \
+                        last_error = COALESCE(x.last_error, d.last_error), delivered_at = x.delivered_at, \
+                        claim_token = NULL, updated_at = x.now \
+                        FROM x WHERE d.id = x.id AND d.claim_token = x.token AND d.state = 'pending' \
+                        RETURNING d.id, x.token, d.attempts, d.handoff_id, x.state, x.now, x.outcome, x.status, x.error), \
+                  a AS (INSERT INTO delivery_attempts (delivery_id, attempt, at, outcome, http_status, error) \
+                        SELECT u.id, u.attempts, u.now, u.outcome, u.status, u.error FROM u), \
+                  h AS (UPDATE handoffs SET delivered_at = u.now FROM u \
+                        WHERE handoffs.id = u.handoff_id AND u.state = 'delivered' \
+                        AND handoffs.delivered_at IS NULL \
+                        AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.handoff_id = u.handoff_id \
+                                        AND d.id <> u.id AND d.state <> 'delivered' \
+                                        AND NOT EXISTS (SELECT 1 FROM u AS sibling WHERE sibling.id = d.id \
+                                                        AND sibling.state = 'delivered'))) \
+             SELECT id, token FROM u",
+        )
+        .await?;
+    let params: [&(dyn ToSql + Sync); 10] = [
+        &ids,
+        &tokens,
+        &states,
+        &next_attempts,
+        &last_errors,
+        &delivered,
+        &nows,
+        &outcomes,
+        &statuses,
+        &errors,
+    ];
+    let rows = conn
+        .client
+        .query(&statement, &params)
+        .await
+        .map_err(pg_error)?;
+    let recorded = rows
+        .iter()
+        .map(|row| Ok((get::<i64>(row, 0)?, get::<String>(row, 1)?)))
+        .collect::<Result<std::collections::HashSet<(i64, String)>, StoreError>>()?;
+    Ok(items
+        .iter()
+        .map(|item| {
+            if recorded.contains(&(item.delivery_id, item.claim_token.clone())) {
+                RecordOutcome::Recorded
+            } else {
+                RecordOutcome::ClaimLost
+            }
+        })
+        .collect())
+}
+
 async fn list(conn: &mut Conn, p: DeliveryListParams) -> Result<DeliveryPage, StoreError> {
     let cursor = p.cursor.unwrap_or(i64::MAX);
     let state = p.state.map(DeliveryState::as_str);
@@ -457,6 +556,13 @@ impl DeliveryStore for PostgresStore {
         params: RecordAttemptParams,
     ) -> StoreFuture<'_, RecordOutcome> {
         self.run(move |c| Box::pin(record(c, params)))
+    }
+
+    fn record_delivery_attempts(
+        &self,
+        params: Vec<RecordAttemptParams>,
+    ) -> StoreFuture<'_, Vec<RecordOutcome>> {
+        self.run(move |c| Box::pin(record_many(c, params)))
     }
 
     fn list_deliveries(&self, params: DeliveryListParams) -> StoreFuture<'_, DeliveryPage> {
