@@ -405,26 +405,6 @@ async fn an_unreachable_broker_is_a_retryable_failure_that_names_no_password() {
     }
 }
 
-/// The deliveries of a job, once they are all delivered.
-async fn delivered(app: &crate::support::TestApp, job_id: &str) -> Vec<Value> {
-    let started = Instant::now();
-    loop {
-        let (status, body) = app
-            .get(&format!("/api/v1/deliveries?job_id={job_id}"))
-            .await;
-        assert_eq!(status, 200, "{body}");
-        let deliveries = body["deliveries"].as_array().unwrap().clone();
-        if !deliveries.is_empty() && deliveries.iter().all(|d| d["state"] == "delivered") {
-            return deliveries;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "deliveries of {job_id} not delivered: {deliveries:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Through the real server: a job that completes, one that fails for good and one that
 /// times out for good each make exactly one task run on a stock Celery worker, with the
 /// seed's arguments, under the delivery's event id.
@@ -483,7 +463,13 @@ async fn completed_failed_and_timed_out_jobs_each_run_one_celery_task() {
 
     let mut event_ids = Vec::new();
     for id in [&completed, &failed, &timed_out] {
-        let deliveries = delivered(&app, id).await;
+        let deliveries = crate::delivery::wait_until_settled_within(
+            &app,
+            id,
+            "delivered",
+            Duration::from_secs(30),
+        )
+        .await;
         assert_eq!(deliveries.len(), 1, "{deliveries:#?}");
         assert_eq!(deliveries[0]["sink"], "celery");
         event_ids.push(deliveries[0]["event_id"].as_str().unwrap().to_owned());

@@ -237,6 +237,17 @@ pub(crate) async fn deliveries_of(app: &TestApp, job_id: &str) -> Vec<Value> {
 /// Waits until the job's deliveries are all in `state` (the server records an attempt's
 /// outcome just after the receiver answered).
 pub(crate) async fn wait_until_settled(app: &TestApp, job_id: &str, state: &str) -> Vec<Value> {
+    wait_until_settled_within(app, job_id, state, Duration::from_secs(20)).await
+}
+
+/// `wait_until_settled` with its own limit (a sink behind a slower peer, such as Celery's
+/// Redis, may need longer).
+pub(crate) async fn wait_until_settled_within(
+    app: &TestApp,
+    job_id: &str,
+    state: &str,
+    within: Duration,
+) -> Vec<Value> {
     let started = Instant::now();
     loop {
         let deliveries = deliveries_of(app, job_id).await;
@@ -244,7 +255,7 @@ pub(crate) async fn wait_until_settled(app: &TestApp, job_id: &str, state: &str)
             return deliveries;
         }
         assert!(
-            started.elapsed() < Duration::from_secs(20),
+            started.elapsed() < within,
             "deliveries of {job_id} not {state}: {deliveries:#?}"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
