@@ -584,7 +584,7 @@ async fn answer_swallowing_proxy() -> (u16, tokio::task::JoinHandle<()>) {
 /// the worker still runs one task.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_dash_nine_between_the_enqueue_and_recording_it_still_runs_one_task() {
-    use crate::support::{free_port, ServerProcess};
+    use crate::support::{complete_document_job, free_port, ServerProcess};
 
     let broker = TestBroker::new();
     let (proxy_port, proxy) = answer_swallowing_proxy().await;
@@ -613,41 +613,13 @@ async fn kill_dash_nine_between_the_enqueue_and_recording_it_still_runs_one_task
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let mut server = ServerProcess::start(data.path(), port, &env);
     server.wait_healthy(&client).await;
-    let created: Value = client
-        .post(format!("{}/api/v1/remote-jobs/", server.base))
-        .json(&json!({"source_file_path": source, "content_type": "document", "ingestion_task_id": "e2e-crash"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let job_id = created["job_id"].as_str().unwrap().to_owned();
-    let polled: Value = client
-        .get(format!(
-            "{}/api/v1/remote-jobs/poll?worker_id=w1&content_types=document",
-            server.base
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(polled["job_id"], job_id.as_str());
-    let answer = client
-        .put(format!(
-            "{}/api/v1/remote-jobs/{job_id}/result",
-            server.base
-        ))
-        .json(
-            &json!({"success": true, "content": "text", "metadata": {}, "processing_time": 1.0,
-                      "lease_id": polled["lease_id"]}),
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(answer.status(), 200);
+    let job_id = complete_document_job(
+        &client,
+        &server.base,
+        json!({"source_file_path": source, "content_type": "document", "ingestion_task_id": "e2e-crash"}),
+        json!({"success": true, "content": "text", "metadata": {}, "processing_time": 1.0}),
+    )
+    .await;
     let started = Instant::now();
     while broker.command(&["LLEN", broker.queue()]).await != Reply::Integer(1) {
         assert!(

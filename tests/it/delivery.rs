@@ -14,7 +14,7 @@ use base64::Engine as _;
 use hmac::{KeyInit, Mac};
 use serde_json::{json, Value};
 
-use crate::support::{free_port, spawn_app_with, ServerProcess, TestApp};
+use crate::support::{complete_document_job, free_port, spawn_app_with, ServerProcess, TestApp};
 
 /// The secret in the Standard Webhooks form: `whsec_` and the base64 of the key.
 pub(crate) const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -603,38 +603,10 @@ async fn complete_jobs(
 ) -> Vec<String> {
     let mut ids = Vec::new();
     for i in 0..n {
-        let created: Value = client
-            .post(format!("{base}/api/v1/remote-jobs/"))
-            .json(
-                &json!({"source_file_path": source, "content_type": "document",
-                          "ingestion_task_id": format!("crash-{i}")}),
-            )
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let id = created["job_id"].as_str().unwrap().to_owned();
-        let job: Value = client
-            .get(format!(
-                "{base}/api/v1/remote-jobs/poll?worker_id=w&content_types=document"
-            ))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        assert_eq!(job["job_id"].as_str(), Some(id.as_str()));
-        let answer = client
-            .put(format!("{base}/api/v1/remote-jobs/{id}/result"))
-            .json(&json!({"success": true, "content": format!("text {i}"), "lease_id": job["lease_id"]}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(answer.status(), 200);
-        ids.push(id);
+        let create = json!({"source_file_path": source, "content_type": "document",
+                            "ingestion_task_id": format!("crash-{i}")});
+        let result = json!({"success": true, "content": format!("text {i}")});
+        ids.push(complete_document_job(client, base, create, result).await);
     }
     ids
 }

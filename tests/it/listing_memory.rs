@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::support::{free_port, PgDatabase, ServerProcess};
+use crate::support::{complete_document_job, free_port, PgDatabase, ServerProcess};
 
 const JOBS: usize = 20;
 const RESULT_BYTES: usize = 10 * 1024 * 1024;
@@ -53,37 +53,9 @@ async fn listing_and_status_reads_do_not_load_results() {
     let content = "x".repeat(RESULT_BYTES);
     let mut ids = Vec::new();
     for i in 0..JOBS {
-        let body = json!({"source_file_path": source, "content_type": "document", "ingestion_task_id": format!("t{i}")});
-        let created: Value = client
-            .post(format!("{base}/api/v1/remote-jobs/"))
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let id = created["job_id"].as_str().unwrap().to_owned();
-        let polled: Value = client
-            .get(format!(
-                "{base}/api/v1/remote-jobs/poll?worker_id=w&content_types=document"
-            ))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        assert_eq!(polled["job_id"].as_str(), Some(id.as_str()));
-        let result = json!({"success": true, "content": content, "metadata": {"pages": i},
-            "lease_id": polled["lease_id"]});
-        let answer = client
-            .put(format!("{base}/api/v1/remote-jobs/{id}/result"))
-            .json(&result)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(answer.status(), 200);
+        let create = json!({"source_file_path": source, "content_type": "document", "ingestion_task_id": format!("t{i}")});
+        let result = json!({"success": true, "content": content, "metadata": {"pages": i}});
+        let id = complete_document_job(&client, &base, create, result).await;
         ids.push(id);
     }
     drop(content);

@@ -421,6 +421,46 @@ impl Drop for ServerProcess {
         let _ = self.child.wait();
     }
 }
+/// Creates a document job on a running server at `base` with the `create` body, claims it
+/// as worker `w` and submits `result` with the claim's lease, asserting each answer; returns
+/// the job's id. For tests that drive a real server process with a plain HTTP client.
+pub async fn complete_document_job(
+    client: &reqwest::Client,
+    base: &str,
+    create: Value,
+    mut result: Value,
+) -> String {
+    let created: Value = client
+        .post(format!("{base}/api/v1/remote-jobs/"))
+        .json(&create)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = created["job_id"].as_str().unwrap().to_owned();
+    let polled: Value = client
+        .get(format!(
+            "{base}/api/v1/remote-jobs/poll?worker_id=w&content_types=document"
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(polled["job_id"].as_str(), Some(id.as_str()));
+    result["lease_id"] = polled["lease_id"].clone();
+    let answer = client
+        .put(format!("{base}/api/v1/remote-jobs/{id}/result"))
+        .json(&result)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    id
+}
 
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
