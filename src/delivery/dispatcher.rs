@@ -20,8 +20,8 @@ use super::policy::RetrySchedule;
 use super::{AttemptDetail, DeliveryError, Sink, SinkKind};
 use crate::clock::{SharedClock, Timestamp};
 use crate::store::deliveries::{
-    AttemptResult, ClaimDeliveriesParams, ClaimedDelivery, FanOutParams, RecordAttemptParams,
-    RecordOutcome,
+    AttemptResult, ClaimDeliveriesParams, ClaimedDelivery, DispatchStepParams, FanOutParams,
+    RecordAttemptParams, RecordOutcome,
 };
 use crate::store::{Store, StoreError};
 
@@ -35,6 +35,10 @@ const CLAIM_MARGIN: Duration = Duration::from_secs(10);
 /// The shortest sleep between passes when a pass seemed to leave work behind (hand-offs
 /// another replica is fanning out), so the loop never spins.
 const MIN_PAUSE: Duration = Duration::from_millis(20);
+
+/// The longest an ended attempt waits to be recorded with others (its claim holds for the
+/// attempt timeout plus `CLAIM_MARGIN`, far longer).
+const RECORD_DELAY: Duration = Duration::from_millis(5);
 
 /// The least time between the starts of two passes.
 const PASS_SPACING: Duration = Duration::from_millis(5);
@@ -143,76 +147,92 @@ impl Dispatcher {
         }
     }
 
-    /// Fans out waiting hand-offs, then attempts every delivery due now, at most
-    /// `concurrency` at once, and returns when none is due and none is running.
+    /// Fans out waiting hand-offs and attempts every delivery due now, at most
+    /// `concurrency` at once, records every attempt, and returns when nothing is due or
+    /// waiting and none is running.
     pub async fn run_once(&self) -> Result<DispatchReport, StoreError> {
         let mut report = DispatchReport::default();
-        (report.n_handoffs_fanned_out, report.n_deliveries_created) = self.fan_out_once().await?;
         let mut running: JoinSet<FinishedAttempt> = JoinSet::new();
+        // Attempts that ended and are not recorded yet, and when the first of them ended.
+        let mut finished: Vec<FinishedAttempt> = Vec::new();
+        let mut first_finished = tokio::time::Instant::now();
         let mut exhausted = false;
-        // Claims are made in chunks: each is a store write (and on SQLite a read of the
-        // events), so claiming one delivery per finished attempt cost more than the
-        // attempts themselves under load. A chunk is claimed once a quarter of the places
-        // are free, or when nothing runs.
+        // Every store write here is a dispatch step: it records the attempts that ended
+        // and claims more in one transaction. Claims are made in chunks, once a quarter of
+        // the places are free (or when nothing runs): claiming one delivery per finished
+        // attempt cost more than the attempts themselves under load. Each claim also fans
+        // out the hand-offs committed meanwhile, their new deliveries created claimed, so a
+        // delivery is written twice (created, recorded) instead of three or four times.
+        // Finished attempts wait for the next claim, or for a quarter of the places'
+        // worth, or `RECORD_DELAY`, whichever comes first; with nothing running they are
+        // recorded at once.
         let refill_at = (self.concurrency / 4).max(1);
         loop {
             let free = self.concurrency.saturating_sub(running.len());
-            if !exhausted && free > 0 && (free >= refill_at || running.is_empty()) {
-                let claimed = self
+            let refill = !exhausted && free > 0 && (free >= refill_at || running.is_empty());
+            let record_now = !finished.is_empty()
+                && (refill
+                    || running.is_empty()
+                    || finished.len() >= refill_at
+                    || first_finished.elapsed() >= RECORD_DELAY);
+            if refill || record_now {
+                let now = self.shared.clock.now();
+                let claim = refill.then(|| {
+                    (
+                        self.fan_out_params(now),
+                        ClaimDeliveriesParams {
+                            limit: free,
+                            claim_for: self.shared.attempt_timeout + CLAIM_MARGIN,
+                            now,
+                        },
+                    )
+                });
+                let results: Vec<AttemptResult> =
+                    finished.iter().map(|f| f.result.clone()).collect();
+                let step = self
                     .shared
                     .store
-                    .claim_deliveries(ClaimDeliveriesParams {
-                        limit: free,
-                        claim_for: self.shared.attempt_timeout + CLAIM_MARGIN,
-                        now: self.shared.clock.now(),
+                    .dispatch_step(DispatchStepParams {
+                        records: finished.drain(..).map(|f| f.record).collect(),
+                        claim,
                     })
                     .await?;
-                exhausted = claimed.len() < free;
-                for delivery in claimed {
-                    running.spawn(attempt(self.shared.clone(), delivery));
+                tally_all(&mut report, results, step.recorded)?;
+                if refill {
+                    report.n_handoffs_fanned_out += step.fanned_out.n_handoffs;
+                    report.n_deliveries_created += step.fanned_out.n_deliveries;
+                    exhausted =
+                        step.claimed.len() < free && step.fanned_out.n_handoffs < FAN_OUT_BATCH;
+                    for delivery in step.claimed {
+                        running.spawn(attempt(self.shared.clone(), delivery));
+                    }
                 }
             }
-            let mut finished = match running.join_next().await {
-                None if exhausted => return Ok(report),
-                None => continue,
-                Some(joined) => vec![finished_attempt(joined)?],
+            let joined = if finished.is_empty() {
+                running.join_next().await
+            } else {
+                let deadline = first_finished + RECORD_DELAY;
+                match tokio::time::timeout_at(deadline, running.join_next()).await {
+                    Ok(joined) => joined,
+                    // Time to record what ended.
+                    Err(_) => continue,
+                }
             };
-            // Every other attempt that ended meanwhile frees its place for the same claim,
-            // and is recorded with it.
+            match joined {
+                None if exhausted && finished.is_empty() => return Ok(report),
+                None => continue,
+                Some(joined) => {
+                    if finished.is_empty() {
+                        first_finished = tokio::time::Instant::now();
+                    }
+                    finished.push(finished_attempt(joined)?);
+                }
+            }
+            // Every other attempt that ended meanwhile is recorded with it.
             while let Some(joined) = running.try_join_next() {
                 finished.push(finished_attempt(joined)?);
             }
-            self.record(&mut report, finished).await?;
         }
-    }
-
-    /// Records finished attempts in one store call. Each attempt was delivered (or failed)
-    /// as soon as it could; only its record waits for the others that ended meanwhile.
-    /// Under load many attempts end while one chunk is being recorded, so the next chunk is
-    /// larger: with two sinks a store write per attempt cost more than the job's lifecycle
-    /// itself on PostgreSQL. Idle, a chunk is a single attempt, recorded at once.
-    async fn record(
-        &self,
-        report: &mut DispatchReport,
-        finished: Vec<FinishedAttempt>,
-    ) -> Result<(), StoreError> {
-        let results: Vec<AttemptResult> = finished.iter().map(|f| f.result.clone()).collect();
-        let recorded = self
-            .shared
-            .store
-            .record_delivery_attempts(finished.into_iter().map(|f| f.record).collect())
-            .await?;
-        if recorded.len() != results.len() {
-            return Err(StoreError::Internal(format!(
-                "{} attempts recorded, {} outcomes returned",
-                results.len(),
-                recorded.len()
-            )));
-        }
-        for (result, recorded) in results.into_iter().zip(recorded) {
-            tally(report, result, recorded);
-        }
-        Ok(())
     }
 
     /// Runs passes until `shutdown` turns true: after a hand-off commits, when the next
@@ -286,6 +306,25 @@ fn finished_attempt(
     joined: Result<FinishedAttempt, tokio::task::JoinError>,
 ) -> Result<FinishedAttempt, StoreError> {
     joined.map_err(|error| StoreError::Internal(format!("a delivery attempt panicked: {error}")))
+}
+
+/// Counts recorded attempts in the pass's report: `recorded` answers `results` in order.
+fn tally_all(
+    report: &mut DispatchReport,
+    results: Vec<AttemptResult>,
+    recorded: Vec<RecordOutcome>,
+) -> Result<(), StoreError> {
+    if recorded.len() != results.len() {
+        return Err(StoreError::Internal(format!(
+            "{} attempts recorded, {} outcomes returned",
+            results.len(),
+            recorded.len()
+        )));
+    }
+    for (result, recorded) in results.into_iter().zip(recorded) {
+        tally(report, result, recorded);
+    }
+    Ok(())
 }
 
 /// Counts one recorded (or fenced-off) attempt in the pass's report.

@@ -4,6 +4,7 @@
 //! here, so both backends only apply them.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::{StoreError, StoreFuture};
@@ -145,8 +146,29 @@ pub struct ClaimedDelivery {
     pub attempt: u32,
     pub sink: SinkKind,
     /// The event, or why it cannot be built (its job was deleted): the delivery is then
-    /// dead-lettered.
-    pub event: Result<OutboundEvent, String>,
+    /// dead-lettered. Shared by the deliveries of one hand-off claimed together.
+    pub event: SharedEvent,
+}
+
+/// A claimed delivery's event, read once for all the hand-off's deliveries in a claim.
+pub type SharedEvent = Result<Arc<OutboundEvent>, String>;
+
+/// One write of the dispatcher: record finished attempts, then claim more.
+#[derive(Clone, Debug, Default)]
+pub struct DispatchStepParams {
+    /// Applied first, each only with its claim (as `record_delivery_attempts`).
+    pub records: Vec<RecordAttemptParams>,
+    /// Then claim due deliveries and fan out waiting hand-offs (`fan_out_and_claim`).
+    pub claim: Option<(FanOutParams, ClaimDeliveriesParams)>,
+}
+
+/// What `dispatch_step` (or `fan_out_and_claim`) did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DispatchStep {
+    /// One per record, in order.
+    pub recorded: Vec<RecordOutcome>,
+    pub fanned_out: FanOutReport,
+    pub claimed: Vec<ClaimedDelivery>,
 }
 
 /// What an attempt came to.
@@ -231,6 +253,24 @@ pub trait DeliveryStore: Send + Sync + 'static {
         &self,
         params: ClaimDeliveriesParams,
     ) -> StoreFuture<'_, Vec<ClaimedDelivery>>;
+    /// `claim_deliveries`, then `fan_out_handoffs`, in one store write (one transaction),
+    /// with the new deliveries created already claimed while the claim's `limit` has room,
+    /// so a new delivery needs no second write to be claimed. Deliveries that were due
+    /// before come first, so retries never wait behind a stream of new hand-offs.
+    fn fan_out_and_claim(
+        &self,
+        fan_out: FanOutParams,
+        claim: ClaimDeliveriesParams,
+    ) -> StoreFuture<'_, DispatchStep> {
+        self.dispatch_step(DispatchStepParams {
+            records: Vec::new(),
+            claim: Some((fan_out, claim)),
+        })
+    }
+    /// The dispatcher's write: `record_delivery_attempts` of `records`, then (when asked)
+    /// `fan_out_and_claim`, in one transaction. A chunk of finished attempts and the claim
+    /// that refills their places cost one commit instead of two.
+    fn dispatch_step(&self, params: DispatchStepParams) -> StoreFuture<'_, DispatchStep>;
     /// Records an attempt's outcome, only if the claim is still the delivery's current one.
     fn record_delivery_attempt(
         &self,

@@ -482,7 +482,9 @@ pub trait Store: DeliveryStore + WorkerRegistryStore + Send + Sync + 'static {
     fn get_job_detail(&self, id: JobId) -> StoreFuture<'_, Option<JobDetail>>;
     fn list_jobs(&self, params: ListParams) -> StoreFuture<'_, JobPage>;
     fn statistics(&self, now: Timestamp) -> StoreFuture<'_, Statistics>;
-    /// Recorded hand-offs not yet delivered, oldest first.
+    /// Recorded hand-offs not yet delivered to every sink (not fanned out, or with a
+    /// delivery still pending or dead), oldest first. For tests and diagnosis: it reads
+    /// every hand-off.
     fn pending_handoffs(&self, limit: usize) -> StoreFuture<'_, Vec<Handoff>>;
     /// Inserts a job as it is, unless one with its id exists (then nothing changes).
     fn import_job(&self, params: ImportJobParams) -> StoreFuture<'_, ImportOutcome>;

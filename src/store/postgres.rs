@@ -82,6 +82,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0006_idempotent_creates.sql"),
     include_str!("../../migrations/postgres/0007_workers.sql"),
     include_str!("../../migrations/postgres/0008_autovacuum.sql"),
+    include_str!("../../migrations/postgres/0009_lean_deliveries.sql"),
 ];
 
 /// The schema version this program creates and understands.

@@ -32,6 +32,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/sqlite/0003_deliveries.sql"),
     include_str!("../../migrations/sqlite/0004_idempotent_creates.sql"),
     include_str!("../../migrations/sqlite/0005_workers.sql"),
+    include_str!("../../migrations/sqlite/0006_lean_deliveries.sql"),
 ];
 
 #[path = "sqlite_deliveries.rs"]
@@ -399,7 +400,9 @@ impl Store for SqliteStore {
     fn pending_handoffs(&self, limit: usize) -> StoreFuture<'_, Vec<Handoff>> {
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(
-                "SELECT id, job_id, kind, payload, created_at FROM handoffs WHERE delivered_at IS NULL ORDER BY id LIMIT ?1",
+                "SELECT id, job_id, kind, payload, created_at FROM handoffs h WHERE fanned_out_at IS NULL \
+                 OR EXISTS (SELECT 1 FROM deliveries d WHERE d.handoff_id = h.id AND d.state <> 'delivered') \
+                 ORDER BY id LIMIT ?1",
             )?;
             let rows = stmt.query_map([limit as i64], |row| {
                 let job_id: String = row.get(1)?;

@@ -2,6 +2,8 @@
 //! through the store's single writer, so a claim needs no row locks: the writer is the
 //! only one changing deliveries.
 
+use std::sync::Arc;
+
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::SqliteStore;
@@ -61,7 +63,20 @@ impl DeliveryRow {
     }
 }
 
-fn fan_out(conn: &Connection, p: FanOutParams) -> Result<FanOutReport, StoreError> {
+/// Claims for deliveries a fan-out creates: the first `room` of them are created claimed
+/// with `token` until `until`, so they need no second write to be claimed.
+struct ClaimingNew<'a> {
+    token: &'a str,
+    room: usize,
+    until: i64,
+}
+
+fn fan_out(
+    conn: &Connection,
+    p: FanOutParams,
+    mut claiming: Option<ClaimingNew<'_>>,
+    claimed: &mut Vec<Claim>,
+) -> Result<FanOutReport, StoreError> {
     let waiting: Vec<(i64, String, Option<String>)> = conn
         .prepare_cached(
             "SELECT h.id, h.job_id, j.task_options FROM handoffs h LEFT JOIN jobs j ON j.id = h.job_id \
@@ -79,12 +94,31 @@ fn fan_out(conn: &Connection, p: FanOutParams) -> Result<FanOutReport, StoreErro
             None => Vec::new(),
         };
         for sink in sinks {
-            report.n_deliveries += conn
+            // Claimed at creation: attempt 1 is running, due again when the claim expires.
+            let claim = claiming.as_mut().filter(|c| c.room > 0);
+            let (token, attempts, due) = match &claim {
+                Some(c) => (Some(c.token), 1, c.until),
+                None => (None, 0, now),
+            };
+            let created: Option<i64> = conn
                 .prepare_cached(
                     "INSERT OR IGNORE INTO deliveries (handoff_id, event_id, sink, job_id, state, attempts, \
-                     next_attempt_at, created_at, updated_at) VALUES (?1, ?2, ?3, ?4, 'pending', 0, ?5, ?5, ?5)",
+                     next_attempt_at, claim_token, created_at, updated_at) \
+                     VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?6, ?7, ?8, ?8) RETURNING id",
                 )?
-                .execute(params![handoff_id, event_id, sink.as_str(), job_id, now])?;
+                .query_row(
+                    params![handoff_id, event_id, sink.as_str(), job_id, attempts, due, token, now],
+                    |row| row.get(0),
+                )
+                .optional()?;
+            let Some(delivery_id) = created else {
+                continue;
+            };
+            report.n_deliveries += 1;
+            if let Some(c) = claim {
+                c.room -= 1;
+                claimed.push((delivery_id, 1, sink.as_str().to_owned(), handoff_id, event_id.clone()));
+            }
         }
         conn.prepare_cached(
             "UPDATE handoffs SET fanned_out_at = ?2, event_id = ?3 WHERE id = ?1 AND fanned_out_at IS NULL",
@@ -93,6 +127,33 @@ fn fan_out(conn: &Connection, p: FanOutParams) -> Result<FanOutReport, StoreErro
         report.n_handoffs += 1;
     }
     Ok(report)
+}
+
+/// A dispatch step on the writer: records, then claims due deliveries (older ones must
+/// not wait behind a stream of new hand-offs), then fans out waiting hand-offs, creating
+/// as many of their deliveries claimed as there is room left. The events are read after.
+fn dispatch_step(
+    conn: &Connection,
+    p: DispatchStepParams,
+) -> Result<(Vec<RecordOutcome>, FanOutReport, String, Vec<Claim>), StoreError> {
+    let recorded = p
+        .records
+        .into_iter()
+        .map(|item| record(conn, item))
+        .collect::<Result<Vec<_>, _>>()?;
+    let Some((f, c)) = p.claim else {
+        return Ok((recorded, FanOutReport::default(), String::new(), Vec::new()));
+    };
+    let until = c.now.plus(c.claim_for).as_micros();
+    let limit = c.limit;
+    let (token, mut claimed) = claim(conn, c)?;
+    let claiming = ClaimingNew {
+        token: &token,
+        room: limit.saturating_sub(claimed.len()),
+        until,
+    };
+    let report = fan_out(conn, f, Some(claiming), &mut claimed)?;
+    Ok((recorded, report, token, claimed))
 }
 
 fn stored_event(
@@ -175,19 +236,30 @@ fn claim(conn: &Connection, p: ClaimDeliveriesParams) -> Result<(String, Vec<Cla
     Ok((token, claimed))
 }
 
+/// Reads each claimed delivery's event, once per hand-off: its deliveries to several
+/// sinks share it (a result can be tens of megabytes).
 fn claimed_events(
     conn: &Connection,
     token: String,
     claimed: Vec<Claim>,
 ) -> Result<Vec<ClaimedDelivery>, StoreError> {
+    let mut events: std::collections::HashMap<i64, SharedEvent> = Default::default();
     let mut out = Vec::with_capacity(claimed.len());
     for (delivery_id, attempt, sink, handoff_id, event_id) in claimed {
+        let event = match events.get(&handoff_id) {
+            Some(event) => event.clone(),
+            None => {
+                let event = build_event(stored_event(conn, handoff_id, event_id)?).map(Arc::new);
+                events.insert(handoff_id, event.clone());
+                event
+            }
+        };
         out.push(ClaimedDelivery {
             delivery_id,
             claim_token: token.clone(),
             attempt: attempt.max(0) as u32,
             sink: parse_sink(&sink)?,
-            event: build_event(stored_event(conn, handoff_id, event_id)?),
+            event,
         });
     }
     Ok(out)
@@ -201,11 +273,11 @@ fn record(conn: &Connection, p: RecordAttemptParams) -> Result<RecordOutcome, St
         AttemptResult::RetryAt { at, .. } => Some(at.as_micros()),
         _ => None,
     };
-    let changed: Option<(i64, i64)> = conn
+    let attempts: Option<i64> = conn
         .prepare_cached(
             "UPDATE deliveries SET state = ?3, next_attempt_at = COALESCE(?4, next_attempt_at), \
              last_error = COALESCE(?5, last_error), delivered_at = ?6, claim_token = NULL, updated_at = ?7 \
-             WHERE id = ?1 AND claim_token = ?2 AND state = 'pending' RETURNING attempts, handoff_id",
+             WHERE id = ?1 AND claim_token = ?2 AND state = 'pending' RETURNING attempts",
         )?
         .query_row(
             params![
@@ -217,10 +289,10 @@ fn record(conn: &Connection, p: RecordAttemptParams) -> Result<RecordOutcome, St
                 delivered_at,
                 p.now.as_micros()
             ],
-            |row| Ok((row.get(0)?, row.get(1)?)),
+            |row| row.get(0),
         )
         .optional()?;
-    let Some((attempts, handoff_id)) = changed else {
+    let Some(attempts) = attempts else {
         return Ok(RecordOutcome::ClaimLost);
     };
     let error = match &p.result {
@@ -241,16 +313,11 @@ fn record(conn: &Connection, p: RecordAttemptParams) -> Result<RecordOutcome, St
         p.http_status,
         error
     ])?;
-    if state == DeliveryState::Delivered {
-        // The hand-off counts as delivered once every one of its deliveries is.
-        conn.prepare_cached(
-            "UPDATE handoffs SET delivered_at = ?2 WHERE id = ?1 AND delivered_at IS NULL \
-             AND NOT EXISTS (SELECT 1 FROM deliveries WHERE handoff_id = ?1 AND state <> 'delivered')",
-        )?
-        .execute(params![handoff_id, p.now.as_micros()])?;
-    }
     Ok(RecordOutcome::Recorded)
 }
+
+/// The condition of the partial index `deliveries_unsettled` (migration 0006).
+const UNSETTLED: &str = "state IN ('pending', 'dead')";
 
 fn list(conn: &Connection, p: DeliveryListParams) -> Result<DeliveryPage, StoreError> {
     let mut conditions = vec!["id < ?1".to_owned()];
@@ -258,6 +325,10 @@ fn list(conn: &Connection, p: DeliveryListParams) -> Result<DeliveryPage, StoreE
     if let Some(state) = p.state {
         values.push(state.as_str().to_owned().into());
         conditions.push(format!("state = ?{}", values.len()));
+        if state != DeliveryState::Delivered {
+            // Spelled as the partial index `deliveries_unsettled` is, so SQLite uses it.
+            conditions.push(UNSETTLED.to_owned());
+        }
     }
     if let Some(sink) = p.sink {
         values.push(sink.as_str().to_owned().into());
@@ -395,9 +466,24 @@ fn next_due(conn: &Connection) -> Result<Option<Timestamp>, StoreError> {
         .map(Timestamp::from_micros))
 }
 
+impl SqliteStore {
+    /// The events of claimed deliveries, read on a reader connection after the claim.
+    async fn events_of(
+        &self,
+        token: String,
+        claimed: Vec<Claim>,
+    ) -> Result<Vec<ClaimedDelivery>, StoreError> {
+        if claimed.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.read(move |conn| claimed_events(conn, token, claimed))
+            .await
+    }
+}
+
 impl DeliveryStore for SqliteStore {
     fn fan_out_handoffs(&self, params: FanOutParams) -> StoreFuture<'_, FanOutReport> {
-        self.write(move |conn| fan_out(conn, params))
+        self.write(move |conn| fan_out(conn, params, None, &mut Vec::new()))
     }
 
     fn claim_deliveries(
@@ -407,11 +493,19 @@ impl DeliveryStore for SqliteStore {
         let claiming = self.write(move |conn| claim(conn, params));
         Box::pin(async move {
             let (token, claimed) = claiming.await?;
-            if claimed.is_empty() {
-                return Ok(Vec::new());
-            }
-            self.read(move |conn| claimed_events(conn, token, claimed))
-                .await
+            self.events_of(token, claimed).await
+        })
+    }
+
+    fn dispatch_step(&self, params: DispatchStepParams) -> StoreFuture<'_, DispatchStep> {
+        let writing = self.write(move |conn| dispatch_step(conn, params));
+        Box::pin(async move {
+            let (recorded, fanned_out, token, claimed) = writing.await?;
+            Ok(DispatchStep {
+                recorded,
+                fanned_out,
+                claimed: self.events_of(token, claimed).await?,
+            })
         })
     }
 

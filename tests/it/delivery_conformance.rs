@@ -824,6 +824,127 @@ async fn postgres_hand_offs_wake_the_dispatchers_of_other_replicas() {
     second.close().await.unwrap();
 }
 
+/// One write fans out and claims: due deliveries first, then new ones created claimed while
+/// the limit has room; the rest of the new ones wait pending, due now.
+pub async fn fan_out_and_claim_takes_due_ones_first_and_creates_new_ones_claimed(s: TestStore) {
+    let store = &*s.store;
+    // An older delivery, failed once and due again at 10 s.
+    let older = finish(store, json!({}), failure(), at(0)).await;
+    store
+        .fan_out_handoffs(callback_and_webhooks(at(0)))
+        .await
+        .unwrap();
+    let first = claim(store, 10, at(1)).await;
+    assert_eq!(first.len(), 1);
+    let retry = AttemptResult::RetryAt {
+        at: at(10),
+        error: "503".into(),
+    };
+    assert_eq!(record(store, &first[0], retry, at(1)).await, RecordOutcome::Recorded);
+    // Two new hand-offs: three deliveries (one job names a webhook).
+    let hooked = finish(
+        store,
+        json!({"webhook_url": "http://127.0.0.1:9/hook"}),
+        success(),
+        at(11),
+    )
+    .await;
+    let plain = finish(store, json!({}), success(), at(11)).await;
+    let claim_for = Duration::from_secs(60);
+    let taken = store
+        .fan_out_and_claim(
+            callback_and_webhooks(at(12)),
+            ClaimDeliveriesParams {
+                limit: 3,
+                claim_for,
+                now: at(12),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        taken.fanned_out,
+        FanOutReport {
+            n_handoffs: 2,
+            n_deliveries: 3
+        }
+    );
+    let jobs: Vec<(JobId, u32)> = taken
+        .claimed
+        .iter()
+        .map(|c| (c.event.as_ref().unwrap().job_id, c.attempt))
+        .collect();
+    assert_eq!(jobs.len(), 3, "the limit");
+    assert_eq!(jobs[0], (older, 2), "the due delivery first, on its second attempt");
+    assert!(jobs[1..].iter().all(|(_, attempt)| *attempt == 1));
+    assert_eq!(
+        jobs[1].0, hooked,
+        "then the new ones, oldest hand-off first"
+    );
+    assert_eq!(jobs[2].0, hooked);
+    // The hand-off's two deliveries share one event, read once.
+    assert!(Arc::ptr_eq(
+        taken.claimed[1].event.as_ref().unwrap(),
+        taken.claimed[2].event.as_ref().unwrap()
+    ));
+    assert_eq!(taken.claimed[1].event.as_ref().unwrap().payload["content"], "converted text");
+    // One new delivery did not fit: pending, unclaimed, due now; the claimed ones are not
+    // claimable again until their claim expires.
+    let rest = claim(store, 10, at(13)).await;
+    assert_eq!(rest.len(), 1);
+    assert_eq!(
+        (rest[0].event.as_ref().unwrap().job_id, rest[0].attempt),
+        (plain, 1)
+    );
+    assert!(claim(store, 10, at(14)).await.is_empty());
+    // A delivery created claimed is recorded with its claim like any other.
+    for claimed in &taken.claimed[1..] {
+        assert_eq!(
+            record(store, claimed, AttemptResult::Delivered, at(15)).await,
+            RecordOutcome::Recorded
+        );
+    }
+    let hooked_deliveries: Vec<Delivery> = all_deliveries(store)
+        .await
+        .into_iter()
+        .filter(|d| d.job_id == hooked)
+        .collect();
+    assert!(hooked_deliveries
+        .iter()
+        .all(|d| d.state == DeliveryState::Delivered && d.attempts == 1));
+    // The older delivery's claim expires (12 s + 60 s): due again, third attempt.
+    let expired = claim(store, 10, at(12).plus(claim_for)).await;
+    assert_eq!(
+        expired
+            .iter()
+            .map(|c| (c.event.as_ref().unwrap().job_id, c.attempt))
+            .collect::<Vec<_>>(),
+        vec![(older, 3)]
+    );
+    // Nothing waits to be fanned out and every claim holds: nothing to do.
+    let idle = store
+        .fan_out_and_claim(
+            callback_and_webhooks(at(50)),
+            ClaimDeliveriesParams {
+                limit: 5,
+                claim_for,
+                now: at(50),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(idle, DispatchStep::default());
+    // Delivered everywhere: only the older job's and the plain job's hand-offs are pending.
+    let pending: HashSet<JobId> = store
+        .pending_handoffs(10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|h| h.job_id)
+        .collect();
+    assert_eq!(pending, HashSet::from([older, plain]));
+}
+
 on_both_backends!(
     hand_offs_fan_out_once_per_sink_with_one_event_id,
     claimed_events_carry_the_outcome_as_it_was_handed_off,
@@ -833,4 +954,5 @@ on_both_backends!(
     concurrent_claims_never_share_a_delivery,
     deliveries_list_by_state_sink_and_job_newest_first,
     cleanup_keeps_jobs_whose_deliveries_are_not_settled,
+    fan_out_and_claim_takes_due_ones_first_and_creates_new_ones_claimed,
 );

@@ -10,6 +10,10 @@ use crate::support::{spawn_app, spawn_app_with, step};
 #[tokio::test]
 async fn execution_timeout_retries_with_backoff_then_exhausts() {
     let app = spawn_app_with(&[
+        // A sink that never answers (port 9 refuses), so the hand-off stays pending: with
+        // no sink at all it would be settled as soon as the dispatcher fanned it out.
+        "--ingestion-callback-url",
+        "http://127.0.0.1:9/outcomes",
         "--max-retries",
         "2",
         "--retry-backoff-base",

@@ -5,6 +5,9 @@
 //! is recorded only with the claim's token, so an attempt whose claim expired and was taken
 //! over can change nothing.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use tokio::sync::watch;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
@@ -84,79 +87,154 @@ fn delivery_from_row(row: &Row) -> Result<Delivery, StoreError> {
     })
 }
 
+/// Claims for deliveries a fan-out creates: the first `room` of them are created claimed
+/// with `token` until `until`, so they need no second write to be claimed.
+struct ClaimingNew<'a> {
+    token: &'a str,
+    room: usize,
+    until: i64,
+}
+
+/// A delivery created claimed: `(delivery id, sink, hand-off id, event id)`.
+type NewClaim = (i64, String, i64, String);
+
 async fn fan_out(conn: &mut Conn, p: FanOutParams) -> Result<FanOutReport, StoreError> {
     in_transaction!(conn, "BEGIN", async {
-        // Waits for (rather than skips) hand-offs another fan-out holds: after the wait
-        // PostgreSQL re-checks `fanned_out_at IS NULL` and leaves them out, so when this
-        // returns every hand-off committed before it started is fanned out. The cleaner
-        // relies on that: a hand-off still being fanned out would keep its job for a pass.
-        // Locks are taken in `h.id` order, so two fan-outs cannot deadlock.
-        let statement = conn
-            .statement(
-                "SELECT h.id, h.job_id, j.task_options FROM handoffs h \
-                     LEFT JOIN jobs j ON j.id = h.job_id \
-                     WHERE h.fanned_out_at IS NULL ORDER BY h.id LIMIT $1 \
-                     FOR UPDATE OF h",
-            )
-            .await?;
-        let rows = conn
-            .client
-            .query(&statement, &[&(p.limit as i64)])
-            .await
-            .map_err(pg_error)?;
-        let mut report = FanOutReport::default();
-        let (mut handoff_ids, mut event_ids) = (Vec::new(), Vec::new());
-        let (mut d_handoffs, mut d_events, mut d_sinks, mut d_jobs) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for row in &rows {
-            let handoff_id: i64 = get(row, 0)?;
-            let job_id: String = get(row, 1)?;
-            let task_options: Option<&str> = get(row, 2)?;
-            let event_id = new_event_id();
-            // A job deleted before its hand-off was fanned out has nothing to deliver.
-            for sink in task_options.map(|o| sinks_for(o, &p)).unwrap_or_default() {
-                d_handoffs.push(handoff_id);
-                d_events.push(event_id.clone());
-                d_sinks.push(sink.as_str());
-                d_jobs.push(job_id.clone());
-            }
-            handoff_ids.push(handoff_id);
-            event_ids.push(event_id);
-        }
-        if handoff_ids.is_empty() {
-            return Ok(report);
-        }
-        let now = p.now.as_micros();
-        let statement = conn
-            .statement(
-                "INSERT INTO deliveries (handoff_id, event_id, sink, job_id, state, attempts, \
-                     next_attempt_at, created_at, updated_at) \
-                     SELECT x.h, x.e, x.s, x.j, 'pending', 0, $5, $5, $5 \
-                     FROM unnest($1::int8[], $2::text[], $3::text[], $4::text[]) AS x(h, e, s, j) \
-                     ON CONFLICT (handoff_id, sink) DO NOTHING",
-            )
-            .await?;
-        report.n_deliveries = conn
-            .client
-            .execute(
-                &statement,
-                &[&d_handoffs, &d_events, &d_sinks, &d_jobs, &now],
-            )
-            .await
-            .map_err(pg_error)? as usize;
-        let statement = conn
-            .statement(
-                "UPDATE handoffs SET fanned_out_at = $3, event_id = x.e \
-                     FROM unnest($1::int8[], $2::text[]) AS x(id, e) \
-                     WHERE handoffs.id = x.id AND handoffs.fanned_out_at IS NULL",
-            )
-            .await?;
-        report.n_handoffs = conn
-            .client
-            .execute(&statement, &[&handoff_ids, &event_ids, &now])
-            .await
-            .map_err(pg_error)? as usize;
+        let (report, _) = fan_out_rows(conn, p, None).await?;
         Ok(report)
+    })
+}
+
+/// Fans out, inside the caller's transaction.
+async fn fan_out_rows(
+    conn: &mut Conn,
+    p: FanOutParams,
+    claiming: Option<ClaimingNew<'_>>,
+) -> Result<(FanOutReport, Vec<NewClaim>), StoreError> {
+    // Waits for (rather than skips) hand-offs another fan-out holds: after the wait
+    // PostgreSQL re-checks `fanned_out_at IS NULL` and leaves them out, so when this
+    // returns every hand-off committed before it started is fanned out. The cleaner
+    // relies on that: a hand-off still being fanned out would keep its job for a pass.
+    // Locks are taken in `h.id` order, so two fan-outs cannot deadlock.
+    let statement = conn
+        .statement(
+            "SELECT h.id, h.job_id, j.task_options FROM handoffs h \
+                 LEFT JOIN jobs j ON j.id = h.job_id \
+                 WHERE h.fanned_out_at IS NULL ORDER BY h.id LIMIT $1 \
+                 FOR UPDATE OF h",
+        )
+        .await?;
+    let rows = conn
+        .client
+        .query(&statement, &[&(p.limit as i64)])
+        .await
+        .map_err(pg_error)?;
+    let mut report = FanOutReport::default();
+    let (mut handoff_ids, mut event_ids) = (Vec::new(), Vec::new());
+    let (mut d_handoffs, mut d_events, mut d_sinks, mut d_jobs, mut d_claimed) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut room = claiming.as_ref().map_or(0, |c| c.room);
+    for row in &rows {
+        let handoff_id: i64 = get(row, 0)?;
+        let job_id: String = get(row, 1)?;
+        let task_options: Option<&str> = get(row, 2)?;
+        let event_id = new_event_id();
+        // A job deleted before its hand-off was fanned out has nothing to deliver.
+        for sink in task_options.map(|o| sinks_for(o, &p)).unwrap_or_default() {
+            d_handoffs.push(handoff_id);
+            d_events.push(event_id.clone());
+            d_sinks.push(sink.as_str());
+            d_jobs.push(job_id.clone());
+            d_claimed.push(room > 0);
+            room = room.saturating_sub(1);
+        }
+        handoff_ids.push(handoff_id);
+        event_ids.push(event_id);
+    }
+    if handoff_ids.is_empty() {
+        return Ok((report, Vec::new()));
+    }
+    let now = p.now.as_micros();
+    let (token, until) = claiming.map_or((None, now), |c| (Some(c.token), c.until));
+    // A delivery created claimed has its first attempt running: due again when the claim
+    // expires, like one claimed by `claim`.
+    let statement = conn
+        .statement(
+            "INSERT INTO deliveries (handoff_id, event_id, sink, job_id, state, attempts, \
+                 next_attempt_at, claim_token, created_at, updated_at) \
+                 SELECT x.h, x.e, x.s, x.j, 'pending', CASE WHEN x.c THEN 1 ELSE 0 END, \
+                        CASE WHEN x.c THEN $6::int8 ELSE $5::int8 END, \
+                        CASE WHEN x.c THEN $7::text END, $5, $5 \
+                 FROM unnest($1::int8[], $2::text[], $3::text[], $4::text[], $8::bool[]) AS x(h, e, s, j, c) \
+                 ON CONFLICT (handoff_id, sink) DO NOTHING \
+                 RETURNING id, sink, handoff_id, event_id, claim_token IS NOT NULL",
+        )
+        .await?;
+    let created = conn
+        .client
+        .query(
+            &statement,
+            &[
+                &d_handoffs,
+                &d_events,
+                &d_sinks,
+                &d_jobs,
+                &now,
+                &until,
+                &token,
+                &d_claimed,
+            ],
+        )
+        .await
+        .map_err(pg_error)?;
+    report.n_deliveries = created.len();
+    let mut claimed = Vec::new();
+    for row in &created {
+        if get::<bool>(row, 4)? {
+            claimed.push((get(row, 0)?, get(row, 1)?, get(row, 2)?, get(row, 3)?));
+        }
+    }
+    let statement = conn
+        .statement(
+            "UPDATE handoffs SET fanned_out_at = $3, event_id = x.e \
+                 FROM unnest($1::int8[], $2::text[]) AS x(id, e) \
+                 WHERE handoffs.id = x.id AND handoffs.fanned_out_at IS NULL",
+        )
+        .await?;
+    report.n_handoffs = conn
+        .client
+        .execute(&statement, &[&handoff_ids, &event_ids, &now])
+        .await
+        .map_err(pg_error)? as usize;
+    Ok((report, claimed))
+}
+
+/// The columns `stored_event_from` reads, from `handoffs h LEFT JOIN jobs j`.
+const EVENT_COLUMNS: &str = "h.job_id, h.kind, h.payload, h.created_at, j.ingestion_task_id, \
+     j.task_options, j.retry_count::int8, j.result_content, j.result_metadata, \
+     j.processing_time, j.id IS NOT NULL";
+
+/// A hand-off's event from `EVENT_COLUMNS`, starting at column `at`.
+fn stored_event_from(row: &Row, at: usize, event_id: String) -> Result<StoredEvent, StoreError> {
+    let job_exists: bool = get(row, at + 10)?;
+    Ok(StoredEvent {
+        event_id,
+        job_id: get(row, at)?,
+        handoff_kind: get(row, at + 1)?,
+        handoff_payload: get(row, at + 2)?,
+        handoff_created_at: get(row, at + 3)?,
+        job: if job_exists {
+            Some(StoredEventJob {
+                ingestion_task_id: get(row, at + 4)?,
+                task_options: get(row, at + 5)?,
+                retry_count: get(row, at + 6)?,
+                result_content: get(row, at + 7)?,
+                result_metadata: get(row, at + 8)?,
+                processing_time: get(row, at + 9)?,
+            })
+        } else {
+            None
+        },
     })
 }
 
@@ -164,21 +242,25 @@ async fn claim(
     conn: &mut Conn,
     p: ClaimDeliveriesParams,
 ) -> Result<Vec<ClaimedDelivery>, StoreError> {
-    let token = new_claim_token();
-    let statement = conn
-        .statement(
-            "WITH picked AS (SELECT id FROM deliveries WHERE state = 'pending' AND next_attempt_at <= $3 \
-                             ORDER BY next_attempt_at LIMIT $4 FOR UPDATE SKIP LOCKED), \
-                  c AS (UPDATE deliveries d SET claim_token = $1, attempts = d.attempts + 1, \
-                        next_attempt_at = $2, updated_at = $3 FROM picked WHERE d.id = picked.id \
-                        RETURNING d.id, d.attempts, d.sink, d.handoff_id, d.event_id) \
-             SELECT c.id, c.attempts, c.sink, c.event_id, h.job_id, h.kind, h.payload, h.created_at, \
-                    j.ingestion_task_id, j.task_options, j.retry_count::int8, j.result_content, \
-                    j.result_metadata, j.processing_time, j.id IS NOT NULL \
-             FROM c JOIN handoffs h ON h.id = c.handoff_id LEFT JOIN jobs j ON j.id = h.job_id \
-             ORDER BY c.id",
-        )
-        .await?;
+    claim_with_token(conn, p, &new_claim_token()).await
+}
+
+async fn claim_with_token(
+    conn: &mut Conn,
+    p: ClaimDeliveriesParams,
+    token: &str,
+) -> Result<Vec<ClaimedDelivery>, StoreError> {
+    let sql = format!(
+        "WITH picked AS (SELECT id FROM deliveries WHERE state = 'pending' AND next_attempt_at <= $3 \
+                         ORDER BY next_attempt_at LIMIT $4 FOR UPDATE SKIP LOCKED), \
+              c AS (UPDATE deliveries d SET claim_token = $1, attempts = d.attempts + 1, \
+                    next_attempt_at = $2, updated_at = $3 FROM picked WHERE d.id = picked.id \
+                    RETURNING d.id, d.attempts, d.sink, d.handoff_id, d.event_id) \
+         SELECT c.id, c.attempts, c.sink, c.event_id, c.handoff_id, {EVENT_COLUMNS} \
+         FROM c JOIN handoffs h ON h.id = c.handoff_id LEFT JOIN jobs j ON j.id = h.job_id \
+         ORDER BY c.id"
+    );
+    let statement = conn.statement(&sql).await?;
     let rows = conn
         .client
         .query(
@@ -192,37 +274,92 @@ async fn claim(
         )
         .await
         .map_err(pg_error)?;
+    let mut events: HashMap<i64, SharedEvent> = HashMap::new();
     rows.iter()
         .map(|row| {
-            let job_exists: bool = get(row, 14)?;
-            let stored = StoredEvent {
-                event_id: get(row, 3)?,
-                job_id: get(row, 4)?,
-                handoff_kind: get(row, 5)?,
-                handoff_payload: get(row, 6)?,
-                handoff_created_at: get(row, 7)?,
-                job: if job_exists {
-                    Some(StoredEventJob {
-                        ingestion_task_id: get(row, 8)?,
-                        task_options: get(row, 9)?,
-                        retry_count: get(row, 10)?,
-                        result_content: get(row, 11)?,
-                        result_metadata: get(row, 12)?,
-                        processing_time: get(row, 13)?,
-                    })
-                } else {
-                    None
-                },
+            let handoff_id: i64 = get(row, 4)?;
+            let event = match events.get(&handoff_id) {
+                Some(event) => event.clone(),
+                None => {
+                    let event = build_event(stored_event_from(row, 5, get(row, 3)?)?).map(Arc::new);
+                    events.insert(handoff_id, event.clone());
+                    event
+                }
             };
             Ok(ClaimedDelivery {
                 delivery_id: get(row, 0)?,
-                claim_token: token.clone(),
+                claim_token: token.to_owned(),
                 attempt: get::<i32>(row, 1)?.max(0) as u32,
                 sink: parse_sink(get(row, 2)?)?,
-                event: build_event(stored),
+                event,
             })
         })
         .collect()
+}
+
+/// `record_many`, then `claim`, then `fan_out_rows` with the room the claim left, in one
+/// transaction; the events of the deliveries created claimed are read once per hand-off.
+async fn dispatch_step(
+    conn: &mut Conn,
+    p: DispatchStepParams,
+) -> Result<DispatchStep, StoreError> {
+    in_transaction!(conn, "BEGIN", async {
+        let recorded = record_many(conn, p.records).await?;
+        let Some((f, c)) = p.claim else {
+            return Ok(DispatchStep {
+                recorded,
+                ..DispatchStep::default()
+            });
+        };
+        let token = new_claim_token();
+        let until = c.now.plus(c.claim_for).as_micros();
+        let limit = c.limit;
+        let mut claimed = claim_with_token(conn, c, &token).await?;
+        let claiming = ClaimingNew {
+            token: &token,
+            room: limit.saturating_sub(claimed.len()),
+            until,
+        };
+        let (fanned_out, created) = fan_out_rows(conn, f, Some(claiming)).await?;
+        if !created.is_empty() {
+            let handoff_ids: Vec<i64> = created.iter().map(|(_, _, h, _)| *h).collect();
+            let sql = format!(
+                "SELECT h.id, h.event_id, {EVENT_COLUMNS} FROM handoffs h \
+                 LEFT JOIN jobs j ON j.id = h.job_id WHERE h.id = ANY($1)"
+            );
+            let statement = conn.statement(&sql).await?;
+            let rows = conn
+                .client
+                .query(&statement, &[&handoff_ids])
+                .await
+                .map_err(pg_error)?;
+            let mut events: HashMap<i64, SharedEvent> = HashMap::new();
+            for row in &rows {
+                let event_id: String = get(row, 1)?;
+                events.insert(
+                    get(row, 0)?,
+                    build_event(stored_event_from(row, 2, event_id)?).map(Arc::new),
+                );
+            }
+            for (delivery_id, sink, handoff_id, _) in created {
+                let event = events.get(&handoff_id).cloned().ok_or_else(|| {
+                    StoreError::Internal(format!("hand-off {handoff_id} vanished while fanned out"))
+                })?;
+                claimed.push(ClaimedDelivery {
+                    delivery_id,
+                    claim_token: token.clone(),
+                    attempt: 1,
+                    sink: parse_sink(&sink)?,
+                    event,
+                });
+            }
+        }
+        Ok(DispatchStep {
+            recorded,
+            fanned_out,
+            claimed,
+        })
+    })
 }
 
 async fn record(conn: &mut Conn, p: RecordAttemptParams) -> Result<RecordOutcome, StoreError> {
@@ -243,14 +380,9 @@ async fn record(conn: &mut Conn, p: RecordAttemptParams) -> Result<RecordOutcome
                         last_error = COALESCE($5, last_error), delivered_at = $6, claim_token = NULL, \
                         updated_at = $7 \
                         WHERE id = $1 AND claim_token = $2 AND state = 'pending' \
-                        RETURNING id, attempts, handoff_id), \
+                        RETURNING id, attempts), \
                   a AS (INSERT INTO delivery_attempts (delivery_id, attempt, at, outcome, http_status, error) \
-                        SELECT u.id, u.attempts, $7, $8, $9, $10 FROM u), \
-                  h AS (UPDATE handoffs SET delivered_at = $7 FROM u \
-                        WHERE handoffs.id = u.handoff_id AND $3 = 'delivered' \
-                        AND handoffs.delivered_at IS NULL \
-                        AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.handoff_id = u.handoff_id \
-                                        AND d.id <> u.id AND d.state <> 'delivered')) \
+                        SELECT u.id, u.attempts, $7, $8, $9, $10 FROM u) \
              SELECT count(*) FROM u",
         )
         .await?;
@@ -323,8 +455,6 @@ async fn record_many(
             AttemptResult::RetryAt { error, .. } | AttemptResult::Dead { error } => Some(error),
         });
     }
-    // The hand-off check sees the deliveries as they were before the statement, so a
-    // sibling delivered in the same chunk counts as delivered through `u`.
     let statement = conn
         .statement(
             "WITH x AS (SELECT * FROM unnest($1::int8[], $2::text[], $3::text[], $4::int8[], $5::text[], \
@@ -334,16 +464,9 @@ async fn record_many(
                         last_error = COALESCE(x.last_error, d.last_error), delivered_at = x.delivered_at, \
                         claim_token = NULL, updated_at = x.now \
                         FROM x WHERE d.id = x.id AND d.claim_token = x.token AND d.state = 'pending' \
-                        RETURNING d.id, x.token, d.attempts, d.handoff_id, x.state, x.now, x.outcome, x.status, x.error), \
+                        RETURNING d.id, x.token, d.attempts, x.now, x.outcome, x.status, x.error), \
                   a AS (INSERT INTO delivery_attempts (delivery_id, attempt, at, outcome, http_status, error) \
-                        SELECT u.id, u.attempts, u.now, u.outcome, u.status, u.error FROM u), \
-                  h AS (UPDATE handoffs SET delivered_at = u.now FROM u \
-                        WHERE handoffs.id = u.handoff_id AND u.state = 'delivered' \
-                        AND handoffs.delivered_at IS NULL \
-                        AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.handoff_id = u.handoff_id \
-                                        AND d.id <> u.id AND d.state <> 'delivered' \
-                                        AND NOT EXISTS (SELECT 1 FROM u AS sibling WHERE sibling.id = d.id \
-                                                        AND sibling.state = 'delivered'))) \
+                        SELECT u.id, u.attempts, u.now, u.outcome, u.status, u.error FROM u) \
              SELECT id, token FROM u",
         )
         .await?;
@@ -391,6 +514,10 @@ async fn list(conn: &mut Conn, p: DeliveryListParams) -> Result<DeliveryPage, St
     if let Some(state) = &state {
         params.push(state);
         conditions.push(format!("state = ${}", params.len()));
+        if *state != DeliveryState::Delivered.as_str() {
+            // The partial index `deliveries_unsettled`'s condition (migration 0009).
+            conditions.push("state IN ('pending', 'dead')".to_owned());
+        }
     }
     if let Some(sink) = &sink {
         params.push(sink);
@@ -549,6 +676,10 @@ impl DeliveryStore for PostgresStore {
         params: ClaimDeliveriesParams,
     ) -> StoreFuture<'_, Vec<ClaimedDelivery>> {
         self.run(move |c| Box::pin(claim(c, params)))
+    }
+
+    fn dispatch_step(&self, params: DispatchStepParams) -> StoreFuture<'_, DispatchStep> {
+        self.run(move |c| Box::pin(dispatch_step(c, params)))
     }
 
     fn record_delivery_attempt(

@@ -635,7 +635,8 @@ pub(super) async fn pending_handoffs(
 ) -> Result<Vec<Handoff>, StoreError> {
     let statement = conn
         .statement(
-            "SELECT id, job_id, kind, payload, created_at FROM handoffs WHERE delivered_at IS NULL \
+            "SELECT id, job_id, kind, payload, created_at FROM handoffs h WHERE fanned_out_at IS NULL \
+             OR EXISTS (SELECT 1 FROM deliveries d WHERE d.handoff_id = h.id AND d.state <> 'delivered') \
              ORDER BY id LIMIT $1",
         )
         .await?;
