@@ -12,14 +12,23 @@
 //! message only if the marker was new, in one atomic step on the server. If the server dies
 //! after the push but before the dispatcher records the delivery, the next attempt finds the
 //! marker and reports success without pushing again.
+//!
+//! Batches: the dispatcher attempts many deliveries at once, and one Redis round trip each
+//! costs both processes a few syscalls per event. Attempts that arrive while a script call
+//! is in flight wait for it and then go together in the next call (`batch::Batcher`, at
+//! most `MAX_BATCH_EVENTS` events and `MAX_BATCH_BYTES`), each event still with its own
+//! marker and its own answer; a lone attempt goes at once.
 
+use std::future::Future;
 use std::io::Write;
+use std::pin::Pin;
 use std::time::Duration;
 
 use base64::Engine;
 use serde::Serialize;
 use serde_json::Value;
 
+use super::batch::{BatchLimits, Batcher, Flush};
 use super::resp::{RedisClient, RedisError, RedisUrl, Reply, Script};
 use super::{AttemptDetail, DeliveryError, OutboundEvent, Sink, SinkFuture, SinkKind};
 
@@ -74,20 +83,106 @@ pub enum Enqueued {
     AlreadySent,
 }
 
-/// Sets the marker and pushes the message only if the marker was new, atomically.
-/// KEYS[1]: the event's marker; KEYS[2]: the queue's list.
-/// ARGV[1]: seconds the marker lives; ARGV[2]: the task message.
-static ENQUEUE_ONCE: Script = Script::new(
-    "if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then \
-       redis.call('LPUSH', KEYS[2], ARGV[2]) \
-       return 1 \
+/// Sets each event's marker and pushes its message only if the marker was new, for a
+/// batch of events in one atomic step, in their order (so the first is popped first, as
+/// if they had been pushed one by one).
+/// KEYS[1]: the queue's list; KEYS[i] (i >= 2): an event's marker.
+/// ARGV[1]: seconds a marker lives; ARGV[i] (i >= 2): the task message of KEYS[i]'s event.
+/// Answers an array with, per event, 1 (pushed) or 0 (the marker was there).
+static ENQUEUE_EACH_ONCE: Script = Script::new(
+    "local pushed = {} \
+     for i = 2, #KEYS do \
+       if redis.call('SET', KEYS[i], '1', 'NX', 'EX', ARGV[1]) then \
+         redis.call('LPUSH', KEYS[1], ARGV[i]) \
+         pushed[i - 1] = 1 \
+       else \
+         pushed[i - 1] = 0 \
+       end \
      end \
-     return 0",
+     return pushed",
 );
+
+/// At most this many events go in one script call.
+const MAX_BATCH_EVENTS: usize = 128;
+/// And at most this many bytes of markers and messages, so that one call (and the time
+/// Redis spends in it) stays bounded; an event larger than this goes alone.
+const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
+
+/// One event waiting to be enqueued: its marker and its task message, moved (not copied)
+/// from the caller into the batch and written from there to the socket.
+struct PendingEnqueue {
+    marker: String,
+    message: Vec<u8>,
+}
+
+/// Runs the enqueue script for a batch of events.
+struct EnqueueBatches {
+    redis: RedisClient,
+    queue: String,
+    /// Seconds a marker lives, as the script's argument.
+    ttl_seconds: String,
+}
+
+impl Flush for EnqueueBatches {
+    type Item = PendingEnqueue;
+    type Output = Result<Enqueued, DeliveryError>;
+
+    fn size(item: &PendingEnqueue) -> usize {
+        item.marker.len() + item.message.len()
+    }
+
+    fn flush<'a>(
+        &'a self,
+        items: &'a [PendingEnqueue],
+    ) -> Pin<Box<dyn Future<Output = Vec<Self::Output>> + Send + 'a>> {
+        Box::pin(async move {
+            let mut keys: Vec<&[u8]> = Vec::with_capacity(1 + items.len());
+            keys.push(self.queue.as_bytes());
+            keys.extend(items.iter().map(|item| item.marker.as_bytes()));
+            let mut args: Vec<&[u8]> = Vec::with_capacity(1 + items.len());
+            args.push(self.ttl_seconds.as_bytes());
+            args.extend(items.iter().map(|item| item.message.as_slice()));
+            let outcomes = match self
+                .redis
+                .run_script(&ENQUEUE_EACH_ONCE, &keys, &args)
+                .await
+            {
+                Ok(reply) => outcomes_of(reply, items.len()),
+                Err(error) => Err(describe(&error)),
+            };
+            // A failed call fails every event in it; whatever it did push is marked, so
+            // the dispatcher's retries push nothing twice.
+            match outcomes {
+                Ok(outcomes) => outcomes.into_iter().map(Ok).collect(),
+                Err(message) => vec![Err(DeliveryError::Retryable(message)); items.len()],
+            }
+        })
+    }
+}
+
+/// Reads the script's answer for a batch of `n_events`.
+fn outcomes_of(reply: Reply, n_events: usize) -> Result<Vec<Enqueued>, String> {
+    let unexpected = |reply: &Reply| format!("the enqueue script answered {reply:?}");
+    let Reply::Array(Some(items)) = &reply else {
+        return Err(unexpected(&reply));
+    };
+    if items.len() != n_events {
+        return Err(unexpected(&reply));
+    }
+    items
+        .iter()
+        .map(|item| match item {
+            Reply::Integer(1) => Ok(Enqueued::Sent),
+            Reply::Integer(0) => Ok(Enqueued::AlreadySent),
+            _ => Err(unexpected(&reply)),
+        })
+        .collect()
+}
 
 pub struct CelerySink {
     config: CeleryConfig,
-    redis: RedisClient,
+    /// Concurrent deliveries go to Redis together, one script call per batch.
+    batcher: Batcher<EnqueueBatches>,
     /// `morag-jobs@<hostname>`, Celery's `origin` header.
     origin: String,
 }
@@ -104,9 +199,20 @@ impl CelerySink {
             .ok()
             .filter(|name| !name.is_empty())
             .unwrap_or_else(|| "localhost".into());
+        let batcher = Batcher::new(
+            EnqueueBatches {
+                redis,
+                queue: config.queue.clone(),
+                ttl_seconds: config.dedup_ttl.as_secs().max(1).to_string(),
+            },
+            BatchLimits {
+                max_items: MAX_BATCH_EVENTS,
+                max_bytes: MAX_BATCH_BYTES,
+            },
+        );
         CelerySink {
             config,
-            redis,
+            batcher,
             origin: format!("morag-jobs@{hostname}"),
         }
     }
@@ -120,31 +226,28 @@ impl CelerySink {
         format!("{}{event_id}", self.config.dedup_key_prefix)
     }
 
-    /// Puts the event's task message on the queue unless an earlier call did.
+    /// Script calls (batches of events) made so far.
+    pub fn n_batches(&self) -> u64 {
+        self.batcher.n_flushes()
+    }
+
+    /// Puts the event's task message on the queue unless an earlier call did. Calls made
+    /// while another one's batch is in flight are enqueued together, in one script call.
     pub async fn enqueue(&self, event: &OutboundEvent) -> Result<Enqueued, DeliveryError> {
         let delivery_tag = uuid::Uuid::new_v4().to_string();
         let message =
             task_message(event, &self.config, &self.origin, &delivery_tag).map_err(|e| {
                 DeliveryError::Permanent(format!("cannot encode the task message: {e}"))
             })?;
-        let marker = self.dedup_key(&event.event_id);
-        let ttl = self.config.dedup_ttl.as_secs().max(1).to_string();
-        let reply = self
-            .redis
-            .run_script(
-                &ENQUEUE_ONCE,
-                &[marker.as_bytes(), self.config.queue.as_bytes()],
-                &[ttl.as_bytes(), &message],
-            )
-            .await
-            .map_err(|error| DeliveryError::Retryable(describe(&error)))?;
-        match reply {
-            Reply::Integer(1) => Ok(Enqueued::Sent),
-            Reply::Integer(0) => Ok(Enqueued::AlreadySent),
-            other => Err(DeliveryError::Retryable(format!(
-                "the enqueue script answered {other:?}"
-            ))),
-        }
+        let pending = PendingEnqueue {
+            marker: self.dedup_key(&event.event_id),
+            message,
+        };
+        self.batcher.submit(pending).await.unwrap_or_else(|| {
+            Err(DeliveryError::Retryable(
+                "the Celery sink stopped before enqueueing the event".into(),
+            ))
+        })
     }
 }
 
@@ -379,6 +482,29 @@ mod tests {
             payload,
             task_options: json!({"webhook_url": null, "chunk_size": 4000}),
             completed_at: Timestamp::from_micros(1_700_000_000_000_000),
+        }
+    }
+
+    #[test]
+    fn the_script_answer_gives_each_event_its_own_outcome_or_fails_the_batch() {
+        let answer =
+            |items: Vec<i64>| Reply::Array(Some(items.into_iter().map(Reply::Integer).collect()));
+        assert_eq!(
+            outcomes_of(answer(vec![1, 0, 1]), 3),
+            Ok(vec![Enqueued::Sent, Enqueued::AlreadySent, Enqueued::Sent])
+        );
+        for (reply, n_events) in [
+            (answer(vec![1, 1]), 3),
+            (answer(vec![1, 2]), 2),
+            (Reply::Integer(1), 1),
+            (Reply::Array(None), 1),
+            (
+                Reply::Array(Some(vec![Reply::Bulk(Some(b"1".to_vec()))])),
+                1,
+            ),
+        ] {
+            let error = outcomes_of(reply.clone(), n_events).unwrap_err();
+            assert!(error.contains("the enqueue script answered"), "{error}");
         }
     }
 

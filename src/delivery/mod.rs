@@ -12,6 +12,7 @@
 //! (for example `celery`, with `CelerySink`) only implements `Sink` for its type; the
 //! dispatcher owns retries, timeouts and bookkeeping.
 
+pub mod batch;
 pub mod celery;
 pub mod config;
 pub mod dispatcher;

@@ -7,6 +7,8 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use morag_jobs::clock::Timestamp;
@@ -405,6 +407,255 @@ async fn an_unreachable_broker_is_a_retryable_failure_that_names_no_password() {
     }
 }
 
+/// The event ids on the queue, in the order a worker pops them (kombu's Redis transport
+/// pops from the tail: the oldest push first).
+async fn queued_event_ids(broker: &TestBroker) -> Vec<String> {
+    let Reply::Array(Some(items)) = broker.command(&["LRANGE", broker.queue(), "0", "-1"]).await
+    else {
+        panic!("LRANGE answers an array")
+    };
+    items
+        .into_iter()
+        .rev()
+        .map(|item| {
+            let Reply::Bulk(Some(message)) = item else {
+                panic!("a message is a bulk string: {item:?}")
+            };
+            let envelope: Value = serde_json::from_slice(&message).unwrap();
+            envelope["headers"]["id"].as_str().unwrap().to_owned()
+        })
+        .collect()
+}
+
+/// Delivers `events` from concurrent tasks (a dispatcher's attempts) and answers each
+/// one's outcome, in the order of `events`. On a current-thread runtime every task queues
+/// its event before the sink's flusher task first runs, so they share one batch.
+async fn enqueue_concurrently(
+    sink: &Arc<CelerySink>,
+    events: &[OutboundEvent],
+) -> Vec<Result<Enqueued, DeliveryError>> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for (index, event) in events.iter().cloned().enumerate() {
+        let sink = sink.clone();
+        tasks.spawn(async move { (index, sink.enqueue(&event).await) });
+    }
+    let mut outcomes: Vec<Option<Result<Enqueued, DeliveryError>>> = vec![None; events.len()];
+    while let Some(joined) = tasks.join_next().await {
+        let (index, outcome) = joined.unwrap();
+        outcomes[index] = Some(outcome);
+    }
+    outcomes.into_iter().map(Option::unwrap).collect()
+}
+
+#[tokio::test]
+async fn concurrent_deliveries_share_one_script_call_and_each_runs_once_in_order() {
+    let broker = TestBroker::new();
+    let sink = Arc::new(CelerySink::new(broker.sink_config()));
+    let events: Vec<OutboundEvent> = (0..100)
+        .map(|i| completion(&format!("ingest-batch-{i}"), &format!("content {i}")))
+        .collect();
+
+    let outcomes = enqueue_concurrently(&sink, &events).await;
+    assert!(
+        outcomes.iter().all(|o| *o == Ok(Enqueued::Sent)),
+        "{outcomes:?}"
+    );
+    assert_eq!(
+        sink.n_batches(),
+        1,
+        "the 100 events went in one script call"
+    );
+    let ids: Vec<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
+    assert_eq!(
+        queued_event_ids(&broker).await,
+        ids,
+        "first delivered, first popped"
+    );
+    for event in &events {
+        let marker = sink.dedup_key(&event.event_id);
+        assert_eq!(
+            broker.command(&["EXISTS", &marker]).await,
+            Reply::Integer(1)
+        );
+    }
+
+    let mut worker = CeleryWorker::start(broker.queue());
+    let sentinel = failure(EventKind::Failed, "sentinel");
+    sink.enqueue(&sentinel).await.unwrap();
+    let records = worker.wait_for_ingestion_task("sentinel").await;
+    assert_eq!(records.len(), 101, "{records:?}");
+    for (i, event) in events.iter().enumerate() {
+        let runs = runs_of(&records, event);
+        assert_eq!(runs.len(), 1, "{records:?}");
+        assert_eq!(runs[0]["args"][1]["content"], format!("content {i}"));
+    }
+
+    worker.stop().await;
+    broker.clean_up().await;
+}
+
+#[tokio::test]
+async fn a_batch_with_an_already_sent_event_pushes_only_the_new_ones() {
+    let broker = TestBroker::new();
+    let sink = Arc::new(CelerySink::new(broker.sink_config()));
+    let sent_before = completion("ingest-sent-before", "before");
+    assert_eq!(sink.enqueue(&sent_before).await, Ok(Enqueued::Sent));
+
+    let first_new = completion("ingest-new-1", "new");
+    let second_new = failure(EventKind::TimedOut, "ingest-new-2");
+    let batch = [first_new.clone(), sent_before.clone(), second_new.clone()];
+    let outcomes = enqueue_concurrently(&sink, &batch).await;
+    assert_eq!(
+        outcomes,
+        [
+            Ok(Enqueued::Sent),
+            Ok(Enqueued::AlreadySent),
+            Ok(Enqueued::Sent)
+        ]
+    );
+    assert_eq!(sink.n_batches(), 2);
+    assert_eq!(
+        queued_event_ids(&broker).await,
+        [
+            sent_before.event_id.clone(),
+            first_new.event_id.clone(),
+            second_new.event_id.clone()
+        ]
+    );
+
+    broker.clean_up().await;
+}
+
+/// What `broker_proxy` does with the traffic of its connections.
+const PROXY_FORWARD: u8 = 0;
+/// Closes a connection as soon as the sink sends anything: Redis went away mid-call.
+const PROXY_CUT: u8 = 1;
+/// Drops what the sink sends and answers nothing: a broker that hangs.
+const PROXY_STALL: u8 = 2;
+
+/// A TCP proxy to Redis whose behaviour a test switches (`PROXY_*`) while it runs.
+async fn broker_proxy() -> (u16, Arc<AtomicU8>, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let upstream = RedisUrl::parse(&redis_url()).unwrap();
+    let upstream = format!("{}:{}", upstream.host, upstream.port);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mode = Arc::new(AtomicU8::new(PROXY_FORWARD));
+    let proxy_mode = mode.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let upstream = upstream.clone();
+            let mode = proxy_mode.clone();
+            tokio::spawn(async move {
+                let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else {
+                    return;
+                };
+                let (mut to_client, mut to_server) = (vec![0; 64 * 1024], vec![0; 64 * 1024]);
+                loop {
+                    tokio::select! {
+                        read = client.read(&mut to_server) => {
+                            let n = match read { Ok(0) | Err(_) => return, Ok(n) => n };
+                            match mode.load(Ordering::SeqCst) {
+                                PROXY_CUT => return,
+                                PROXY_STALL => continue,
+                                _ => {}
+                            }
+                            if server.write_all(&to_server[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                        read = server.read(&mut to_client) => {
+                            let n = match read { Ok(0) | Err(_) => return, Ok(n) => n };
+                            if client.write_all(&to_client[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (port, mode, task)
+}
+
+#[tokio::test]
+async fn redis_going_away_fails_the_whole_batch_as_retryable_and_a_retry_sends_each_once() {
+    let broker = TestBroker::new();
+    let (port, mode, proxy) = broker_proxy().await;
+    let mut config = broker.sink_config();
+    config.broker = RedisUrl::parse(&format!("redis://127.0.0.1:{port}/0")).unwrap();
+    let sink = Arc::new(CelerySink::new(config));
+    // A pooled connection first, so the failing call is also retried on a new one.
+    let warm_up = completion("ingest-warm-up", "");
+    assert_eq!(sink.enqueue(&warm_up).await, Ok(Enqueued::Sent));
+
+    mode.store(PROXY_CUT, Ordering::SeqCst);
+    let events: Vec<OutboundEvent> = (0..10)
+        .map(|i| completion(&format!("ingest-cut-{i}"), "cut"))
+        .collect();
+    let outcomes = enqueue_concurrently(&sink, &events).await;
+    for outcome in &outcomes {
+        match outcome {
+            Err(DeliveryError::Retryable(message)) => {
+                assert!(message.starts_with("celery broker: "), "{message}")
+            }
+            other => panic!("expected a retryable failure, got {other:?}"),
+        }
+    }
+    assert_eq!(sink.n_batches(), 2, "the ten events went in one call");
+    assert_eq!(
+        queued_event_ids(&broker).await,
+        std::slice::from_ref(&warm_up.event_id)
+    );
+
+    // Redis is back: the dispatcher's retries (again together) push each event once.
+    mode.store(PROXY_FORWARD, Ordering::SeqCst);
+    let outcomes = enqueue_concurrently(&sink, &events).await;
+    assert!(
+        outcomes.iter().all(|o| *o == Ok(Enqueued::Sent)),
+        "{outcomes:?}"
+    );
+    let mut expected = vec![warm_up.event_id.clone()];
+    expected.extend(events.iter().map(|e| e.event_id.clone()));
+    assert_eq!(queued_event_ids(&broker).await, expected);
+
+    proxy.abort();
+    broker.clean_up().await;
+}
+
+/// The dispatcher drops an attempt's future at its timeout; the sink's call for it goes
+/// on until the broker's IO timeout, and the sink keeps enqueueing afterwards.
+#[tokio::test]
+async fn an_attempt_given_up_on_a_hanging_broker_does_not_stop_the_sink() {
+    let broker = TestBroker::new();
+    let (port, mode, proxy) = broker_proxy().await;
+    let mut config = broker.sink_config();
+    config.broker = RedisUrl::parse(&format!("redis://127.0.0.1:{port}/0")).unwrap();
+    config.io_timeout = Duration::from_secs(1);
+    let sink = CelerySink::new(config);
+
+    mode.store(PROXY_STALL, Ordering::SeqCst);
+    let given_up = completion("ingest-given-up", "");
+    let attempt = tokio::time::timeout(Duration::from_millis(100), sink.enqueue(&given_up)).await;
+    assert!(attempt.is_err(), "the broker hangs: {attempt:?}");
+
+    mode.store(PROXY_FORWARD, Ordering::SeqCst);
+    let started = Instant::now();
+    let next = completion("ingest-next", "");
+    assert_eq!(sink.enqueue(&next).await, Ok(Enqueued::Sent));
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // The hanging call never reached Redis: the retry of the given-up event pushes it.
+    assert_eq!(sink.enqueue(&given_up).await, Ok(Enqueued::Sent));
+    assert_eq!(
+        queued_event_ids(&broker).await,
+        [next.event_id.clone(), given_up.event_id.clone()]
+    );
+
+    proxy.abort();
+    broker.clean_up().await;
+}
+
 /// Through the real server: a job that completes, one that fails for good and one that
 /// times out for good each make exactly one task run on a stock Celery worker, with the
 /// seed's arguments, under the delivery's event id.
@@ -529,8 +780,7 @@ async fn completed_failed_and_timed_out_jobs_each_run_one_celery_task() {
 /// (`EVALSHA`/`EVAL`) it swallows that connection's answers: the script runs on Redis and
 /// the server never hears back, as when it dies between the enqueue and recording it.
 async fn answer_swallowing_proxy() -> (u16, tokio::task::JoinHandle<()>) {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let upstream = RedisUrl::parse(&redis_url()).unwrap();
