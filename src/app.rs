@@ -92,10 +92,11 @@ impl App {
         let monitor = monitor_for(&context);
         let mut monitor_shutdown = context.shutting_down.clone();
         let monitor_task = tokio::spawn(async move { monitor.run(&mut monitor_shutdown).await });
-        let dispatcher = context.dispatcher.clone();
-        let mut dispatcher_shutdown = context.shutting_down.clone();
-        let dispatcher_task =
-            tokio::spawn(async move { dispatcher.run(&mut dispatcher_shutdown).await });
+        let dispatcher_thread = crate::delivery::dispatcher::run_on_own_thread(
+            context.dispatcher.clone(),
+            context.shutting_down.clone(),
+        )
+        .context("failed to start the dispatcher thread")?;
 
         let registry = context.worker_registry.clone();
         let registry_store = context.store.clone();
@@ -115,7 +116,7 @@ impl App {
         trigger.abort();
         let _ = shutdown_sender.send(true);
         let monitor_result = monitor_task.await;
-        let dispatcher_result = dispatcher_task.await;
+        let dispatcher_result = dispatcher_thread.await;
         wakeups.abort();
         let registry_result = registry_task.await;
         // Requests that finished after the flusher's last pass noted activity too.

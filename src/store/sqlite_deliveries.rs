@@ -498,7 +498,8 @@ impl DeliveryStore for SqliteStore {
     }
 
     fn dispatch_step(&self, params: DispatchStepParams) -> StoreFuture<'_, DispatchStep> {
-        let writing = self.write(move |conn| dispatch_step(conn, params));
+        // After the requests' writes (see `writer::QueuedWrite::background`).
+        let writing = self.write_in_background(move |conn| dispatch_step(conn, params));
         Box::pin(async move {
             let (recorded, fanned_out, token, claimed) = writing.await?;
             Ok(DispatchStep {

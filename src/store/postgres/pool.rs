@@ -64,6 +64,10 @@ pub struct Pool {
     /// How long a caller waits for a free connection before the store answers `Unavailable`.
     checkout_timeout: Duration,
     closed: AtomicBool,
+    /// The runtime the pool was made on: every connection is opened and driven there,
+    /// whichever runtime asks for it (the dispatcher runs on a runtime of its own, which
+    /// stops before the store closes; a connection bound to it would die with it).
+    runtime: tokio::runtime::Handle,
 }
 
 impl Pool {
@@ -78,6 +82,7 @@ impl Pool {
             permits: Semaphore::new(max_size.max(1)),
             checkout_timeout,
             closed: AtomicBool::new(false),
+            runtime: tokio::runtime::Handle::current(),
         }
     }
 
@@ -105,7 +110,12 @@ impl Pool {
                 None => break,
             }
         }
-        let conn = connect(&self.config).await?;
+        let config = self.config.clone();
+        let conn = self
+            .runtime
+            .spawn(async move { connect(&config).await })
+            .await
+            .map_err(|error| StoreError::Unavailable(format!("cannot connect to PostgreSQL: {error}")))??;
         Ok(PooledConn {
             conn: Some(conn),
             pool: self,

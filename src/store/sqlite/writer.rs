@@ -29,9 +29,12 @@ pub(super) type WriteJob = Box<dyn FnOnce(&Connection) -> (Finisher, bool) + Sen
 /// A write waiting for the writer.
 pub(super) struct QueuedWrite {
     pub(super) job: WriteJob,
-    /// Maintenance (cleanup batches): runs after the requests' writes waiting with it, in
-    /// a transaction of its own, so a request never waits for a whole cleanup batch that
-    /// was queued after it, and the batch never delays the commit of requests' writes.
+    /// Maintenance (cleanup batches) and the dispatcher's bookkeeping: runs after the
+    /// requests' writes waiting with it, in a transaction of its own, so a request never
+    /// waits for a whole cleanup batch that was queued after it, and the batch never
+    /// delays the commit of requests' writes. Deliveries are asynchronous anyway; run
+    /// before or with requests' writes, their bookkeeping made every request wait longer
+    /// (the lifecycle with two sinks in BENCHMARKS.md).
     pub(super) background: bool,
 }
 
