@@ -198,10 +198,13 @@ pub struct CleanupPassView {
     pub seconds: f64,
     /// The share of the pass's time its batches kept the store busy.
     pub store_busy_share: f64,
-    /// The share they were allowed: 0.1, more (up to 0.3) while cleanup catches up.
+    /// The share the pass allowed them, averaged over its batches: what spreading its
+    /// work over most of the cleanup interval needed, from 0.01 up to 0.3 (its work did
+    /// not fit in less).
     pub store_share_allowed: f64,
-    /// False when the pass ran out of time with finished jobs past retention left:
-    /// cleanup cannot keep up with job creation, and storage grows.
+    /// False when the pass ran out of time before it deleted the finished jobs that were
+    /// past retention at its start: cleanup cannot keep up with job creation, and
+    /// storage grows.
     pub keeping_up: bool,
     /// Passes in a row that could not finish.
     pub passes_behind: u32,

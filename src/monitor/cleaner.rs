@@ -2,18 +2,26 @@
 //! source files they leave unreferenced, but only files inside the server's own
 //! `files/` directory. Files in other allowed roots belong to the operator.
 //!
-//! The monitor's passes yield to requests: batches are sized to keep the store busy for
-//! about `TARGET_BATCH_BUSY` each, and after each batch the cleaner pauses so that its
-//! batches take at most `YIELDING_STORE_SHARE` of the pass's wall time. A pass that runs
-//! out of its time budget (the cleanup interval) with jobs still to delete cannot keep
-//! up with job creation: it says so in a warning and in the statistics
-//! (`CleanupProgress`), and the next pass may take a larger share, up to
-//! `CATCH_UP_STORE_SHARE`. Once passes catch up, each takes the share that spreads the
-//! last pass's work over most of the interval, and at least 10%. In the soak at full load
-//! (BENCHMARKS.md) cleanup needed 10 to 30% of SQLite's writer to keep up: a fixed 10%
-//! would let storage grow without bound under the load the server is meant to carry.
-//! After a pass, SQLite's free pages that stayed free through the last ten passes are
-//! returned to the file system, paced the same way.
+//! The monitor's passes yield to requests, and spread their work evenly instead of
+//! bursting. A pass fixes its cutoff when it starts: it deletes only the jobs that were
+//! past retention then (jobs that finish during the pass wait for the next one), and it
+//! counts them. Batches are sized to keep the store busy for about `TARGET_BATCH_BUSY`
+//! each; after each batch, `PassPlan` works out the share of wall time the remaining
+//! jobs need to be deleted within `SPREAD_OVER` of the pass's time budget (the cleanup
+//! interval), from the store time recent batches took per job, and the cleaner pauses
+//! so that its batches take that share: at least `MIN_STORE_SHARE`, at most
+//! `MAX_STORE_SHARE`. Under a steady load each pass thus takes about the same small
+//! share through most of its interval. In the soak at full load (BENCHMARKS.md)
+//! cleanup needs 10 to 30% of SQLite's writer to keep up: a fixed 10% would let storage
+//! grow without bound under the load the server is meant to carry.
+//!
+//! A pass that runs out of its budget with jobs of its counted set still to delete
+//! cannot keep up with job creation even at the most it may take: it says so in a
+//! warning and in the statistics (`CleanupProgress`); the next pass counts what is left
+//! with the new jobs. After a pass, a small part of SQLite's free pages that stayed free
+//! through the last ten passes is returned to the file system (`FreeSpaceMemory`), so
+//! the file shrinks gradually after the load drops, and never below what recent passes
+//! needed.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -26,16 +34,22 @@ use crate::clock::{SharedClock, Timestamp};
 use crate::delivery::dispatcher::Dispatcher;
 use crate::domain::RetentionPolicy;
 use crate::files::{self, Removal};
-use crate::store::{CleanupParams, Store, StoreError};
+use crate::store::{CleanupParams, CountCleanableParams, Store, StoreError};
 
-/// The share of wall time a yielding pass may keep the store busy (SQLite: hold its one
-/// writer): 10%, so requests keep at least 90% of the store while a pass runs.
-pub const YIELDING_STORE_SHARE: f64 = 0.10;
-/// The most a yielding pass may take while cleanup is behind: requests keep 70%.
-pub const CATCH_UP_STORE_SHARE: f64 = 0.30;
-/// The part of its time budget a pass should take (`Pacing::next_share`), leaving room
-/// for a larger backlog than the last pass found.
-const SPREAD_OVER: f64 = 0.8;
+/// The least share of wall time a monitor pass's batches take (SQLite: of its one
+/// writer), however little work there is: below it a pass's load is lost in the
+/// variation of the requests' own, and spreading only makes passes last longer.
+pub const MIN_STORE_SHARE: f64 = 0.01;
+/// The most a monitor pass's batches may take, when its work does not fit in less:
+/// requests keep at least 70% of the store.
+pub const MAX_STORE_SHARE: f64 = 0.30;
+/// The part of its time budget a pass spreads its deletions over; the rest is slack for
+/// batches that turn out slower than the estimate.
+const SPREAD_OVER: f64 = 0.9;
+/// How much the batches before the latest count in the estimate of the store time per
+/// job, against 1 for the latest: the estimate follows a change in a few dozen batches
+/// (a growing table, a busier disk) while one slow batch moves it by a tenth.
+const COST_MEMORY: f64 = 0.9;
 /// How long one batch should keep the store busy: short enough that a request queued
 /// behind it barely notices, long enough that a batch's fixed costs stay small.
 pub const TARGET_BATCH_BUSY: Duration = Duration::from_millis(10);
@@ -45,21 +59,34 @@ const MIN_BATCH: usize = 10;
 const MAX_BATCH: usize = 2_000;
 /// Free space returned to the file system per store call (SQLite: 1,024 pages of 4 KiB).
 const RELEASE_STEP_BYTES: u64 = 4 * 1024 * 1024;
-/// Passes whose starting free space is remembered: space free at the start of each of
-/// them was not needed even at the fullest point of ten cycles, so it may go. Fewer made
-/// a steady but uneven load shrink and regrow the file (the soak in BENCHMARKS.md).
+/// The share of wall time the release steps after a pass may keep the store busy; each is
+/// one short write, and a pass releases only a few.
+const RELEASE_STORE_SHARE: f64 = 0.10;
+/// Passes whose free space is remembered: space free at the start of each of them was
+/// not needed even at the fullest point of ten cycles, so it may go. Fewer made a steady
+/// but uneven load shrink and regrow the file (the soak in BENCHMARKS.md).
 const FREE_SPACE_MEMORY: usize = 10;
+/// The part of the space that may go which one pass returns: the file shrinks over many
+/// passes instead of in one step (returning it all at once halved the file between two
+/// samples of the soak).
+const RELEASE_FRACTION: f64 = 0.10;
+/// Passes whose freed space is kept in reserve: the jobs of the next interval reuse about
+/// as much as a pass frees, so the most one of these passes freed is never returned.
+const RESERVE_PASSES: usize = 3;
 
 /// How a cleanup pass shares the store with requests.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Pacing {
+    /// The least share of wall time the pass's batches take while they spread their work:
+    /// a pause lasts at most a batch's store time over this, so a pass with little to do
+    /// ends early rather than trickle through its whole budget.
+    pub min_store_share: f64,
     /// The largest share of wall time the pass's batches may keep the store busy; after
     /// each batch the cleaner pauses for the rest. 1.0 never pauses.
     pub max_store_share: f64,
-    /// The share passes may rise to while they fall behind (`next_share`).
-    pub catch_up_store_share: f64,
-    /// The longest a pass may run. A pass that ends here with jobs left to delete fell
-    /// behind; the rest waits for the next pass.
+    /// The longest a pass may run; it spreads its work over `SPREAD_OVER` of this. A pass
+    /// that ends here with jobs left to delete fell behind; the rest waits for the next
+    /// pass. `None`: no spreading, every batch at the maximum share.
     pub time_budget: Option<Duration>,
 }
 
@@ -67,54 +94,172 @@ impl Pacing {
     /// As fast as the store allows, in small batches (the admin cleanup endpoint: an
     /// operator waits for its answer).
     pub const UNPACED: Pacing = Pacing {
+        min_store_share: 1.0,
         max_store_share: 1.0,
-        catch_up_store_share: 1.0,
         time_budget: None,
     };
 
-    /// The monitor's passes: at most `YIELDING_STORE_SHARE` of the store, done within
-    /// `time_budget`.
+    /// The monitor's passes: spread over most of `time_budget`, taking between
+    /// `MIN_STORE_SHARE` and `MAX_STORE_SHARE` of the store.
     pub fn yielding(time_budget: Duration) -> Pacing {
         Pacing {
-            max_store_share: YIELDING_STORE_SHARE,
-            catch_up_store_share: CATCH_UP_STORE_SHARE,
+            min_store_share: MIN_STORE_SHARE,
+            max_store_share: MAX_STORE_SHARE,
             time_budget: Some(time_budget),
         }
     }
 
-    /// The share the pass after this one may take. After a pass that fell behind: half as
-    /// much again, up to the catch-up share. After one that caught up: the share that
-    /// would have spread its store time over `SPREAD_OVER` of its budget, but never less
-    /// than the normal share (a pass that only finished off a backlog says little about
-    /// the next interval's work; going lower made the next passes fall behind again).
-    pub fn next_share(&self, share: f64, caught_up: bool, busy: Duration) -> f64 {
-        let ceiling = self.catch_up_store_share.max(self.max_store_share);
-        if !caught_up {
-            return (share * 1.5).min(ceiling);
+    /// Whether passes count their work and spread it over their budget.
+    fn spreads(&self) -> bool {
+        self.time_budget.is_some()
+    }
+}
+
+/// How long to wait after a batch that kept the store busy for `busy` and took `elapsed`
+/// from sending it to its answer (its wait in a queue counts as a pause already), so
+/// that the batches' share of wall time stays at most `share`. A share of 1.0 (or an
+/// invalid one) never pauses.
+pub fn pause_after(share: f64, busy: Duration, elapsed: Duration) -> Duration {
+    if !(share > 0.0 && share < 1.0) {
+        return Duration::ZERO;
+    }
+    busy.div_f64(share).saturating_sub(elapsed)
+}
+
+/// The store time per deleted job, from recent batches: each earlier batch weighted by
+/// `COST_MEMORY` once more. The monitor's passes carry it from one to the next, so a
+/// pass's first batch (a cold cache, statements still to prepare) moves it by a little.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct CostEstimate {
+    busy_secs: f64,
+    jobs: f64,
+}
+
+impl CostEstimate {
+    /// Learns from a batch that deleted `n_deleted` jobs and kept the store busy for `busy`.
+    pub fn observe(&mut self, n_deleted: usize, busy: Duration) {
+        if n_deleted > 0 {
+            self.busy_secs = self.busy_secs * COST_MEMORY + busy.as_secs_f64();
+            self.jobs = self.jobs * COST_MEMORY + n_deleted as f64;
         }
-        let Some(budget) = self.time_budget else {
-            return self.max_store_share;
+    }
+
+    /// `None` before a batch deleted any job.
+    pub fn per_job(&self) -> Option<Duration> {
+        (self.jobs > 0.0).then(|| Duration::from_secs_f64(self.busy_secs / self.jobs))
+    }
+}
+
+/// One pass's schedule: the jobs it counted at its start, how many it deleted, and the
+/// store time per job of recent batches; from those, the share of wall time its batches
+/// need so that the rest is done evenly by the end of its spread.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PassPlan {
+    pacing: Pacing,
+    /// Jobs past the pass's cutoff when it started (corrected by a recount).
+    n_eligible: u64,
+    n_deleted: u64,
+    /// Jobs in the last batch: the next one is about as large.
+    last_batch: u64,
+    cost: CostEstimate,
+    /// The paced batches' store time (seconds), and their shares weighted by it.
+    paced_busy_secs: f64,
+    weighted_shares: f64,
+}
+
+impl PassPlan {
+    /// A pass paced by `pacing` that found `n_eligible` jobs to delete, starting from the
+    /// cost per job the last pass arrived at.
+    pub fn new(pacing: Pacing, n_eligible: u64, cost: CostEstimate) -> Self {
+        PassPlan {
+            pacing,
+            n_eligible,
+            n_deleted: 0,
+            last_batch: 0,
+            cost,
+            paced_busy_secs: 0.0,
+            weighted_shares: 0.0,
+        }
+    }
+
+    /// Records a batch that deleted `n_deleted` jobs and kept the store busy for `busy`.
+    pub fn deleted(&mut self, n_deleted: usize, busy: Duration) {
+        self.n_deleted += n_deleted as u64;
+        self.last_batch = n_deleted as u64;
+        self.cost.observe(n_deleted, busy);
+    }
+
+    /// Records that a batch which kept the store busy for `busy` was paced at `share`.
+    pub fn paced(&mut self, share: f64, busy: Duration) {
+        self.paced_busy_secs += busy.as_secs_f64();
+        self.weighted_shares += share * busy.as_secs_f64();
+    }
+
+    /// The share the pass's pacing allowed, averaged over its paced batches by their
+    /// store time (the least share before any). The share they took (`busy` over
+    /// `elapsed`) comes out about the same, or lower while batches wait in the queue.
+    pub fn share_allowed(&self) -> f64 {
+        if self.paced_busy_secs > 0.0 {
+            self.weighted_shares / self.paced_busy_secs
+        } else {
+            self.pacing.min_store_share
+        }
+    }
+
+    /// The cost estimate, for the next pass.
+    pub fn cost(&self) -> CostEstimate {
+        self.cost
+    }
+
+    /// Jobs of the counted set not deleted yet (0 when the count was short: then the
+    /// cleaner counts again).
+    pub fn remaining(&self) -> u64 {
+        self.n_eligible.saturating_sub(self.n_deleted)
+    }
+
+    /// A new count, with the pass's cutoff, of the jobs still to delete.
+    pub fn recounted(&mut self, n_left: u64) {
+        self.n_eligible = self.n_deleted + n_left;
+    }
+
+    /// The share of wall time the batches should take from `elapsed` into the pass on:
+    /// the remaining jobs' estimated store time over the time left until the end of the
+    /// spread, within the pacing's bounds. The remaining jobs count as at least a batch
+    /// like the last: the pause after a batch is its store time over the share, and a
+    /// rest smaller than a batch must not stretch it past the end of the spread. The
+    /// maximum past the end of the spread, and without a time budget or a cost estimate.
+    pub fn share(&self, elapsed: Duration) -> f64 {
+        let (min, max) = (self.pacing.min_store_share, self.pacing.max_store_share);
+        let (Some(budget), Some(cost)) = (self.pacing.time_budget, self.cost.per_job()) else {
+            return max;
         };
-        let spread = busy.as_secs_f64() / (budget.as_secs_f64() * SPREAD_OVER);
-        spread.clamp(self.max_store_share, ceiling)
+        let left = budget.mul_f64(SPREAD_OVER).saturating_sub(elapsed);
+        if left.is_zero() {
+            return max;
+        }
+        let work = self.remaining().max(self.last_batch);
+        let needed = work as f64 * cost.as_secs_f64() / left.as_secs_f64();
+        needed.max(min).min(max)
     }
 
-    /// These settings with the share a pass may take now.
-    fn with_share(self, share: f64) -> Pacing {
-        Pacing {
-            max_store_share: share,
-            ..self
-        }
-    }
-
-    /// How long to wait after a batch that kept the store busy for `busy` and took
-    /// `elapsed` from sending it to its answer (its wait in a queue counts as a pause
-    /// already), so that the batches' share of wall time stays at most the maximum.
-    pub fn pause_after(&self, busy: Duration, elapsed: Duration) -> Duration {
-        if self.max_store_share >= 1.0 || self.max_store_share <= 0.0 {
-            return Duration::ZERO;
-        }
-        busy.div_f64(self.max_store_share).saturating_sub(elapsed)
+    /// The pause after a batch that kept the store busy for `busy` and took
+    /// `batch_elapsed`, `elapsed` into the pass, paced at `share` (`pause_after`), but
+    /// never past the end of the spread (a batch slower than the estimate, or the least
+    /// share, would take it there) unless the most the pass may take demands it.
+    pub fn pause(
+        &self,
+        elapsed: Duration,
+        share: f64,
+        busy: Duration,
+        batch_elapsed: Duration,
+    ) -> Duration {
+        let by_share = pause_after(share, busy, batch_elapsed);
+        let Some(budget) = self.pacing.time_budget else {
+            return by_share;
+        };
+        let left = budget.mul_f64(SPREAD_OVER).saturating_sub(elapsed);
+        let at_most_share = pause_after(self.pacing.max_store_share, busy, batch_elapsed);
+        by_share.min(left).max(at_most_share)
     }
 }
 
@@ -155,8 +300,72 @@ impl BatchSizer {
     }
 }
 
+/// The free space recent passes saw, to decide how much of it to return to the file
+/// system (SQLite): only space that was free at the start of each of the last
+/// `FREE_SPACE_MEMORY` passes (so not needed even when the most jobs were waiting for
+/// cleanup), less a reserve of what recent passes freed, and of that only
+/// `RELEASE_FRACTION` per pass, so the file shrinks gradually and a steady load does
+/// not shrink and regrow it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FreeSpaceMemory {
+    passes: VecDeque<PassFreeSpace>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct PassFreeSpace {
+    /// Free bytes when the pass started, before its deletions.
+    free_at_start: u64,
+    /// Free bytes its deletions added (net of what requests took meanwhile).
+    freed: u64,
+}
+
+impl FreeSpaceMemory {
+    /// Records a pass that started with `free_at_start` bytes free and left
+    /// `free_after` after its deletions; answers how many bytes to return now.
+    pub fn to_release(&mut self, free_at_start: u64, free_after: u64) -> u64 {
+        self.passes.push_back(PassFreeSpace {
+            free_at_start,
+            freed: free_after.saturating_sub(free_at_start),
+        });
+        while self.passes.len() > FREE_SPACE_MEMORY {
+            self.passes.pop_front();
+        }
+        if self.passes.len() < FREE_SPACE_MEMORY {
+            return 0;
+        }
+        let unneeded = self
+            .passes
+            .iter()
+            .map(|pass| pass.free_at_start)
+            .min()
+            .unwrap_or(0);
+        let reserve = self
+            .passes
+            .iter()
+            .rev()
+            .take(RESERVE_PASSES)
+            .map(|pass| pass.freed)
+            .max()
+            .unwrap_or(0);
+        let releasable = unneeded.saturating_sub(reserve).min(free_after);
+        // At least a step's worth, so that the last few megabytes do not take forever.
+        let gradual = ((releasable as f64 * RELEASE_FRACTION) as u64).max(RELEASE_STEP_BYTES);
+        releasable.min(gradual)
+    }
+
+    /// `bytes` were returned: later passes measure free space in the smaller file.
+    pub fn released(&mut self, bytes: u64) {
+        for pass in self.passes.iter_mut() {
+            pass.free_at_start = pass.free_at_start.saturating_sub(bytes);
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct CleanupSummary {
+    /// Finished jobs past retention when the pass started (paced passes count them; 0
+    /// for an unpaced cleanup, which does not).
+    pub n_jobs_eligible: u64,
     pub n_jobs_deleted: usize,
     pub n_files_deleted: usize,
     pub n_batches: usize,
@@ -164,9 +373,11 @@ pub struct CleanupSummary {
     pub busy: Duration,
     /// From the pass's start to its end, pauses included.
     pub elapsed: Duration,
-    /// False when the pass ran out of its time budget with jobs still to delete.
+    /// False when the pass ran out of its time budget with jobs that were past retention
+    /// at its start still to delete.
     pub caught_up: bool,
-    /// The share of wall time the pass's batches were allowed to keep the store busy.
+    /// The share of wall time the pass allowed its batches (`PassPlan::share_allowed`):
+    /// what spreading its work needed, the maximum when it did not fit in less.
     pub store_share_allowed: f64,
     /// Free space returned to the file system after the pass (SQLite), in bytes.
     pub released_bytes: u64,
@@ -228,11 +439,10 @@ pub struct Cleaner {
     dispatcher: Option<Arc<Dispatcher>>,
     /// Where the monitor's passes are reported (`None` for the admin endpoint's cleaner).
     progress: Option<Arc<CleanupProgress>>,
-    /// The free space found at the start of recent passes (see `FREE_SPACE_MEMORY`).
-    free_at_start: Arc<Mutex<VecDeque<u64>>>,
-    /// The share the next paced pass may take (`Pacing::next_share`); `None` before the
-    /// first pass.
-    next_share: Arc<Mutex<Option<f64>>>,
+    /// The free space of recent passes, to decide what to return to the file system.
+    free_space: Arc<Mutex<FreeSpaceMemory>>,
+    /// Where the last pass's cost per job estimate left off.
+    cost: Arc<Mutex<CostEstimate>>,
 }
 
 impl Cleaner {
@@ -243,8 +453,8 @@ impl Cleaner {
             files_dir,
             dispatcher: None,
             progress: None,
-            free_at_start: Arc::default(),
-            next_share: Arc::default(),
+            free_space: Arc::default(),
+            cost: Arc::default(),
         }
     }
 
@@ -266,9 +476,10 @@ impl Cleaner {
         self.cleanup_paced(retention, Pacing::UNPACED, None).await
     }
 
-    /// Deletes finished jobs older than `retention` in batches paced by `pacing`, and
-    /// their files; stops early (between batches) when `stop` turns true. Then returns
-    /// free space that stayed free since recent passes to the file system.
+    /// Deletes the finished jobs that were older than `retention` when the pass started,
+    /// in batches paced by `pacing` (see `PassPlan`), and their files; stops early
+    /// (between batches) when `stop` turns true. Then returns part of the free space that
+    /// stayed free through recent passes to the file system.
     pub async fn cleanup_paced(
         &self,
         retention: RetentionPolicy,
@@ -276,24 +487,25 @@ impl Cleaner {
         mut stop: Option<watch::Receiver<bool>>,
     ) -> Result<CleanupSummary, StoreError> {
         let started = Instant::now();
-        let base = pacing;
-        let share = self
-            .lock_next_share()
-            .unwrap_or(base.max_store_share)
-            .clamp(
-                base.max_store_share,
-                base.catch_up_store_share.max(base.max_store_share),
-            );
-        let pacing = base.with_share(share);
+        // One cutoff for the whole pass: with a short retention, jobs keep finishing
+        // while it runs, and chasing them would leave a pass no end but its budget.
+        let now = self.clock.now();
         let mut summary = CleanupSummary {
             caught_up: true,
-            store_share_allowed: share,
             ..CleanupSummary::default()
         };
         let free_at_start = self.store.storage_space().await?.free_bytes;
         if let Some(dispatcher) = &self.dispatcher {
             dispatcher.fan_out_once().await?;
         }
+        let count = || {
+            self.store
+                .count_cleanable(CountCleanableParams { retention, now })
+        };
+        if pacing.spreads() {
+            summary.n_jobs_eligible = count().await?;
+        }
+        let mut plan = PassPlan::new(pacing, summary.n_jobs_eligible, *lock(&self.cost));
         let mut sizer = BatchSizer::default();
         loop {
             let limit = sizer.size();
@@ -303,7 +515,7 @@ impl Cleaner {
                 .cleanup_finished(CleanupParams {
                     retention,
                     limit,
-                    now: self.clock.now(),
+                    now,
                 })
                 .await?;
             let elapsed = sent.elapsed();
@@ -312,11 +524,23 @@ impl Cleaner {
             summary.n_jobs_deleted += report.n_deleted;
             summary.n_files_deleted +=
                 remove_owned_files(&self.files_dir, report.orphaned_source_files).await;
+            plan.deleted(report.n_deleted, report.busy);
             if report.n_deleted < limit {
                 break;
             }
             sizer.observe(report.n_deleted, report.busy);
-            let pause = pacing.pause_after(report.busy, elapsed);
+            if pacing.spreads() && plan.remaining() == 0 {
+                // The count fell short (a delivery settled since): count again rather
+                // than pause as if nothing were left.
+                let left = count().await?;
+                if left == 0 {
+                    break;
+                }
+                plan.recounted(left);
+            }
+            let share = plan.share(started.elapsed());
+            plan.paced(share, report.busy);
+            let pause = plan.pause(started.elapsed(), share, report.busy, elapsed);
             let over_budget = pacing
                 .time_budget
                 .is_some_and(|budget| started.elapsed() + pause >= budget);
@@ -328,55 +552,29 @@ impl Cleaner {
                 break;
             }
         }
+        *lock(&self.cost) = plan.cost();
+        summary.store_share_allowed = plan.share_allowed();
         summary.released_bytes = self
-            .release_unneeded_space(free_at_start, pacing, stop.as_mut())
+            .release_unneeded_space(free_at_start, stop.as_mut())
             .await?;
         summary.elapsed = started.elapsed();
-        *self
-            .next_share
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) =
-            Some(base.next_share(share, summary.caught_up, summary.busy));
-        self.report(&summary, pacing);
+        self.report(&summary);
         Ok(summary)
     }
 
-    fn lock_next_share(&self) -> Option<f64> {
-        *self
-            .next_share
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Returns the free space that was free at the start of each recent pass: it was not
-    /// needed even when the most jobs were waiting for cleanup, so keeping it only makes
-    /// the file larger. Space freed by this pass stays for the jobs created before the
-    /// next one, so a steady load does not shrink and regrow the file on every pass.
+    /// Returns the part of the free space `FreeSpaceMemory` decides on, in steps that
+    /// keep the store busy for at most `RELEASE_STORE_SHARE` of the time.
     async fn release_unneeded_space(
         &self,
         free_at_start: u64,
-        pacing: Pacing,
         mut stop: Option<&mut watch::Receiver<bool>>,
     ) -> Result<u64, StoreError> {
-        let unneeded = {
-            let mut recent = self
-                .free_at_start
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            recent.push_back(free_at_start);
-            while recent.len() > FREE_SPACE_MEMORY {
-                recent.pop_front();
-            }
-            if recent.len() < FREE_SPACE_MEMORY {
-                0
-            } else {
-                recent.iter().copied().min().unwrap_or(0)
-            }
-        };
+        let free_after = self.store.storage_space().await?.free_bytes;
+        let to_release = lock(&self.free_space).to_release(free_at_start, free_after);
         let mut released = 0;
-        while released < unneeded {
+        while released < to_release {
             let sent = Instant::now();
-            let step = RELEASE_STEP_BYTES.min(unneeded - released);
+            let step = RELEASE_STEP_BYTES.min(to_release - released);
             let freed = self.store.release_free_space(step).await?;
             released += freed;
             if freed < step {
@@ -384,26 +582,18 @@ impl Cleaner {
             }
             // The store's busy time is the whole call here: it is one short write.
             let elapsed = sent.elapsed();
-            if !pause_unless_stopped(pacing.pause_after(elapsed, elapsed), stop.as_deref_mut())
-                .await
-            {
+            let pause = pause_after(RELEASE_STORE_SHARE, elapsed, elapsed);
+            if !pause_unless_stopped(pause, stop.as_deref_mut()).await {
                 break;
             }
         }
         if released > 0 {
-            // Later passes measure free space from the smaller file.
-            let mut recent = self
-                .free_at_start
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            for free in recent.iter_mut() {
-                *free = free.saturating_sub(released);
-            }
+            lock(&self.free_space).released(released);
         }
         Ok(released)
     }
 
-    fn report(&self, summary: &CleanupSummary, pacing: Pacing) {
+    fn report(&self, summary: &CleanupSummary) {
         let Some(progress) = &self.progress else {
             if summary.n_jobs_deleted > 0 {
                 tracing::info!(
@@ -417,13 +607,15 @@ impl Cleaner {
         let passes_behind = progress.record(self.clock.now(), summary.clone());
         if !summary.caught_up {
             tracing::warn!(
+                jobs_past_retention = summary.n_jobs_eligible,
                 jobs = summary.n_jobs_deleted,
                 seconds = summary.elapsed.as_secs_f64(),
                 store_busy_seconds = summary.busy.as_secs_f64(),
-                store_share_allowed = pacing.max_store_share,
+                store_share_allowed = summary.store_share_allowed,
                 passes_behind,
-                "cleanup cannot keep up with job creation: the pass used its time budget and \
-                 finished jobs past retention remain; storage grows until passes catch up"
+                "cleanup cannot keep up with job creation: the pass used its time budget \
+                 before it deleted the finished jobs past retention at its start; storage \
+                 grows until passes catch up"
             );
         } else if summary.n_jobs_deleted > 0 || summary.released_bytes > 0 {
             tracing::info!(
@@ -432,10 +624,19 @@ impl Cleaner {
                 released_bytes = summary.released_bytes,
                 seconds = summary.elapsed.as_secs_f64(),
                 store_busy_seconds = summary.busy.as_secs_f64(),
+                store_share_allowed = summary.store_share_allowed,
                 "cleanup deleted finished jobs"
             );
         }
     }
+}
+
+/// The cleaner's state between passes, even after a panic while it was held (it is
+/// plain numbers, whole after every write).
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Sleeps for `pause`, unless `stop` turns true first; answers whether to go on.
@@ -497,48 +698,247 @@ async fn remove_owned_files(files_dir: &Path, paths: Vec<String>) -> usize {
 mod tests {
     use super::*;
 
+    const MB: u64 = 1024 * 1024;
+
     #[test]
-    fn a_yielding_pass_keeps_the_store_busy_at_most_its_share() {
-        let pacing = Pacing::yielding(Duration::from_secs(30));
+    fn a_batch_is_followed_by_the_pause_that_keeps_its_share() {
         let busy = Duration::from_millis(10);
         // Answered at once: pause for the other 90 ms of the cycle.
-        assert_eq!(pacing.pause_after(busy, busy), Duration::from_millis(90));
+        assert_eq!(pause_after(0.1, busy, busy), Duration::from_millis(90));
         // A batch that waited 40 ms in the writer's queue already paused that long.
         assert_eq!(
-            pacing.pause_after(busy, Duration::from_millis(50)),
+            pause_after(0.1, busy, Duration::from_millis(50)),
             Duration::from_millis(50)
         );
         assert_eq!(
-            pacing.pause_after(busy, Duration::from_millis(500)),
+            pause_after(0.1, busy, Duration::from_millis(500)),
             Duration::ZERO
         );
-        assert_eq!(Pacing::UNPACED.pause_after(busy, busy), Duration::ZERO);
+        assert_eq!(pause_after(1.0, busy, busy), Duration::ZERO);
+        assert_eq!(pause_after(0.0, busy, busy), Duration::ZERO);
+    }
+
+    /// How a simulated pass went: the share after each batch, when it ended, and whether
+    /// it deleted everything it counted within its budget.
+    struct Simulated {
+        shares: Vec<f64>,
+        ended: Duration,
+        caught_up: bool,
+    }
+
+    /// Runs a pass over `n_eligible` jobs in batches of `batch`, each job costing
+    /// `cost(jobs deleted before it)` of store time, with batches answered at once,
+    /// as the cleaner does (`Cleaner::cleanup_paced`; its recount finds nothing more).
+    fn simulate(
+        budget: Duration,
+        n_eligible: u64,
+        batch: u64,
+        cost: impl Fn(u64) -> Duration,
+    ) -> Simulated {
+        let mut plan = PassPlan::new(
+            Pacing::yielding(budget),
+            n_eligible,
+            CostEstimate::default(),
+        );
+        let (mut elapsed, mut deleted, mut shares) = (Duration::ZERO, 0, Vec::new());
+        loop {
+            let n = batch.min(plan.remaining());
+            let busy = cost(deleted) * n as u32;
+            elapsed += busy;
+            deleted += n;
+            plan.deleted(n as usize, busy);
+            // A short batch ends the pass, and so does a recount that finds none left.
+            if n < batch || plan.remaining() == 0 {
+                return Simulated {
+                    shares,
+                    ended: elapsed,
+                    caught_up: true,
+                };
+            }
+            let share = plan.share(elapsed);
+            shares.push(share);
+            let pause = plan.pause(elapsed, share, busy, busy);
+            if elapsed + pause >= budget {
+                return Simulated {
+                    shares,
+                    ended: elapsed,
+                    caught_up: false,
+                };
+            }
+            elapsed += pause;
+        }
+    }
+
+    fn micros(n: u64) -> Duration {
+        Duration::from_micros(n)
     }
 
     #[test]
-    fn passes_take_the_share_that_spreads_their_work_over_the_interval() {
-        let pacing = Pacing::yielding(Duration::from_secs(30));
-        let busy = |secs: f64| Duration::from_secs_f64(secs);
-        // Falling behind: half as much again each time, up to the catch-up share.
-        let mut share = YIELDING_STORE_SHARE;
-        let mut shares = Vec::new();
-        for _ in 0..4 {
-            share = pacing.next_share(share, false, busy(9.0));
-            shares.push((share * 1000.0).round() / 1000.0);
+    fn a_pass_spreads_its_work_evenly_over_most_of_its_budget() {
+        // 27,000 jobs of 100 us: 2.7 s of store time over 27 s (90% of 30 s) is 10%.
+        let pass = simulate(Duration::from_secs(30), 27_000, 100, |_| micros(100));
+        assert!(pass.caught_up);
+        assert!(
+            pass.shares.iter().all(|share| (share - 0.1).abs() < 0.002),
+            "{:?}",
+            pass.shares
+        );
+        let ended = pass.ended.as_secs_f64();
+        assert!((26.5..=27.5).contains(&ended), "ended after {ended} s");
+    }
+
+    #[test]
+    fn a_pass_follows_a_change_in_the_cost_per_job() {
+        // Halfway through, jobs take twice as long: the rest needs 20% to end in time.
+        let pass = simulate(Duration::from_secs(30), 27_000, 100, |deleted| {
+            micros(if deleted < 13_500 { 100 } else { 200 })
+        });
+        assert!(pass.caught_up);
+        let ended = pass.ended.as_secs_f64();
+        assert!((26.5..=27.5).contains(&ended), "ended after {ended} s");
+        let before: Vec<f64> = pass.shares[..130].to_vec();
+        assert!(
+            before.iter().all(|share| (share - 0.1).abs() < 0.002),
+            "{before:?}"
+        );
+        // The estimate follows within a few dozen batches; the rest runs evenly again.
+        let late = &pass.shares[180..];
+        let (low, high) = late.iter().fold((f64::MAX, 0f64), |(low, high), s| {
+            (low.min(*s), high.max(*s))
+        });
+        assert!(low > 0.2 && high < 0.23, "{late:?}");
+    }
+
+    #[test]
+    fn a_pass_with_too_much_to_do_takes_the_most_it_may_and_falls_behind() {
+        // 100 s of store time cannot fit in 30% of 30 s.
+        let pass = simulate(Duration::from_secs(30), 1_000_000, 100, |_| micros(100));
+        assert!(!pass.caught_up);
+        assert!(
+            pass.shares.iter().all(|share| *share == MAX_STORE_SHARE),
+            "{:?}",
+            pass.shares
+        );
+        // It stops at the first pause that would cross its budget (a batch may end past it).
+        let ended = pass.ended.as_secs_f64();
+        assert!((29.5..=30.02).contains(&ended), "ended after {ended} s");
+    }
+
+    #[test]
+    fn a_pass_with_little_to_do_takes_the_least_share() {
+        // 300 jobs of 100 us: 30 ms over 27 s would be 0.1%.
+        let pass = simulate(Duration::from_secs(30), 300, 100, |_| micros(100));
+        assert!(pass.caught_up);
+        assert_eq!(pass.shares, vec![MIN_STORE_SHARE; 2]);
+        // Each 10 ms batch is followed by 990 ms; the last ends the pass.
+        assert_eq!(pass.ended, Duration::from_millis(2_010));
+    }
+
+    #[test]
+    fn a_pass_with_nothing_to_do_ends_after_one_empty_batch() {
+        let pass = simulate(Duration::from_secs(30), 0, 100, |_| micros(100));
+        assert!(pass.caught_up);
+        assert!(pass.shares.is_empty());
+        assert_eq!(pass.ended, Duration::ZERO);
+        let mut plan = PassPlan::new(
+            Pacing::yielding(Duration::from_secs(30)),
+            0,
+            CostEstimate::default(),
+        );
+        plan.deleted(0, Duration::from_millis(1));
+        assert_eq!((plan.remaining(), plan.cost().per_job()), (0, None));
+    }
+
+    #[test]
+    fn a_pass_starts_from_the_last_passes_cost_per_job() {
+        // Earlier passes found 100 us per job; this pass's first batch is five times as
+        // slow (a cold cache): the share moves by a fraction, not fivefold.
+        let mut cost = CostEstimate::default();
+        for _ in 0..100 {
+            cost.observe(100, Duration::from_millis(10));
         }
-        assert_eq!(shares, vec![0.15, 0.225, 0.3, 0.3]);
-        // Caught up with 6 s of store time: 6 s over 24 s (80% of 30 s) is a quarter.
-        let rounded = |share: f64| (share * 1000.0).round() / 1000.0;
-        assert_eq!(rounded(pacing.next_share(0.3, true, busy(6.0))), 0.25);
-        // Little work: the normal share.
-        assert_eq!(
-            pacing.next_share(0.3, true, busy(1.2)),
-            YIELDING_STORE_SHARE
+        assert_eq!(cost.per_job(), Some(micros(100)));
+        let pacing = Pacing::yielding(Duration::from_secs(30));
+        let mut plan = PassPlan::new(pacing, 27_100, cost);
+        plan.deleted(100, Duration::from_millis(50));
+        let share = plan.share(Duration::from_millis(50));
+        assert!((0.13..0.15).contains(&share), "{share}");
+        let mut fresh = PassPlan::new(pacing, 27_100, CostEstimate::default());
+        fresh.deleted(100, Duration::from_millis(50));
+        assert_eq!(fresh.share(Duration::from_millis(50)), MAX_STORE_SHARE);
+    }
+
+    #[test]
+    fn the_share_allowed_is_averaged_over_the_store_time_it_paced() {
+        let pacing = Pacing::yielding(Duration::from_secs(30));
+        let mut plan = PassPlan::new(pacing, 1_000, CostEstimate::default());
+        assert_eq!(plan.share_allowed(), MIN_STORE_SHARE, "no paced batch yet");
+        // One slow first batch at the most, then three at a tenth.
+        plan.paced(MAX_STORE_SHARE, Duration::from_millis(10));
+        for _ in 0..3 {
+            plan.paced(0.1, Duration::from_millis(10));
+        }
+        assert!((plan.share_allowed() - 0.15).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_rest_of_a_pass_smaller_than_a_batch_ends_within_the_spread() {
+        // 1,000 jobs of 1 ms; the first batch took 900 of them, 1 s into the pass. The
+        // 100 left count as a batch like it: 0.9 s over the 26 s left of the spread, so
+        // the last batch starts by its end (counted as 100 jobs, the least share would
+        // have paused 89 s).
+        let pacing = Pacing::yielding(Duration::from_secs(30));
+        let mut plan = PassPlan::new(pacing, 1_000, CostEstimate::default());
+        let busy = Duration::from_millis(900);
+        plan.deleted(900, busy);
+        let elapsed = Duration::from_secs(1);
+        let share = plan.share(elapsed);
+        assert!((share - 0.9 / 26.0).abs() < 1e-9, "{share}");
+        let pause = plan.pause(elapsed, share, busy, busy);
+        assert_eq!(pause.as_millis(), 25_100);
+        // A batch slower than the estimate is not followed by a pause past the spread.
+        let (late, slow) = (Duration::from_secs(20), Duration::from_millis(1_500));
+        let pause = plan.pause(late, plan.share(late), slow, slow);
+        assert_eq!(pause, Duration::from_secs(7));
+        // Past the spread, the pause still holds the batches to the most they may take.
+        let past = Duration::from_secs(28);
+        let pause = plan.pause(past, plan.share(past), busy, busy);
+        assert_eq!(pause.as_millis(), 2_100);
+    }
+
+    #[test]
+    fn a_recount_replaces_what_is_left() {
+        let mut plan = PassPlan::new(
+            Pacing::yielding(Duration::from_secs(30)),
+            100,
+            CostEstimate::default(),
+        );
+        plan.deleted(100, Duration::from_millis(10));
+        assert_eq!(plan.remaining(), 0);
+        plan.recounted(26_000);
+        assert_eq!(plan.remaining(), 26_000);
+        // 26,000 jobs of 100 us over the 26.99 s left of the spread: just under 10%.
+        let share = plan.share(Duration::from_millis(10));
+        assert!((share - 0.0963).abs() < 0.001, "{share}");
+    }
+
+    #[test]
+    fn a_pass_past_its_spread_or_without_a_budget_takes_the_most_it_may() {
+        let mut plan = PassPlan::new(
+            Pacing::yielding(Duration::from_secs(30)),
+            1_000,
+            CostEstimate::default(),
         );
         assert_eq!(
-            pacing.next_share(0.1, true, busy(0.0)),
-            YIELDING_STORE_SHARE
+            plan.share(Duration::ZERO),
+            MAX_STORE_SHARE,
+            "no estimate yet"
         );
+        plan.deleted(100, Duration::from_millis(10));
+        assert_eq!(plan.share(Duration::from_secs(27)), MAX_STORE_SHARE);
+        let mut unpaced = PassPlan::new(Pacing::UNPACED, 0, CostEstimate::default());
+        unpaced.deleted(100, Duration::from_millis(10));
+        assert_eq!(unpaced.share(Duration::ZERO), 1.0);
     }
 
     #[test]
@@ -562,6 +962,61 @@ mod tests {
             sizer.observe(size, Duration::from_secs(1));
         }
         assert_eq!(sizer.size(), MIN_BATCH);
+    }
+
+    #[test]
+    fn free_space_is_returned_only_after_ten_passes_and_a_tenth_at_a_time() {
+        // The load stopped: 200 MB free at every pass, and no pass frees more.
+        let mut memory = FreeSpaceMemory::default();
+        for _ in 0..FREE_SPACE_MEMORY - 1 {
+            assert_eq!(memory.to_release(200 * MB, 200 * MB), 0);
+        }
+        let mut free = 200 * MB;
+        let mut releases = Vec::new();
+        for _ in 0..40 {
+            let release = memory.to_release(free, free);
+            assert!(
+                release <= (free / 10).max(RELEASE_STEP_BYTES),
+                "{release} of {free}"
+            );
+            memory.released(release);
+            free -= release;
+            releases.push(release / MB);
+        }
+        assert_eq!(&releases[..4], &[20, 18, 16, 14]);
+        // Past the last few steps' worth, the rest goes a step at a time, all of it.
+        assert_eq!(free, 0, "{releases:?}");
+    }
+
+    #[test]
+    fn free_space_a_steady_load_reuses_stays() {
+        // Each pass starts with 2 MB free and frees 40 MB, which the next interval's
+        // jobs take again: nothing goes (the old rule returned the 2 MB every pass).
+        let mut memory = FreeSpaceMemory::default();
+        for _ in 0..30 {
+            assert_eq!(memory.to_release(2 * MB, 42 * MB), 0);
+        }
+    }
+
+    #[test]
+    fn free_space_keeps_a_reserve_of_what_recent_passes_freed() {
+        let mut memory = FreeSpaceMemory::default();
+        for _ in 0..FREE_SPACE_MEMORY - RESERVE_PASSES {
+            memory.to_release(200 * MB, 200 * MB);
+        }
+        memory.to_release(200 * MB, 250 * MB);
+        memory.to_release(200 * MB, 210 * MB);
+        // 200 MB was never needed, but the last passes freed up to 50 MB: a tenth of 150.
+        assert_eq!(memory.to_release(200 * MB, 200 * MB), 15 * MB);
+        // Less than a step's worth goes at once.
+        let mut small = FreeSpaceMemory::default();
+        for _ in 0..FREE_SPACE_MEMORY {
+            small.to_release(3 * MB, 3 * MB);
+        }
+        let mut small_then = small.clone();
+        assert_eq!(small_then.to_release(3 * MB, 3 * MB), 3 * MB);
+        // Never more than is free now.
+        assert_eq!(small.to_release(3 * MB, MB), MB);
     }
 
     #[test]

@@ -20,8 +20,8 @@ use crate::store::{RescueParams, RescueReport, Store, StoreError};
 use crate::wakeups::Wakeups;
 
 pub use cleaner::{
-    BatchSizer, Cleaner, CleanupPass, CleanupProgress, CleanupSummary, Pacing,
-    CATCH_UP_STORE_SHARE, TARGET_BATCH_BUSY, YIELDING_STORE_SHARE,
+    pause_after, BatchSizer, Cleaner, CleanupPass, CleanupProgress, CleanupSummary, CostEstimate,
+    FreeSpaceMemory, Pacing, PassPlan, MAX_STORE_SHARE, MIN_STORE_SHARE, TARGET_BATCH_BUSY,
 };
 
 /// Jobs handled per store call; a pass repeats batches until one comes back short.
@@ -112,8 +112,9 @@ impl Monitor {
         Ok(total)
     }
 
-    /// Deletes finished jobs past the configured retention, and their files, yielding to
-    /// requests (see `Pacing::yielding`; a pass takes at most the cleanup interval); then
+    /// Deletes the finished jobs past the configured retention at the pass's start, and
+    /// their files, spread over most of the cleanup interval and yielding to requests
+    /// (see `Pacing::yielding` and `PassPlan`; a pass takes at most the interval); then
     /// the records of workers gone for longer than the worker retention.
     pub async fn cleanup_once(&self) -> Result<CleanupSummary, StoreError> {
         self.cleanup_pass(None).await

@@ -863,6 +863,13 @@ mod tests {
                     CLEANUP_SQL.into(),
                     vec![&"completed", &now, &50i64],
                 ),
+                // A cleanup pass counts its work first: 50 of the 20,000 finished jobs
+                // completed before 40,051, and the count reads only those.
+                (
+                    "cleanup count",
+                    COUNT_CLEANABLE_SQL.into(),
+                    vec![&"completed", &40_051i64],
+                ),
             ];
             for (what, sql, params) in checks {
                 let (rows, plan) = rows_read(&client, &sql, &params).await;

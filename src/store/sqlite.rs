@@ -484,7 +484,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut conn = Connection::open(dir.path().join("plan.sqlite3")).unwrap();
         migrate(&mut conn).unwrap();
-        let cases: [(&str, &[&dyn rusqlite::ToSql], &str); 6] = [
+        let cases: [(&str, &[&dyn rusqlite::ToSql], &str); 7] = [
             (CLAIM_PROBE_SQL, &[&"audio", &0i64], "jobs_queue"),
             (
                 super::deliveries::CLAIM_DELIVERIES_SQL,
@@ -503,6 +503,8 @@ mod tests {
                 &[&"completed", &0i64, &10i64],
                 "jobs_finished",
             ),
+            // A cleanup pass counts its work first: it reads only the jobs it will delete.
+            (COUNT_CLEANABLE_SQL, &[&"completed", &0i64], "jobs_finished"),
         ];
         for (sql, params, index) in cases {
             let plan = plan(&conn, sql, params);

@@ -200,7 +200,7 @@ pub(super) async fn compact_counters_batch(conn: &mut Conn) -> Result<u64, Store
 }
 
 /// The rows `CLEANUP_SQL` would delete, counted (without locking them).
-const COUNT_CLEANABLE_SQL: &str = cleanable_jobs_sql!("SELECT count(*)", "");
+pub(super) const COUNT_CLEANABLE_SQL: &str = cleanable_jobs_sql!("SELECT count(*)", "");
 
 pub(super) async fn count_cleanable(
     conn: &mut Conn,
