@@ -157,6 +157,12 @@ impl Dispatcher {
         let mut finished: Vec<FinishedAttempt> = Vec::new();
         let mut first_finished = tokio::time::Instant::now();
         let mut exhausted = false;
+        // The first claim of a pass fans out whatever waits; later ones only after another
+        // hand-off committed. Looking for waiting hand-offs when none had committed was the
+        // largest single cost on PostgreSQL with two sinks (1.3 ms a call: the partial
+        // index of hand-offs not fanned out is mostly dead entries until vacuumed).
+        let mut committed = self.shared.store.handoff_events();
+        let mut fan_out_due = true;
         // Every store write here is a dispatch step: it records the attempts that ended
         // and claims more in one transaction. Claims are made in chunks, once a quarter of
         // the places are free (or when nothing runs): claiming one delivery per finished
@@ -177,9 +183,27 @@ impl Dispatcher {
                     || first_finished.elapsed() >= RECORD_DELAY);
             if refill || record_now {
                 let now = self.shared.clock.now();
+                let fan_out = refill
+                    && (std::mem::take(&mut fan_out_due) || committed.has_changed().unwrap_or(true));
+                if fan_out {
+                    committed.mark_unchanged();
+                }
+                let fan_out_params = self.fan_out_params(now);
+                // As many hand-offs as the free places can take claimed (a hand-off has a
+                // delivery per global sink): a backlog waits as hand-offs, so every
+                // delivery is created claimed rather than created, claimed, then recorded.
+                // None when no hand-off can be waiting: the claim only.
+                let fan_out_limit = if fan_out {
+                    (free / fan_out_params.sinks.len().max(1)).clamp(1, FAN_OUT_BATCH)
+                } else {
+                    0
+                };
                 let claim = refill.then(|| {
                     (
-                        self.fan_out_params(now),
+                        FanOutParams {
+                            limit: fan_out_limit,
+                            ..fan_out_params
+                        },
                         ClaimDeliveriesParams {
                             limit: free,
                             claim_for: self.shared.attempt_timeout + CLAIM_MARGIN,
@@ -201,8 +225,9 @@ impl Dispatcher {
                 if refill {
                     report.n_handoffs_fanned_out += step.fanned_out.n_handoffs;
                     report.n_deliveries_created += step.fanned_out.n_deliveries;
-                    exhausted =
-                        step.claimed.len() < free && step.fanned_out.n_handoffs < FAN_OUT_BATCH;
+                    // A full fan-out may have left more hand-offs waiting.
+                    fan_out_due = fan_out && step.fanned_out.n_handoffs >= fan_out_limit;
+                    exhausted = step.claimed.len() < free && !fan_out_due;
                     for delivery in step.claimed {
                         running.spawn(attempt(self.shared.clone(), delivery));
                     }

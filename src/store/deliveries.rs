@@ -116,6 +116,7 @@ pub struct FanOutParams {
     pub sinks: Vec<SinkKind>,
     /// Whether a job's `task_options.webhook_url` gets a webhook delivery.
     pub webhooks: bool,
+    /// Hand-offs to fan out at most; 0 fans out none (a dispatch step that only claims).
     pub limit: usize,
     pub now: Timestamp,
 }

@@ -77,6 +77,9 @@ fn fan_out(
     mut claiming: Option<ClaimingNew<'_>>,
     claimed: &mut Vec<Claim>,
 ) -> Result<FanOutReport, StoreError> {
+    if p.limit == 0 {
+        return Ok(FanOutReport::default());
+    }
     let waiting: Vec<(i64, String, Option<String>)> = conn
         .prepare_cached(
             "SELECT h.id, h.job_id, j.task_options FROM handoffs h LEFT JOIN jobs j ON j.id = h.job_id \

@@ -98,8 +98,14 @@ struct ClaimingNew<'a> {
 /// A delivery created claimed: `(delivery id, sink, hand-off id, event id)`.
 type NewClaim = (i64, String, i64, String);
 
+/// Begins a transaction that fans out. A bitmap scan of `handoffs_not_fanned_out` (which
+/// the planner picks, expecting few rows) visits every dead entry's heap row until vacuum
+/// removes it: about 1.3 ms a call under load, the largest single cost of deliveries. An
+/// index scan skips entries it has seen dead before.
+const BEGIN_FAN_OUT: &str = "BEGIN; SET LOCAL enable_bitmapscan = off";
+
 async fn fan_out(conn: &mut Conn, p: FanOutParams) -> Result<FanOutReport, StoreError> {
-    in_transaction!(conn, "BEGIN", async {
+    in_transaction!(conn, BEGIN_FAN_OUT, async {
         let (report, _) = fan_out_rows(conn, p, None).await?;
         Ok(report)
     })
@@ -111,6 +117,9 @@ async fn fan_out_rows(
     p: FanOutParams,
     claiming: Option<ClaimingNew<'_>>,
 ) -> Result<(FanOutReport, Vec<NewClaim>), StoreError> {
+    if p.limit == 0 {
+        return Ok((FanOutReport::default(), Vec::new()));
+    }
     // Waits for (rather than skips) hand-offs another fan-out holds: after the wait
     // PostgreSQL re-checks `fanned_out_at IS NULL` and leaves them out, so when this
     // returns every hand-off committed before it started is fanned out. The cleaner
@@ -303,7 +312,12 @@ async fn dispatch_step(
     conn: &mut Conn,
     p: DispatchStepParams,
 ) -> Result<DispatchStep, StoreError> {
-    in_transaction!(conn, "BEGIN", async {
+    let begin = if p.claim.as_ref().is_some_and(|(f, _)| f.limit > 0) {
+        BEGIN_FAN_OUT
+    } else {
+        "BEGIN"
+    };
+    in_transaction!(conn, begin, async {
         let recorded = record_many(conn, p.records).await?;
         let Some((f, c)) = p.claim else {
             return Ok(DispatchStep {
