@@ -54,6 +54,9 @@ struct Callback<'a> {
     completed_at: String,
 }
 
+/// How much of a receiver's answer is read (and dropped) so its connection can be reused.
+const MAX_ANSWER_READ: usize = 64 * 1024;
+
 /// POSTs `body` to `url` with the Standard Webhooks headers, and classifies the answer:
 /// 2xx delivered, 410 Gone permanent, anything else (or no answer) worth retrying.
 async fn post_signed(
@@ -74,8 +77,17 @@ async fn post_signed(
         request = request.header("webhook-signature", secret.sign(event_id, timestamp, &body));
     }
     match request.body(body).send().await {
-        Ok(response) => {
+        Ok(mut response) => {
             let status = response.status();
+            // Read (a bounded part of) the answer: a connection whose response body was
+            // not read to its end is closed instead of reused for the next delivery.
+            let mut read = 0usize;
+            while read < MAX_ANSWER_READ {
+                match response.chunk().await {
+                    Ok(Some(chunk)) => read += chunk.len(),
+                    _ => break,
+                }
+            }
             let detail = AttemptDetail {
                 http_status: Some(status.as_u16()),
             };
