@@ -105,6 +105,17 @@ async fn finish_after<F: std::future::Future<Output = ()>>(
     id
 }
 
+/// `finish` with a success for a job that names a webhook (a delivery to every sink).
+async fn finish_hooked(store: &dyn Store, now: Timestamp) -> JobId {
+    finish(
+        store,
+        json!({"webhook_url": "http://127.0.0.1:9/hook"}),
+        success(),
+        now,
+    )
+    .await
+}
+
 fn success() -> AttemptOutcome {
     AttemptOutcome::Success {
         content: "converted text".into(),
@@ -171,13 +182,7 @@ async fn all_deliveries(store: &dyn Store) -> Vec<Delivery> {
 
 pub async fn hand_offs_fan_out_once_per_sink_with_one_event_id(s: TestStore) {
     let store = &*s.store;
-    let with_webhook = finish(
-        store,
-        json!({"webhook_url": "http://127.0.0.1:9/hook"}),
-        success(),
-        at(0),
-    )
-    .await;
+    let with_webhook = finish_hooked(store, at(0)).await;
     let without = finish(store, json!({}), failure(), at(1)).await;
     assert_eq!(
         store.next_delivery_due().await.unwrap(),
@@ -378,13 +383,7 @@ pub async fn a_chunk_of_attempts_is_recorded_item_by_item_with_its_claims(s: Tes
         .await
         .unwrap()
         .is_empty());
-    let two_sinks = finish(
-        store,
-        json!({"webhook_url": "http://127.0.0.1:9/hook"}),
-        success(),
-        at(0),
-    )
-    .await;
+    let two_sinks = finish_hooked(store, at(0)).await;
     let retried = finish(store, json!({}), success(), at(0)).await;
     let dead = finish(store, json!({}), failure(), at(0)).await;
     let stale = finish(store, json!({}), success(), at(0)).await;
@@ -842,13 +841,7 @@ pub async fn fan_out_and_claim_takes_due_ones_first_and_creates_new_ones_claimed
     };
     assert_eq!(record(store, &first[0], retry, at(1)).await, RecordOutcome::Recorded);
     // Two new hand-offs: three deliveries (one job names a webhook).
-    let hooked = finish(
-        store,
-        json!({"webhook_url": "http://127.0.0.1:9/hook"}),
-        success(),
-        at(11),
-    )
-    .await;
+    let hooked = finish_hooked(store, at(11)).await;
     let plain = finish(store, json!({}), success(), at(11)).await;
     let claim_for = Duration::from_secs(60);
     let taken = store
