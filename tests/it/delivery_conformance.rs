@@ -151,6 +151,21 @@ async fn claim(store: &dyn Store, limit: usize, now: Timestamp) -> Vec<ClaimedDe
         .expect("claim deliveries")
 }
 
+/// `fan_out_and_claim` to the callback and webhooks, claims held for 60 s.
+async fn fan_out_and_claim(store: &dyn Store, limit: usize, now: Timestamp) -> DispatchStep {
+    store
+        .fan_out_and_claim(
+            callback_and_webhooks(now),
+            ClaimDeliveriesParams {
+                limit,
+                claim_for: Duration::from_secs(60),
+                now,
+            },
+        )
+        .await
+        .expect("fan out and claim")
+}
+
 async fn record(
     store: &dyn Store,
     claimed: &ClaimedDelivery,
@@ -844,17 +859,7 @@ pub async fn fan_out_and_claim_takes_due_ones_first_and_creates_new_ones_claimed
     let hooked = finish_hooked(store, at(11)).await;
     let plain = finish(store, json!({}), success(), at(11)).await;
     let claim_for = Duration::from_secs(60);
-    let taken = store
-        .fan_out_and_claim(
-            callback_and_webhooks(at(12)),
-            ClaimDeliveriesParams {
-                limit: 3,
-                claim_for,
-                now: at(12),
-            },
-        )
-        .await
-        .unwrap();
+    let taken = fan_out_and_claim(store, 3, at(12)).await;
     assert_eq!(
         taken.fanned_out,
         FanOutReport {
@@ -915,17 +920,7 @@ pub async fn fan_out_and_claim_takes_due_ones_first_and_creates_new_ones_claimed
         vec![(older, 3)]
     );
     // Nothing waits to be fanned out and every claim holds: nothing to do.
-    let idle = store
-        .fan_out_and_claim(
-            callback_and_webhooks(at(50)),
-            ClaimDeliveriesParams {
-                limit: 5,
-                claim_for,
-                now: at(50),
-            },
-        )
-        .await
-        .unwrap();
+    let idle = fan_out_and_claim(store, 5, at(50)).await;
     assert_eq!(idle, DispatchStep::default());
     // Delivered everywhere: only the older job's and the plain job's hand-offs are pending.
     let pending: HashSet<JobId> = store
