@@ -184,7 +184,8 @@ impl Dispatcher {
             if refill || record_now {
                 let now = self.shared.clock.now();
                 let fan_out = refill
-                    && (std::mem::take(&mut fan_out_due) || committed.has_changed().unwrap_or(true));
+                    && (std::mem::take(&mut fan_out_due)
+                        || committed.has_changed().unwrap_or(true));
                 if fan_out {
                     committed.mark_unchanged();
                 }

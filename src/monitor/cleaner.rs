@@ -582,8 +582,11 @@ impl Cleaner {
         mut stop: Option<&mut watch::Receiver<bool>>,
     ) -> Result<u64, StoreError> {
         let space = self.store.storage_space().await?;
-        let to_release =
-            lock(&self.free_space).to_release(free_at_start, space.free_bytes, space.database_bytes);
+        let to_release = lock(&self.free_space).to_release(
+            free_at_start,
+            space.free_bytes,
+            space.database_bytes,
+        );
         let mut released = 0;
         while released < to_release {
             let sent = Instant::now();

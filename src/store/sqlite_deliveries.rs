@@ -120,7 +120,13 @@ fn fan_out(
             report.n_deliveries += 1;
             if let Some(c) = claim {
                 c.room -= 1;
-                claimed.push((delivery_id, 1, sink.as_str().to_owned(), handoff_id, event_id.clone()));
+                claimed.push((
+                    delivery_id,
+                    1,
+                    sink.as_str().to_owned(),
+                    handoff_id,
+                    event_id.clone(),
+                ));
             }
         }
         conn.prepare_cached(

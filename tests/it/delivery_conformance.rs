@@ -854,7 +854,10 @@ pub async fn fan_out_and_claim_takes_due_ones_first_and_creates_new_ones_claimed
         at: at(10),
         error: "503".into(),
     };
-    assert_eq!(record(store, &first[0], retry, at(1)).await, RecordOutcome::Recorded);
+    assert_eq!(
+        record(store, &first[0], retry, at(1)).await,
+        RecordOutcome::Recorded
+    );
     // Two new hand-offs: three deliveries (one job names a webhook).
     let hooked = finish_hooked(store, at(11)).await;
     let plain = finish(store, json!({}), success(), at(11)).await;
@@ -873,7 +876,11 @@ pub async fn fan_out_and_claim_takes_due_ones_first_and_creates_new_ones_claimed
         .map(|c| (c.event.as_ref().unwrap().job_id, c.attempt))
         .collect();
     assert_eq!(jobs.len(), 3, "the limit");
-    assert_eq!(jobs[0], (older, 2), "the due delivery first, on its second attempt");
+    assert_eq!(
+        jobs[0],
+        (older, 2),
+        "the due delivery first, on its second attempt"
+    );
     assert!(jobs[1..].iter().all(|(_, attempt)| *attempt == 1));
     assert_eq!(
         jobs[1].0, hooked,
@@ -885,7 +892,10 @@ pub async fn fan_out_and_claim_takes_due_ones_first_and_creates_new_ones_claimed
         taken.claimed[1].event.as_ref().unwrap(),
         taken.claimed[2].event.as_ref().unwrap()
     ));
-    assert_eq!(taken.claimed[1].event.as_ref().unwrap().payload["content"], "converted text");
+    assert_eq!(
+        taken.claimed[1].event.as_ref().unwrap().payload["content"],
+        "converted text"
+    );
     // One new delivery did not fit: pending, unclaimed, due now; the claimed ones are not
     // claimable again until their claim expires.
     let rest = claim(store, 10, at(13)).await;

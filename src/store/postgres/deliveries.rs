@@ -308,10 +308,7 @@ async fn claim_with_token(
 
 /// `record_many`, then `claim`, then `fan_out_rows` with the room the claim left, in one
 /// transaction; the events of the deliveries created claimed are read once per hand-off.
-async fn dispatch_step(
-    conn: &mut Conn,
-    p: DispatchStepParams,
-) -> Result<DispatchStep, StoreError> {
+async fn dispatch_step(conn: &mut Conn, p: DispatchStepParams) -> Result<DispatchStep, StoreError> {
     let begin = if p.claim.as_ref().is_some_and(|(f, _)| f.limit > 0) {
         BEGIN_FAN_OUT
     } else {

@@ -115,7 +115,9 @@ impl Pool {
             .runtime
             .spawn(async move { connect(&config).await })
             .await
-            .map_err(|error| StoreError::Unavailable(format!("cannot connect to PostgreSQL: {error}")))??;
+            .map_err(|error| {
+                StoreError::Unavailable(format!("cannot connect to PostgreSQL: {error}"))
+            })??;
         Ok(PooledConn {
             conn: Some(conn),
             pool: self,
