@@ -189,20 +189,20 @@ impl Dispatcher {
                 if fan_out {
                     committed.mark_unchanged();
                 }
-                let fan_out_params = self.fan_out_params(now);
-                // As many hand-offs as the free places can take claimed (a hand-off has a
-                // delivery per global sink): a backlog waits as hand-offs, so every
-                // delivery is created claimed rather than created, claimed, then recorded.
-                // None when no hand-off can be waiting: the claim only.
-                let fan_out_limit = if fan_out {
-                    (free / fan_out_params.sinks.len().max(1)).clamp(1, FAN_OUT_BATCH)
-                } else {
-                    0
-                };
                 let claim = refill.then(|| {
+                    let fan_out_params = self.fan_out_params(now);
+                    // As many hand-offs as the free places can take claimed (a hand-off
+                    // has a delivery per global sink): a backlog waits as hand-offs, so
+                    // every delivery is created claimed rather than created, claimed, then
+                    // recorded. None when no hand-off can be waiting: the claim only.
+                    let limit = if fan_out {
+                        (free / fan_out_params.sinks.len().max(1)).clamp(1, FAN_OUT_BATCH)
+                    } else {
+                        0
+                    };
                     (
                         FanOutParams {
-                            limit: fan_out_limit,
+                            limit,
                             ..fan_out_params
                         },
                         ClaimDeliveriesParams {
@@ -212,15 +212,13 @@ impl Dispatcher {
                         },
                     )
                 });
-                let results: Vec<AttemptResult> =
-                    finished.iter().map(|f| f.result.clone()).collect();
+                let fan_out_limit = claim.as_ref().map_or(0, |(f, _)| f.limit);
+                let (results, records): (Vec<AttemptResult>, Vec<RecordAttemptParams>) =
+                    finished.drain(..).map(|f| (f.result, f.record)).unzip();
                 let step = self
                     .shared
                     .store
-                    .dispatch_step(DispatchStepParams {
-                        records: finished.drain(..).map(|f| f.record).collect(),
-                        claim,
-                    })
+                    .dispatch_step(DispatchStepParams { records, claim })
                     .await?;
                 tally_all(&mut report, results, step.recorded)?;
                 if refill {

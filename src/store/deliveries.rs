@@ -154,6 +154,27 @@ pub struct ClaimedDelivery {
 /// A claimed delivery's event, read once for all the hand-off's deliveries in a claim.
 pub type SharedEvent = Result<Arc<OutboundEvent>, String>;
 
+/// The events one claim has built, by hand-off: the deliveries of a hand-off share its
+/// event (a result can be tens of megabytes), so it is read and built once.
+#[derive(Default)]
+pub(crate) struct EventsByHandoff(std::collections::HashMap<i64, SharedEvent>);
+
+impl EventsByHandoff {
+    /// The hand-off's event, built from what `read` returns the first time it is asked for.
+    pub(crate) fn get_or_build(
+        &mut self,
+        handoff_id: i64,
+        read: impl FnOnce() -> Result<StoredEvent, StoreError>,
+    ) -> Result<SharedEvent, StoreError> {
+        if let Some(event) = self.0.get(&handoff_id) {
+            return Ok(event.clone());
+        }
+        let event = build_event(read()?).map(Arc::new);
+        self.0.insert(handoff_id, event.clone());
+        Ok(event)
+    }
+}
+
 /// One write of the dispatcher: record finished attempts, then claim more.
 #[derive(Clone, Debug, Default)]
 pub struct DispatchStepParams {
@@ -276,14 +297,28 @@ pub trait DeliveryStore: Send + Sync + 'static {
     fn record_delivery_attempt(
         &self,
         params: RecordAttemptParams,
-    ) -> StoreFuture<'_, RecordOutcome>;
-    /// Records several attempts' outcomes in one store call (one transaction on SQLite, one
-    /// statement on PostgreSQL), each only if its claim is still the delivery's current one,
-    /// exactly as `record_delivery_attempt` would. Returns one outcome per item, in order.
+    ) -> StoreFuture<'_, RecordOutcome> {
+        let recording = self.record_delivery_attempts(vec![params]);
+        Box::pin(async move {
+            recording.await?.pop().ok_or_else(|| {
+                StoreError::Internal("an attempt was recorded without an outcome".into())
+            })
+        })
+    }
+    /// Records several attempts' outcomes in one store call (the records of a
+    /// `dispatch_step` that claims nothing), each only if its claim is still the
+    /// delivery's current one: an item whose claim was lost changes nothing while the
+    /// others are recorded. Returns one outcome per item, in order.
     fn record_delivery_attempts(
         &self,
         params: Vec<RecordAttemptParams>,
-    ) -> StoreFuture<'_, Vec<RecordOutcome>>;
+    ) -> StoreFuture<'_, Vec<RecordOutcome>> {
+        let step = self.dispatch_step(DispatchStepParams {
+            records: params,
+            claim: None,
+        });
+        Box::pin(async move { Ok(step.await?.recorded) })
+    }
     fn list_deliveries(&self, params: DeliveryListParams) -> StoreFuture<'_, DeliveryPage>;
     fn get_delivery(&self, id: i64) -> StoreFuture<'_, Option<DeliveryDetail>>;
     fn redrive_delivery(&self, params: RedriveParams) -> StoreFuture<'_, RedriveOutcome>;

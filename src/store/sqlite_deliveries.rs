@@ -2,8 +2,6 @@
 //! through the store's single writer, so a claim needs no row locks: the writer is the
 //! only one changing deliveries.
 
-use std::sync::Arc;
-
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::SqliteStore;
@@ -252,17 +250,10 @@ fn claimed_events(
     token: String,
     claimed: Vec<Claim>,
 ) -> Result<Vec<ClaimedDelivery>, StoreError> {
-    let mut events: std::collections::HashMap<i64, SharedEvent> = Default::default();
+    let mut events = EventsByHandoff::default();
     let mut out = Vec::with_capacity(claimed.len());
     for (delivery_id, attempt, sink, handoff_id, event_id) in claimed {
-        let event = match events.get(&handoff_id) {
-            Some(event) => event.clone(),
-            None => {
-                let event = build_event(stored_event(conn, handoff_id, event_id)?).map(Arc::new);
-                events.insert(handoff_id, event.clone());
-                event
-            }
-        };
+        let event = events.get_or_build(handoff_id, || stored_event(conn, handoff_id, event_id))?;
         out.push(ClaimedDelivery {
             delivery_id,
             claim_token: token.clone(),
@@ -516,27 +507,6 @@ impl DeliveryStore for SqliteStore {
                 fanned_out,
                 claimed: self.events_of(token, claimed).await?,
             })
-        })
-    }
-
-    fn record_delivery_attempt(
-        &self,
-        params: RecordAttemptParams,
-    ) -> StoreFuture<'_, RecordOutcome> {
-        self.write(move |conn| record(conn, params))
-    }
-
-    fn record_delivery_attempts(
-        &self,
-        params: Vec<RecordAttemptParams>,
-    ) -> StoreFuture<'_, Vec<RecordOutcome>> {
-        // One write on the single writer: each item is checked against its own claim, so an
-        // item whose claim was lost changes nothing while the others are recorded.
-        self.write(move |conn| {
-            params
-                .into_iter()
-                .map(|item| record(conn, item))
-                .collect::<Result<Vec<_>, _>>()
         })
     }
 

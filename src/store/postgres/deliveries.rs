@@ -6,7 +6,6 @@
 //! over can change nothing.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use tokio::sync::watch;
 use tokio_postgres::types::ToSql;
@@ -283,18 +282,11 @@ async fn claim_with_token(
         )
         .await
         .map_err(pg_error)?;
-    let mut events: HashMap<i64, SharedEvent> = HashMap::new();
+    let mut events = EventsByHandoff::default();
     rows.iter()
         .map(|row| {
-            let handoff_id: i64 = get(row, 4)?;
-            let event = match events.get(&handoff_id) {
-                Some(event) => event.clone(),
-                None => {
-                    let event = build_event(stored_event_from(row, 5, get(row, 3)?)?).map(Arc::new);
-                    events.insert(handoff_id, event.clone());
-                    event
-                }
-            };
+            let event =
+                events.get_or_build(get(row, 4)?, || stored_event_from(row, 5, get(row, 3)?))?;
             Ok(ClaimedDelivery {
                 delivery_id: get(row, 0)?,
                 claim_token: token.to_owned(),
@@ -335,7 +327,7 @@ async fn dispatch_step(conn: &mut Conn, p: DispatchStepParams) -> Result<Dispatc
         if !created.is_empty() {
             let handoff_ids: Vec<i64> = created.iter().map(|(_, _, h, _)| *h).collect();
             let sql = format!(
-                "SELECT h.id, h.event_id, {EVENT_COLUMNS} FROM handoffs h \
+                "SELECT h.id, {EVENT_COLUMNS} FROM handoffs h \
                  LEFT JOIN jobs j ON j.id = h.job_id WHERE h.id = ANY($1)"
             );
             let statement = conn.statement(&sql).await?;
@@ -344,18 +336,17 @@ async fn dispatch_step(conn: &mut Conn, p: DispatchStepParams) -> Result<Dispatc
                 .query(&statement, &[&handoff_ids])
                 .await
                 .map_err(pg_error)?;
-            let mut events: HashMap<i64, SharedEvent> = HashMap::new();
-            for row in &rows {
-                let event_id: String = get(row, 1)?;
-                events.insert(
-                    get(row, 0)?,
-                    build_event(stored_event_from(row, 2, event_id)?).map(Arc::new),
-                );
-            }
-            for (delivery_id, sink, handoff_id, _) in created {
-                let event = events.get(&handoff_id).cloned().ok_or_else(|| {
+            let rows_by_handoff = rows
+                .iter()
+                .map(|row| Ok((get::<i64>(row, 0)?, row)))
+                .collect::<Result<HashMap<i64, &Row>, StoreError>>()?;
+            let mut events = EventsByHandoff::default();
+            for (delivery_id, sink, handoff_id, event_id) in created {
+                let row = rows_by_handoff.get(&handoff_id).ok_or_else(|| {
                     StoreError::Internal(format!("hand-off {handoff_id} vanished while fanned out"))
                 })?;
+                let event =
+                    events.get_or_build(handoff_id, || stored_event_from(row, 1, event_id))?;
                 claimed.push(ClaimedDelivery {
                     delivery_id,
                     claim_token: token.clone(),
@@ -373,59 +364,8 @@ async fn dispatch_step(conn: &mut Conn, p: DispatchStepParams) -> Result<Dispatc
     })
 }
 
-async fn record(conn: &mut Conn, p: RecordAttemptParams) -> Result<RecordOutcome, StoreError> {
-    // The current due time is kept unless the outcome sets a new one.
-    let (outcome, state, _, last_error, delivered_at) = after_attempt(&p.result, 0, p.now);
-    let next_attempt_at: Option<i64> = match &p.result {
-        AttemptResult::RetryAt { at, .. } => Some(at.as_micros()),
-        _ => None,
-    };
-    let error: Option<&str> = match &p.result {
-        AttemptResult::Delivered => None,
-        AttemptResult::RetryAt { error, .. } | AttemptResult::Dead { error } => Some(error),
-    };
-    let http_status: Option<i32> = p.http_status.map(i32::from);
-    let statement = conn
-        .statement(
-            "WITH u AS (UPDATE deliveries SET state = $3, next_attempt_at = COALESCE($4, next_attempt_at), \
-                        last_error = COALESCE($5, last_error), delivered_at = $6, claim_token = NULL, \
-                        updated_at = $7 \
-                        WHERE id = $1 AND claim_token = $2 AND state = 'pending' \
-                        RETURNING id, attempts), \
-                  a AS (INSERT INTO delivery_attempts (delivery_id, attempt, at, outcome, http_status, error) \
-                        SELECT u.id, u.attempts, $7, $8, $9, $10 FROM u) \
-             SELECT count(*) FROM u",
-        )
-        .await?;
-    let params: [&(dyn ToSql + Sync); 10] = [
-        &p.delivery_id,
-        &p.claim_token,
-        &state.as_str(),
-        &next_attempt_at,
-        &last_error,
-        &delivered_at,
-        &p.now.as_micros(),
-        &outcome.as_str(),
-        &http_status,
-        &error,
-    ];
-    let changed: i64 = get(
-        &conn
-            .client
-            .query_one(&statement, &params)
-            .await
-            .map_err(pg_error)?,
-        0,
-    )?;
-    Ok(if changed == 1 {
-        RecordOutcome::Recorded
-    } else {
-        RecordOutcome::ClaimLost
-    })
-}
-
-/// Records a chunk of attempts in one statement: the same conditional write as `record`,
-/// joined with the items as arrays. An item changes its delivery only while its claim token
+/// Records a chunk of attempts in one statement: one conditional update fenced by each
+/// item's claim, joined with the items as arrays, and their attempt rows. An item changes its delivery only while its claim token
 /// is still the delivery's; the statement returns the ids it changed, so each item learns
 /// whether it was recorded.
 async fn record_many(
@@ -691,20 +631,6 @@ impl DeliveryStore for PostgresStore {
 
     fn dispatch_step(&self, params: DispatchStepParams) -> StoreFuture<'_, DispatchStep> {
         self.run(move |c| Box::pin(dispatch_step(c, params)))
-    }
-
-    fn record_delivery_attempt(
-        &self,
-        params: RecordAttemptParams,
-    ) -> StoreFuture<'_, RecordOutcome> {
-        self.run(move |c| Box::pin(record(c, params)))
-    }
-
-    fn record_delivery_attempts(
-        &self,
-        params: Vec<RecordAttemptParams>,
-    ) -> StoreFuture<'_, Vec<RecordOutcome>> {
-        self.run(move |c| Box::pin(record_many(c, params)))
     }
 
     fn list_deliveries(&self, params: DeliveryListParams) -> StoreFuture<'_, DeliveryPage> {
