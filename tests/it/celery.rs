@@ -834,7 +834,7 @@ async fn answer_swallowing_proxy() -> (u16, tokio::task::JoinHandle<()>) {
 /// the worker still runs one task.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_dash_nine_between_the_enqueue_and_recording_it_still_runs_one_task() {
-    use crate::support::{complete_document_job, free_port, ServerProcess};
+    use crate::support::{complete_document_job, free_port, get_json, ServerProcess};
 
     let broker = TestBroker::new();
     let (proxy_port, proxy) = answer_swallowing_proxy().await;
@@ -890,14 +890,11 @@ async fn kill_dash_nine_between_the_enqueue_and_recording_it_still_runs_one_task
     // timeout and a 30 s margin).
     let started = Instant::now();
     let delivery = loop {
-        let listed: Value = client
-            .get(format!("{}/api/v1/deliveries?job_id={job_id}", server.base))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let listed: Value = get_json(
+            &client,
+            format!("{}/api/v1/deliveries?job_id={job_id}", server.base),
+        )
+        .await;
         let deliveries = listed["deliveries"].as_array().unwrap().clone();
         if deliveries.len() == 1 && deliveries[0]["state"] == "delivered" {
             break deliveries[0].clone();

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::support::{free_port, ServerProcess};
+use crate::support::{free_port, get_json, ServerProcess};
 
 /// Short real-time timeouts so attempts orphaned by the crash come back quickly.
 const FAST_RETRY_ENV: &[(&str, &str)] = &[
@@ -159,14 +159,11 @@ async fn kill_dash_nine_under_load_loses_nothing() {
     // A create the crash cut off after its commit left a job nobody heard of: it is
     // there (nothing is lost) and must be worked off like the rest.
     while complete_next(&client, &server.base, "").await.is_some() {}
-    let stats: Value = client
-        .get(format!("{}/api/v1/remote-jobs/statistics", server.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats: Value = get_json(
+        &client,
+        format!("{}/api/v1/remote-jobs/statistics", server.base),
+    )
+    .await;
     assert_eq!(
         stats["status_counts"]["processing"], 0,
         "nothing stuck in processing: {stats}"
@@ -179,7 +176,7 @@ async fn kill_dash_nine_under_load_loses_nothing() {
 async fn complete_next(client: &reqwest::Client, base: &str, extra: &str) -> Option<String> {
     let url =
         format!("{base}/api/v1/remote-jobs/poll?worker_id=drain&content_types=document{extra}");
-    let job: Value = client.get(url).send().await.unwrap().json().await.unwrap();
+    let job: Value = get_json(client, url).await;
     let id = job["job_id"].as_str()?.to_owned();
     let result = json!({"success": true, "content": "text", "lease_id": job["lease_id"]});
     let response = client

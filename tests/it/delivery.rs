@@ -14,7 +14,9 @@ use base64::Engine as _;
 use hmac::{KeyInit, Mac};
 use serde_json::{json, Value};
 
-use crate::support::{complete_document_job, free_port, spawn_app_with, ServerProcess, TestApp};
+use crate::support::{
+    complete_document_job, free_port, get_json, spawn_app_with, ServerProcess, TestApp,
+};
 
 /// The secret in the Standard Webhooks form: `whsec_` and the base64 of the key.
 pub(crate) const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -709,14 +711,11 @@ async fn kill_dash_nine_while_the_receiver_is_down_delivers_every_outcome_once()
     // expires (attempt timeout 2 s + 10 s), then is repeated under its id: wait for that.
     let started = Instant::now();
     loop {
-        let listed: Value = client
-            .get(format!("{}/api/v1/deliveries?state=pending", server.base))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let listed: Value = get_json(
+            &client,
+            format!("{}/api/v1/deliveries?state=pending", server.base),
+        )
+        .await;
         if listed["deliveries"] == json!([]) {
             break;
         }

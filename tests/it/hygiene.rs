@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::support::{free_port, spawn_app_with, ServerProcess, TestApp};
+use crate::support::{free_port, get_json, spawn_app_with, ServerProcess, TestApp};
 
 fn addr(app: &TestApp) -> String {
     app.base.trim_start_matches("http://").to_owned()
@@ -568,17 +568,14 @@ async fn memory_stays_bounded_for_results_of_many_small_keys() {
             .json()
             .await
             .unwrap();
-        let polled: Value = client
-            .get(format!(
+        let polled: Value = get_json(
+            &client,
+            format!(
                 "{}/api/v1/remote-jobs/poll?worker_id=w&content_types=audio",
                 server.base
-            ))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+            ),
+        )
+        .await;
         assert_eq!(polled["job_id"], created["job_id"]);
         jobs.push((
             polled["job_id"].as_str().unwrap().to_owned(),

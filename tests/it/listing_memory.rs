@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::support::{complete_document_job, free_port, PgDatabase, ServerProcess};
+use crate::support::{complete_document_job, free_port, get_json, PgDatabase, ServerProcess};
 
 const JOBS: usize = 20;
 const RESULT_BYTES: usize = 10 * 1024 * 1024;
@@ -81,14 +81,8 @@ async fn listing_and_status_reads_do_not_load_results() {
                 assert_eq!(page["jobs"].as_array().map(Vec::len), Some(JOBS));
             }
             for id in &ids {
-                let status: Value = client
-                    .get(format!("{base}/api/v1/remote-jobs/{id}/status"))
-                    .send()
-                    .await
-                    .unwrap()
-                    .json()
-                    .await
-                    .unwrap();
+                let status: Value =
+                    get_json(&client, format!("{base}/api/v1/remote-jobs/{id}/status")).await;
                 assert_eq!(status["status"], "completed");
             }
         }));
@@ -113,14 +107,7 @@ async fn listing_and_status_reads_do_not_load_results() {
     );
 
     // The detail endpoint is the one read that returns the result, whole and as stored.
-    let detail: Value = client
-        .get(format!("{base}/api/v1/remote-jobs/{}", ids[3]))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let detail: Value = get_json(&client, format!("{base}/api/v1/remote-jobs/{}", ids[3])).await;
     assert_eq!(
         detail["result"]["content"].as_str().map(str::len),
         Some(RESULT_BYTES)

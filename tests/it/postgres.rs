@@ -14,7 +14,7 @@ use morag_jobs::store::{
     SubmitResultParams,
 };
 
-use crate::support::{spawn_app_with, PgDatabase};
+use crate::support::{get_json, spawn_app_with, PgDatabase};
 
 fn morag_jobs(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_morag-jobs"))
@@ -84,14 +84,7 @@ async fn a_job_created_on_one_replica_wakes_a_long_poll_on_another_at_once() {
     let client = poller.client.clone();
     let started = Instant::now();
     let poll = tokio::spawn(async move {
-        let body: serde_json::Value = client
-            .get(poll_url)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let body: serde_json::Value = get_json(&client, poll_url).await;
         (body, started.elapsed())
     });
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -440,16 +440,11 @@ pub async fn complete_document_job(
         .await
         .unwrap();
     let id = created["job_id"].as_str().unwrap().to_owned();
-    let polled: Value = client
-        .get(format!(
-            "{base}/api/v1/remote-jobs/poll?worker_id=w&content_types=document"
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let polled = get_json(
+        client,
+        format!("{base}/api/v1/remote-jobs/poll?worker_id=w&content_types=document"),
+    )
+    .await;
     assert_eq!(polled["job_id"].as_str(), Some(id.as_str()));
     result["lease_id"] = polled["lease_id"].clone();
     let answer = client
@@ -460,6 +455,11 @@ pub async fn complete_document_job(
         .unwrap();
     assert_eq!(answer.status(), 200);
     id
+}
+
+/// GETs `url` with a plain client and reads the answer as JSON (panicking on any failure).
+pub async fn get_json(client: &reqwest::Client, url: impl reqwest::IntoUrl) -> Value {
+    client.get(url).send().await.unwrap().json().await.unwrap()
 }
 
 pub fn free_port() -> u16 {

@@ -11,7 +11,7 @@ use morag_jobs_client::wire::CreateJobRequest;
 use morag_jobs_client::ServerClient;
 use serde_json::{json, Value};
 
-use crate::support::{free_port, PgDatabase, ServerProcess};
+use crate::support::{free_port, get_json, PgDatabase, ServerProcess};
 
 /// The converter. The first word of its input says what to do; `$PIDS` is where it leaves
 /// its own and its child's process ids for the tests that stop it.
@@ -161,14 +161,11 @@ impl Setup {
     }
 
     async fn detail(&self, id: &str) -> Value {
-        self.client
-            .get(format!("{}/api/v1/remote-jobs/{id}", self.server.base))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        get_json(
+            &self.client,
+            format!("{}/api/v1/remote-jobs/{id}", self.server.base),
+        )
+        .await
     }
 
     /// Waits until `done` holds for the job's detail, and returns it.
@@ -189,14 +186,7 @@ impl Setup {
 
     /// The server's worker registry (`GET /api/v1/workers`).
     async fn workers(&self) -> Value {
-        self.client
-            .get(format!("{}/api/v1/workers", self.server.base))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        get_json(&self.client, format!("{}/api/v1/workers", self.server.base)).await
     }
 
     /// The one record of `worker` in a registry listing.
@@ -459,16 +449,9 @@ async fn morag_converter_replay(
     assert_eq!(health.status(), 200);
     let mut completed = 0;
     while !all_done.load(std::sync::atomic::Ordering::SeqCst) {
-        let job: Value = client
-            .get(format!(
+        let job: Value = get_json(&client, format!(
                 "{base}/api/v1/remote-jobs/poll?worker_id=morag-box&content_types=web%2Cimage&max_jobs=1"
-            ))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+            )).await;
         let Some(job_id) = job["job_id"].as_str() else {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
